@@ -1,0 +1,142 @@
+"""Run trees: nodes, their states, and the plan of changes one event produces."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from aetr.domain.steps import StepConfig, StepTree
+
+NodeState = Literal["pending", "executing", "complete", "error", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"complete", "error", "cancelled"})
+ErrorKind = Literal["http", "timeout", "callback", "mapper", "reducer", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of a run tree: a step frozen into the run, with its state and data."""
+
+    id: str
+    root_id: str
+    parent_id: str | None
+    position: int
+    step: StepConfig
+    mapper: str | None
+    n_children: int
+    created_at: datetime
+    state: NodeState = "pending"
+    input: Any = None
+    output: Any = None
+    error: dict[str, Any] | None = None
+    attempt: int = 0
+    version: int = 0
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the node will change no more (short of a redrive)."""
+        return self.state in TERMINAL
+
+
+@dataclass(frozen=True)
+class Work:
+    """Something to do later, stored with the state change that implies it (the outbox)."""
+
+    kind: Literal["dispatch", "deadline"]
+    node_id: str
+    root_id: str
+    attempt: int
+    due_at: datetime
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One line of a run's history."""
+
+    root_id: str
+    node_id: str | None
+    kind: str
+    data: dict[str, Any]
+    at: datetime
+
+
+def build_run_nodes(tree: StepTree, run_input: Any, now: datetime,
+                    new_id: Callable[[], str]) -> list[Node]:
+    """Every node of a new run of `tree`, all pending, parents before children."""
+    root_id = new_id()
+    nodes: list[Node] = []
+    # (tree, id, parent_id, position, mapper), walked depth-first so parents come first.
+    stack: list[tuple[StepTree, str, str | None, int, str | None]] = [(tree, root_id, None, 0, None)]
+    while stack:
+        sub, node_id, parent_id, position, mapper = stack.pop()
+        nodes.append(Node(id=node_id, root_id=root_id, parent_id=parent_id, position=position,
+                          step=sub.config, mapper=mapper, n_children=len(sub.children), created_at=now,
+                          input=run_input if parent_id is None else None))
+        for pos in range(len(sub.children) - 1, -1, -1):
+            child_mapper, child = sub.children[pos]
+            stack.append((child, new_id(), node_id, pos, child_mapper))
+    return nodes
+
+
+@dataclass
+class Plan:
+    """The working set of one event: nodes read so far, the changes made, and the work and history implied.
+
+    The store writes `changed` nodes under their `loaded_versions` (optimistic locking), inserts `work`,
+    deletes the pending work of `drop_work_for` and appends `events`, all in the event's transaction.
+    """
+
+    now: datetime
+    nodes: dict[str, Node] = field(default_factory=dict)
+    children: dict[str, list[str]] = field(default_factory=dict)
+    loaded_versions: dict[str, int] = field(default_factory=dict)
+    work: list[Work] = field(default_factory=list)
+    drop_work_for: set[str] = field(default_factory=set)
+    events: list[EventRecord] = field(default_factory=list)
+    whole_run: bool = False  # every node of the run is in `nodes`, every child list in `children`
+
+    def absorb(self, rows: Iterable[Node], *, children_of: Iterable[str] = ()) -> None:
+        """Add freshly read nodes; nodes this plan already changed keep the plan's version of them.
+
+        `children_of` names the parents whose complete child lists are among `rows`.
+        """
+        rows = list(rows)
+        for node in rows:
+            if node.id not in self.loaded_versions:
+                self.nodes[node.id] = node
+        complete = set(children_of)
+        lists: dict[str, list[Node]] = {p: [] for p in complete}
+        for node in rows:
+            if node.parent_id in complete:
+                lists[node.parent_id].append(node)
+        for parent_id, kids in lists.items():
+            self.children[parent_id] = [k.id for k in sorted(kids, key=lambda n: n.position)]
+
+    def put(self, node: Node, **changes: Any) -> Node:
+        """Change a node in the working set, recording a history line when its state moves."""
+        old = self.nodes[node.id]
+        if node.id not in self.loaded_versions:
+            self.loaded_versions[node.id] = old.version
+        new = dataclasses.replace(old, **changes, version=self.loaded_versions[node.id] + 1)
+        self.nodes[node.id] = new
+        if new.state != old.state:
+            data: dict[str, Any] = {"from": old.state, "to": new.state, "step": new.step.name}
+            if new.state == "error" and new.error is not None:
+                data["error"] = new.error
+            self.event(new, "state", data)
+        return new
+
+    def event(self, node: Node | None, kind: str, data: dict[str, Any], root_id: str | None = None) -> None:
+        """Append a history line about `node` (or about the run when node is None)."""
+        rid = node.root_id if node is not None else root_id
+        assert rid is not None
+        self.events.append(EventRecord(rid, node.id if node else None, kind, data, self.now))
+
+    @property
+    def changed(self) -> list[Node]:
+        """The nodes this plan changed, in the order they were first changed."""
+        return [self.nodes[i] for i in self.loaded_versions]

@@ -1,0 +1,142 @@
+"""Step trees: the definitions users compose, and the checks they must pass."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+StepKind = Literal["api", "sequential", "parallel"]
+BUILTIN_REDUCERS = ("array", "last", "merge")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+DEFAULT_TIMEOUT_S = 3600.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often, and how far apart, a failed attempt of an api step is tried again."""
+
+    max_attempts: int = 3
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The policy as the API shows it."""
+        return {"max_attempts": self.max_attempts, "backoff_s": self.backoff_s,
+                "max_backoff_s": self.max_backoff_s}
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """A step's own fields, without its children: what a run node is frozen with."""
+
+    name: str
+    kind: StepKind
+    id: str = ""
+    version: int = 0
+    url: str | None = None
+    method: str = "POST"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    mode: Literal["callback", "sync"] = "callback"
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    heartbeat_s: float | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    reducer: str = "array"
+
+    def fields_json(self) -> dict[str, Any]:
+        """The kind-specific fields, as stored and as the API shows them."""
+        if self.kind == "api":
+            return {"url": self.url, "method": self.method, "headers": dict(self.headers),
+                    "mode": self.mode, "timeout_s": self.timeout_s, "heartbeat_s": self.heartbeat_s,
+                    "retry": self.retry.to_json()}
+        if self.kind == "parallel":
+            return {"reducer": self.reducer}
+        return {}
+
+    @staticmethod
+    def from_json(name: str, kind: StepKind, fields: Mapping[str, Any], *, id: str = "",
+                  version: int = 0) -> StepConfig:
+        """Rebuild a config from stored fields (already validated when written)."""
+        retry = fields.get("retry") or {}
+        return StepConfig(
+            name=name, kind=kind, id=id, version=version, url=fields.get("url"),
+            method=fields.get("method", "POST"), headers=dict(fields.get("headers") or {}),
+            mode=fields.get("mode", "callback"), timeout_s=float(fields.get("timeout_s", DEFAULT_TIMEOUT_S)),
+            heartbeat_s=fields.get("heartbeat_s"),
+            retry=RetryPolicy(**retry) if retry else RetryPolicy(),
+            reducer=fields.get("reducer", "array"),
+        )
+
+
+@dataclass(frozen=True)
+class Link:
+    """A parent→child edge: the child step and the mapper that belongs to this position."""
+
+    step: str  # the child's name
+    mapper: str | None = None
+
+
+@dataclass(frozen=True)
+class StepTree:
+    """A resolved step tree: a step's config and its children, recursively."""
+
+    config: StepConfig
+    children: tuple[tuple[str | None, StepTree], ...] = ()  # (mapper, child)
+
+    def to_json(self) -> dict[str, Any]:
+        """The nested form the API answers with and runs freeze as their snapshot."""
+        c = self.config
+        out: dict[str, Any] = {"id": c.id, "name": c.name, "kind": c.kind, "version": c.version}
+        out.update(c.fields_json())
+        if c.kind != "api":
+            out["children"] = [{"mapper": m, "step": child.to_json()} for m, child in self.children]
+        return out
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> StepTree:
+        """Rebuild a tree from its `to_json` form (a run's snapshot)."""
+        config = StepConfig.from_json(data["name"], data["kind"], data, id=data.get("id", ""),
+                                      version=int(data.get("version", 0)))
+        children = tuple((c.get("mapper"), StepTree.from_json(c["step"])) for c in data.get("children", ()))
+        return StepTree(config, children)
+
+    def size(self) -> int:
+        """How many run nodes a run of this tree has."""
+        return 1 + sum(child.size() for _, child in self.children)
+
+
+class CycleError(ValueError):
+    """A step tree would contain itself."""
+
+    def __init__(self, path: Sequence[str]) -> None:
+        self.path = list(path)
+        super().__init__("a step tree may not contain itself: " + " → ".join(path))
+
+
+def find_cycle(graph: Mapping[str, Sequence[str]], start: str) -> list[str] | None:
+    """The path of names of a cycle reachable from `start` in a name→children graph, or None."""
+    on_path: list[str] = []
+    on_path_set: set[str] = set()
+    done: set[str] = set()
+
+    # Iterative DFS: trees can be deep enough to exhaust Python's recursion limit.
+    stack: list[tuple[str, int]] = [(start, 0)]
+    while stack:
+        name, i = stack.pop()
+        if i == 0:
+            on_path.append(name)
+            on_path_set.add(name)
+        children = graph.get(name, ())
+        if i < len(children):
+            stack.append((name, i + 1))
+            child = children[i]
+            if child in on_path_set:
+                return [*on_path[on_path.index(child):], child]
+            if child not in done:
+                stack.append((child, 0))
+        else:
+            on_path.pop()
+            on_path_set.discard(name)
+            done.add(name)
+    return None

@@ -1,0 +1,93 @@
+"""An in-memory stand-in for the store, driving the pure decide handlers exactly as the engine does."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Generator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aetr.domain import decide
+from aetr.domain.runs import Node, Plan, Work, build_run_nodes
+from aetr.domain.steps import StepTree
+
+Script = Callable[[list[Any]], Any]
+
+
+class MemoryStore:
+    """Committed run nodes in a dict; each event runs in a fresh Plan like a transaction."""
+
+    def __init__(self, scripts: dict[str, Script] | None = None) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.done: dict[str, int] = {}
+        self.work: list[Work] = []
+        self.scripts = scripts or {}
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+        self._ids = itertools.count()
+
+    def _new_id(self) -> str:
+        return f"n{next(self._ids)}"
+
+    def start(self, tree: StepTree, run_input: Any) -> str:
+        """Create and start a run; return its id."""
+        nodes = build_run_nodes(tree, run_input, self.now, self._new_id)
+        for n in nodes:
+            self.nodes[n.id] = n
+        plan = Plan(now=self.now)
+        plan.absorb(nodes, children_of=[n.id for n in nodes])
+        plan.whole_run = True
+        self._drive(plan, decide.start_run(plan, nodes[0].id))
+        return nodes[0].id
+
+    def event(self, node_id: str, handler: Callable[[Plan], Generator[Any, Any, Any]]) -> Any:
+        """Run one event handler on a plan seeded with the node and its ancestors."""
+        self.now += timedelta(milliseconds=1)
+        plan = Plan(now=self.now)
+        chain = []
+        cur: str | None = node_id
+        while cur is not None:
+            chain.append(self.nodes[cur])
+            cur = self.nodes[cur].parent_id
+        plan.absorb(chain)
+        return self._drive(plan, handler(plan))
+
+    def children(self, parent_id: str) -> list[Node]:
+        """A parent's committed children in order."""
+        return sorted((n for n in self.nodes.values() if n.parent_id == parent_id), key=lambda n: n.position)
+
+    def _subtree(self, node_id: str) -> list[Node]:
+        out = [self.nodes[node_id]]
+        for kid in self.children(node_id):
+            out.extend(self._subtree(kid.id))
+        return out
+
+    def _drive(self, plan: Plan, gen: Generator[Any, Any, Any]) -> Any:
+        pending_done: dict[str, int] = {}
+        answer: Any = None
+        while True:
+            try:
+                req = gen.send(answer)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            if isinstance(req, decide.LoadChildren):
+                answer = self.children(req.parent_id)
+            elif isinstance(req, decide.LoadSubtree):
+                answer = self._subtree(req.node_id)
+            elif isinstance(req, decide.BumpDone):
+                pending_done[req.parent_id] = pending_done.get(req.parent_id, self.done.get(req.parent_id, 0)) + 1
+                answer = pending_done[req.parent_id]
+            elif isinstance(req, decide.RunScript):
+                try:
+                    answer = decide.ScriptResult(value=self.scripts[req.source](req.args))
+                except Exception as exc:  # the stand-in sandbox reports any failure as the script's message
+                    answer = decide.ScriptResult(error=str(exc))
+            else:  # pragma: no cover - a new request type must be taught here
+                raise AssertionError(req)
+        # Commit: optimistic versions must match what is stored.
+        for node in plan.changed:
+            assert self.nodes[node.id].version == plan.loaded_versions[node.id], "lost update"
+            self.nodes[node.id] = node
+        self.done.update(pending_done)
+        self.work = [w for w in self.work if w.node_id not in plan.drop_work_for] + plan.work
+        return result

@@ -1,0 +1,222 @@
+"""The decide handlers: spec §3 data flow and §5 errors, checked without any I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aetr.domain import decide
+from aetr.domain.steps import RetryPolicy, StepConfig, StepTree
+from tests.unit.memory_store import MemoryStore
+
+SCRIPTS = {
+    "wrap": lambda args: {"wrapped": args[0], "index": args[1]["index"]},
+    "count": lambda args: len(args[0]),
+    "boom": lambda args: (_ for _ in ()).throw(RuntimeError("Error: boom at line 1")),
+}
+
+
+def api(name: str, **kw: Any) -> StepTree:
+    return StepTree(StepConfig(name=name, kind="api", url=f"http://127.0.0.1:1/{name}", **kw))
+
+
+def seq(name: str, *kids: StepTree | tuple[str | None, StepTree]) -> StepTree:
+    return StepTree(StepConfig(name=name, kind="sequential"), tuple(_link(k) for k in kids))
+
+
+def par(name: str, *kids: StepTree | tuple[str | None, StepTree], reducer: str = "array") -> StepTree:
+    return StepTree(StepConfig(name=name, kind="parallel", reducer=reducer), tuple(_link(k) for k in kids))
+
+
+def _link(k: StepTree | tuple[str | None, StepTree]) -> tuple[str | None, StepTree]:
+    return k if isinstance(k, tuple) else (None, k)
+
+
+def step_output(name: str, value: Any) -> Any:
+    return {"by": name, "in": value}
+
+
+def model(tree: StepTree, value: Any, index: int = 0) -> Any:
+    """A plain reading of spec §3: what the root of `tree` outputs for input `value`."""
+    c = tree.config
+    if c.kind == "api":
+        return step_output(c.name, value)
+    mapped = lambda m, v, k: v if m is None else SCRIPTS[m]([v, {"index": k}])  # noqa: E731
+    if c.kind == "sequential":
+        for k, (m, child) in enumerate(tree.children):
+            value = model(child, mapped(m, value, k))
+        return value
+    outs = [model(child, mapped(m, value, k)) for k, (m, child) in enumerate(tree.children)]
+    return decide.builtin_reduce(c.reducer, outs) if c.reducer != "count" else len(outs)
+
+
+def dispatched(store: MemoryStore) -> list[str]:
+    """Node ids with a call queued whose node is still waiting for it."""
+    return [w.node_id for w in store.work if w.kind == "dispatch" and store.nodes[w.node_id].state == "executing"]
+
+
+def succeed(store: MemoryStore, node_id: str, output: Any = None) -> decide.Verdict:
+    node = store.nodes[node_id]
+    out = step_output(node.step.name, node.input) if output is None else output
+    verdict: decide.Verdict = store.event(
+        node_id, lambda plan: decide.step_succeeded(plan, node_id, node.attempt, out))
+    return verdict
+
+
+def by_name(store: MemoryStore, name: str) -> str:
+    return next(n.id for n in store.nodes.values() if n.step.name == name)
+
+
+@st.composite
+def trees(draw: st.DrawFn) -> StepTree:
+    counter = iter(range(10_000))
+
+    def build(depth: int) -> StepTree:
+        kind = draw(st.sampled_from(["api", "api", "sequential", "parallel"] if depth < 3 else ["api"]))
+        if kind == "api":
+            return api(f"a{next(counter)}")
+        kids = tuple((draw(st.sampled_from([None, None, "wrap"])), build(depth + 1))
+                     for _ in range(draw(st.integers(0, 4))))
+        if kind == "sequential":
+            return StepTree(StepConfig(name=f"s{next(counter)}", kind="sequential"), kids)
+        reducer = draw(st.sampled_from(["array", "last", "merge", "count"]))
+        return StepTree(StepConfig(name=f"p{next(counter)}", kind="parallel", reducer=reducer), kids)
+
+    return build(0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tree=trees(), run_input=st.integers() | st.text(max_size=5), order=st.randoms(use_true_random=False))
+def test_root_output_matches_the_model_whatever_the_completion_order(tree: StepTree, run_input: Any,
+                                                                    order: Any) -> None:
+    store = MemoryStore(SCRIPTS)
+    store.scripts["count"] = lambda args: len(args[0])
+    root = store.start(tree, run_input)
+    while ready := dispatched(store):
+        assert succeed(store, order.choice(ready)).outcome == "accepted"
+    try:
+        expected = model(tree, run_input)
+    except ValueError:  # 'merge' over a non-object output: the run must fail in its reducer
+        error = store.nodes[root].error
+        assert store.nodes[root].state == "error" and error is not None and error["kind"] == "reducer"
+        assert all(n.terminal for n in store.nodes.values())
+        return
+    assert store.nodes[root].state == "complete"
+    assert store.nodes[root].output == expected
+    assert all(n.state == "complete" for n in store.nodes.values())
+
+
+def test_branches_advance_independently() -> None:
+    store = MemoryStore()
+    store.start(par("p", seq("s", api("A1"), api("A2")), api("B")), 1)
+    succeed(store, by_name(store, "A1"))
+    assert store.nodes[by_name(store, "A2")].state == "executing"
+    assert store.nodes[by_name(store, "B")].state == "executing"
+    assert by_name(store, "A2") in dispatched(store)
+
+
+def test_parallel_outputs_keep_child_order_whatever_completion_order() -> None:
+    store = MemoryStore()
+    root = store.start(par("p", api("x"), api("y"), api("z")), "in")
+    for name in ("z", "x", "y"):
+        succeed(store, by_name(store, name), name.upper())
+    assert store.nodes[root].output == ["X", "Y", "Z"]
+
+
+def test_empty_parents_complete_at_once() -> None:
+    store = MemoryStore()
+    root = store.start(seq("s", seq("e1"), par("e2", reducer="array"), par("e3", reducer="merge")), {"k": 1})
+    assert store.nodes[root].state == "complete"
+    assert store.nodes[root].output == {}
+    assert store.nodes[by_name(store, "e2")].output == []
+
+
+def test_duplicate_callback_is_reported_and_changes_nothing() -> None:
+    store = MemoryStore()
+    root = store.start(seq("s", api("a"), api("b")), 0)
+    a = by_name(store, "a")
+    assert succeed(store, a, {"x": 1}).outcome == "accepted"
+    before = dict(store.nodes)
+    assert succeed(store, a, {"x": 1}).outcome == "duplicate"
+    assert succeed(store, a, {"x": 2}).outcome == "refused"
+    assert store.nodes == before
+    assert store.nodes[root].state == "executing"
+
+
+def test_a_superseded_attempt_is_refused() -> None:
+    store = MemoryStore()
+    store.start(api("a", retry=RetryPolicy(max_attempts=3)), 0)
+    a = by_name(store, "a")
+    v = store.event(a, lambda plan: decide.attempt_failed(plan, a, 1, "503", "http", True))
+    assert v.outcome == "accepted"
+    assert store.nodes[a].attempt == 2
+    late = store.event(a, lambda plan: decide.step_succeeded(plan, a, 1, "late"))
+    assert late == decide.Verdict("refused", "attempt 1 was superseded by attempt 2")
+
+
+def test_error_moves_up_and_cancels_unfinished_siblings() -> None:
+    store = MemoryStore()
+    root = store.start(seq("s", par("p", api("x"), seq("inner", api("y"), api("y2"))), api("after")), 0)
+    x = by_name(store, "x")
+    store.event(x, lambda plan: decide.attempt_failed(plan, x, 1, "HTTP 400: bad sku", "http", False))
+    states = {n.step.name: n.state for n in store.nodes.values()}
+    assert states == {"s": "error", "p": "error", "x": "error", "inner": "cancelled", "y": "cancelled",
+                      "y2": "cancelled", "after": "cancelled"}
+    assert store.nodes[root].error == {"message": "HTTP 400: bad sku", "kind": "http", "node_id": x, "step": "x"}
+    assert dispatched(store) == []
+    assert store.work == []
+
+
+def test_a_throwing_mapper_fails_the_node_it_was_computing() -> None:
+    store = MemoryStore(SCRIPTS)
+    root = store.start(seq("s", api("a"), ("boom", api("b"))), 0)
+    succeed(store, by_name(store, "a"))
+    b = store.nodes[by_name(store, "b")]
+    assert b.state == "error"
+    assert b.error == {"message": "Error: boom at line 1", "kind": "mapper", "node_id": b.id, "step": "b"}
+    assert store.nodes[root].error == b.error
+
+
+def test_a_failing_reducer_fails_the_parallel_parent() -> None:
+    store = MemoryStore()
+    root = store.start(par("p", api("a"), api("b"), reducer="merge"), 0)
+    succeed(store, by_name(store, "a"), {"k": 1})
+    succeed(store, by_name(store, "b"), [1])
+    assert store.nodes[root].state == "error"
+    assert store.nodes[root].error is not None
+    assert store.nodes[root].error["kind"] == "reducer"
+    assert "child 1 returned an array" in store.nodes[root].error["message"]
+
+
+def test_deadline_retries_then_fails_as_timeout() -> None:
+    store = MemoryStore()
+    root = store.start(api("a", timeout_s=5, retry=RetryPolicy(max_attempts=2, backoff_s=1)), 0)
+    for attempt in (1, 2):
+        store.event(root, lambda plan, att=attempt: decide.deadline_passed(plan, root, att))
+    assert store.nodes[root].state == "error"
+    assert store.nodes[root].error is not None
+    assert store.nodes[root].error["kind"] == "timeout"
+
+
+def test_retry_waits_with_exponential_backoff_capped() -> None:
+    store = MemoryStore()
+    root = store.start(api("a", retry=RetryPolicy(max_attempts=5, backoff_s=2, max_backoff_s=5)), 0)
+    delays = []
+    for attempt in (1, 2, 3):
+        store.event(root, lambda plan, att=attempt: decide.attempt_failed(plan, root, att, "503", "http", True))
+        due = next(w.due_at for w in store.work if w.kind == "dispatch")
+        delays.append((due - store.now).total_seconds())
+    assert delays == [2.0, 4.0, 5.0]
+
+
+def test_cancel_stops_every_unfinished_node() -> None:
+    store = MemoryStore()
+    root = store.start(seq("s", api("a"), api("b")), 0)
+    v = store.event(root, lambda plan: decide.cancel_run(plan, root))
+    assert v.outcome == "accepted"
+    assert {n.state for n in store.nodes.values()} == {"cancelled"}
+    assert store.work == []
+    late = succeed(store, by_name(store, "a"))
+    assert late.outcome == "refused"
