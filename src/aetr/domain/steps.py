@@ -140,3 +140,11 @@ def find_cycle(graph: Mapping[str, Sequence[str]], start: str) -> list[str] | No
             on_path_set.discard(name)
             done.add(name)
     return None
+
+
+@dataclass(frozen=True)
+class StepDef:
+    """One step as written by a user: its config and its child links by name (inline children flattened)."""
+
+    config: StepConfig
+    links: tuple[Link, ...] = ()

@@ -1,0 +1,45 @@
+"""Bring a database's schema up to date with the Alembic migrations shipped in the package."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from aetr.store import DEFAULT_DATABASE_URL, async_url
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic config pointing at the packaged migrations (and at a connection, when given)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+async def upgrade_engine(engine: AsyncEngine) -> None:
+    """Apply every pending migration through `engine`."""
+    async with engine.begin() as conn:
+        await conn.run_sync(lambda sync_conn: command.upgrade(alembic_config(sync_conn), "head"))
+
+
+def upgrade(database_url: str | None = None) -> None:
+    """Apply every pending migration to the database at `database_url` (default: AETR_DATABASE_URL)."""
+    url = database_url or os.environ.get("AETR_DATABASE_URL") or DEFAULT_DATABASE_URL
+
+    async def run() -> None:
+        engine = create_async_engine(async_url(url), poolclass=NullPool)
+        try:
+            await upgrade_engine(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())

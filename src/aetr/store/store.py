@@ -1,0 +1,437 @@
+"""The Store: the only code that talks SQL. SQLite and PostgreSQL differ only in the hooks of their subclasses."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, delete, event, func, insert, or_, select, text, tuple_, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from aetr.domain.runs import EventRecord, Node, Plan, Work
+from aetr.domain.steps import CycleError, StepConfig, StepDef, StepTree, find_cycle
+from aetr.store import codec
+from aetr.store.tables import events, run_nodes, settings, step_children, steps, work
+
+CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
+
+
+class Conflict(Exception):
+    """Another transaction changed a node this one read: the event must be handled again."""
+
+
+class StepsRefused(ValueError):
+    """A step change that cannot be stored as asked; `status` is the HTTP status it deserves."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ClaimedWork:
+    """A work row this process holds the lease on."""
+
+    id: int
+    work: Work
+
+
+@dataclass(frozen=True)
+class RunPage:
+    """One page of root runs, newest first, and the cursor of the next page."""
+
+    runs: list[Node]
+    next_cursor: str | None
+
+
+class Store:
+    """Steps, runs, work and history in one database."""
+
+    dialect = "generic"
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.statements = 0  # SQL round trips so far: tests count them
+        self.on_work: list[Any] = []  # callables told after a commit that added work
+
+        def count(*_: Any) -> None:
+            self.statements += 1
+
+        event.listen(engine.sync_engine, "before_cursor_execute", count)
+
+    async def close(self) -> None:
+        """Release every connection."""
+        await self.engine.dispose()
+
+    # ---- hooks the backends override -------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write_connection(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.begin() as conn:
+            yield conn
+
+    def _claim_query(self, now: datetime, limit: int) -> Any:
+        return (select(work.c.id).where(work.c.due_at <= now)
+                .where(or_(work.c.lease_until.is_(None), work.c.lease_until < now))
+                .order_by(work.c.due_at).limit(limit))
+
+    def _insert_ignore(self, table: Any, values: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    # ---- transactions ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """A write transaction; work it adds wakes the workers once it commits."""
+        async with self._write_connection() as conn:
+            tx = Tx(self, conn)
+            yield tx
+        if tx.added_work:
+            for wake in self.on_work:
+                wake()
+
+    # ---- step trees ----------------------------------------------------------------------------------
+
+    async def get_step_tree(self, key: str) -> StepTree | None:
+        """The resolved tree of the step named (or with id) `key`, in one recursive query."""
+        async with self.engine.connect() as conn:
+            return await _load_tree(conn, key)
+
+    async def list_steps(self) -> list[dict[str, Any]]:
+        """Every step's summary, sorted by name."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(steps.c.id, steps.c.name, steps.c.kind, steps.c.version,
+                                             steps.c.updated_at).order_by(steps.c.name))
+            return [dict(r._mapping) for r in rows]
+
+    async def step_parents(self, name: str) -> list[str] | None:
+        """Names of the steps that have `name` as a child (None when there is no such step)."""
+        async with self.engine.connect() as conn:
+            step_id = await conn.scalar(select(steps.c.id).where(steps.c.name == name))
+            if step_id is None:
+                return None
+            return await _parent_names(conn, step_id)
+
+    async def put_steps(self, defs: Sequence[StepDef], if_match: int | None,
+                        now: datetime) -> tuple[bool, StepTree]:
+        """Create or replace `defs[0]` and its inline children in one transaction; (created, resolved tree)."""
+        async with self.transaction() as tx:
+            return await _put_steps(tx.conn, defs, if_match, now)
+
+    async def delete_step(self, name: str) -> bool:
+        """Delete a step no parent uses; False when there is none; StepsRefused(409) while one does."""
+        async with self.transaction() as tx:
+            step_id = await tx.conn.scalar(select(steps.c.id).where(steps.c.name == name))
+            if step_id is None:
+                return False
+            parents = await _parent_names(tx.conn, step_id)
+            if parents:
+                raise StepsRefused(409, f"step '{name}' is used by {', '.join(sorted(parents))}; "
+                                        "remove it from them first")
+            await tx.conn.execute(delete(step_children).where(step_children.c.parent_id == step_id))
+            await tx.conn.execute(delete(steps).where(steps.c.id == step_id))
+            return True
+
+    # ---- runs ----------------------------------------------------------------------------------------
+
+    async def get_run(self, node_id: str) -> list[Node]:
+        """Every node of the run that `node_id` belongs to, in one query (empty when unknown)."""
+        root = select(run_nodes.c.root_id).where(run_nodes.c.id == node_id).scalar_subquery()
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(*codec.NODE_COLUMNS).where(run_nodes.c.root_id == root))
+            return [codec.node_from_row(r._mapping) for r in rows]
+
+    async def find_run_by_key(self, key: str) -> str | None:
+        """The id of the run started with this idempotency key."""
+        async with self.engine.connect() as conn:
+            found: str | None = await conn.scalar(
+                select(run_nodes.c.id).where(run_nodes.c.idempotency_key == key))
+            return found
+
+    async def list_runs(self, state: str | None, step: str | None, limit: int, cursor: str | None) -> RunPage:
+        """Root runs, newest first, filtered by state and step name, keyset-paginated."""
+        q = select(*codec.NODE_COLUMNS).where(run_nodes.c.parent_id.is_(None))
+        if state:
+            q = q.where(run_nodes.c.state == state)
+        if step:
+            q = q.where(run_nodes.c.step_name == step)
+        if cursor:
+            at, last_id = decode_cursor(cursor)
+            q = q.where(tuple_(run_nodes.c.created_at, run_nodes.c.id) < tuple_(at, last_id))
+        q = q.order_by(run_nodes.c.created_at.desc(), run_nodes.c.id.desc()).limit(limit + 1)
+        async with self.engine.connect() as conn:
+            nodes = [codec.node_from_row(r._mapping) for r in await conn.execute(q)]
+        more = len(nodes) > limit
+        nodes = nodes[:limit]
+        return RunPage(nodes, encode_cursor(nodes[-1].created_at, nodes[-1].id) if more and nodes else None)
+
+    async def run_events(self, root_id: str) -> list[dict[str, Any]]:
+        """A run's history, oldest first."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(events).where(events.c.root_id == root_id).order_by(events.c.id))
+            return [dict(r._mapping) for r in rows]
+
+    # ---- work (the outbox) -----------------------------------------------------------------------------
+
+    async def claim_work(self, owner: str, now: datetime, limit: int, lease_s: float) -> list[ClaimedWork]:
+        """Lease up to `limit` due work rows that nobody holds a live lease on."""
+        ids = self._claim_query(now, limit).scalar_subquery()
+        q = (update(work).where(work.c.id.in_(ids))
+             .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s))
+             .returning(work.c.id, work.c.kind, work.c.node_id, work.c.root_id, work.c.attempt, work.c.due_at))
+        async with self._write_connection() as conn:
+            rows = (await conn.execute(q)).all()
+        return [ClaimedWork(r.id, Work(r.kind, r.node_id, r.root_id, r.attempt, r.due_at)) for r in rows]
+
+    async def next_due(self) -> datetime | None:
+        """When the next work row becomes claimable (None when there is no work)."""
+        q = select(func.min(func.coalesce(work.c.lease_until, work.c.due_at)))
+        async with self.engine.connect() as conn:
+            found: datetime | None = await conn.scalar(q)
+            return found
+
+    async def delete_work(self, work_id: int) -> None:
+        """Forget a work row that is done."""
+        async with self._write_connection() as conn:
+            await conn.execute(delete(work).where(work.c.id == work_id))
+
+    async def add_events(self, records: Iterable[EventRecord]) -> None:
+        """Append history lines outside any state change (a refused callback, a dispatch answer)."""
+        async with self._write_connection() as conn:
+            await _insert_events(conn, list(records))
+
+    async def setting(self, key: str, default: str) -> str:
+        """The stored value of `key`, storing `default` first when there is none (first writer wins)."""
+        async with self._write_connection() as conn:
+            await conn.execute(self._insert_ignore(settings, {"key": key, "value": default}))
+            value = await conn.scalar(select(settings.c.value).where(settings.c.key == key))
+            return str(value)
+
+
+class Tx:
+    """One write transaction: the reads and writes an event handler needs."""
+
+    def __init__(self, store: Store, conn: AsyncConnection) -> None:
+        self.store = store
+        self.conn = conn
+        self.added_work = False
+
+    async def insert_run(self, nodes: Sequence[Node], snapshot: dict[str, Any],
+                         idempotency_key: str | None) -> None:
+        """Insert a new run's nodes (already in their started state) with the root's snapshot."""
+        rows = [codec.node_insert_values(n) for n in nodes]
+        rows[0]["snapshot"] = snapshot
+        rows[0]["idempotency_key"] = idempotency_key
+        for i in range(0, len(rows), CHUNK):
+            await self.conn.execute(insert(run_nodes), rows[i:i + CHUNK])
+
+    async def load_chain(self, node_id: str) -> list[Node]:
+        """A node and all its ancestors, in one recursive query."""
+        rows = await self.conn.execute(text(
+            "WITH RECURSIVE chain(id, parent_id) AS ("
+            " SELECT id, parent_id FROM run_nodes WHERE id = :id"
+            " UNION ALL SELECT p.id, p.parent_id FROM run_nodes p JOIN chain c ON p.id = c.parent_id)"
+            " SELECT id FROM chain"), {"id": node_id})
+        ids = [r.id for r in rows]
+        return await self._nodes_where(run_nodes.c.id.in_(ids)) if ids else []
+
+    async def load_children(self, parent_id: str) -> list[Node]:
+        """A parent's children, ordered by position."""
+        return await self._nodes_where(run_nodes.c.parent_id == parent_id, order=run_nodes.c.position)
+
+    async def load_subtree(self, node_id: str) -> list[Node]:
+        """A node and all its descendants."""
+        root = await self.conn.scalar(select(run_nodes.c.root_id).where(run_nodes.c.id == node_id))
+        if root == node_id:
+            return await self._nodes_where(run_nodes.c.root_id == node_id)
+        rows = await self.conn.execute(text(
+            "WITH RECURSIVE sub(id) AS (SELECT id FROM run_nodes WHERE id = :id UNION ALL"
+            " SELECT n.id FROM run_nodes n JOIN sub ON n.parent_id = sub.id) SELECT id FROM sub"),
+            {"id": node_id})
+        ids = [r.id for r in rows]
+        return await self._nodes_where(run_nodes.c.id.in_(ids))
+
+    async def bump_done(self, parent_id: str) -> int:
+        """Atomically count one more finished child of `parent_id`; the new count."""
+        count: int = await self.conn.scalar(
+            update(run_nodes).where(run_nodes.c.id == parent_id)
+            .values(done_children=run_nodes.c.done_children + 1).returning(run_nodes.c.done_children))
+        return count
+
+    async def apply(self, plan: Plan, *, inserted: bool = False) -> None:
+        """Write a plan: changed nodes under their read versions, dropped and new work, history lines."""
+        if not inserted:
+            for node in plan.changed:
+                result = await self.conn.execute(
+                    update(run_nodes)
+                    .where(and_(run_nodes.c.id == node.id, run_nodes.c.version == plan.loaded_versions[node.id]))
+                    .values(**codec.node_state_values(node)))
+                if result.rowcount != 1:
+                    raise Conflict(node.id)
+        drop = sorted(plan.drop_work_for)
+        for i in range(0, len(drop), CHUNK):
+            await self.conn.execute(delete(work).where(work.c.node_id.in_(drop[i:i + CHUNK])))
+        if plan.work:
+            rows = [{"kind": w.kind, "node_id": w.node_id, "root_id": w.root_id, "attempt": w.attempt,
+                     "due_at": w.due_at, "lease_owner": None, "lease_until": None} for w in plan.work]
+            for i in range(0, len(rows), CHUNK):
+                await self.conn.execute(insert(work), rows[i:i + CHUNK])
+            self.added_work = True
+        await _insert_events(self.conn, plan.events)
+
+    async def find_run_by_key(self, key: str) -> str | None:
+        """The id of the run started with this idempotency key, seen from inside the transaction."""
+        found: str | None = await self.conn.scalar(
+            select(run_nodes.c.id).where(run_nodes.c.idempotency_key == key))
+        return found
+
+    async def _nodes_where(self, cond: Any, order: Any = None) -> list[Node]:
+        q = select(*codec.NODE_COLUMNS).where(cond)
+        if order is not None:
+            q = q.order_by(order)
+        return [codec.node_from_row(r._mapping) for r in await self.conn.execute(q)]
+
+
+async def _insert_events(conn: AsyncConnection, records: list[EventRecord]) -> None:
+    rows = [{"root_id": e.root_id, "node_id": e.node_id, "at": e.at, "kind": e.kind, "data": e.data}
+            for e in records]
+    for i in range(0, len(rows), CHUNK):
+        await conn.execute(insert(events), rows[i:i + CHUNK])
+
+
+def encode_cursor(at: datetime, node_id: str) -> str:
+    """An opaque page cursor for the run after which the next page starts."""
+    return base64.urlsafe_b64encode(orjson.dumps([at.isoformat(), node_id])).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) a cursor stands for; ValueError when it is not one of ours."""
+    try:
+        at, node_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(at), str(node_id)
+    except Exception as exc:  # any malformed cursor is the caller's mistake, reported as such
+        raise ValueError("cursor is not valid: pass the next_cursor of a previous page") from exc
+
+
+# ---- step trees -------------------------------------------------------------------------------------
+
+_TREE_SQL = text(
+    "WITH RECURSIVE reach(id) AS ("
+    " SELECT id FROM steps WHERE id = :key OR name = :key"
+    " UNION SELECT sc.child_id FROM step_children sc JOIN reach r ON sc.parent_id = r.id)"
+    " SELECT s.id, s.name, s.kind, s.config, s.version, s.created_at, s.updated_at,"
+    " sc.position, sc.child_id, sc.mapper"
+    " FROM reach JOIN steps s ON s.id = reach.id LEFT JOIN step_children sc ON sc.parent_id = s.id"
+)
+
+
+async def _load_tree(conn: AsyncConnection, key: str) -> StepTree | None:
+    rows = (await conn.execute(_TREE_SQL, {"key": key})).all()
+    if not rows:
+        return None
+    configs: dict[str, StepConfig] = {}
+    links: dict[str, list[tuple[int, str, str | None]]] = {}
+    root_id = None
+    for r in rows:
+        if r.id not in configs:
+            config = r.config if isinstance(r.config, dict) else orjson.loads(r.config)
+            configs[r.id] = StepConfig.from_json(r.name, r.kind, config, id=r.id, version=r.version)
+            links[r.id] = []
+        if r.id == key or r.name == key:
+            root_id = r.id
+        if r.child_id is not None:
+            links[r.id].append((r.position, r.child_id, r.mapper))
+    assert root_id is not None
+    built: dict[str, StepTree] = {}
+
+    def build(step_id: str) -> StepTree:
+        if step_id not in built:
+            kids = tuple((m, build(c)) for _, c, m in sorted(links[step_id]))
+            built[step_id] = StepTree(configs[step_id], kids)
+        return built[step_id]
+
+    return build(root_id)
+
+
+async def _parent_names(conn: AsyncConnection, step_id: str) -> list[str]:
+    rows = await conn.execute(
+        select(steps.c.name).distinct().join(step_children, step_children.c.parent_id == steps.c.id)
+        .where(step_children.c.child_id == step_id).order_by(steps.c.name))
+    return [r.name for r in rows]
+
+
+async def _put_steps(conn: AsyncConnection, defs: Sequence[StepDef], if_match: int | None,
+                     now: datetime) -> tuple[bool, StepTree]:
+    root = defs[0].config.name
+    defined = {d.config.name: d for d in defs}
+    referenced = {link.step for d in defs for link in d.links} - set(defined)
+    names = sorted(set(defined) | referenced)
+    existing: dict[str, tuple[str, int]] = {}
+    for i in range(0, len(names), CHUNK):
+        rows = await conn.execute(select(steps.c.name, steps.c.id, steps.c.version)
+                                  .where(steps.c.name.in_(names[i:i + CHUNK])))
+        existing.update({r.name: (r.id, r.version) for r in rows})
+    missing = sorted(referenced - set(existing))
+    if missing:
+        raise StepsRefused(422, "children refer to steps that do not exist: " + ", ".join(missing)
+                           + "; create them first or define them inline")
+    current = existing.get(root, (None, None))[1]
+    if if_match is not None and current != if_match:
+        raise StepsRefused(412, f"step '{root}' is at version {current}, not {if_match}: "
+                                "reload it and apply your change again")
+    graph = await _stored_graph(conn, [existing[n][0] for n in referenced])
+    for name, d in defined.items():
+        graph[name] = [link.step for link in d.links]
+    cycle = find_cycle(graph, root)
+    if cycle:
+        raise CycleError(cycle)
+    ids = {n: v[0] for n, v in existing.items()}
+    for name, d in defined.items():
+        values = {"kind": d.config.kind, "config": d.config.fields_json(), "updated_at": now}
+        if name in existing:
+            await conn.execute(update(steps).where(steps.c.id == ids[name])
+                               .values(**values, version=steps.c.version + 1))
+            await conn.execute(delete(step_children).where(step_children.c.parent_id == ids[name]))
+        else:
+            ids[name] = str(uuid.uuid4())
+            await conn.execute(insert(steps).values(id=ids[name], name=name, version=1, created_at=now, **values))
+    links = [{"parent_id": ids[name], "position": pos, "child_id": ids[link.step], "mapper": link.mapper}
+             for name, d in defined.items() for pos, link in enumerate(d.links)]
+    for i in range(0, len(links), CHUNK):
+        await conn.execute(insert(step_children), links[i:i + CHUNK])
+    tree = await _load_tree(conn, ids[root])
+    assert tree is not None
+    return root not in existing, tree
+
+
+async def _stored_graph(conn: AsyncConnection, start_ids: list[str]) -> dict[str, list[str]]:
+    """Name → child names for every stored step reachable from `start_ids`."""
+    if not start_ids:
+        return {}
+    params = {f"s{i}": sid for i, sid in enumerate(start_ids)}
+    anchors = ", ".join(f":s{i}" for i in range(len(start_ids)))
+    rows = await conn.execute(text(
+        f"WITH RECURSIVE reach(id) AS (SELECT id FROM steps WHERE id IN ({anchors})"
+        " UNION SELECT sc.child_id FROM step_children sc JOIN reach r ON sc.parent_id = r.id)"
+        " SELECT p.name AS parent, c.name AS child, sc.position FROM reach"
+        " JOIN step_children sc ON sc.parent_id = reach.id"
+        " JOIN steps p ON p.id = sc.parent_id JOIN steps c ON c.id = sc.child_id"
+        " ORDER BY p.name, sc.position"), params)
+    graph: dict[str, list[str]] = {}
+    for r in rows:
+        graph.setdefault(r.parent, []).append(r.child)
+    return graph
+
+
+def is_integrity_error(exc: BaseException) -> bool:
+    """Whether a database error is a constraint violation (a lost race on a unique key)."""
+    return isinstance(exc, IntegrityError)
+

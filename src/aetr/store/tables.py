@@ -1,0 +1,141 @@
+"""The database schema, declared once for SQLite and PostgreSQL (SQLAlchemy Core)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+metadata = MetaData()
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on both backends (SQLite keeps them as naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class JSONText(TypeDecorator[Any]):
+    """A JSON value kept as text: we parse and write it ourselves with orjson, the same way on both backends."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else orjson.dumps(value).decode()
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
+        return None if value is None else orjson.loads(value)
+
+
+ID = String(36)
+
+steps = Table(
+    "steps", metadata,
+    Column("id", ID, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),
+    Column("config", JSONText, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+step_children = Table(
+    "step_children", metadata,
+    Column("parent_id", ID, ForeignKey("steps.id", ondelete="CASCADE"), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("child_id", ID, ForeignKey("steps.id"), nullable=False),
+    Column("mapper", Text, nullable=True),
+    Index("ix_step_children_child", "child_id"),
+)
+
+run_nodes = Table(
+    "run_nodes", metadata,
+    Column("id", ID, primary_key=True),
+    Column("root_id", ID, nullable=False),
+    Column("parent_id", ID, nullable=True),
+    Column("position", Integer, nullable=False),
+    Column("step_id", ID, nullable=False),
+    Column("step_name", String(200), nullable=False),
+    Column("step_kind", String(16), nullable=False),
+    Column("step_version", Integer, nullable=False),
+    Column("config", JSONText, nullable=False),
+    Column("mapper", Text, nullable=True),
+    Column("n_children", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("input", JSONText, nullable=True),
+    Column("output", JSONText, nullable=True),
+    Column("error", JSONText, nullable=True),
+    Column("attempt", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    # Only ever changed by an atomic `done_children = done_children + 1`, so siblings finishing at the
+    # same moment never conflict on their parent's row version.
+    Column("done_children", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("completed_at", UTCDateTime, nullable=True),
+    Column("snapshot", JSONText, nullable=True),  # root only: the step tree frozen at start
+    Column("idempotency_key", String(200), nullable=True, unique=True),  # root only
+    Index("ix_run_nodes_root", "root_id"),
+    Index("ix_run_nodes_parent", "parent_id", "position"),
+    Index("ix_run_nodes_roots_by_time", "parent_id", "created_at"),
+)
+
+work = Table(
+    "work", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("node_id", ID, nullable=False),
+    Column("root_id", ID, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("due_at", UTCDateTime, nullable=False),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", UTCDateTime, nullable=True),
+    Index("ix_work_due", "due_at"),
+    Index("ix_work_node", "node_id"),
+)
+
+events = Table(
+    "events", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("root_id", ID, nullable=False),
+    Column("node_id", ID, nullable=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("data", JSONText, nullable=False),
+    Index("ix_events_root", "root_id", "id"),
+)
+
+settings = Table(
+    "settings", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
