@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import asyncpg
+import orjson
 import pytest
+import uvicorn
 
+from aetr.api.app import create_app
+from aetr.config import Settings
+from aetr.engine.runtime import Engine
 from aetr.store import Store, open_store
 from aetr.store.migrate import upgrade_engine
+from aetr.testing import StepService
 
 PG_ADMIN_URL = os.environ.get("AETR_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_PG = os.environ.get("AETR_REQUIRE_POSTGRES") == "1"
@@ -63,3 +73,91 @@ async def store(database_url: str) -> AsyncIterator[Store]:
         yield s
     finally:
         await s.close()
+
+
+class Server:
+    """A real AETR server on a loopback port, with an HTTP client pointed at it."""
+
+    def __init__(self, engine: Any, base_url: str, session: aiohttp.ClientSession) -> None:
+        self.engine = engine
+        self.base_url = base_url
+        self.http = session
+
+    async def call(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        """(status, parsed JSON or None) of one API request."""
+        if body is not None:
+            kw["data"] = orjson.dumps(body)
+            kw.setdefault("headers", {})["Content-Type"] = "application/json"
+        async with self.http.request(method, self.base_url + path, **kw) as resp:
+            raw = await resp.read()
+            return resp.status, (orjson.loads(raw) if raw and "json" in resp.content_type else raw or None)
+
+    async def put_step(self, spec: dict[str, Any]) -> dict[str, Any]:
+        status, body = await self.call("PUT", f"/api/v1/steps/{spec['name']}", spec)
+        assert status in (200, 201), body
+        result: dict[str, Any] = body
+        return result
+
+    async def start(self, step: str, run_input: Any = None) -> str:
+        status, body = await self.call("POST", "/api/v1/runs", {"step": step, "input": run_input})
+        assert status == 201, body
+        return str(body["id"])
+
+    async def wait_run(self, run_id: str, timeout: float = 15.0) -> dict[str, Any]:  # noqa: ASYNC109
+        """The run once it has ended; fails the test if it has not within `timeout` seconds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            assert left > 0, f"run {run_id} did not end within {timeout} s"
+            status, body = await self.call("GET", f"/api/v1/runs/{run_id}?wait={min(left, 10):.1f}")
+            assert status == 200, body
+            if body["state"] in ("complete", "error", "cancelled"):
+                result: dict[str, Any] = body
+                return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def running_server(database_url: str, **settings: Any) -> AsyncIterator[Server]:
+    """Start AETR on a free loopback port (uvicorn, in this event loop) and stop it afterwards."""
+    port = free_port()
+    config = Settings(database_url=database_url, port=port, poll_s=0.2, lease_s=5.0, **settings)
+    engine = Engine(config)
+    if engine.store.dialect == "postgresql":
+        await upgrade_engine(engine.store.engine)
+        async with engine.store.engine.begin() as conn:
+            await conn.exec_driver_sql(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+    server = uvicorn.Server(uvicorn.Config(create_app(engine=engine), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    deadline = asyncio.get_running_loop().time() + 15
+    while not server.started:
+        assert not task.done(), "the server stopped while starting"
+        assert asyncio.get_running_loop().time() < deadline, "the server did not start within 15 s"
+        await asyncio.sleep(0.01)  # uvicorn offers no start event; poll its flag with a deadline
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Server(engine, f"http://127.0.0.1:{port}", session)
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def aetr(database_url: str) -> AsyncIterator[Server]:
+    """A running AETR server on each backend."""
+    async with running_server(database_url) as server:
+        yield server
+
+
+@pytest.fixture
+async def steps_service() -> AsyncIterator[StepService]:
+    """A controllable step service on a loopback port."""
+    async with StepService() as svc:
+        yield svc

@@ -62,7 +62,7 @@ Step = Generator[Request, Any, None]
 class Verdict:
     """What a callback (or another outside report) was told."""
 
-    outcome: Literal["accepted", "duplicate", "refused"]
+    outcome: Literal["accepted", "duplicate", "refused", "unknown"]
     reason: str = ""
 
 

@@ -15,6 +15,7 @@ from sqlalchemy.pool import NullPool
 from aetr.store import DEFAULT_DATABASE_URL, async_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATION_LOCK = 0x4145_5452  # "AETR": the advisory lock key that serialises migrations on PostgreSQL
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -28,6 +29,9 @@ def alembic_config(connection: Connection | None = None) -> Config:
 async def upgrade_engine(engine: AsyncEngine) -> None:
     """Apply every pending migration through `engine`."""
     async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # Several `aetr serve` processes may start at once on one database: migrate one at a time.
+            await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         await conn.run_sync(lambda sync_conn: command.upgrade(alembic_config(sync_conn), "head"))
 
 

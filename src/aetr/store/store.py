@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -52,6 +53,20 @@ class RunPage:
     next_cursor: str | None
 
 
+_round_trips: ContextVar[list[str] | None] = ContextVar("aetr_round_trips", default=None)
+
+
+@contextmanager
+def count_round_trips() -> Iterator[list[str]]:
+    """Collect the SQL statements this task sends while the block runs (tests assert on their number)."""
+    seen: list[str] = []
+    token = _round_trips.set(seen)
+    try:
+        yield seen
+    finally:
+        _round_trips.reset(token)
+
+
 class Store:
     """Steps, runs, work and history in one database."""
 
@@ -59,13 +74,14 @@ class Store:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.statements = 0  # SQL round trips so far: tests count them
         self.on_work: list[Any] = []  # callables told after a commit that added work
 
-        def count(*_: Any) -> None:
-            self.statements += 1
+        def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            seen = _round_trips.get()
+            if seen is not None:
+                seen.append(statement)
 
-        event.listen(engine.sync_engine, "before_cursor_execute", count)
+        event.listen(engine.sync_engine, "before_cursor_execute", record)
 
     async def close(self) -> None:
         """Release every connection."""
@@ -110,7 +126,7 @@ class Store:
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(steps.c.id, steps.c.name, steps.c.kind, steps.c.version,
                                              steps.c.updated_at).order_by(steps.c.name))
-            return [dict(r._mapping) for r in rows]
+            return [_plain(r._mapping) for r in rows]
 
     async def step_parents(self, name: str) -> list[str] | None:
         """Names of the steps that have `name` as a child (None when there is no such step)."""
@@ -149,6 +165,24 @@ class Store:
             rows = await conn.execute(select(*codec.NODE_COLUMNS).where(run_nodes.c.root_id == root))
             return [codec.node_from_row(r._mapping) for r in rows]
 
+    async def get_node(self, node_id: str) -> Node | None:
+        """One node, or None."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(*codec.NODE_COLUMNS).where(run_nodes.c.id == node_id))).first()
+            return codec.node_from_row(row._mapping) if row else None
+
+    async def finish_dispatch(self, work_id: int, records: Iterable[EventRecord]) -> None:
+        """A call was answered and needs nothing more: forget its work row and record the answer."""
+        async with self._write_connection() as conn:
+            await conn.execute(delete(work).where(work.c.id == work_id))
+            await _insert_events(conn, list(records))
+
+    async def renew_lease(self, work_id: int, owner: str, until: datetime) -> None:
+        """Keep holding a work row while its call is still running."""
+        async with self._write_connection() as conn:
+            await conn.execute(update(work).where(and_(work.c.id == work_id, work.c.lease_owner == owner))
+                               .values(lease_until=until))
+
     async def find_run_by_key(self, key: str) -> str | None:
         """The id of the run started with this idempotency key."""
         async with self.engine.connect() as conn:
@@ -177,7 +211,7 @@ class Store:
         """A run's history, oldest first."""
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(events).where(events.c.root_id == root_id).order_by(events.c.id))
-            return [dict(r._mapping) for r in rows]
+            return [_plain(r._mapping) for r in rows]
 
     # ---- work (the outbox) -----------------------------------------------------------------------------
 
@@ -224,10 +258,10 @@ class Tx:
         self.conn = conn
         self.added_work = False
 
-    async def insert_run(self, nodes: Sequence[Node], snapshot: dict[str, Any],
-                         idempotency_key: str | None) -> None:
+    async def insert_run(self, nodes: Sequence[Node], snapshot: dict[str, Any], idempotency_key: str | None,
+                         done_children: dict[str, int]) -> None:
         """Insert a new run's nodes (already in their started state) with the root's snapshot."""
-        rows = [codec.node_insert_values(n) for n in nodes]
+        rows = [codec.node_insert_values(n, done_children.get(n.id, 0)) for n in nodes]
         rows[0]["snapshot"] = snapshot
         rows[0]["idempotency_key"] = idempotency_key
         for i in range(0, len(rows), CHUNK):
@@ -298,6 +332,11 @@ class Tx:
         if order is not None:
             q = q.order_by(order)
         return [codec.node_from_row(r._mapping) for r in await self.conn.execute(q)]
+
+
+def _plain(row: Any) -> dict[str, Any]:
+    """A row as a dict with plain str keys (SQLAlchemy's quoted names trip up orjson)."""
+    return {str(k): v for k, v in row.items()}
 
 
 async def _insert_events(conn: AsyncConnection, records: list[EventRecord]) -> None:

@@ -1,0 +1,76 @@
+"""Callback routes (spec §4): authenticated by their signed token alone."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, HTTPException, Path, Request, Response
+from pydantic import ValidationError
+
+from aetr.api.app import JSON, engine_of
+from aetr.api.schemas import FailIn
+from aetr.domain.decide import Verdict
+from aetr.engine.dispatcher import parse_body
+from aetr.engine.tokens import Attempt
+
+router = APIRouter(tags=["callbacks"])
+Token = Annotated[str, Path(max_length=200)]
+
+
+def _attempt(request: Request, token: str) -> Attempt:
+    engine = engine_of(request)
+    assert engine.signer is not None
+    attempt = engine.signer.verify(token)
+    if attempt is None:
+        raise HTTPException(404, "unknown callback token")
+    return attempt
+
+
+def _answer(verdict: Verdict) -> Response:
+    if verdict.outcome == "accepted":
+        return JSON({"accepted": True})
+    if verdict.outcome == "duplicate":
+        return JSON({"accepted": False, "duplicate": True})
+    if verdict.outcome == "unknown":
+        raise HTTPException(404, "unknown callback token")
+    raise HTTPException(409, f"callback refused: {verdict.reason}")
+
+
+@router.post("/callbacks/{token}")
+async def callback_success(request: Request, token: Token) -> Response:
+    """The step succeeded; the body is its output (JSON is stored as JSON, anything else as a string)."""
+    attempt = _attempt(request, token)
+    try:
+        output = parse_body(await request.body(), request.headers.get("content-type"))
+    except orjson.JSONDecodeError as exc:
+        raise HTTPException(400, f"body says it is JSON but is not valid JSON: {exc}; nothing was changed") from None
+    verdict = await engine_of(request).coordinator.step_succeeded(attempt.node_id, attempt.attempt, output,
+                                                                  source="callback")
+    return _answer(verdict)
+
+
+@router.post("/callbacks/{token}/fail")
+async def callback_fail(request: Request, token: Token) -> Response:
+    """The step failed: `{"error": "...", "retryable": false}`."""
+    attempt = _attempt(request, token)
+    try:
+        body = FailIn.model_validate_json(await request.body())
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise HTTPException(422, f'expected {{"error": "...", "retryable": false}}: {problems}') from None
+    verdict = await engine_of(request).coordinator.attempt_failed(
+        attempt.node_id, attempt.attempt, body.error, "callback", body.retryable, source="callback.fail")
+    return _answer(verdict)
+
+
+@router.post("/callbacks/{token}/heartbeat")
+async def callback_heartbeat(request: Request, token: Token) -> Response:
+    """The step is alive (heartbeat deadlines arrive with the reliability work; the token is checked now)."""
+    attempt = _attempt(request, token)
+    node = await engine_of(request).store.get_node(attempt.node_id)
+    if node is None:
+        raise HTTPException(404, "unknown callback token")
+    if node.state != "executing" or node.attempt != attempt.attempt:
+        raise HTTPException(409, f"heartbeat refused: attempt {attempt.attempt} is over")
+    return JSON({"accepted": True})

@@ -1,0 +1,38 @@
+"""Domain values as the API shows them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from aetr.domain.runs import Node
+
+
+def node_json(node: Node) -> dict[str, Any]:
+    """One run node without its children."""
+    s = node.step
+    return {"id": node.id, "root_id": node.root_id, "parent_id": node.parent_id, "position": node.position,
+            "step": {"id": s.id, "name": s.name, "kind": s.kind, "version": s.version},
+            "state": node.state, "input": node.input, "output": node.output, "error": node.error,
+            "attempt": node.attempt, "version": node.version, "created_at": node.created_at,
+            "started_at": node.started_at, "completed_at": node.completed_at}
+
+
+def run_tree_json(nodes: Iterable[Node]) -> dict[str, Any]:
+    """A whole run as a nested tree, children in position order."""
+    by_parent: dict[str | None, list[Node]] = {}
+    for n in nodes:
+        by_parent.setdefault(n.parent_id, []).append(n)
+    for kids in by_parent.values():
+        kids.sort(key=lambda n: n.position)
+    (root,) = by_parent[None]
+    out = node_json(root)
+    stack = [(root, out)]
+    while stack:  # iterative: a deep tree must not exhaust Python's recursion limit
+        node, obj = stack.pop()
+        obj["children"] = []
+        for kid in by_parent.get(node.id, ()):
+            child = node_json(kid)
+            obj["children"].append(child)
+            stack.append((kid, child))
+    return out

@@ -1,0 +1,112 @@
+"""Routes for runs (spec §2)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Request, Response
+
+from aetr.api.app import JSON, engine_of
+from aetr.api.render import node_json, run_tree_json
+from aetr.api.schemas import RunIn
+from aetr.domain.runs import TERMINAL, Node
+from aetr.engine.runtime import Engine
+
+router = APIRouter(tags=["runs"])
+
+MAX_WAIT_S = 60.0
+RunId = Annotated[str, Path(description="the run's id, or any node id of the run")]
+
+
+def _uuid(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise HTTPException(404, f"no run with id '{value}': ids are UUIDs") from None
+
+
+async def _load(engine: Engine, run_id: str) -> list[Node]:
+    nodes = await engine.store.get_run(_uuid(run_id))
+    if not nodes:
+        raise HTTPException(404, f"no run with id '{run_id}'")
+    return nodes
+
+
+def _root(nodes: list[Node]) -> Node:
+    return next(n for n in nodes if n.parent_id is None)
+
+
+@router.post("/runs", status_code=201, responses={200: {"description": "an earlier run with this Idempotency-Key"}})
+async def start_run(
+    request: Request,
+    body: Annotated[RunIn, Body()],
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Response:
+    """Start a run of a step tree with an input; the tree is frozen into the run."""
+    engine = engine_of(request)
+    if idempotency_key is not None:
+        known = await engine.store.find_run_by_key(idempotency_key)
+        if known is not None:
+            return JSON(run_tree_json(await _load(engine, known)), status_code=200)
+    tree = await engine.store.get_step_tree(body.step)
+    if tree is None:
+        raise HTTPException(422, f"step: no step named (or with id) '{body.step}'; create it with PUT /api/v1/steps")
+    created, run_id = await engine.coordinator.start_run(tree, body.input, idempotency_key)
+    return JSON(run_tree_json(await _load(engine, run_id)), status_code=201 if created else 200,
+                headers={"Location": f"/api/v1/runs/{run_id}"})
+
+
+@router.get("/runs/{run_id}")
+async def get_run(
+    request: Request, run_id: RunId,
+    wait: Annotated[float | None, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for the run to end")] = None,
+) -> Response:
+    """The whole run tree, loaded in one query; `?wait=N` answers once the run ends or N seconds pass."""
+    engine = engine_of(request)
+    nodes = await _load(engine, run_id)
+    if wait:
+        deadline = time.monotonic() + wait
+        root_id = nodes[0].root_id
+        while _root(nodes).state not in TERMINAL and (left := deadline - time.monotonic()) > 0:
+            # Woken by this process's commits at once; re-read at least every poll interval so a run
+            # advanced by another process sharing the database is seen too.
+            await engine.wait_for_change(root_id, min(left, engine.settings.poll_s))
+            nodes = await _load(engine, root_id)
+    return JSON(run_tree_json(nodes))
+
+
+@router.get("/runs")
+async def list_runs(
+    request: Request,
+    state: Literal["pending", "executing", "complete", "error", "cancelled"] | None = None,
+    step: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> Response:
+    """Root runs, newest first: `{runs: [...], next_cursor}`."""
+    try:
+        page = await engine_of(request).store.list_runs(state, step, limit, cursor)
+    except ValueError as exc:
+        raise HTTPException(422, f"cursor: {exc}") from None
+    return JSON({"runs": [node_json(n) for n in page.runs], "next_cursor": page.next_cursor})
+
+
+@router.post("/runs/{run_id}/cancel")
+async def cancel_run(request: Request, run_id: RunId) -> Response:
+    """Every unfinished node of the run becomes cancelled."""
+    engine = engine_of(request)
+    nodes = await _load(engine, run_id)
+    verdict = await engine.coordinator.cancel(nodes[0].root_id)
+    if verdict.outcome != "accepted":
+        raise HTTPException(409, f"cannot cancel: {verdict.reason}")
+    return JSON(run_tree_json(await _load(engine, run_id)))
+
+
+@router.get("/runs/{run_id}/events")
+async def run_events(request: Request, run_id: RunId) -> Response:
+    """The run's history, oldest first."""
+    engine = engine_of(request)
+    nodes = await _load(engine, run_id)
+    return JSON(await engine.store.run_events(nodes[0].root_id))

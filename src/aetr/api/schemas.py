@@ -1,0 +1,144 @@
+"""Request bodies of the HTTP API, validated by pydantic, and their translation into domain values."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from aetr.domain.steps import BUILTIN_REDUCERS, Link, RetryPolicy, StepConfig, StepDef
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,200}$", min_length=1, max_length=200,
+                            description="1–200 letters, digits, '-', '_' or '.'")]
+Script = Annotated[str, Field(min_length=1, max_length=65_536)]
+MAX_TIMEOUT_S = 30 * 86_400.0  # a step may take up to 30 days
+
+
+class Strict(BaseModel):
+    """Unknown fields are refused: a typo must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetryIn(Strict):
+    max_attempts: int = Field(3, ge=1, le=100)
+    backoff_s: float = Field(1.0, ge=0, le=86_400)
+    max_backoff_s: float = Field(60.0, ge=0, le=86_400)
+
+
+class StepBase(Strict):
+    name: Name
+    # Read-only fields that GET returns; accepted so that a fetched tree can be edited and PUT back.
+    id: str | None = Field(None, description="ignored on write")
+    version: int | None = Field(None, description="ignored on write; use If-Match")
+
+
+class ApiStepIn(StepBase):
+    kind: Literal["api"]
+    url: str = Field(max_length=4096)
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    headers: dict[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")],
+                  Annotated[str, Field(max_length=8192, pattern=r"^[^\r\n]*$")]] = Field(default_factory=dict)
+    mode: Literal["callback", "sync"] = "callback"
+    timeout_s: float = Field(3600.0, gt=0, le=MAX_TIMEOUT_S)
+    heartbeat_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
+    retry: RetryIn = Field(default_factory=lambda: RetryIn())
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError as exc:
+            raise ValueError(f"url is not a valid URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("url must be an absolute http:// or https:// URL with a host")
+        return value
+
+
+class ChildIn(Strict):
+    step: Annotated[Name | StepIn, Field(description="a stored step's name, or an inline step")]
+    mapper: Script | None = None
+
+
+class SequentialIn(StepBase):
+    kind: Literal["sequential"]
+    children: list[ChildIn] = Field(default_factory=list, max_length=100_000)
+
+
+class ParallelIn(StepBase):
+    kind: Literal["parallel"]
+    children: list[ChildIn] = Field(default_factory=list, max_length=100_000)
+    reducer: Script = Field("array", description="array | last | merge | JavaScript (outputs, ctx) => value")
+
+
+StepIn = Annotated[ApiStepIn | SequentialIn | ParallelIn, Field(discriminator="kind")]
+ChildIn.model_rebuild()
+
+
+class RunIn(Strict):
+    step: Annotated[str, Field(min_length=1, max_length=200, description="a step's name or id")]
+    input: Any = None
+
+
+class FailIn(Strict):
+    error: Annotated[str, Field(min_length=1, max_length=65_536)]
+    retryable: bool = False
+
+
+class EvaluateIn(Strict):
+    source: Script
+    kind: Literal["mapper", "reducer"] = "mapper"
+    input: Any = None
+    ctx: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _reducer_takes_a_list(self) -> EvaluateIn:
+        if self.kind == "reducer" and not isinstance(self.input, list):
+            raise ValueError("a reducer's input is the list of child outputs: pass a JSON array")
+        return self
+
+
+def flatten(root: ApiStepIn | SequentialIn | ParallelIn) -> list[StepDef]:
+    """The body's steps, root first, each inline child replaced by a link to its name."""
+    defs: list[StepDef] = []
+    seen: dict[str, ApiStepIn | SequentialIn | ParallelIn] = {}
+    stack = [root]
+    while stack:
+        step = stack.pop(0)
+        if step.name in seen:
+            if seen[step.name] != step:
+                raise ValueError(f"step '{step.name}' is defined twice in this request, differently: define it once "
+                                 "and refer to it by name elsewhere")
+            continue
+        seen[step.name] = step
+        links: list[Link] = []
+        if isinstance(step, ApiStepIn):
+            config = StepConfig(name=step.name, kind="api", url=step.url, method=step.method,
+                                headers=dict(step.headers), mode=step.mode, timeout_s=step.timeout_s,
+                                heartbeat_s=step.heartbeat_s, retry=RetryPolicy(**step.retry.model_dump()))
+        else:
+            reducer = step.reducer if isinstance(step, ParallelIn) else "array"
+            config = StepConfig(name=step.name, kind=step.kind, reducer=reducer)
+            for child in step.children:
+                if isinstance(child.step, str):
+                    links.append(Link(child.step, child.mapper))
+                else:
+                    links.append(Link(child.step.name, child.mapper))
+                    stack.append(child.step)
+        defs.append(StepDef(config, tuple(links)))
+    return defs
+
+
+def scripts_of(defs: list[StepDef]) -> list[tuple[str, str]]:
+    """Every JavaScript source in the definitions, with where it sits (for checking at save time)."""
+    out: list[tuple[str, str]] = []
+    for d in defs:
+        for pos, link in enumerate(d.links):
+            if link.mapper is not None:
+                out.append((f"step '{d.config.name}', child {pos} ('{link.step}') mapper", link.mapper))
+        if d.config.kind == "parallel" and d.config.reducer not in BUILTIN_REDUCERS:
+            out.append((f"step '{d.config.name}' reducer", d.config.reducer))
+    return out

@@ -1,0 +1,89 @@
+"""Routes for step trees (spec §1)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, HTTPException, Path, Request, Response
+
+from aetr.api.app import JSON, engine_of
+from aetr.api.schemas import ApiStepIn, Name, ParallelIn, SequentialIn, StepIn, flatten, scripts_of
+from aetr.domain.steps import CycleError
+from aetr.engine.coordinator import utcnow
+from aetr.sandbox import ScriptError
+from aetr.store import StepsRefused
+
+router = APIRouter(tags=["steps"])
+
+
+@router.put("/steps/{name}", status_code=200, responses={201: {"description": "created"}})
+async def put_step(
+    request: Request,
+    name: Annotated[Name, Path()],
+    body: Annotated[StepIn, Body()],
+    if_match: Annotated[str | None, Header(description="the version the change is based on")] = None,
+) -> Response:
+    """Create or replace a step and every inline child, in one transaction."""
+    step: ApiStepIn | SequentialIn | ParallelIn = body
+    if step.name != name:
+        raise HTTPException(422, f"name: '{step.name}' in the body differs from '{name}' in the path")
+    expected: int | None = None
+    if if_match is not None:
+        tag = if_match.strip().strip('"').removeprefix("W/").strip('"')
+        if not tag.isdigit():
+            raise HTTPException(400, "If-Match must be the step's version number, e.g. If-Match: 3")
+        expected = int(tag)
+    try:
+        defs = flatten(step)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    engine = engine_of(request)
+    for where, source in scripts_of(defs):
+        try:
+            engine.sandbox.check(source)
+        except ScriptError as exc:
+            line = f" (line {exc.line})" if exc.line else ""
+            raise HTTPException(422, f"{where} does not compile{line}: {exc.message}") from None
+    try:
+        created, tree = await engine.store.put_steps(defs, expected, utcnow())
+    except CycleError as exc:
+        raise HTTPException(422, str(exc)) from None
+    except StepsRefused as exc:
+        raise HTTPException(exc.status, exc.detail) from None
+    return JSON(tree.to_json(), status_code=201 if created else 200, headers={"ETag": str(tree.config.version)})
+
+
+@router.get("/steps")
+async def list_steps(request: Request) -> Response:
+    """Every step: id, name, kind, version, updated_at; sorted by name."""
+    return JSON(await engine_of(request).store.list_steps())
+
+
+@router.get("/steps/{key}")
+async def get_step(request: Request, key: Annotated[str, Path(max_length=200)]) -> Response:
+    """The resolved tree of a step, by name or id, rebuilt in one recursive query."""
+    tree = await engine_of(request).store.get_step_tree(key)
+    if tree is None:
+        raise HTTPException(404, f"no step named (or with id) '{key}'")
+    return JSON(tree.to_json(), headers={"ETag": str(tree.config.version)})
+
+
+@router.get("/steps/{name}/parents")
+async def step_parents(request: Request, name: Annotated[str, Path(max_length=200)]) -> Response:
+    """The names of the steps that have this one as a child."""
+    parents = await engine_of(request).store.step_parents(name)
+    if parents is None:
+        raise HTTPException(404, f"no step named '{name}'")
+    return JSON(parents)
+
+
+@router.delete("/steps/{name}", status_code=204)
+async def delete_step(request: Request, name: Annotated[str, Path(max_length=200)]) -> Response:
+    """Delete a step that no parent uses (409 with the parents' names otherwise)."""
+    try:
+        deleted = await engine_of(request).store.delete_step(name)
+    except StepsRefused as exc:
+        raise HTTPException(exc.status, exc.detail) from None
+    if not deleted:
+        raise HTTPException(404, f"no step named '{name}'")
+    return Response(status_code=204)

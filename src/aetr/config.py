@@ -1,0 +1,70 @@
+"""Settings read from the environment (spec §7), with their defaults."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from aetr.store import DEFAULT_DATABASE_URL
+
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting has a value AETR cannot use."""
+
+
+def _number(env: Mapping[str, str], key: str, default: float) -> float:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ConfigError(f"{key}={raw!r} must be greater than 0")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `aetr serve` can be told; see the configuration table in README.md."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    host: str = "127.0.0.1"
+    port: int = 9999
+    public_url: str | None = None
+    api_token: str | None = None
+    secret: str | None = None
+    max_payload_bytes: int = 16 * MIB
+    lease_s: float = 60.0
+    poll_s: float = 1.0
+    sandbox_time_limit_s: float = 1.0
+    sandbox_memory_mb: float = 64.0
+    max_in_flight: int = 256
+
+    @property
+    def callback_base(self) -> str:
+        """The base URL step services call back on."""
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @staticmethod
+    def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from AETR_* environment variables, then explicit overrides (e.g. CLI flags)."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {
+            "database_url": env.get("AETR_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            "public_url": env.get("AETR_PUBLIC_URL") or None,
+            "api_token": env.get("AETR_API_TOKEN") or None,
+            "secret": env.get("AETR_SECRET") or None,
+            "max_payload_bytes": int(_number(env, "AETR_MAX_PAYLOAD_BYTES", 16 * MIB)),
+            "lease_s": _number(env, "AETR_LEASE_S", 60.0),
+            "poll_s": _number(env, "AETR_POLL_S", 1.0),
+            "sandbox_time_limit_s": _number(env, "AETR_SANDBOX_TIME_LIMIT_S", 1.0),
+            "sandbox_memory_mb": _number(env, "AETR_SANDBOX_MEMORY_MB", 64.0),
+            "max_in_flight": int(_number(env, "AETR_MAX_IN_FLIGHT", 256)),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return Settings(**values)  # type: ignore[arg-type]

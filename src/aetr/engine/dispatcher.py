@@ -1,0 +1,119 @@
+"""The dispatcher: calls one attempt of an api step over HTTP and reports the answer to the coordinator."""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+import time
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from aetr.domain.runs import EventRecord, Node
+from aetr.engine.coordinator import Coordinator, utcnow
+from aetr.engine.tokens import TokenSigner
+from aetr.store import ClaimedWork, Store
+
+log = logging.getLogger("aetr.dispatch")
+
+ANSWER_TIMEOUT_S = 30.0  # seconds a callback-mode step has to answer the call itself (not to finish)
+STREAM_OVER_BYTES = 1024 * 1024  # inputs larger than this are streamed to the step
+BODY_EXCERPT = 300  # characters of an error answer kept in the node's error message
+
+
+def parse_body(body: bytes, content_type: str | None) -> Any:
+    """A step's output from an HTTP body: JSON when it is JSON, else the text (spec §4)."""
+    if not body:
+        return None
+    if content_type and "json" in content_type:
+        return orjson.loads(body)  # the caller turns a JSONDecodeError into a clear answer
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", errors="replace")
+
+
+class Dispatcher:
+    """Makes step calls with one shared aiohttp session (it holds up under concurrency where httpx does not)."""
+
+    def __init__(self, store: Store, coordinator: Coordinator, signer: TokenSigner, callback_base: str,
+                 max_connections: int) -> None:
+        self.store = store
+        self.coordinator = coordinator
+        self.signer = signer
+        self.callback_base = callback_base
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the HTTP session."""
+        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(connector=connector, json_serialize=lambda v: orjson.dumps(v).decode())
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+
+    def callback_url(self, node: Node) -> str:
+        """Where this attempt of the node reports back."""
+        return f"{self.callback_base}/api/v1/callbacks/{self.signer.sign(node.id, node.attempt)}"
+
+    async def dispatch(self, claimed: ClaimedWork) -> None:
+        """Call the step for a claimed dispatch row, unless the attempt it names is over."""
+        w = claimed.work
+        node = await self.store.get_node(w.node_id)
+        if node is None or node.state != "executing" or node.attempt != w.attempt:
+            await self.store.finish_dispatch(claimed.id, [])
+            return
+        step = node.step
+        assert step.url is not None
+        callback = self.callback_url(node)
+        url = f"{step.url}{'&' if '?' in step.url else '?'}aetr={quote(callback, safe='')}"
+        headers = {**step.headers, "Content-Type": "application/json", "AETR-Callback": callback,
+                   "AETR-Run-Id": node.root_id, "AETR-Node-Id": node.id, "AETR-Attempt": str(node.attempt),
+                   "traceparent": f"00-{node.root_id.replace('-', '')}-{secrets.token_hex(8)}-01"}
+        timeout_s = step.timeout_s if step.mode == "sync" else min(step.timeout_s, ANSWER_TIMEOUT_S)
+        raw = orjson.dumps(node.input)
+        # aiohttp streams file-like bodies instead of writing a large one in one go
+        payload: bytes | io.BytesIO = io.BytesIO(raw) if len(raw) > STREAM_OVER_BYTES else raw
+        started = time.monotonic()
+        assert self._session is not None
+        try:
+            async with self._session.request(step.method, url, data=payload, headers=headers,
+                                             timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                body = await resp.read()
+                status, content_type = resp.status, resp.headers.get("Content-Type")
+                retry_after = resp.headers.get("Retry-After")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            reason = f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
+            await self.coordinator.attempt_failed(
+                node.id, node.attempt, f"{step.method} {step.url} failed: {reason or type(exc).__name__}", "http",
+                retryable=True, source="dispatch")
+            return
+        ms = round((time.monotonic() - started) * 1000, 1)
+        answer = {"attempt": node.attempt, "status": status, "ms": ms}
+        if 200 <= status < 300:
+            if step.mode == "callback":
+                await self.store.finish_dispatch(
+                    claimed.id, [EventRecord(node.root_id, node.id, "dispatch", answer, utcnow())])
+                return
+            try:
+                output = parse_body(body, content_type)
+            except orjson.JSONDecodeError:
+                await self.coordinator.attempt_failed(
+                    node.id, node.attempt, f"{step.url} answered {status} with a body that is not valid JSON",
+                    "http", retryable=False, source="dispatch")
+                return
+            await self.coordinator.step_succeeded(node.id, node.attempt, output, source="dispatch")
+            return
+        excerpt = body[:BODY_EXCERPT].decode("utf-8", errors="replace")
+        message = f"{step.method} {step.url} answered HTTP {status}: {excerpt}".rstrip(": ")
+        if retry_after:
+            message += f" (Retry-After: {retry_after})"
+        retryable = status >= 500 or status == 429
+        await self.coordinator.attempt_failed(node.id, node.attempt, message, "http", retryable, source="dispatch")
+

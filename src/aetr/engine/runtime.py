@@ -1,0 +1,78 @@
+"""The engine assembled: store, sandbox, coordinator, dispatcher and worker, started and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import defaultdict
+from typing import Any
+
+from aetr.config import MIB, Settings
+from aetr.engine.coordinator import Coordinator
+from aetr.engine.dispatcher import Dispatcher
+from aetr.engine.tokens import TokenSigner
+from aetr.engine.worker import Worker
+from aetr.sandbox import Sandbox, SandboxLimits, ScriptError
+from aetr.store import Store, open_store
+from aetr.store.migrate import upgrade_engine
+
+SECRET_SETTING = "callback_secret"
+
+
+class Engine:
+    """Everything a running `aetr serve` process owns."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.store = store or open_store(settings.database_url)
+        self.sandbox = Sandbox(SandboxLimits(time_limit_s=settings.sandbox_time_limit_s,
+                                             memory_limit_bytes=int(settings.sandbox_memory_mb * MIB)))
+        self.coordinator = Coordinator(self.store, self.sandbox, ScriptError)
+        self.signer: TokenSigner | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.worker: Worker | None = None
+        self._run_waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+
+    async def start(self) -> None:
+        """Migrate the schema, load the signing key, start calling steps."""
+        await upgrade_engine(self.store.engine)
+        secret = self.settings.secret or await self.store.setting(SECRET_SETTING, secrets.token_urlsafe(32))
+        self.signer = TokenSigner(secret)
+        self.dispatcher = Dispatcher(self.store, self.coordinator, self.signer, self.settings.callback_base,
+                                     self.settings.max_in_flight)
+        await self.dispatcher.start()
+        self.worker = Worker(self.store, self.coordinator, self.dispatcher, lease_s=self.settings.lease_s,
+                             poll_s=self.settings.poll_s, max_in_flight=self.settings.max_in_flight)
+        self.store.on_work.append(self.worker.wake)
+        self.coordinator.on_commit.append(self._notify_waiters)
+        self.worker.start()
+
+    async def stop(self) -> None:
+        """Stop the worker, close HTTP and database connections and the sandbox."""
+        if self.worker is not None:
+            await self.worker.stop()
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
+        await self.store.close()
+        self.sandbox.close()
+
+    async def wait_for_change(self, root_id: str, seconds: float) -> None:
+        """Return when this process commits a change to the run, or after `seconds`."""
+        event = asyncio.Event()
+        self._run_waiters[root_id].add(event)
+        try:
+            async with asyncio.timeout(seconds):
+                await event.wait()
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._run_waiters.get(root_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._run_waiters[root_id]
+
+    def _notify_waiters(self, root_ids: Any) -> None:
+        for root_id in root_ids:
+            for event in self._run_waiters.get(root_id, ()):
+                event.set()

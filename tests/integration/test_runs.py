@@ -1,0 +1,294 @@
+"""Runs end to end over real HTTP: AETR calls step services on loopback and they call back (spec §2–§5)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aetr.store.store import count_round_trips
+from aetr.testing import StepService, callback, callback_before_answer, fail, never, status, sync
+from tests.integration.conftest import Server, running_server
+
+
+def api(svc: StepService, name: str, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "kind": "api", "url": svc.url(f"/{name}"), **kw}
+
+
+def by_name(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    stack = [run]
+    while stack:
+        node = stack.pop()
+        out[node["step"]["name"]] = node
+        stack.extend(node["children"])
+    return out
+
+
+async def test_catalog_pipeline_flows_data_through_mappers_and_reducer(aetr: Server,
+                                                                       steps_service: StepService) -> None:
+    svc = steps_service
+    svc.route("/ingest", callback(lambda x: {"items": [{"id": 1}, {"id": 2}], "source": x["source"]}))
+    svc.route("/normalize", callback(lambda x: {"skus": [f"sku-{i}" for i in x["ids"]]}))
+    svc.route("/images", callback(lambda x: {"images": len(x["skus"])}, delay=0.05))
+    svc.route("/metadata", callback(lambda x: {"meta": x["skus"][0]}))
+    svc.route("/index", sync(lambda x: {"indexed": x}))
+    await aetr.put_step({"name": "catalog", "kind": "sequential", "children": [
+        {"step": api(svc, "ingest")},
+        {"step": api(svc, "normalize"), "mapper": "(input, ctx) => ({ids: input.items.map(i => i.id), "
+                                                  "src: ctx.run.input.source})"},
+        {"step": {"name": "enrich", "kind": "parallel", "reducer": "merge",
+                  "children": [{"step": api(svc, "images")}, {"step": api(svc, "metadata")}]}},
+        {"step": api(svc, "index", mode="sync")},
+    ]})
+    run = await aetr.wait_run(await aetr.start("catalog", {"source": "acme"}))
+    assert run["state"] == "complete", run
+    nodes = by_name(run)
+    assert nodes["normalize"]["input"] == {"ids": [1, 2], "src": "acme"}
+    assert nodes["enrich"]["output"] == {"images": 2, "meta": "sku-1"}
+    assert run["output"] == {"indexed": {"images": 2, "meta": "sku-1"}}
+    assert all(n["state"] == "complete" and n["completed_at"] for n in nodes.values())
+
+
+async def test_a_call_carries_the_callback_url_and_the_run_headers(aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/a", callback(lambda x: x))
+    await aetr.put_step(api(steps_service, "a", headers={"X-Tenant": "acme"}))
+    run_id = await aetr.start("a", {"k": [1, 2]})
+    run = await aetr.wait_run(run_id)
+    (call,) = steps_service.calls("/a")
+    assert call.json == {"k": [1, 2]}
+    assert call.headers["X-Tenant"] == "acme"
+    assert call.headers["AETR-Run-Id"] == run_id and call.headers["AETR-Node-Id"] == run_id
+    assert call.headers["AETR-Attempt"] == "1"
+    assert call.headers["AETR-Callback"].startswith(aetr.base_url + "/api/v1/callbacks/")
+    assert call.query["aetr"] == call.headers["AETR-Callback"]
+    assert call.headers["traceparent"].startswith("00-" + run_id.replace("-", ""))
+    assert run["output"] == {"k": [1, 2]}
+
+
+async def test_get_run_loads_the_whole_tree_in_one_query(aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/x", never())
+    await aetr.put_step({"name": "wide", "kind": "parallel", "children": [
+        {"step": api(steps_service, "x")} for _ in range(30)]})
+    run_id = await aetr.start("wide")
+    _, run = await aetr.call("GET", f"/api/v1/runs/{run_id}")
+    child = run["children"][7]["id"]
+    status, same = await aetr.call("GET", f"/api/v1/runs/{child}")
+    assert status == 200 and same["id"] == run_id and len(same["children"]) == 30
+    with count_round_trips() as statements:
+        nodes = await aetr.engine.store.get_run(child)
+    assert len(nodes) == 31 and len(statements) == 1
+
+
+async def test_a_run_keeps_the_tree_it_started_with(aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/a", never())
+    steps_service.route("/b", callback(lambda x: x))
+    await aetr.put_step({"name": "p", "kind": "sequential", "children": [
+        {"step": api(steps_service, "a")}, {"step": api(steps_service, "b"), "mapper": "(x) => x * 2"}]})
+    run_id = await aetr.start("p", 1)
+    await steps_service.wait_for_calls("/a", 1)
+    await aetr.put_step({"name": "p", "kind": "sequential", "children": [
+        {"step": api(steps_service, "a")}, {"step": api(steps_service, "b"), "mapper": "(x) => x * 100"}]})
+    (call,) = steps_service.calls("/a")
+    async with aetr.http.post(call.headers["AETR-Callback"], json=5) as resp:
+        assert resp.status == 200
+    run = await aetr.wait_run(run_id)
+    assert run["output"] == 10
+
+
+async def test_sync_mode_completes_with_the_answer_body(aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/s", sync(lambda x: {"doubled": x * 2}))
+    await aetr.put_step(api(steps_service, "s", mode="sync"))
+    run = await aetr.wait_run(await aetr.start("s", 21))
+    assert run["output"] == {"doubled": 42}
+
+
+async def test_a_callback_that_arrives_before_the_answer_completes_the_node(
+        aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/early", callback_before_answer(lambda x: {"early": x}))
+    await aetr.put_step(api(steps_service, "early"))
+    run = await aetr.wait_run(await aetr.start("early", 1))
+    assert run["state"] == "complete" and run["output"] == {"early": 1}
+    (answer,) = steps_service.callback_answers("/early")
+    assert answer[0] == 200
+
+
+async def test_duplicate_late_and_forged_callbacks(aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/a", never())
+    await aetr.put_step(api(steps_service, "a"))
+    run_id = await aetr.start("a")
+    (call,) = await steps_service.wait_for_calls("/a", 1)
+    url = call.headers["AETR-Callback"]
+    assert (await aetr.call("POST", url.removeprefix(aetr.base_url), {"v": 1})) == (200, {"accepted": True})
+    assert (await aetr.call("POST", url.removeprefix(aetr.base_url), {"v": 1})) == (
+        200, {"accepted": False, "duplicate": True})
+    status, body = await aetr.call("POST", url.removeprefix(aetr.base_url), {"v": 2})
+    assert status == 409 and "complete" in body["detail"]
+    forged = url[:-3] + ("AAA" if not url.endswith("AAA") else "BBB")
+    assert (await aetr.call("POST", forged.removeprefix(aetr.base_url), {"v": 3}))[0] == 404
+    assert (await aetr.call("POST", "/api/v1/callbacks/not-a-token", {}))[0] == 404
+    run = await aetr.wait_run(run_id)
+    assert run["output"] == {"v": 1}
+    _, events = await aetr.call("GET", f"/api/v1/runs/{run_id}/events")
+    outcomes = [e["data"]["outcome"] for e in events if e["kind"] == "callback"]
+    assert outcomes == ["accepted", "duplicate", "refused"]
+
+
+async def test_a_failure_callback_fails_the_run_and_cancels_unfinished_siblings(
+        aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/bad", fail("sku 9 is malformed", retryable=False))
+    steps_service.route("/slow", never())
+    await aetr.put_step({"name": "p", "kind": "parallel", "children": [
+        {"step": api(steps_service, "slow")}, {"step": api(steps_service, "bad")}]})
+    run = await aetr.wait_run(await aetr.start("p"))
+    nodes = by_name(run)
+    assert run["state"] == "error"
+    assert run["error"] == {"message": "sku 9 is malformed", "kind": "callback", "node_id": nodes["bad"]["id"],
+                            "step": "bad"}
+    assert nodes["slow"]["state"] == "cancelled"
+    (slow_call,) = steps_service.calls("/slow")
+    async with aetr.http.post(slow_call.headers["AETR-Callback"], json=1) as resp:
+        assert resp.status == 409
+
+
+async def test_a_4xx_answer_fails_at_once_and_a_5xx_is_retried(aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/four", status(400, {"detail": "bad input"}))
+    steps_service.route("/five", status(503))
+    retry = {"max_attempts": 3, "backoff_s": 0.01, "max_backoff_s": 0.05}
+    await aetr.put_step(api(steps_service, "four", retry=retry))
+    await aetr.put_step(api(steps_service, "five", retry=retry))
+    four = await aetr.wait_run(await aetr.start("four"))
+    assert four["state"] == "error" and four["error"]["kind"] == "http" and "400" in four["error"]["message"]
+    assert len(steps_service.calls("/four")) == 1
+    five = await aetr.wait_run(await aetr.start("five"))
+    assert five["state"] == "error" and "503" in five["error"]["message"] and five["attempt"] == 3
+    assert [c.headers["AETR-Attempt"] for c in steps_service.calls("/five")] == ["1", "2", "3"]
+
+
+async def test_an_unreachable_step_fails_after_its_attempts(aetr: Server) -> None:
+    await aetr.put_step({"name": "gone", "kind": "api", "url": "http://127.0.0.1:9/x",
+                         "retry": {"max_attempts": 2, "backoff_s": 0.01}})
+    run = await aetr.wait_run(await aetr.start("gone"))
+    assert run["state"] == "error" and run["error"]["kind"] == "http" and run["attempt"] == 2
+
+
+async def test_a_step_that_never_calls_back_times_out(aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/mute", never())
+    await aetr.put_step(api(steps_service, "mute", timeout_s=0.3, retry={"max_attempts": 1}))
+    run = await aetr.wait_run(await aetr.start("mute"))
+    assert run["state"] == "error" and run["error"]["kind"] == "timeout"
+
+
+async def test_branches_advance_independently(aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/a1", callback(lambda x: x))
+    steps_service.route("/a2", callback(lambda x: x))
+    steps_service.route("/b", never())
+    await aetr.put_step({"name": "p", "kind": "parallel", "children": [
+        {"step": {"name": "s", "kind": "sequential", "children": [
+            {"step": api(steps_service, "a1")}, {"step": api(steps_service, "a2")}]}},
+        {"step": api(steps_service, "b")}]})
+    run_id = await aetr.start("p", 0)
+    await steps_service.wait_for_calls("/a2", 1)
+    _, run = await aetr.call("GET", f"/api/v1/runs/{run_id}")
+    nodes = by_name(run)
+    assert nodes["a1"]["state"] == "complete" and nodes["b"]["state"] == "executing"
+
+
+async def test_a_throwing_mapper_fails_only_its_node_and_the_server_keeps_serving(
+        aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/a", callback(lambda x: x))
+    await aetr.put_step({"name": "loop", "kind": "sequential", "children": [
+        {"step": api(steps_service, "a"), "mapper": "(x) => { while (true) {} }"}]})
+    await aetr.put_step({"name": "throws", "kind": "sequential", "children": [
+        {"step": "a", "mapper": "(x) => { throw new Error('bad sku ' + x) }"}]})
+    await aetr.put_step({"name": "fine", "kind": "sequential", "children": [{"step": "a", "mapper": "(x) => x + 1"}]})
+    runs = await asyncio.gather(*(aetr.start(n, 1) for n in ("loop", "throws", "fine")))
+    loop, throws, fine = [await aetr.wait_run(r) for r in runs]
+    assert loop["state"] == "error" and loop["error"]["kind"] == "mapper"
+    assert "time limit" in loop["error"]["message"]
+    assert throws["error"]["kind"] == "mapper" and "bad sku 1" in throws["error"]["message"]
+    assert throws["error"]["node_id"] == throws["children"][0]["id"]
+    assert fine["output"] == 2
+
+
+async def test_empty_parents_complete_with_their_input_or_reducer(aetr: Server) -> None:
+    await aetr.put_step({"name": "empty", "kind": "sequential", "children": [
+        {"step": {"name": "none", "kind": "parallel", "reducer": "array"}}]})
+    run = await aetr.wait_run(await aetr.start("empty", {"a": 1}))
+    assert run["state"] == "complete" and run["output"] == []
+
+
+async def test_list_runs_filters_and_pages(aetr: Server) -> None:
+    await aetr.put_step({"name": "e1", "kind": "sequential"})
+    await aetr.put_step({"name": "e2", "kind": "sequential"})
+    ids = [await aetr.start("e1", i) for i in range(5)] + [await aetr.start("e2")]
+    _, page = await aetr.call("GET", "/api/v1/runs?step=e1&limit=2")
+    seen = [r["id"] for r in page["runs"]]
+    while page["next_cursor"]:
+        _, page = await aetr.call("GET", f"/api/v1/runs?step=e1&limit=2&cursor={page['next_cursor']}")
+        seen += [r["id"] for r in page["runs"]]
+    assert seen == list(reversed(ids[:5]))
+    _, done = await aetr.call("GET", "/api/v1/runs?state=complete")
+    assert len(done["runs"]) == 6
+    _, none = await aetr.call("GET", "/api/v1/runs?state=error")
+    assert none["runs"] == []
+    assert (await aetr.call("GET", "/api/v1/runs?state=bogus"))[0] == 422
+    assert (await aetr.call("GET", "/api/v1/runs?cursor=garbage"))[0] == 422
+    assert (await aetr.call("GET", "/api/v1/runs?limit=0"))[0] == 422
+
+
+async def test_cancel_makes_later_callbacks_conflict(aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/a", never())
+    await aetr.put_step(api(steps_service, "a"))
+    run_id = await aetr.start("a")
+    (call,) = await steps_service.wait_for_calls("/a", 1)
+    status, run = await aetr.call("POST", f"/api/v1/runs/{run_id}/cancel")
+    assert status == 200 and run["state"] == "cancelled"
+    async with aetr.http.post(call.headers["AETR-Callback"], json=1) as resp:
+        assert resp.status == 409
+    assert (await aetr.call("POST", f"/api/v1/runs/{run_id}/cancel"))[0] == 409
+
+
+async def test_idempotency_key_returns_the_same_run(aetr: Server) -> None:
+    await aetr.put_step({"name": "e", "kind": "sequential"})
+    headers = {"Idempotency-Key": "order-17"}
+    s1, r1 = await aetr.call("POST", "/api/v1/runs", {"step": "e", "input": 1}, headers=headers)
+    s2, r2 = await aetr.call("POST", "/api/v1/runs", {"step": "e", "input": 1}, headers=headers)
+    assert (s1, s2) == (201, 200) and r1["id"] == r2["id"]
+
+
+async def test_bad_run_requests_get_4xx(aetr: Server, steps_service: StepService) -> None:
+    assert (await aetr.call("POST", "/api/v1/runs", {"step": "nope"}))[0] == 422
+    assert (await aetr.call("POST", "/api/v1/runs", {"input": 1}))[0] == 422
+    assert (await aetr.call("POST", "/api/v1/runs", {"step": "x", "extra": 1}))[0] == 422
+    assert (await aetr.call("GET", "/api/v1/runs/not-a-uuid"))[0] == 404
+    assert (await aetr.call("GET", "/api/v1/runs/00000000-0000-0000-0000-000000000000"))[0] == 404
+    assert (await aetr.call("GET", "/api/v1/runs/00000000-0000-0000-0000-000000000000/events"))[0] == 404
+    assert (await aetr.call("GET", "/api/v1/runs/00000000-0000-0000-0000-000000000000?wait=61"))[0] == 422
+
+
+async def test_an_oversized_callback_body_is_refused_and_changes_nothing(
+        database_url: str, steps_service: StepService) -> None:
+    async with running_server(database_url, max_payload_bytes=4096) as aetr:
+        steps_service.route("/a", never())
+        await aetr.put_step(api(steps_service, "a"))
+        run_id = await aetr.start("a")
+        (call,) = await steps_service.wait_for_calls("/a", 1)
+        for chunked in (False, True):
+            big = b'"' + b"x" * 5000 + b'"'
+            body: Any = big if not chunked else _chunks(big)
+            async with aetr.http.post(call.headers["AETR-Callback"], data=body,
+                                      headers={"Content-Type": "application/json"}) as resp:
+                assert resp.status == 413
+                assert "AETR_MAX_PAYLOAD_BYTES" in (await resp.json())["detail"]
+        _, run = await aetr.call("GET", f"/api/v1/runs/{run_id}")
+        assert run["state"] == "executing"
+        async with aetr.http.post(call.headers["AETR-Callback"], data=b"plain text",
+                                  headers={"Content-Type": "text/plain"}) as resp:
+            assert resp.status == 200
+        assert (await aetr.wait_run(run_id))["output"] == "plain text"
+
+
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), 1000):
+        yield data[i:i + 1000]

@@ -1,0 +1,151 @@
+"""Step trees over HTTP (spec §1), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from aetr.store.store import count_round_trips
+from tests.integration.conftest import Server
+
+API = {"kind": "api", "url": "http://127.0.0.1:1/x"}
+
+
+def api(name: str, **kw: Any) -> dict[str, Any]:
+    return {"name": name, **API, **kw}
+
+
+async def test_put_creates_then_replaces_and_bumps_the_version(aetr: Server) -> None:
+    status, body = await aetr.call("PUT", "/api/v1/steps/ingest", api("ingest"))
+    assert status == 201
+    assert body["version"] == 1 and body["kind"] == "api" and body["retry"]["max_attempts"] == 3
+    status, body = await aetr.call("PUT", "/api/v1/steps/ingest", api("ingest", timeout_s=5))
+    assert status == 200
+    assert body["version"] == 2 and body["timeout_s"] == 5
+
+
+async def test_inline_children_are_stored_as_steps_and_mappers_stay_on_the_link(aetr: Server) -> None:
+    await aetr.put_step(api("a"))
+    tree = {"name": "pipe", "kind": "sequential", "children": [
+        {"step": "a", "mapper": "(x) => x + 1"},
+        {"step": {"name": "fan", "kind": "parallel", "reducer": "merge",
+                  "children": [{"step": api("b")}, {"step": "a"}]}},
+        {"step": "a"},
+    ]}
+    status, body = await aetr.call("PUT", "/api/v1/steps/pipe", tree)
+    assert status == 201
+    kids = body["children"]
+    assert [k["mapper"] for k in kids] == ["(x) => x + 1", None, None]
+    assert kids[1]["step"]["reducer"] == "merge"
+    assert [k["step"]["name"] for k in kids[1]["step"]["children"]] == ["b", "a"]
+    status, b = await aetr.call("GET", "/api/v1/steps/b")
+    assert status == 200 and b["url"] == API["url"]
+    status, parents = await aetr.call("GET", "/api/v1/steps/a/parents")
+    assert parents == ["fan", "pipe"]
+
+
+async def test_get_rebuilds_the_tree_in_one_round_trip(aetr: Server) -> None:
+    leaves = [{"step": api(f"leaf{i}")} for i in range(20)]
+    await aetr.put_step({"name": "deep", "kind": "sequential", "children": [
+        {"step": {"name": "mid", "kind": "parallel", "children": leaves}}, {"step": "leaf0"}]})
+    status, body = await aetr.call("GET", "/api/v1/steps/deep")
+    assert status == 200
+    assert len(body["children"][0]["step"]["children"]) == 20
+    with count_round_trips() as statements:
+        tree = await aetr.engine.store.get_step_tree("deep")
+    assert tree is not None and tree.to_json() == body and len(statements) == 1
+    status, by_id = await aetr.call("GET", f"/api/v1/steps/{body['id']}")
+    assert by_id == body
+
+
+async def test_children_by_name_must_exist_and_nothing_is_stored_otherwise(aetr: Server) -> None:
+    status, body = await aetr.call("PUT", "/api/v1/steps/p", {
+        "name": "p", "kind": "sequential", "children": [{"step": api("new-inline")}, {"step": "ghost"}]})
+    assert status == 422
+    assert "ghost" in body["detail"]
+    _, steps = await aetr.call("GET", "/api/v1/steps")
+    assert steps == []
+
+
+async def test_a_cycle_through_stored_trees_is_refused_with_its_path(aetr: Server) -> None:
+    await aetr.put_step(api("leaf"))
+    await aetr.put_step({"name": "inner", "kind": "sequential", "children": [{"step": "leaf"}]})
+    await aetr.put_step({"name": "outer", "kind": "parallel", "children": [{"step": "inner"}]})
+    status, body = await aetr.call("PUT", "/api/v1/steps/inner", {
+        "name": "inner", "kind": "sequential", "children": [{"step": "leaf"}, {"step": "outer"}]})
+    assert status == 422
+    assert "inner → outer → inner" in body["detail"]
+    _, inner = await aetr.call("GET", "/api/v1/steps/inner")
+    assert inner["version"] == 1 and len(inner["children"]) == 1
+    status, body = await aetr.call("PUT", "/api/v1/steps/self", {
+        "name": "self", "kind": "sequential", "children": [{"step": {"name": "self", "kind": "sequential"}}]})
+    assert status == 422
+
+
+async def test_if_match_makes_the_change_conditional(aetr: Server) -> None:
+    await aetr.put_step(api("s"))
+    status, body = await aetr.call("PUT", "/api/v1/steps/s", api("s", method="PUT"), headers={"If-Match": "7"})
+    assert status == 412 and "version 1" in body["detail"]
+    status, body = await aetr.call("PUT", "/api/v1/steps/s", api("s", method="PUT"), headers={"If-Match": "1"})
+    assert status == 200 and body["version"] == 2 and body["method"] == "PUT"
+
+
+async def test_delete_is_refused_while_a_parent_uses_the_step(aetr: Server) -> None:
+    await aetr.put_step(api("used"))
+    await aetr.put_step({"name": "user", "kind": "sequential", "children": [{"step": "used"}]})
+    status, body = await aetr.call("DELETE", "/api/v1/steps/used")
+    assert status == 409 and "user" in body["detail"]
+    assert (await aetr.call("DELETE", "/api/v1/steps/user"))[0] == 204
+    assert (await aetr.call("DELETE", "/api/v1/steps/used"))[0] == 204
+    assert (await aetr.call("GET", "/api/v1/steps/used"))[0] == 404
+    assert (await aetr.call("DELETE", "/api/v1/steps/used"))[0] == 404
+
+
+async def test_list_is_sorted_by_name(aetr: Server) -> None:
+    for name in ("zeta", "alpha", "mid"):
+        await aetr.put_step(api(name))
+    _, steps = await aetr.call("GET", "/api/v1/steps")
+    assert [s["name"] for s in steps] == ["alpha", "mid", "zeta"]
+    assert set(steps[0]) == {"id", "name", "kind", "version", "updated_at"}
+
+
+BAD_BODIES: list[tuple[str, Any, str]] = [
+    ("malformed JSON", b"{not json", "JSON"),
+    ("wrong type", {"name": "s", "kind": "api", "url": "http://h/x", "timeout_s": "soon"}, "timeout_s"),
+    ("unknown kind", {"name": "s", "kind": "lambda"}, "kind"),
+    ("extra field", {"name": "s", "kind": "api", "url": "http://h/x", "colour": "red"}, "colour"),
+    ("missing url", {"name": "s", "kind": "api"}, "url"),
+    ("bad url", {"name": "s", "kind": "api", "url": "ftp://h/x"}, "url"),
+    ("relative url", {"name": "s", "kind": "api", "url": "/x"}, "url"),
+    ("name differs from path", {"name": "other", "kind": "api", "url": "http://h/x"}, "name"),
+    ("bad child name", {"name": "s", "kind": "sequential", "children": [{"step": "no spaces"}]}, "step"),
+    ("mapper does not compile", {"name": "s", "kind": "sequential",
+                                 "children": [{"step": api("k"), "mapper": "(x) => {"}]}, "mapper"),
+    ("reducer does not compile", {"name": "s", "kind": "parallel", "reducer": "not js ("}, "reducer"),
+    ("zero attempts", {"name": "s", "kind": "api", "url": "http://h/x", "retry": {"max_attempts": 0}}, "max_attempts"),
+    ("header with newline", {"name": "s", "kind": "api", "url": "http://h/x", "headers": {"X": "a\nb"}}, "headers"),
+    ("not an object", [1, 2], "body"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "mentions"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+async def test_bad_step_bodies_get_a_4xx_naming_the_problem_and_change_nothing(
+        aetr: Server, case: str, body: Any, mentions: str) -> None:
+    await aetr.put_step(api("s"))
+    if isinstance(body, bytes):
+        status, answer = await aetr.call("PUT", "/api/v1/steps/s", data=body,
+                                         headers={"Content-Type": "application/json"})
+    else:
+        status, answer = await aetr.call("PUT", "/api/v1/steps/s", body)
+    assert 400 <= status < 500, answer
+    assert isinstance(answer["detail"], str) and mentions in answer["detail"], answer
+    _, steps = await aetr.call("GET", "/api/v1/steps")
+    assert [(s["name"], s["version"]) for s in steps] == [("s", 1)]
+
+
+async def test_bad_path_names_are_refused(aetr: Server) -> None:
+    status, body = await aetr.call("PUT", "/api/v1/steps/bad%20name", {"name": "bad name", **API})
+    assert status == 422 and "name" in body["detail"]
+    assert (await aetr.call("GET", "/api/v1/steps/nope"))[0] == 404
+    assert (await aetr.call("GET", "/api/v1/steps/nope/parents"))[0] == 404
