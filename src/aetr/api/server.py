@@ -31,6 +31,7 @@ def serve(host: str = "127.0.0.1", port: int = 9999, insecure: bool = False) -> 
         sys.exit(f"aetr: refusing to listen on {host} without AETR_API_TOKEN: anyone who can reach it could "
                  "start runs. Set AETR_API_TOKEN, or pass --insecure if the network is trusted.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     from aetr.api.app import create_app
 
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)

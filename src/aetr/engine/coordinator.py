@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from aetr.domain import decide
 from aetr.domain.runs import Plan, build_run_nodes
 from aetr.domain.steps import StepTree
+from aetr.engine import metrics
 from aetr.store import Conflict, Store, Tx
 from aetr.store.store import is_integrity_error
 
@@ -62,6 +63,7 @@ class Coordinator:
                 await tx.insert_run(final, tree.to_json(), idempotency_key, done)
                 await tx.apply(plan, inserted=True)
             self._committed(plan)
+            metrics.RUNS_STARTED.inc()
         except Exception as exc:
             # Two requests with one new key raced: the loser answers with the winner's run.
             if idempotency_key is None or not is_integrity_error(exc):
@@ -109,9 +111,12 @@ class Coordinator:
                         plan.event(plan.nodes[node_id], source, data)
                     await tx.apply(plan)
                 self._committed(plan)
+                if source is not None:
+                    metrics.REPORTS.labels(source, verdict.outcome).inc()
                 return verdict
             except Conflict:
                 self.conflicts += 1
+                metrics.CONFLICTS.inc()
         raise RuntimeError(f"node {node_id}: gave up after {MAX_CONFLICT_RETRIES} conflicting updates")
 
     def _committed(self, plan: Plan) -> None:

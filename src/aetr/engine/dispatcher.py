@@ -13,6 +13,7 @@ import aiohttp
 import orjson
 
 from aetr.domain.runs import EventRecord, Node
+from aetr.engine import metrics
 from aetr.engine.coordinator import Coordinator, utcnow
 from aetr.engine.tokens import TokenSigner
 from aetr.store import ClaimedWork, Store
@@ -89,12 +90,14 @@ class Dispatcher:
                 status, content_type = resp.status, resp.headers.get("Content-Type")
                 retry_after = resp.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            metrics.CALLS.labels("unreachable").inc()
             reason = f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
             await self.coordinator.attempt_failed(
                 node.id, node.attempt, f"{step.method} {step.url} failed: {reason or type(exc).__name__}", "http",
                 retryable=True, source="dispatch")
             return
         ms = round((time.monotonic() - started) * 1000, 1)
+        metrics.CALLS.labels(f"{status // 100}xx").inc()
         answer = {"attempt": node.attempt, "status": status, "ms": ms}
         if 200 <= status < 300:
             if step.mode == "callback":
