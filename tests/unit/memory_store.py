@@ -89,5 +89,6 @@ class MemoryStore:
             assert self.nodes[node.id].version == plan.loaded_versions[node.id], "lost update"
             self.nodes[node.id] = node
         self.done.update(pending_done)
-        self.work = [w for w in self.work if w.node_id not in plan.drop_work_for] + plan.work
+        self.work = [w for w in self.work if w.node_id not in plan.drop_work_for
+                     and not (w.kind == "heartbeat" and w.node_id in plan.drop_heartbeats_for)] + plan.work
         return result

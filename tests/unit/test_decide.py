@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aetr.domain import decide
+from aetr.domain.runs import Plan
 from aetr.domain.steps import RetryPolicy, StepConfig, StepTree
 from tests.unit.memory_store import MemoryStore
 
@@ -220,3 +221,34 @@ def test_cancel_stops_every_unfinished_node() -> None:
     assert store.work == []
     late = succeed(store, by_name(store, "a"))
     assert late.outcome == "refused"
+
+
+def test_backoff_is_scaled_by_jitter_and_never_shorter_than_retry_after() -> None:
+    store = MemoryStore()
+    root = store.start(api("a", retry=RetryPolicy(max_attempts=5, backoff_s=4, max_backoff_s=60)), 0)
+
+    def fail_with(plan: Plan, retry_after: float | None) -> Any:
+        plan.jitter = 0.25
+        return decide.attempt_failed(plan, root, store.nodes[root].attempt, "429", "http", True, retry_after)
+
+    store.event(root, lambda plan: fail_with(plan, None))
+    due = next(w.due_at for w in store.work if w.kind == "dispatch")
+    assert (due - store.now).total_seconds() == 1.0  # 0.25 × 4 s
+    store.event(root, lambda plan: fail_with(plan, 30.0))
+    due = next(w.due_at for w in store.work if w.kind == "dispatch")
+    assert (due - store.now).total_seconds() == 30.0
+
+
+def test_heartbeats_restart_the_heartbeat_deadline_and_a_missed_one_times_out() -> None:
+    store = MemoryStore()
+    root = store.start(api("a", heartbeat_s=10, retry=RetryPolicy(max_attempts=1)), 0)
+    first = next(w.due_at for w in store.work if w.kind == "heartbeat")
+    assert store.event(root, lambda plan: decide.heartbeat(plan, root, 1)) == decide.ACCEPTED
+    beats = [w for w in store.work if w.kind == "heartbeat"]
+    assert len(beats) == 1 and beats[0].due_at > first
+    assert {w.kind for w in store.work} == {"dispatch", "deadline", "heartbeat"}
+    assert store.event(root, lambda plan: decide.heartbeat(plan, root, 2)).outcome == "refused"
+    store.event(root, lambda plan: decide.deadline_passed(plan, root, 1, heartbeat=True))
+    error = store.nodes[root].error
+    assert error is not None and error["kind"] == "timeout" and "heartbeat_s=10" in error["message"]
+    assert store.work == []

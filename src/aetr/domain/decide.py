@@ -67,6 +67,7 @@ class Verdict:
 
 
 ACCEPTED = Verdict("accepted")
+MAX_RETRY_AFTER_S = 3600.0  # a step's Retry-After is honoured up to an hour
 
 
 def start_run(plan: Plan, root_id: str) -> Step:
@@ -90,9 +91,13 @@ def step_succeeded(plan: Plan, node_id: str, attempt: int, output: Any) -> Gener
     return ACCEPTED
 
 
-def attempt_failed(plan: Plan, node_id: str, attempt: int, message: str, kind: str,
-                   retryable: bool) -> Generator[Request, Any, Verdict]:
-    """An attempt of an api step failed; it is tried again while the retry policy allows, else the node fails."""
+def attempt_failed(plan: Plan, node_id: str, attempt: int, message: str, kind: str, retryable: bool,
+                   retry_after_s: float | None = None) -> Generator[Request, Any, Verdict]:
+    """An attempt of an api step failed; it is tried again while the retry policy allows, else the node fails.
+
+    The wait before the next attempt is full-jitter exponential backoff, capped, and never shorter than a
+    `Retry-After` the step asked for.
+    """
     node = plan.nodes[node_id]
     if node.state == "error" and node.attempt == attempt and (node.error or {}).get("message") == message:
         return Verdict("duplicate", "this failure was already accepted")
@@ -101,7 +106,9 @@ def attempt_failed(plan: Plan, node_id: str, attempt: int, message: str, kind: s
         return Verdict("refused", refusal)
     policy = node.step.retry
     if retryable and node.attempt < policy.max_attempts:
-        delay = min(policy.max_backoff_s, policy.backoff_s * 2 ** (node.attempt - 1))
+        delay = plan.jitter * min(policy.max_backoff_s, policy.backoff_s * 2 ** (node.attempt - 1))
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, MAX_RETRY_AFTER_S))
         plan.event(node, "retry", {"attempt": node.attempt, "error": message, "kind": kind,
                                    "next_attempt": node.attempt + 1, "delay_s": delay})
         node = plan.put(node, attempt=node.attempt + 1)
@@ -111,14 +118,33 @@ def attempt_failed(plan: Plan, node_id: str, attempt: int, message: str, kind: s
     return ACCEPTED
 
 
-def deadline_passed(plan: Plan, node_id: str, attempt: int) -> Generator[Request, Any, Verdict]:
-    """An attempt's deadline passed without an answer: it fails as a timeout."""
+def deadline_passed(plan: Plan, node_id: str, attempt: int, heartbeat: bool = False,
+                    ) -> Generator[Request, Any, Verdict]:
+    """An attempt's deadline (or its heartbeat deadline) passed without an answer: it fails as a timeout."""
     node = plan.nodes[node_id]
     if _refusal(node, attempt):
         return Verdict("refused", "the attempt already ended")
-    plan.event(node, "timeout", {"attempt": attempt, "timeout_s": node.step.timeout_s})
-    return (yield from attempt_failed(
-        plan, node_id, attempt, f"no answer within timeout_s={node.step.timeout_s:g}", "timeout", True))
+    if heartbeat:
+        limit = f"no heartbeat within heartbeat_s={node.step.heartbeat_s:g}"
+        plan.event(node, "timeout", {"attempt": attempt, "heartbeat_s": node.step.heartbeat_s})
+    else:
+        limit = f"no answer within timeout_s={node.step.timeout_s:g}"
+        plan.event(node, "timeout", {"attempt": attempt, "timeout_s": node.step.timeout_s})
+    return (yield from attempt_failed(plan, node_id, attempt, limit, "timeout", True))
+
+
+def heartbeat(plan: Plan, node_id: str, attempt: int) -> Generator[Request, Any, Verdict]:
+    """The step says it is alive: its heartbeat deadline starts again."""
+    node = plan.nodes[node_id]
+    refusal = _refusal(node, attempt)
+    if refusal:
+        return Verdict("refused", refusal)
+    if node.step.heartbeat_s is not None:
+        plan.drop_heartbeats_for.add(node.id)
+        plan.work.append(Work("heartbeat", node.id, node.root_id, node.attempt,
+                              plan.now + timedelta(seconds=node.step.heartbeat_s)))
+    return ACCEPTED
+    yield  # a generator like every handler, though it needs nothing read
 
 
 def cancel_run(plan: Plan, root_id: str) -> Generator[Request, Any, Verdict]:
@@ -157,12 +183,15 @@ def _load_run(plan: Plan, root_id: str) -> Step:
 
 
 def _arm(plan: Plan, node: Node, delay_s: float) -> None:
-    """Queue the call of the node's current attempt and its deadline."""
+    """Queue the call of the node's current attempt, its deadline, and its first heartbeat deadline."""
     at = plan.now + timedelta(seconds=delay_s)
     plan.drop_work_for.add(node.id)
     plan.work.append(Work("dispatch", node.id, node.root_id, node.attempt, at))
     plan.work.append(Work("deadline", node.id, node.root_id, node.attempt,
                           at + timedelta(seconds=node.step.timeout_s)))
+    if node.step.heartbeat_s is not None:
+        plan.work.append(Work("heartbeat", node.id, node.root_id, node.attempt,
+                              at + timedelta(seconds=node.step.heartbeat_s)))
 
 
 def _children(plan: Plan, parent: Node) -> Generator[Request, Any, list[Node]]:

@@ -46,7 +46,7 @@ class Node:
 class Work:
     """Something to do later, stored with the state change that implies it (the outbox)."""
 
-    kind: Literal["dispatch", "deadline"]
+    kind: Literal["dispatch", "deadline", "heartbeat"]
     node_id: str
     root_id: str
     attempt: int
@@ -87,7 +87,9 @@ class Plan:
     """The working set of one event: nodes read so far, the changes made, and the work and history implied.
 
     The store writes `changed` nodes under their `loaded_versions` (optimistic locking), inserts `work`,
-    deletes the pending work of `drop_work_for` and appends `events`, all in the event's transaction.
+    deletes the pending work of `drop_work_for` (every kind) and `drop_heartbeats_for` (heartbeat deadlines
+    only) and appends `events`, all in the event's transaction. `jitter` in [0, 1] scales retry backoff
+    ("full jitter"); the coordinator draws it at random, tests fix it.
     """
 
     now: datetime
@@ -96,6 +98,8 @@ class Plan:
     loaded_versions: dict[str, int] = field(default_factory=dict)
     work: list[Work] = field(default_factory=list)
     drop_work_for: set[str] = field(default_factory=set)
+    drop_heartbeats_for: set[str] = field(default_factory=set)
+    jitter: float = 1.0
     events: list[EventRecord] = field(default_factory=list)
     whole_run: bool = False  # every node of the run is in `nodes`, every child list in `children`
 

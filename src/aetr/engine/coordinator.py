@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import uuid
 from collections.abc import Callable, Generator
 from datetime import UTC, datetime
@@ -80,15 +81,22 @@ class Coordinator:
                                  source, attempt)
 
     async def attempt_failed(self, node_id: str, attempt: int, message: str, kind: str, retryable: bool,
-                             source: str) -> decide.Verdict:
+                             source: str, retry_after_s: float | None = None) -> decide.Verdict:
         """A step's attempt failed (its /fail callback, or its HTTP answer)."""
         return await self._event(
-            node_id, lambda plan: decide.attempt_failed(plan, node_id, attempt, message, kind, retryable),
+            node_id,
+            lambda plan: decide.attempt_failed(plan, node_id, attempt, message, kind, retryable, retry_after_s),
             source, attempt)
 
-    async def deadline_passed(self, node_id: str, attempt: int) -> decide.Verdict:
-        """An attempt's deadline passed."""
-        return await self._event(node_id, lambda plan: decide.deadline_passed(plan, node_id, attempt), None, attempt)
+    async def deadline_passed(self, node_id: str, attempt: int, heartbeat: bool = False) -> decide.Verdict:
+        """An attempt's deadline, or its heartbeat deadline, passed."""
+        return await self._event(
+            node_id, lambda plan: decide.deadline_passed(plan, node_id, attempt, heartbeat), None, attempt)
+
+    async def heartbeat(self, node_id: str, attempt: int) -> decide.Verdict:
+        """A step's heartbeat: its heartbeat deadline starts again."""
+        return await self._event(node_id, lambda plan: decide.heartbeat(plan, node_id, attempt),
+                                 "callback.heartbeat", attempt)
 
     async def cancel(self, root_id: str) -> decide.Verdict:
         """Cancel every unfinished node of a run."""
@@ -98,7 +106,7 @@ class Coordinator:
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
                 async with self.store.transaction() as tx:
-                    plan = Plan(now=utcnow())
+                    plan = Plan(now=utcnow(), jitter=random.random())
                     chain = await tx.load_chain(node_id)
                     if not chain:
                         return decide.Verdict("unknown", "no such node")

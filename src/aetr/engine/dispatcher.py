@@ -6,6 +6,8 @@ import io
 import logging
 import secrets
 import time
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -35,6 +37,22 @@ def parse_body(body: bytes, content_type: str | None) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         return body.decode("utf-8", errors="replace")
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delay-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - utcnow()).total_seconds())
 
 
 class Dispatcher:
@@ -118,5 +136,6 @@ class Dispatcher:
         if retry_after:
             message += f" (Retry-After: {retry_after})"
         retryable = status >= 500 or status == 429
-        await self.coordinator.attempt_failed(node.id, node.attempt, message, "http", retryable, source="dispatch")
+        await self.coordinator.attempt_failed(node.id, node.attempt, message, "http", retryable, source="dispatch",
+                                              retry_after_s=parse_retry_after(retry_after))
 

@@ -95,8 +95,9 @@ class Worker:
 
     async def _perform(self, item: ClaimedWork) -> None:
         try:
-            if item.work.kind == "deadline":
-                await self.coordinator.deadline_passed(item.work.node_id, item.work.attempt)
+            if item.work.kind in ("deadline", "heartbeat"):
+                await self.coordinator.deadline_passed(item.work.node_id, item.work.attempt,
+                                                       heartbeat=item.work.kind == "heartbeat")
                 await self.store.finish_dispatch(item.id, [])
             else:
                 await self._with_lease(item)

@@ -313,6 +313,10 @@ class Tx:
         drop = sorted(plan.drop_work_for)
         for i in range(0, len(drop), CHUNK):
             await self.conn.execute(delete(work).where(work.c.node_id.in_(drop[i:i + CHUNK])))
+        beats = sorted(plan.drop_heartbeats_for - plan.drop_work_for)
+        for i in range(0, len(beats), CHUNK):
+            await self.conn.execute(delete(work).where(and_(work.c.node_id.in_(beats[i:i + CHUNK]),
+                                                            work.c.kind == "heartbeat")))
         if plan.work:
             rows = [{"kind": w.kind, "node_id": w.node_id, "root_id": w.root_id, "attempt": w.attempt,
                      "due_at": w.due_at, "lease_owner": None, "lease_until": None} for w in plan.work]

@@ -1,0 +1,46 @@
+"""heartbeat_s: a step that keeps saying it is alive may run past it; one that goes quiet times out."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from aetr.testing import StepRequest, StepService, never
+from tests.integration.conftest import Server
+
+BEAT_S = 0.5
+
+
+async def beating(request: StepRequest) -> web.StreamResponse:
+    """Heartbeat every BEAT_S / 3 for 3 × BEAT_S, then call back."""
+
+    async def work() -> None:
+        for _ in range(9):
+            await asyncio.sleep(BEAT_S / 3)  # the step's own pace, not a wait for AETR
+            answer = await request.send_heartbeat()
+            assert answer.status == 200
+        await request.send_output({"done": True})
+
+    request.later(work())
+    return web.Response(status=202)
+
+
+async def test_heartbeats_keep_a_long_step_alive(aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/long", beating)
+    await aetr.put_step({"name": "long", "kind": "api", "url": steps_service.url("/long"), "timeout_s": 30,
+                         "heartbeat_s": BEAT_S, "retry": {"max_attempts": 1}})
+    run = await aetr.wait_run(await aetr.start("long"))
+    assert run["state"] == "complete" and run["output"] == {"done": True}
+    _, events = await aetr.call("GET", f"/api/v1/runs/{run['id']}/events")
+    assert sum(e["kind"] == "callback.heartbeat" for e in events) == 9
+
+
+async def test_a_step_that_stops_beating_times_out_long_before_timeout_s(
+        aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/quiet", never())
+    await aetr.put_step({"name": "quiet", "kind": "api", "url": steps_service.url("/quiet"), "timeout_s": 3600,
+                         "heartbeat_s": BEAT_S, "retry": {"max_attempts": 1}})
+    run = await aetr.wait_run(await aetr.start("quiet"), timeout=10)
+    assert run["state"] == "error"
+    assert run["error"]["kind"] == "timeout" and "heartbeat_s=0.5" in run["error"]["message"]
