@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aetr.store.store import count_round_trips
-from aetr.testing import StepService, callback, callback_before_answer, fail, never, status, sync
+from aetr.testing import StepService, callback, callback_before_answer, fail, never, sequence, status, sync
 from tests.integration.conftest import Server, running_server
 
 
@@ -292,3 +292,22 @@ async def test_an_oversized_callback_body_is_refused_and_changes_nothing(
 async def _chunks(data: bytes) -> AsyncIterator[bytes]:
     for i in range(0, len(data), 1000):
         yield data[i:i + 1000]
+
+
+async def test_retry_runs_failed_nodes_again_and_keeps_completed_ones(aetr: Server,
+                                                                     steps_service: StepService) -> None:
+    steps_service.route("/first", callback(lambda x: x + 1))
+    steps_service.route("/flaky", sequence(fail("disk full", retryable=False), callback(lambda x: x * 10)))
+    await aetr.put_step({"name": "p", "kind": "sequential", "children": [
+        {"step": api(steps_service, "first")}, {"step": api(steps_service, "flaky")}]})
+    run_id = await aetr.start("p", 1)
+    failed = await aetr.wait_run(run_id)
+    assert failed["state"] == "error" and failed["error"]["message"] == "disk full"
+    status, body = await aetr.call("POST", f"/api/v1/runs/{run_id}/retry")
+    assert status == 200 and body["state"] == "executing"
+    done = await aetr.wait_run(run_id)
+    assert done["state"] == "complete" and done["output"] == 20
+    assert len(steps_service.calls("/first")) == 1
+    assert [c.headers["AETR-Attempt"] for c in steps_service.calls("/flaky")] == ["1", "2"]
+    status, body = await aetr.call("POST", f"/api/v1/runs/{run_id}/retry")
+    assert status == 409 and "complete" in body["detail"]

@@ -77,6 +77,9 @@ class MemoryStore:
             elif isinstance(req, decide.BumpDone):
                 pending_done[req.parent_id] = pending_done.get(req.parent_id, self.done.get(req.parent_id, 0)) + 1
                 answer = pending_done[req.parent_id]
+            elif isinstance(req, decide.SetDone):
+                pending_done[req.parent_id] = req.value
+                answer = None
             elif isinstance(req, decide.RunScript):
                 try:
                     answer = decide.ScriptResult(value=self.scripts[req.source](req.args))

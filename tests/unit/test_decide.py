@@ -252,3 +252,92 @@ def test_heartbeats_restart_the_heartbeat_deadline_and_a_missed_one_times_out() 
     error = store.nodes[root].error
     assert error is not None and error["kind"] == "timeout" and "heartbeat_s=10" in error["message"]
     assert store.work == []
+
+
+def fail_for_good(store: MemoryStore, name: str, message: str = "boom") -> None:
+    node_id = by_name(store, name)
+    attempt = store.nodes[node_id].attempt
+    store.event(node_id, lambda plan: decide.attempt_failed(plan, node_id, attempt, message, "http", False))
+
+
+def test_redrive_reruns_failed_and_cancelled_nodes_and_keeps_completed_ones() -> None:
+    store = MemoryStore(SCRIPTS)
+    tree = seq("s", api("a"), par("p", api("x"), api("y")), ("wrap", api("z")))
+    root = store.start(tree, 1)
+    succeed(store, by_name(store, "a"))
+    succeed(store, by_name(store, "x"))
+    fail_for_good(store, "y")
+    assert store.nodes[root].state == "error"
+    a_before = store.nodes[by_name(store, "a")]
+    assert store.event(root, lambda plan: decide.redrive(plan, root)) == decide.ACCEPTED
+    assert store.nodes[by_name(store, "a")] == a_before  # complete: kept, not called again
+    y = store.nodes[by_name(store, "y")]
+    assert y.state == "executing" and y.attempt == 2 and y.input == step_output("a", 1)
+    assert dispatched(store) == [y.id]
+    assert store.nodes[by_name(store, "z")].state == "pending"
+    succeed(store, y.id)
+    succeed(store, by_name(store, "z"))
+    assert store.nodes[root].state == "complete"
+    assert store.nodes[root].output == model(tree, 1)
+
+
+def test_redrive_gives_a_fresh_retry_budget() -> None:
+    store = MemoryStore()
+    root = store.start(api("a", retry=RetryPolicy(max_attempts=2, backoff_s=0)), 0)
+    for _ in range(2):
+        att = store.nodes[root].attempt
+        store.event(root, lambda plan, a=att: decide.attempt_failed(plan, root, a, "503", "http", True))
+    assert store.nodes[root].state == "error" and store.nodes[root].attempt == 2
+    store.event(root, lambda plan: decide.redrive(plan, root))
+    store.event(root, lambda plan: decide.attempt_failed(plan, root, 3, "503", "http", True))
+    assert store.nodes[root].state == "executing" and store.nodes[root].attempt == 4
+
+
+def test_redrive_of_a_cancelled_run_starts_what_never_started_through_its_mapper() -> None:
+    store = MemoryStore(SCRIPTS)
+    tree = seq("s", api("a"), ("wrap", api("b")))
+    root = store.start(tree, 5)
+    store.event(root, lambda plan: decide.cancel_run(plan, root))
+    store.event(root, lambda plan: decide.redrive(plan, root))
+    succeed(store, by_name(store, "a"))
+    assert store.nodes[by_name(store, "b")].input == {"wrapped": step_output("a", 5), "index": 1}
+    succeed(store, by_name(store, "b"))
+    assert store.nodes[root].output == model(tree, 5)
+
+
+def test_only_a_failed_or_cancelled_run_can_be_redriven() -> None:
+    store = MemoryStore()
+    root = store.start(api("a"), 0)
+    assert store.event(root, lambda plan: decide.redrive(plan, root)).outcome == "refused"
+
+
+@settings(max_examples=200, deadline=None)
+@given(tree=trees(), order=st.randoms(use_true_random=False), cancel=st.booleans())
+def test_a_redriven_run_ends_with_the_same_output_as_an_untroubled_one(tree: StepTree, order: Any,
+                                                                      cancel: bool) -> None:
+    store = MemoryStore(SCRIPTS)
+    store.scripts["count"] = lambda args: len(args[0])
+    root = store.start(tree, 7)
+    ready = dispatched(store)
+    if not ready:
+        return  # no api step: nothing can fail
+    for node_id in order.sample(ready, k=order.randint(0, len(ready) - 1)):
+        succeed(store, node_id)
+    if cancel:
+        store.event(root, lambda plan: decide.cancel_run(plan, root))
+    elif still := dispatched(store):
+        fail_for_good(store, store.nodes[order.choice(still)].step.name)
+    if store.nodes[root].state == "complete":
+        return
+    completed = {i for i, n in store.nodes.items() if n.state == "complete" and n.step.kind == "api"}
+    assert store.event(root, lambda plan: decide.redrive(plan, root)) == decide.ACCEPTED
+    while ready := dispatched(store):
+        node_id = order.choice(ready)
+        assert node_id not in completed  # a completed step is never called again
+        succeed(store, node_id)
+    try:
+        expected = model(tree, 7)
+    except ValueError:
+        return  # 'merge' over non-objects: the run fails in its reducer again, as it should
+    assert store.nodes[root].state == "complete"
+    assert store.nodes[root].output == expected

@@ -39,6 +39,14 @@ class BumpDone:
 
 
 @dataclass(frozen=True)
+class SetDone:
+    """Request: set a parent's count of finished children (a redrive keeps the children that completed)."""
+
+    parent_id: str
+    value: int
+
+
+@dataclass(frozen=True)
 class RunScript:
     """Request: call a user's JavaScript with JSON args in the sandbox (answer: ScriptResult)."""
 
@@ -54,7 +62,7 @@ class ScriptResult:
     error: str | None = None
 
 
-Request = LoadChildren | LoadSubtree | BumpDone | RunScript
+Request = LoadChildren | LoadSubtree | BumpDone | SetDone | RunScript
 Step = Generator[Request, Any, None]
 
 
@@ -105,7 +113,7 @@ def attempt_failed(plan: Plan, node_id: str, attempt: int, message: str, kind: s
     if refusal:
         return Verdict("refused", refusal)
     policy = node.step.retry
-    if retryable and node.attempt < policy.max_attempts:
+    if retryable and node.attempt - node.attempt_base < policy.max_attempts:
         delay = plan.jitter * min(policy.max_backoff_s, policy.backoff_s * 2 ** (node.attempt - 1))
         if retry_after_s is not None:
             delay = max(delay, min(retry_after_s, MAX_RETRY_AFTER_S))
@@ -161,6 +169,66 @@ def cancel_run(plan: Plan, root_id: str) -> Generator[Request, Any, Verdict]:
                      error=error if node.id == root_id else None)
             plan.drop_work_for.add(node.id)
     return ACCEPTED
+
+
+def redrive(plan: Plan, root_id: str) -> Generator[Request, Any, Verdict]:
+    """A run in error or cancelled goes on: failed and cancelled nodes run again, complete ones are kept."""
+    yield from _load_run(plan, root_id)
+    root = plan.nodes[root_id]
+    if root.state not in ("error", "cancelled"):
+        return Verdict("refused", f"the run is {root.state}: only a run in error or cancelled can be retried")
+    plan.event(root, "run.retried", {"from": root.state})
+    yield from _resume(plan, root)
+    return ACCEPTED
+
+
+def _resume(plan: Plan, node: Node) -> Step:
+    """Run a failed or cancelled node again from its recorded input, keeping the children that completed."""
+    node = plan.put(node, state="executing", output=None, error=None, completed_at=None)
+    if node.step.kind == "api":
+        node = plan.put(node, attempt_base=node.attempt, attempt=node.attempt + 1)
+        _arm(plan, node, 0.0)
+        return
+    kids = [plan.nodes[i] for i in plan.children[node.id]]
+    unfinished = [k for k in kids if k.state != "complete"]
+    if not unfinished:
+        yield from _complete_parent(plan, node, [k.output for k in kids])
+        return
+    if node.step.kind == "sequential":
+        first = unfinished[0]
+        for later in kids[first.position + 1:]:
+            yield from _reset(plan, later)
+        value = kids[first.position - 1].output if first.position > 0 else node.input
+        yield from _restart_child(plan, node, first, value)
+        return
+    yield SetDone(node.id, len(kids) - len(unfinished))
+    for kid in unfinished:
+        if plan.nodes[node.id].state != "executing":
+            break
+        yield from _restart_child(plan, node, kid, node.input)
+
+
+def _restart_child(plan: Plan, parent: Node, kid: Node, value: Any) -> Step:
+    """Resume a child that had its input; start afresh (mapper included) one that never got it."""
+    mapper_failed = kid.error is not None and kid.error.get("kind") == "mapper" and kid.error.get("node_id") == kid.id
+    if kid.started_at is not None and not mapper_failed:
+        yield from _resume(plan, kid)
+        return
+    yield from _reset(plan, kid)
+    yield from _start_child(plan, parent, plan.nodes[kid.id], value)
+
+
+def _reset(plan: Plan, node: Node) -> Step:
+    """Make a node and its descendants pending again, as if they had never run."""
+    stack = [node.id]
+    while stack:
+        current = plan.nodes[stack.pop()]
+        if current.state != "pending":
+            plan.put(current, state="pending", input=None, output=None, error=None, started_at=None,
+                     completed_at=None, attempt_base=current.attempt)
+            if current.step.kind == "parallel":
+                yield SetDone(current.id, 0)
+        stack.extend(plan.children.get(current.id, ()))
 
 
 def _refusal(node: Node, attempt: int) -> str:

@@ -32,6 +32,7 @@ class Node:
     output: Any = None
     error: dict[str, Any] | None = None
     attempt: int = 0
+    attempt_base: int = 0  # attempts made before the latest redrive: each redrive gets a fresh retry budget
     version: int = 0
     started_at: datetime | None = None
     completed_at: datetime | None = None

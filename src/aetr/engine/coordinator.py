@@ -102,6 +102,10 @@ class Coordinator:
         """Cancel every unfinished node of a run."""
         return await self._event(root_id, lambda plan: decide.cancel_run(plan, root_id), None, 0)
 
+    async def redrive(self, root_id: str) -> decide.Verdict:
+        """Run a failed or cancelled run's unfinished nodes again."""
+        return await self._event(root_id, lambda plan: decide.redrive(plan, root_id), None, 0)
+
     async def _event(self, node_id: str, handler: Handler, source: str | None, attempt: int) -> decide.Verdict:
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
@@ -149,6 +153,9 @@ class Coordinator:
                     fresh_counts[req.parent_id] = answer = fresh_counts.get(req.parent_id, 0) + 1
                 else:
                     answer = await tx.bump_done(req.parent_id)
+            elif isinstance(req, decide.SetDone):
+                await tx.set_done(req.parent_id, req.value)
+                answer = None
             elif isinstance(req, decide.LoadSubtree):
                 answer = await tx.load_subtree(req.node_id)
             else:

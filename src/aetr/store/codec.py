@@ -21,7 +21,7 @@ def node_from_row(row: Mapping[Any, Any]) -> Node:
         id=row["id"], root_id=row["root_id"], parent_id=row["parent_id"], position=row["position"],
         step=step, mapper=row["mapper"], n_children=row["n_children"], created_at=row["created_at"],
         state=row["state"], input=row["input"], output=row["output"], error=row["error"],
-        attempt=row["attempt"], version=row["version"], started_at=row["started_at"],
+        attempt=row["attempt"], attempt_base=row["attempt_base"], version=row["version"], started_at=row["started_at"],
         completed_at=row["completed_at"],
     )
 
@@ -29,8 +29,8 @@ def node_from_row(row: Mapping[Any, Any]) -> Node:
 def node_state_values(node: Node) -> dict[str, Any]:
     """The columns an event may change on a node."""
     return {"state": node.state, "input": node.input, "output": node.output, "error": node.error,
-            "attempt": node.attempt, "version": node.version, "started_at": node.started_at,
-            "completed_at": node.completed_at}
+            "attempt": node.attempt, "attempt_base": node.attempt_base, "version": node.version,
+            "started_at": node.started_at, "completed_at": node.completed_at}
 
 
 def node_insert_values(node: Node, done_children: int = 0) -> dict[str, Any]:

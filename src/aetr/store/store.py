@@ -300,6 +300,10 @@ class Tx:
             .values(done_children=run_nodes.c.done_children + 1).returning(run_nodes.c.done_children))
         return count
 
+    async def set_done(self, parent_id: str, value: int) -> None:
+        """Set a parent's count of finished children."""
+        await self.conn.execute(update(run_nodes).where(run_nodes.c.id == parent_id).values(done_children=value))
+
     async def apply(self, plan: Plan, *, inserted: bool = False) -> None:
         """Write a plan: changed nodes under their read versions, dropped and new work, history lines."""
         if not inserted:

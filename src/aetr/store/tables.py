@@ -95,6 +95,7 @@ run_nodes = Table(
     Column("output", JSONText, nullable=True),
     Column("error", JSONText, nullable=True),
     Column("attempt", Integer, nullable=False),
+    Column("attempt_base", Integer, nullable=False, server_default="0"),
     Column("version", Integer, nullable=False),
     # Only ever changed by an atomic `done_children = done_children + 1`, so siblings finishing at the
     # same moment never conflict on their parent's row version.
