@@ -7,8 +7,8 @@ import asyncio
 from aetr.testing import StepService, never
 from tests.integration.conftest import Server
 
-CHILDREN = 200
-CLIENTS = 50
+CHILDREN = 1000
+CLIENTS = 100
 
 
 async def test_simultaneous_sibling_callbacks_lose_nothing(aetr: Server, steps_service: StepService) -> None:
@@ -17,7 +17,7 @@ async def test_simultaneous_sibling_callbacks_lose_nothing(aetr: Server, steps_s
     await aetr.put_step({"name": "wide", "kind": "parallel",
                          "children": [{"step": "leaf", "mapper": "(x, ctx) => ctx.index"}] * CHILDREN})
     run_id = await aetr.start("wide")
-    calls = await steps_service.wait_for_calls("/leaf", CHILDREN, timeout=30)
+    calls = await steps_service.wait_for_calls("/leaf", CHILDREN, timeout=60)
     conflicts_before = aetr.engine.coordinator.conflicts
     queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
     for call in calls:
