@@ -269,29 +269,24 @@ class Tx:
 
     async def load_chain(self, node_id: str) -> list[Node]:
         """A node and all its ancestors, in one recursive query."""
-        rows = await self.conn.execute(text(
-            "WITH RECURSIVE chain(id, parent_id) AS ("
-            " SELECT id, parent_id FROM run_nodes WHERE id = :id"
-            " UNION ALL SELECT p.id, p.parent_id FROM run_nodes p JOIN chain c ON p.id = c.parent_id)"
-            " SELECT id FROM chain"), {"id": node_id})
-        ids = [r.id for r in rows]
-        return await self._nodes_where(run_nodes.c.id.in_(ids)) if ids else []
+        step = run_nodes.alias("step")
+        chain = (select(run_nodes.c.id, run_nodes.c.parent_id).where(run_nodes.c.id == node_id)
+                 .cte("chain", recursive=True))
+        chain = chain.union_all(select(step.c.id, step.c.parent_id).join(chain, step.c.id == chain.c.parent_id))
+        q = select(*codec.NODE_COLUMNS).join(chain, run_nodes.c.id == chain.c.id)
+        return [codec.node_from_row(r._mapping) for r in await self.conn.execute(q)]
 
     async def load_children(self, parent_id: str) -> list[Node]:
         """A parent's children, ordered by position."""
         return await self._nodes_where(run_nodes.c.parent_id == parent_id, order=run_nodes.c.position)
 
     async def load_subtree(self, node_id: str) -> list[Node]:
-        """A node and all its descendants."""
-        root = await self.conn.scalar(select(run_nodes.c.root_id).where(run_nodes.c.id == node_id))
-        if root == node_id:
-            return await self._nodes_where(run_nodes.c.root_id == node_id)
-        rows = await self.conn.execute(text(
-            "WITH RECURSIVE sub(id) AS (SELECT id FROM run_nodes WHERE id = :id UNION ALL"
-            " SELECT n.id FROM run_nodes n JOIN sub ON n.parent_id = sub.id) SELECT id FROM sub"),
-            {"id": node_id})
-        ids = [r.id for r in rows]
-        return await self._nodes_where(run_nodes.c.id.in_(ids))
+        """A node and all its descendants, in one recursive query."""
+        kid = run_nodes.alias("kid")
+        sub = select(run_nodes.c.id).where(run_nodes.c.id == node_id).cte("sub", recursive=True)
+        sub = sub.union_all(select(kid.c.id).join(sub, kid.c.parent_id == sub.c.id))
+        q = select(*codec.NODE_COLUMNS).join(sub, run_nodes.c.id == sub.c.id)
+        return [codec.node_from_row(r._mapping) for r in await self.conn.execute(q)]
 
     async def bump_done(self, parent_id: str) -> int:
         """Atomically count one more finished child of `parent_id`; the new count."""
