@@ -72,6 +72,8 @@ class MemoryStore:
                 break
             if isinstance(req, decide.LoadChildren):
                 answer = self.children(req.parent_id)
+            elif isinstance(req, decide.LoadChild):
+                answer = self.children(req.parent_id)[req.position]
             elif isinstance(req, decide.LoadSubtree):
                 answer = self._subtree(req.node_id)
             elif isinstance(req, decide.BumpDone):

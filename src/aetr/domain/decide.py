@@ -25,6 +25,14 @@ class LoadChildren:
 
 
 @dataclass(frozen=True)
+class LoadChild:
+    """Request: the child of `parent_id` at `position` (answer: Node)."""
+
+    parent_id: str
+    position: int
+
+
+@dataclass(frozen=True)
 class LoadSubtree:
     """Request: `node_id` and all its descendants (answer: list[Node])."""
 
@@ -62,7 +70,7 @@ class ScriptResult:
     error: str | None = None
 
 
-Request = LoadChildren | LoadSubtree | BumpDone | SetDone | RunScript
+Request = LoadChildren | LoadChild | LoadSubtree | BumpDone | SetDone | RunScript
 Step = Generator[Request, Any, None]
 
 
@@ -314,8 +322,14 @@ def _after_complete(plan: Plan, node: Node) -> Step:
         return
     if parent.step.kind == "sequential":
         if node.position + 1 < parent.n_children:
-            kids = yield from _children(plan, parent)
-            yield from _start_child(plan, parent, kids[node.position + 1], node.output)
+            # Only the next child: a long sequence must not re-read all its children at every step.
+            if parent.id in plan.children:
+                following = plan.nodes[plan.children[parent.id][node.position + 1]]
+            else:
+                following = yield LoadChild(parent.id, node.position + 1)
+                plan.absorb([following])
+                following = plan.nodes[following.id]
+            yield from _start_child(plan, parent, following, node.output)
         else:
             parent = plan.put(parent, state="complete", output=node.output, completed_at=plan.now)
             yield from _after_complete(plan, parent)

@@ -148,6 +148,8 @@ class Coordinator:
                 return stop.value
             if isinstance(req, decide.LoadChildren):
                 answer = await tx.load_children(req.parent_id)
+            elif isinstance(req, decide.LoadChild):
+                answer = await tx.load_child(req.parent_id, req.position)
             elif isinstance(req, decide.BumpDone):
                 if fresh_counts is not None:  # a run being created: its rows are not written yet
                     fresh_counts[req.parent_id] = answer = fresh_counts.get(req.parent_id, 0) + 1

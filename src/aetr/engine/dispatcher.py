@@ -81,10 +81,9 @@ class Dispatcher:
         """Where this attempt of the node reports back."""
         return f"{self.callback_base}/api/v1/callbacks/{self.signer.sign(node.id, node.attempt)}"
 
-    async def dispatch(self, claimed: ClaimedWork) -> None:
-        """Call the step for a claimed dispatch row, unless the attempt it names is over."""
+    async def dispatch(self, claimed: ClaimedWork, node: Node | None) -> None:
+        """Call the step for a claimed dispatch row (its node as read after the claim), unless the attempt is over."""
         w = claimed.work
-        node = await self.store.get_node(w.node_id)
         if node is None or node.state != "executing" or node.attempt != w.attempt:
             await self.store.finish_dispatch(claimed.id, [])
             return

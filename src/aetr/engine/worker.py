@@ -9,12 +9,14 @@ import socket
 import uuid
 from datetime import timedelta
 
+from aetr.domain.runs import Node
 from aetr.engine.coordinator import Coordinator, utcnow
 from aetr.engine.dispatcher import Dispatcher
 from aetr.store import ClaimedWork, Store
 
 log = logging.getLogger("aetr.worker")
 
+STOP_GRACE_S = 5.0  # seconds work in flight may take to finish when the process stops
 ERROR_BACKOFF_S = 1.0  # seconds to wait after the database refused a claim, before trying again
 
 
@@ -44,11 +46,14 @@ class Worker:
         self._loop_task = asyncio.create_task(self._run(), name="aetr-worker")
 
     async def stop(self) -> None:
-        """Stop claiming and cancel work in flight (its lease expires and it is done again)."""
+        """Stop claiming, let work in flight finish for a moment, then cancel the rest (its lease expires)."""
         self._stopping = True
         self._wake.set()
         if self._loop_task is not None:
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._tasks:
+            # Cancelling a task inside a database call can strand its connection: most work is quick, so wait.
+            await asyncio.wait(set(self._tasks), timeout=STOP_GRACE_S)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -65,8 +70,9 @@ class Worker:
                     log.exception("claiming work failed; retrying in %s s", ERROR_BACKOFF_S)
                     await asyncio.sleep(ERROR_BACKOFF_S)
                     continue
+            nodes = await self._nodes_to_call(claimed)
             for item in claimed:
-                task = asyncio.create_task(self._perform(item))
+                task = asyncio.create_task(self._perform(item, nodes.get(item.work.node_id)))
                 self._tasks.add(task)
                 task.add_done_callback(self._done)
             if claimed and len(claimed) == free:
@@ -93,22 +99,33 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _perform(self, item: ClaimedWork) -> None:
+    async def _nodes_to_call(self, claimed: list[ClaimedWork]) -> dict[str, Node]:
+        """The nodes of the claimed calls, read in one query rather than one per call."""
+        ids = [c.work.node_id for c in claimed if c.work.kind == "dispatch"]
+        if not ids:
+            return {}
+        try:
+            return {n.id: n for n in await self.store.get_nodes(ids)}
+        except Exception:  # the calls wait for their lease to expire and are claimed again
+            log.exception("reading the nodes of %d claimed calls failed", len(ids))
+            return {}
+
+    async def _perform(self, item: ClaimedWork, node: Node | None) -> None:
         try:
             if item.work.kind in ("deadline", "heartbeat"):
                 await self.coordinator.deadline_passed(item.work.node_id, item.work.attempt,
                                                        heartbeat=item.work.kind == "heartbeat")
                 await self.store.finish_dispatch(item.id, [])
             else:
-                await self._with_lease(item)
+                await self._with_lease(item, node)
         except asyncio.CancelledError:
             raise
         except Exception:  # one bad item must not stop the others; its lease expires and it is tried again
             log.exception("performing %s for node %s failed", item.work.kind, item.work.node_id)
 
-    async def _with_lease(self, item: ClaimedWork) -> None:
+    async def _with_lease(self, item: ClaimedWork, node: Node | None) -> None:
         """Dispatch, renewing the lease while a slow call is still running so no other process repeats it."""
-        task = asyncio.ensure_future(self.dispatcher.dispatch(item))
+        task = asyncio.ensure_future(self.dispatcher.dispatch(item, node))
         while True:
             done, _ = await asyncio.wait({task}, timeout=self.lease_s / 2)
             if done:

@@ -165,11 +165,14 @@ class Store:
             rows = await conn.execute(select(*codec.NODE_COLUMNS).where(run_nodes.c.root_id == root))
             return [codec.node_from_row(r._mapping) for r in rows]
 
-    async def get_node(self, node_id: str) -> Node | None:
-        """One node, or None."""
+    async def get_nodes(self, node_ids: Sequence[str]) -> list[Node]:
+        """The nodes with these ids that exist."""
+        out: list[Node] = []
         async with self.engine.connect() as conn:
-            row = (await conn.execute(select(*codec.NODE_COLUMNS).where(run_nodes.c.id == node_id))).first()
-            return codec.node_from_row(row._mapping) if row else None
+            for i in range(0, len(node_ids), CHUNK):
+                q = select(*codec.NODE_COLUMNS).where(run_nodes.c.id.in_(node_ids[i:i + CHUNK]))
+                out.extend(codec.node_from_row(r._mapping) for r in await conn.execute(q))
+        return out
 
     async def finish_dispatch(self, work_id: int, records: Iterable[EventRecord]) -> None:
         """A call was answered and needs nothing more: forget its work row and record the answer."""
@@ -279,6 +282,11 @@ class Tx:
     async def load_children(self, parent_id: str) -> list[Node]:
         """A parent's children, ordered by position."""
         return await self._nodes_where(run_nodes.c.parent_id == parent_id, order=run_nodes.c.position)
+
+    async def load_child(self, parent_id: str, position: int) -> Node:
+        """The child of a parent at a position."""
+        (node,) = await self._nodes_where(and_(run_nodes.c.parent_id == parent_id, run_nodes.c.position == position))
+        return node
 
     async def load_subtree(self, node_id: str) -> list[Node]:
         """A node and all its descendants, in one recursive query."""
