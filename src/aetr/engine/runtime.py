@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections import defaultdict
 from typing import Any
@@ -17,6 +18,10 @@ from aetr.store import Store, open_store
 from aetr.store.migrate import upgrade_engine
 
 SECRET_SETTING = "callback_secret"
+LISTEN_WAIT_S = 30.0  # seconds to wait for our own port to accept connections before calling steps anyway
+LISTEN_POLL_S = 0.02  # seconds between looks at it
+
+log = logging.getLogger("aetr.engine")
 
 
 class Engine:
@@ -32,6 +37,7 @@ class Engine:
         self.dispatcher: Dispatcher | None = None
         self.worker: Worker | None = None
         self._run_waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._starter: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Migrate the schema, load the signing key, start calling steps."""
@@ -45,10 +51,37 @@ class Engine:
                              poll_s=self.settings.poll_s, max_in_flight=self.settings.max_in_flight)
         self.store.on_work.append(self.worker.wake)
         self.coordinator.on_commit.append(self._notify_waiters)
+        self._starter = asyncio.create_task(self._start_worker_once_listening(), name="aetr-worker-start")
+
+    async def _start_worker_once_listening(self) -> None:
+        """Start calling steps only once this process can receive their callbacks.
+
+        The application starts before the server binds its port; a step called at once (work left over from
+        before a restart) could otherwise call back into a closed port and be lost until its deadline.
+        """
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.settings.host, self.settings.host)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LISTEN_WAIT_S
+        while loop.time() < deadline:
+            try:
+                _, writer = await asyncio.open_connection(host, self.settings.port)
+            except OSError:
+                await asyncio.sleep(LISTEN_POLL_S)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            break
+        else:
+            log.warning("port %s:%s not accepting connections after %s s; starting the worker anyway",
+                        host, self.settings.port, LISTEN_WAIT_S)
+        assert self.worker is not None
         self.worker.start()
 
     async def stop(self) -> None:
         """Stop the worker, close HTTP and database connections and the sandbox."""
+        if self._starter is not None and not self._starter.done():
+            self._starter.cancel()
+            await asyncio.gather(self._starter, return_exceptions=True)
         if self.worker is not None:
             await self.worker.stop()
         if self.dispatcher is not None:
