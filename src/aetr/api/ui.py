@@ -1,0 +1,120 @@
+"""The web UI's routes: the page at `/`, its files under `/ui/`, and a run's live stream (Server-Sent Events)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Depends, HTTPException, Path, Request
+from fastapi.responses import Response, StreamingResponse
+
+from aetr.api.app import engine_of, require_token
+from aetr.api.render import run_tree_json
+from aetr.domain.runs import TERMINAL, Node
+from aetr.ui import static_file
+
+log = logging.getLogger("aetr.api.ui")
+
+router = APIRouter(tags=["ui"])
+
+KEEPALIVE_S = 15.0  # seconds: a comment line on a quiet stream, so proxies and browsers keep it open
+STREAM_MAX_S = 600.0  # seconds one stream lasts; the page then reconnects (no connection is held forever)
+
+# The page loads only its own files and talks only to this server: injected markup could not call out.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
+                               "form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def _file_response(request: Request, path: str) -> Response:
+    found = static_file(path)
+    if found is None:
+        raise HTTPException(404, f"no UI file '{path}'")
+    content, media_type = found
+    etag = '"' + hashlib.sha256(content).hexdigest()[:32] + '"'
+    headers = {**PAGE_HEADERS, "ETag": etag}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return Response(content, media_type=media_type, headers=headers)
+
+
+@router.get("/", include_in_schema=False)
+async def index(request: Request) -> Response:
+    """The web UI's single page."""
+    return _file_response(request, "index.html")
+
+
+@router.get("/ui/{path:path}", include_in_schema=False)
+async def ui_file(request: Request, path: str) -> Response:
+    """One of the UI's static files (scripts, styles, icons)."""
+    return _file_response(request, path)
+
+
+def _message(event: str, data: bytes) -> bytes:
+    """One Server-Sent Events message; orjson never writes a line break, so `data` is a single line."""
+    return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+
+
+def _root(nodes: list[Node]) -> Node:
+    return next(n for n in nodes if n.parent_id is None)
+
+
+# Not in the OpenAPI document: a stream stays open while its run goes on, which a schema-driven client
+# (or fuzzer) cannot use; docs/ui.md describes it.
+@router.get("/api/v1/runs/{run_id}/stream", include_in_schema=False, dependencies=[Depends(require_token)])
+async def stream_run(
+    request: Request,
+    run_id: Annotated[str, Path(description="the run's id, or any node id of the run")],
+) -> Response:
+    """`event: run` with the whole run tree now and after every change; `event: end` once the run is over."""
+    engine = engine_of(request)
+    try:
+        key = str(uuid.UUID(run_id))
+    except ValueError:
+        raise HTTPException(404, f"no run with id '{run_id}': ids are UUIDs") from None
+    first = await engine.store.get_run(key)
+    if not first:
+        raise HTTPException(404, f"no run with id '{run_id}'")
+    root_id = first[0].root_id
+    poll_s = engine.settings.poll_s
+
+    async def messages() -> AsyncIterator[bytes]:
+        nodes = first
+        sent = b""
+        started = last_write = time.monotonic()
+        while True:
+            body = orjson.dumps(run_tree_json(nodes))
+            now = time.monotonic()
+            if body != sent:
+                yield _message("run", body)
+                sent, last_write = body, now
+            elif now - last_write >= KEEPALIVE_S:
+                yield b": keep-alive\n\n"
+                last_write = now
+            state = _root(nodes).state
+            if state in TERMINAL:
+                yield _message("end", orjson.dumps({"state": state}))
+                return
+            if now - started >= STREAM_MAX_S or await request.is_disconnected():
+                return
+            # Woken at once by this process's commits; every poll_s anyway, for changes made by another process.
+            await engine.wait_for_change(root_id, poll_s)
+            try:
+                nodes = await engine.store.get_run(root_id)
+            except Exception:  # the database went away: end this stream, the page reconnects
+                log.warning("run stream %s: cannot load the run; closing the stream", root_id, exc_info=True)
+                yield _message("error", orjson.dumps({"detail": "the server could not load the run; reconnecting"}))
+                return
+
+    return StreamingResponse(messages(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
