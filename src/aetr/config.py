@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from aetr.store import DEFAULT_DATABASE_URL
+from aetr.store import DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE
 
 MIB = 1024 * 1024
 
@@ -44,6 +44,7 @@ class Settings:
     sandbox_time_limit_s: float = 1.0
     sandbox_memory_mb: float = 64.0
     max_in_flight: int = 256
+    db_pool_size: int = DEFAULT_POOL_SIZE
 
     @property
     def callback_base(self) -> str:
@@ -65,6 +66,7 @@ class Settings:
             "sandbox_time_limit_s": _number(env, "AETR_SANDBOX_TIME_LIMIT_S", 1.0),
             "sandbox_memory_mb": _number(env, "AETR_SANDBOX_MEMORY_MB", 64.0),
             "max_in_flight": int(_number(env, "AETR_MAX_IN_FLIGHT", 256)),
+            "db_pool_size": int(_number(env, "AETR_DB_POOL_SIZE", DEFAULT_POOL_SIZE)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**values)  # type: ignore[arg-type]

@@ -11,22 +11,28 @@ from typing import Any
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from aetr.api.answers import ERRORS, Health
+from aetr.api.schemas import PATTERN_HINTS
 from aetr.config import Settings
+from aetr.domain.jsonvalue import MAX_JSON_DEPTH
 from aetr.engine.runtime import Engine
+from aetr.store.store import sqlstate
 
 log = logging.getLogger("aetr.api")
 
 
-class JSON(Response):
-    """A JSON answer encoded by orjson (datetimes become ISO 8601 strings)."""
+class JSON(JSONResponse):
+    """A JSON answer encoded by orjson (datetimes become ISO 8601 strings).
 
-    media_type = "application/json"
+    A JSONResponse, so that the OpenAPI document gives routes a JSON body rather than a bare string.
+    """
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
@@ -104,18 +110,44 @@ def describe_validation(exc: RequestValidationError) -> str:
     """One readable sentence per problem: where it is and what is wrong."""
     parts = []
     for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        # Field names may be the client's own dict keys: cut them short.
+        loc = [_shorten(str(p)) for p in err.get("loc", ()) if p not in ("body",)]
         # Discriminated unions put the kind in the path ("api", "sequential"): keep it, it says which shape.
         where = ".".join(loc) or "body"
         msg = err.get("msg", "invalid")
-        if err.get("type") == "json_invalid":
-            where, msg = "body", "is not valid JSON: " + str(err.get("ctx", {}).get("error", msg))
-        elif err.get("type") == "extra_forbidden":
+        kind = err.get("type")
+        ctx = err.get("ctx", {})
+        if kind == "json_invalid":
+            where, msg = "body", "is not valid JSON: " + str(ctx.get("error", msg))
+        elif kind == "extra_forbidden":
             msg = "is not a known field: remove it"
-        elif err.get("type") == "missing":
+        elif kind == "missing":
             msg = "is required"
+        elif kind in ("model_attributes_type", "model_type", "dict_type"):
+            msg = "must be a JSON object ({...})"
+        elif kind == "string_pattern_mismatch":
+            msg = PATTERN_HINTS.get(str(ctx.get("pattern")), msg)
+        elif kind == "value_error" and "error" in ctx:
+            msg = str(ctx["error"])
         parts.append(f"{where}: {msg}")
     return "; ".join(parts) or "the request is not valid"
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type names JSON (application/json or application/*+json), as FastAPI decides it."""
+    media = (content_type or "").partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def safe_text(detail: Any) -> Any:
+    """Text that orjson can encode: a lone surrogate (from a request or a script) is written as its escape."""
+    if isinstance(detail, str):
+        return detail.encode("utf-8", "backslashreplace").decode()
+    return detail
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -138,20 +170,54 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                   description="Compose HTTP services into durable step trees.")
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation(_: Request, exc: RequestValidationError) -> Response:
-        return JSON({"detail": describe_validation(exc)}, status_code=422)
+    async def on_validation(request: Request, exc: RequestValidationError) -> Response:
+        content_type = request.headers.get("content-type")
+        body_refused = any(err.get("loc", ())[:1] == ("body",) for err in exc.errors())
+        # FastAPI only parses a body sent as JSON; any other body fails validation as a bare string.
+        if body_refused and not _is_json(content_type) and await request.body():
+            got = f"Content-Type: {content_type}" if content_type else "no Content-Type"
+            return JSON({"detail": safe_text(f"the body must be JSON, sent with Content-Type: application/json "
+                                         f"(this request has {_shorten(got)})")}, status_code=415)
+        return JSON({"detail": safe_text(describe_validation(exc))}, status_code=422)
+
+    @app.exception_handler(DBAPIError)
+    async def on_database(request: Request, exc: DBAPIError) -> Response:
+        # The database refusing or dropping connections is an outage to wait out (503), not a bug (500).
+        code = sqlstate(exc) or ""
+        if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError) or code[:2] in ("08", "53"):
+            log.warning("database unavailable for %s %s: %s", request.method, request.url.path, type(exc.orig).__name__)
+            return JSON({"detail": "the database is unavailable or out of connections; try again shortly"},
+                        status_code=503, headers={"Retry-After": "1"})
+        raise exc
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http(_: Request, exc: StarletteHTTPException) -> Response:
-        return JSON({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        detail = exc.detail
+        path = _shorten(request.url.path, 300)
+        cause = exc.__cause__
+        # FastAPI answers 400 "There was an error parsing the body" to any failure but bad JSON syntax.
+        if exc.status_code == 400 and isinstance(cause, RecursionError):
+            detail = f"body: JSON nests too deeply to read; values may nest at most {MAX_JSON_DEPTH} levels"
+        elif exc.status_code == 400 and isinstance(cause, UnicodeDecodeError):
+            detail = f"body: is not valid JSON: it is not UTF-8 text ({cause.reason} at byte {cause.start})"
+        elif exc.status_code == 404 and detail == "Not Found":  # Starlette's answer when no route matches
+            detail = f"no route matches {request.method} {path} (names and ids never contain '/'); see /docs"
+        elif exc.status_code == 405 and detail == "Method Not Allowed":
+            allowed = (exc.headers or {}).get("Allow", "")
+            detail = f"{request.method} is not allowed on {path}; use {allowed or 'another method'}"
+        return JSON({"detail": safe_text(detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     auth = [Depends(require_token)]
-    app.include_router(steps.router, prefix="/api/v1", dependencies=auth)
-    app.include_router(runs.router, prefix="/api/v1", dependencies=auth)
-    app.include_router(sandbox.router, prefix="/api/v1", dependencies=auth)
-    app.include_router(callbacks.router, prefix="/api/v1")
+    app.include_router(steps.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
+    app.include_router(runs.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
+    app.include_router(sandbox.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
+    app.include_router(callbacks.router, prefix="/api/v1", responses=ERRORS)
+    from aetr.api import ui  # the web UI: its page at /, its files and the runs' live stream
 
-    @app.get("/healthz", tags=["operations"])
+    app.include_router(ui.router)
+
+    @app.get("/healthz", tags=["operations"],
+             responses={200: {"model": Health}, 503: {"model": Health, "description": "the database is unreachable"}})
     async def healthz(request: Request) -> Response:
         """200 when the database answers."""
         try:
@@ -162,7 +228,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                         status_code=503)
         return JSON({"status": "ok"})
 
-    @app.get("/metrics", tags=["operations"], response_class=Response)
+    @app.get("/metrics", tags=["operations"], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}})
     async def metrics() -> Response:
         """Prometheus metrics."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

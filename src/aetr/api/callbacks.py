@@ -8,14 +8,23 @@ import orjson
 from fastapi import APIRouter, HTTPException, Path, Request, Response
 from pydantic import ValidationError
 
+from aetr.api.answers import CallbackAnswer
 from aetr.api.app import JSON, engine_of
 from aetr.api.schemas import FailIn
 from aetr.domain.decide import Verdict
+from aetr.domain.jsonvalue import check_json
 from aetr.engine.dispatcher import parse_body
 from aetr.engine.tokens import Attempt
 
 router = APIRouter(tags=["callbacks"])
 Token = Annotated[str, Path(max_length=200)]
+
+# The routes read their bodies themselves (any JSON, or text, is an output); these describe them for the document.
+OUTPUT_BODY = {"requestBody": {"required": False, "content": {
+    "application/json": {"schema": {"description": "the step's output, stored as JSON"}},
+    "text/plain": {"schema": {"type": "string", "description": "the step's output, stored as a string"}}}}}
+FAILURE_BODY = {"requestBody": {"required": True,
+                                "content": {"application/json": {"schema": FailIn.model_json_schema()}}}}
 
 
 def _attempt(request: Request, token: str) -> Attempt:
@@ -37,7 +46,7 @@ def _answer(verdict: Verdict) -> Response:
     raise HTTPException(409, f"callback refused: {verdict.reason}")
 
 
-@router.post("/callbacks/{token}")
+@router.post("/callbacks/{token}", responses={200: {"model": CallbackAnswer}}, openapi_extra=OUTPUT_BODY)
 async def callback_success(request: Request, token: Token) -> Response:
     """The step succeeded; the body is its output (JSON is stored as JSON, anything else as a string)."""
     attempt = _attempt(request, token)
@@ -45,12 +54,16 @@ async def callback_success(request: Request, token: Token) -> Response:
         output = parse_body(await request.body(), request.headers.get("content-type"))
     except orjson.JSONDecodeError as exc:
         raise HTTPException(400, f"body says it is JSON but is not valid JSON: {exc}; nothing was changed") from None
+    try:
+        check_json(output)
+    except ValueError as exc:
+        raise HTTPException(422, f"output: {exc}; nothing was changed") from None
     verdict = await engine_of(request).coordinator.step_succeeded(attempt.node_id, attempt.attempt, output,
                                                                   source="callback")
     return _answer(verdict)
 
 
-@router.post("/callbacks/{token}/fail")
+@router.post("/callbacks/{token}/fail", responses={200: {"model": CallbackAnswer}}, openapi_extra=FAILURE_BODY)
 async def callback_fail(request: Request, token: Token) -> Response:
     """The step failed: `{"error": "...", "retryable": false}`."""
     attempt = _attempt(request, token)
@@ -64,13 +77,8 @@ async def callback_fail(request: Request, token: Token) -> Response:
     return _answer(verdict)
 
 
-@router.post("/callbacks/{token}/heartbeat")
+@router.post("/callbacks/{token}/heartbeat", responses={200: {"model": CallbackAnswer}})
 async def callback_heartbeat(request: Request, token: Token) -> Response:
-    """The step is alive (heartbeat deadlines arrive with the reliability work; the token is checked now)."""
+    """The step is alive: its `heartbeat_s` deadline starts again."""
     attempt = _attempt(request, token)
-    node = await engine_of(request).store.get_node(attempt.node_id)
-    if node is None:
-        raise HTTPException(404, "unknown callback token")
-    if node.state != "executing" or node.attempt != attempt.attempt:
-        raise HTTPException(409, f"heartbeat refused: attempt {attempt.attempt} is over")
-    return JSON({"accepted": True})
+    return _answer(await engine_of(request).coordinator.heartbeat(attempt.node_id, attempt.attempt))

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Request, Response
 
+from aetr.api.answers import EventOut, RunPage, RunTreeOut
 from aetr.api.app import JSON, engine_of
 from aetr.api.render import node_json, run_tree_json
-from aetr.api.schemas import RunIn
+from aetr.api.schemas import Name, RunIn
 from aetr.domain.runs import TERMINAL, Node
 from aetr.engine.runtime import Engine
+from aetr.store.store import decode_cursor
 
 router = APIRouter(tags=["runs"])
 
@@ -38,7 +41,9 @@ def _root(nodes: list[Node]) -> Node:
     return next(n for n in nodes if n.parent_id is None)
 
 
-@router.post("/runs", status_code=201, responses={200: {"description": "an earlier run with this Idempotency-Key"}})
+@router.post("/runs", status_code=201, responses={
+    201: {"model": RunTreeOut, "description": "the run, started"},
+    200: {"model": RunTreeOut, "description": "an earlier run with this Idempotency-Key"}})
 async def start_run(
     request: Request,
     body: Annotated[RunIn, Body()],
@@ -58,7 +63,7 @@ async def start_run(
                 headers={"Location": f"/api/v1/runs/{run_id}"})
 
 
-@router.get("/runs/{run_id}")
+@router.get("/runs/{run_id}", responses={200: {"model": RunTreeOut}})
 async def get_run(
     request: Request, run_id: RunId,
     wait: Annotated[float | None, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for the run to end")] = None,
@@ -77,15 +82,17 @@ async def get_run(
     return JSON(run_tree_json(nodes))
 
 
-@router.get("/runs")
+@router.get("/runs", responses={200: {"model": RunPage}})
 async def list_runs(
     request: Request,
     state: Literal["pending", "executing", "complete", "error", "cancelled"] | None = None,
-    step: Annotated[str | None, Query(max_length=200)] = None,
+    step: Annotated[Name | None, Query(description="only runs of the step with this name")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> Response:
     """Root runs, newest first: `{runs: [...], next_cursor}`."""
+    if cursor is not None:
+        _check_cursor(cursor)
     try:
         page = await engine_of(request).store.list_runs(state, step, limit, cursor)
     except ValueError as exc:
@@ -93,7 +100,17 @@ async def list_runs(
     return JSON({"runs": [node_json(n) for n in page.runs], "next_cursor": page.next_cursor})
 
 
-@router.post("/runs/{run_id}/cancel")
+def _check_cursor(cursor: str) -> None:
+    """Refuse a cursor that is not one of ours before the database sees its time and id."""
+    try:
+        at, node_id = decode_cursor(cursor)
+        at.astimezone(UTC)
+        uuid.UUID(node_id)
+    except (ValueError, OverflowError):
+        raise HTTPException(422, "cursor: is not valid: pass the next_cursor of a previous page") from None
+
+
+@router.post("/runs/{run_id}/cancel", responses={200: {"model": RunTreeOut}})
 async def cancel_run(request: Request, run_id: RunId) -> Response:
     """Every unfinished node of the run becomes cancelled."""
     engine = engine_of(request)
@@ -104,7 +121,18 @@ async def cancel_run(request: Request, run_id: RunId) -> Response:
     return JSON(run_tree_json(await _load(engine, run_id)))
 
 
-@router.get("/runs/{run_id}/events")
+@router.post("/runs/{run_id}/retry", responses={200: {"model": RunTreeOut}})
+async def retry_run(request: Request, run_id: RunId) -> Response:
+    """A run in error or cancelled goes on: failed and cancelled nodes run again, complete ones are kept."""
+    engine = engine_of(request)
+    nodes = await _load(engine, run_id)
+    verdict = await engine.coordinator.redrive(nodes[0].root_id)
+    if verdict.outcome != "accepted":
+        raise HTTPException(409, f"cannot retry: {verdict.reason}")
+    return JSON(run_tree_json(await _load(engine, run_id)))
+
+
+@router.get("/runs/{run_id}/events", responses={200: {"model": list[EventOut]}})
 async def run_events(request: Request, run_id: RunId) -> Response:
     """The run's history, oldest first."""
     engine = engine_of(request)

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections import deque
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from aetr.domain.jsonvalue import MAX_TREE_DEPTH, check_json
 from aetr.domain.steps import BUILTIN_REDUCERS, Link, RetryPolicy, StepConfig, StepDef
 
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,200}$", min_length=1, max_length=200,
+NAME_PATTERN: Final = r"^[A-Za-z0-9_.\-]{1,200}$"
+NO_NUL_PATTERN: Final = r"^[^\x00]*$"
+HEADER_VALUE_PATTERN: Final = r"^[^\x00-\x08\x0a-\x1f\x7f]*$"
+# What each pattern asks for, in words: a 422 says this instead of the regular expression.
+PATTERN_HINTS: Final = {
+    NAME_PATTERN: "must be 1–200 letters, digits, '-', '_' or '.'",
+    NO_NUL_PATTERN: "must not contain NUL characters (\\u0000)",
+    HEADER_VALUE_PATTERN: "must not contain control characters such as line breaks or NUL",
+}
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=200,
                             description="1–200 letters, digits, '-', '_' or '.'")]
-Script = Annotated[str, Field(min_length=1, max_length=65_536)]
+Script = Annotated[str, Field(min_length=1, max_length=65_536, pattern=NO_NUL_PATTERN)]
 MAX_TIMEOUT_S = 30 * 86_400.0  # a step may take up to 30 days
+
+JsonValue = Annotated[Any, AfterValidator(check_json)]
 
 
 class Strict(BaseModel):
@@ -39,7 +53,7 @@ class ApiStepIn(StepBase):
     url: str = Field(max_length=4096)
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     headers: dict[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")],
-                  Annotated[str, Field(max_length=8192, pattern=r"^[^\r\n]*$")]] = Field(default_factory=dict)
+                  Annotated[str, Field(max_length=8192, pattern=HEADER_VALUE_PATTERN)]] = Field(default_factory=dict)
     mode: Literal["callback", "sync"] = "callback"
     timeout_s: float = Field(3600.0, gt=0, le=MAX_TIMEOUT_S)
     heartbeat_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
@@ -55,6 +69,8 @@ class ApiStepIn(StepBase):
             raise ValueError(f"url is not a valid URL: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("url must be an absolute http:// or https:// URL with a host")
+        if any(c.isspace() or not c.isprintable() for c in value):
+            raise ValueError("url must not contain spaces, control or invisible characters: percent-encode them")
         return value
 
 
@@ -79,8 +95,8 @@ ChildIn.model_rebuild()
 
 
 class RunIn(Strict):
-    step: Annotated[str, Field(min_length=1, max_length=200, description="a step's name or id")]
-    input: Any = None
+    step: Annotated[Name, Field(description="a step's name or id")]
+    input: JsonValue = None
 
 
 class FailIn(Strict):
@@ -91,8 +107,8 @@ class FailIn(Strict):
 class EvaluateIn(Strict):
     source: Script
     kind: Literal["mapper", "reducer"] = "mapper"
-    input: Any = None
-    ctx: dict[str, Any] | None = None
+    input: JsonValue = None
+    ctx: dict[str, JsonValue] | None = None
 
     @model_validator(mode="after")
     def _reducer_takes_a_list(self) -> EvaluateIn:
@@ -105,9 +121,12 @@ def flatten(root: ApiStepIn | SequentialIn | ParallelIn) -> list[StepDef]:
     """The body's steps, root first, each inline child replaced by a link to its name."""
     defs: list[StepDef] = []
     seen: dict[str, ApiStepIn | SequentialIn | ParallelIn] = {}
-    stack = [root]
-    while stack:
-        step = stack.pop(0)
+    queue: deque[tuple[ApiStepIn | SequentialIn | ParallelIn, int]] = deque([(root, 1)])
+    while queue:
+        step, level = queue.popleft()
+        if level > MAX_TREE_DEPTH:
+            raise ValueError(f"step '{step.name}' sits {level} levels deep, and a step tree may nest at most "
+                             f"{MAX_TREE_DEPTH}: flatten the tree")
         if step.name in seen:
             if seen[step.name] != step:
                 raise ValueError(f"step '{step.name}' is defined twice in this request, differently: define it once "
@@ -127,7 +146,7 @@ def flatten(root: ApiStepIn | SequentialIn | ParallelIn) -> list[StepDef]:
                     links.append(Link(child.step, child.mapper))
                 else:
                     links.append(Link(child.step.name, child.mapper))
-                    stack.append(child.step)
+                    queue.append((child.step, level + 1))
         defs.append(StepDef(config, tuple(links)))
     return defs
 

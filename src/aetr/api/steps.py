@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, HTTPException, Path, Request, Response
 
+from aetr.api.answers import StepOut, StepSummary
 from aetr.api.app import JSON, engine_of
 from aetr.api.schemas import ApiStepIn, Name, ParallelIn, SequentialIn, StepIn, flatten, scripts_of
 from aetr.domain.steps import CycleError
@@ -14,9 +16,12 @@ from aetr.sandbox import ScriptError
 from aetr.store import StepsRefused
 
 router = APIRouter(tags=["steps"])
+StepKey = Annotated[Name, Path(description="a step's name, or its id")]
+VERSION_TAG = re.compile(r'(?:W/)?"?([0-9]{1,18})"?')  # If-Match: 3, "3" or W/"3"
 
 
-@router.put("/steps/{name}", status_code=200, responses={201: {"description": "created"}})
+@router.put("/steps/{name}", status_code=200, responses={200: {"model": StepOut, "description": "replaced"},
+                                                         201: {"model": StepOut, "description": "created"}})
 async def put_step(
     request: Request,
     name: Annotated[Name, Path()],
@@ -29,10 +34,10 @@ async def put_step(
         raise HTTPException(422, f"name: '{step.name}' in the body differs from '{name}' in the path")
     expected: int | None = None
     if if_match is not None:
-        tag = if_match.strip().strip('"').removeprefix("W/").strip('"')
-        if not tag.isdigit():
+        tag = VERSION_TAG.fullmatch(if_match.strip())
+        if tag is None:
             raise HTTPException(400, "If-Match must be the step's version number, e.g. If-Match: 3")
-        expected = int(tag)
+        expected = int(tag.group(1))
     try:
         defs = flatten(step)
     except ValueError as exc:
@@ -53,14 +58,14 @@ async def put_step(
     return JSON(tree.to_json(), status_code=201 if created else 200, headers={"ETag": str(tree.config.version)})
 
 
-@router.get("/steps")
+@router.get("/steps", responses={200: {"model": list[StepSummary]}})
 async def list_steps(request: Request) -> Response:
     """Every step: id, name, kind, version, updated_at; sorted by name."""
     return JSON(await engine_of(request).store.list_steps())
 
 
-@router.get("/steps/{key}")
-async def get_step(request: Request, key: Annotated[str, Path(max_length=200)]) -> Response:
+@router.get("/steps/{key}", responses={200: {"model": StepOut}})
+async def get_step(request: Request, key: StepKey) -> Response:
     """The resolved tree of a step, by name or id, rebuilt in one recursive query."""
     tree = await engine_of(request).store.get_step_tree(key)
     if tree is None:
@@ -68,8 +73,8 @@ async def get_step(request: Request, key: Annotated[str, Path(max_length=200)]) 
     return JSON(tree.to_json(), headers={"ETag": str(tree.config.version)})
 
 
-@router.get("/steps/{name}/parents")
-async def step_parents(request: Request, name: Annotated[str, Path(max_length=200)]) -> Response:
+@router.get("/steps/{name}/parents", responses={200: {"model": list[str]}})
+async def step_parents(request: Request, name: Annotated[Name, Path()]) -> Response:
     """The names of the steps that have this one as a child."""
     parents = await engine_of(request).store.step_parents(name)
     if parents is None:
@@ -78,7 +83,7 @@ async def step_parents(request: Request, name: Annotated[str, Path(max_length=20
 
 
 @router.delete("/steps/{name}", status_code=204)
-async def delete_step(request: Request, name: Annotated[str, Path(max_length=200)]) -> Response:
+async def delete_step(request: Request, name: Annotated[Name, Path()]) -> Response:
     """Delete a step that no parent uses (409 with the parents' names otherwise)."""
     try:
         deleted = await engine_of(request).store.delete_step(name)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from aetr.domain import decide
+from aetr.domain.jsonvalue import check_json
 from aetr.domain.runs import Plan, build_run_nodes
 from aetr.domain.steps import StepTree
 from aetr.engine import metrics
@@ -165,7 +166,11 @@ class Coordinator:
 
     async def _script(self, req: decide.RunScript) -> decide.ScriptResult:
         try:
-            return decide.ScriptResult(value=await self.scripts.acall(req.source, req.args))
+            value = await self.scripts.acall(req.source, req.args)
         except self.script_error as exc:
             return decide.ScriptResult(error=str(getattr(exc, "message", exc)))
+        try:
+            return decide.ScriptResult(value=check_json(value))
+        except ValueError as exc:
+            return decide.ScriptResult(error=f"the script returned a value that cannot be stored: it {exc}")
 

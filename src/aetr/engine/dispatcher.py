@@ -14,6 +14,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from aetr.domain.jsonvalue import check_json
 from aetr.domain.runs import EventRecord, Node
 from aetr.engine import metrics
 from aetr.engine.coordinator import Coordinator, utcnow
@@ -122,10 +123,15 @@ class Dispatcher:
                     claimed.id, [EventRecord(node.root_id, node.id, "dispatch", answer, utcnow())])
                 return
             try:
-                output = parse_body(body, content_type)
+                output = check_json(parse_body(body, content_type))
             except orjson.JSONDecodeError:
                 await self.coordinator.attempt_failed(
                     node.id, node.attempt, f"{step.url} answered {status} with a body that is not valid JSON",
+                    "http", retryable=False, source="dispatch")
+                return
+            except ValueError as exc:
+                await self.coordinator.attempt_failed(
+                    node.id, node.attempt, f"{step.url} answered {status} with a body AETR cannot store: it {exc}",
                     "http", retryable=False, source="dispatch")
                 return
             await self.coordinator.step_succeeded(node.id, node.attempt, output, source="dispatch")

@@ -29,7 +29,7 @@ class Engine:
 
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
-        self.store = store or open_store(settings.database_url)
+        self.store = store or open_store(settings.database_url, settings.db_pool_size)
         self.sandbox = Sandbox(SandboxLimits(time_limit_s=settings.sandbox_time_limit_s,
                                              memory_limit_bytes=int(settings.sandbox_memory_mb * MIB)))
         self.coordinator = Coordinator(self.store, self.sandbox, ScriptError)

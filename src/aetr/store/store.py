@@ -12,16 +12,27 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, delete, event, func, insert, or_, select, text, tuple_, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import and_, bindparam, delete, event, func, insert, or_, select, text, tuple_, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from aetr.domain.jsonvalue import MAX_TREE_DEPTH
 from aetr.domain.runs import EventRecord, Node, Plan, Work
 from aetr.domain.steps import CycleError, StepConfig, StepDef, StepTree, find_cycle
 from aetr.store import codec
-from aetr.store.tables import events, run_nodes, settings, step_children, steps, work
+from aetr.store.tables import UTCDateTime, events, run_nodes, settings, step_children, steps, work
 
 CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
+
+
+def sqlstate(exc: DBAPIError) -> str | None:
+    """The SQLSTATE of a driver error, when the driver reports one (asyncpg does)."""
+    for err in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        code = getattr(err, "sqlstate", None) or getattr(err, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return None
 
 
 class Conflict(Exception):
@@ -106,10 +117,19 @@ class Store:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
-        """A write transaction; work it adds wakes the workers once it commits."""
-        async with self._write_connection() as conn:
-            tx = Tx(self, conn)
-            yield tx
+        """A write transaction; work it adds wakes the workers once it commits.
+
+        A deadlock or serialisation failure the database resolved by aborting us is raised as Conflict, so the
+        event is simply handled again, like a lost optimistic-lock race.
+        """
+        try:
+            async with self._write_connection() as conn:
+                tx = Tx(self, conn)
+                yield tx
+        except DBAPIError as exc:
+            if sqlstate(exc) in RETRYABLE_SQLSTATES:
+                raise Conflict(f"the database aborted the transaction ({sqlstate(exc)})") from exc
+            raise
         if tx.added_work:
             for wake in self.on_work:
                 wake()
@@ -310,7 +330,8 @@ class Tx:
     async def apply(self, plan: Plan, *, inserted: bool = False) -> None:
         """Write a plan: changed nodes under their read versions, dropped and new work, history lines."""
         if not inserted:
-            for node in plan.changed:
+            # In id order, so that two events changing the same nodes lock them in the same order.
+            for node in sorted(plan.changed, key=lambda n: n.id):
                 result = await self.conn.execute(
                     update(run_nodes)
                     .where(and_(run_nodes.c.id == node.id, run_nodes.c.version == plan.loaded_versions[node.id]))
@@ -457,9 +478,28 @@ async def _put_steps(conn: AsyncConnection, defs: Sequence[StepDef], if_match: i
              for name, d in defined.items() for pos, link in enumerate(d.links)]
     for i in range(0, len(links), CHUNK):
         await conn.execute(insert(step_children), links[i:i + CHUNK])
+    deepest = (await conn.execute(_DEPTH_SQL, {"now": now, "limit": MAX_TREE_DEPTH})).scalar()
+    if deepest is not None and deepest > MAX_TREE_DEPTH:
+        # Raised inside the transaction: nothing of this change is kept.
+        raise StepsRefused(422, f"step trees may nest at most {MAX_TREE_DEPTH} levels, and with this change a "
+                                f"tree containing '{root}' would nest more; flatten it or split it")
     tree = await _load_tree(conn, ids[root])
     assert tree is not None
     return root not in existing, tree
+
+
+# How deep the deepest stored tree containing a step changed at `now` is (the steps just written carry
+# updated_at = now: seeding from that column avoids a bound parameter per step). Counting stops past `limit`.
+_DEPTH_SQL = text(
+    "WITH RECURSIVE up(id) AS ("
+    " SELECT id FROM steps WHERE updated_at = :now"
+    " UNION SELECT sc.parent_id FROM step_children sc JOIN up ON sc.child_id = up.id),"
+    " tops(id) AS (SELECT id FROM up WHERE id NOT IN (SELECT child_id FROM step_children)),"
+    " down(id, d) AS (SELECT id, 1 FROM tops"
+    " UNION SELECT sc.child_id, down.d + 1 FROM step_children sc JOIN down ON sc.parent_id = down.id"
+    " WHERE down.d <= :limit)"
+    " SELECT max(d) FROM down"
+).bindparams(bindparam("now", type_=UTCDateTime()))
 
 
 async def _stored_graph(conn: AsyncConnection, start_ids: list[str]) -> dict[str, list[str]]:
