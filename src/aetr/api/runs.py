@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC
 from typing import Annotated, Literal
 
@@ -13,6 +14,7 @@ from aetr.api.answers import EventOut, RunPage, RunTreeOut
 from aetr.api.app import JSON, engine_of
 from aetr.api.render import node_json, run_tree_json
 from aetr.api.schemas import Name, RunIn
+from aetr.domain.decide import Verdict
 from aetr.domain.runs import TERMINAL, Node
 from aetr.engine.runtime import Engine
 from aetr.store.store import decode_cursor
@@ -113,22 +115,23 @@ def _check_cursor(cursor: str) -> None:
 @router.post("/runs/{run_id}/cancel", responses={200: {"model": RunTreeOut}})
 async def cancel_run(request: Request, run_id: RunId) -> Response:
     """Every unfinished node of the run becomes cancelled."""
-    engine = engine_of(request)
-    nodes = await _load(engine, run_id)
-    verdict = await engine.coordinator.cancel(nodes[0].root_id)
-    if verdict.outcome != "accepted":
-        raise HTTPException(409, f"cannot cancel: {verdict.reason}")
-    return JSON(run_tree_json(await _load(engine, run_id)))
+    return await _act(request, run_id, "cancel", lambda engine, root_id: engine.coordinator.cancel(root_id))
 
 
 @router.post("/runs/{run_id}/retry", responses={200: {"model": RunTreeOut}})
 async def retry_run(request: Request, run_id: RunId) -> Response:
     """A run in error or cancelled goes on: failed and cancelled nodes run again, complete ones are kept."""
+    return await _act(request, run_id, "retry", lambda engine, root_id: engine.coordinator.redrive(root_id))
+
+
+async def _act(request: Request, run_id: str, verb: str,
+               action: Callable[[Engine, str], Awaitable[Verdict]]) -> Response:
+    """Apply an action to a whole run: the run tree afterwards, or 409 saying why it was refused."""
     engine = engine_of(request)
     nodes = await _load(engine, run_id)
-    verdict = await engine.coordinator.redrive(nodes[0].root_id)
+    verdict = await action(engine, nodes[0].root_id)
     if verdict.outcome != "accepted":
-        raise HTTPException(409, f"cannot retry: {verdict.reason}")
+        raise HTTPException(409, f"cannot {verb}: {verdict.reason}")
     return JSON(run_tree_json(await _load(engine, run_id)))
 
 

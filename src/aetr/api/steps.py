@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Annotated
 
@@ -45,7 +46,7 @@ async def put_step(
     engine = engine_of(request)
     for where, source in scripts_of(defs):
         try:
-            engine.sandbox.check(source)
+            await asyncio.to_thread(engine.sandbox.check, source)  # up to the time limit: off the event loop
         except ScriptError as exc:
             line = f" (line {exc.line})" if exc.line else ""
             raise HTTPException(422, f"{where} does not compile{line}: {exc.message}") from None
