@@ -1,0 +1,367 @@
+"""The benchmark scenarios of the performance issue: chain, throughput, fan-out, load and sandbox.
+
+Each takes a Context (a fresh database, a fresh `aetr serve`, a fresh step service) and returns the metrics
+of one JSON result line; `Case.targets` says which of them the issue sets a bound on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+import orjson
+
+from aetr.sandbox import Sandbox
+from aetr.store import open_store
+from aetr.store.store import count_round_trips
+from benchmarks.common import (
+    ApiError,
+    Context,
+    Phase,
+    api_step,
+    chain_gaps,
+    count_runs,
+    describe_failures,
+    get_run,
+    log,
+    ms,
+    percentile,
+    put_step,
+    start_run,
+)
+from benchmarks.processes import peak_rss_mb
+from benchmarks.sandbox_bench import MAPPER, one_kilobyte_input
+
+Metrics = dict[str, Any]
+RUN_WAIT_S: Final = 120.0  # seconds one chain run may take before the scenario gives up
+# The engine-level mapper check keeps the 1 KB value flowing from step to step.
+PASS_THROUGH_MAPPER: Final = "(input, ctx) => ({ ...input, index: ctx.index })"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A target: `metric` must be at most (or at least) `value`."""
+
+    metric: str
+    value: float
+    at_most: bool = True
+
+    @property
+    def key(self) -> str:
+        """How the target is named in the JSON line."""
+        return f"{self.metric}_{'max' if self.at_most else 'min'}"
+
+    def met(self, metrics: Metrics) -> bool:
+        """Whether `metrics` satisfies this bound (a missing or NaN metric does not)."""
+        got = metrics.get(self.metric)
+        if not isinstance(got, int | float) or math.isnan(got):
+            return False
+        return got <= self.value if self.at_most else got >= self.value
+
+
+@dataclass(frozen=True)
+class Case:
+    """One scenario at one size: what it is called, how to run it, and its targets per database."""
+
+    scenario: str
+    label: str
+    run: Callable[[Context], Awaitable[Metrics]]
+    targets: Callable[[str], list[Bound]]
+    deadline_s: float  # seconds the whole case may take (scaled by --timeout-factor)
+
+
+def pg(phase: Phase) -> Metrics:
+    """The PostgreSQL session counts of a phase, when there are any."""
+    return {"pg_sessions": phase.pg_sessions} if phase.pg_sessions else {}
+
+
+# ---- chain -------------------------------------------------------------------------------------------
+
+
+async def _run_sequence(ctx: Context, step: str, n_steps: int, run_input: Any = None) -> tuple[str, int]:
+    """Start one run of a sequential tree and wait for its last callback; (run id, POST send time in ns)."""
+    before = (await ctx.svc.wait(ctx.http, 1, accepted=0))["accepted"]
+    sent = time.time_ns()
+    run_id = await start_run(ctx, step, run_input)
+    await ctx.svc.wait(ctx.http, ctx.timeout(RUN_WAIT_S), accepted=before + n_steps)
+    return run_id, sent
+
+
+async def chain(ctx: Context) -> Metrics:
+    """A sequential tree of api steps, runs one after another: per-step overhead and steps per second."""
+    n, runs = ctx.sizes.chain_steps, ctx.sizes.chain_runs
+    await put_step(ctx, {"name": "chain", "kind": "sequential",
+                         "children": [{"step": api_step(f"chain-{i:03d}", f"{ctx.svc.url}/step")} for i in range(n)]})
+    await _run_sequence(ctx, "chain", n)  # warm-up: imports, caches, the first connections
+    await ctx.svc.reset(ctx.http)
+    started: list[tuple[str, int]] = []
+    async with ctx.measure("runs") as phase:
+        for _ in range(runs):
+            started.append(await _run_sequence(ctx, "chain", n))
+    stats = await ctx.svc.stats(ctx.http)
+    ids = [r for r, _ in started]
+    gaps, answers = chain_gaps(stats, ids)
+    last_answer: dict[str, int] = {}
+    run_of = {node: run for _, _, run, node, _ in stats["requests"]}
+    first_call: dict[str, int] = {}
+    for arrival, _path, run, _node, _attempt in stats["requests"]:
+        first_call[run] = min(first_call.get(run, arrival), arrival)
+    for node, _attempt, _sent, answered, _status, _ok in stats["callbacks"]:
+        run = run_of.get(node, "")
+        last_answer[run] = max(last_answer.get(run, 0), answered)
+    busy_ns = sum(last_answer[r] - t for r, t in started if r in last_answer)
+    incomplete = [r for r in ids if (await get_run(ctx, r))["state"] != "complete"]
+    return {
+        "steps": n, "runs": runs, "gaps": len(gaps),
+        "p50_ms": ms(percentile(gaps, 0.5)), "p99_ms": ms(percentile(gaps, 0.99)),
+        "max_ms": ms(max(gaps, default=math.nan)),
+        "steps_per_s": round(n * runs / (busy_ns / 1e9), 1) if busy_ns else math.nan,
+        "callback_answer_p50_ms": ms(percentile(answers, 0.5)),
+        "first_call_p50_ms": ms(percentile([first_call[r] - t for r, t in started if r in first_call], 0.5)),
+        "runs_not_complete": len(incomplete), "cpu_s": phase.cpu_s, **pg(phase), **describe_failures(stats),
+    }
+
+
+# ---- throughput --------------------------------------------------------------------------------------
+
+
+async def throughput(ctx: Context) -> Metrics:
+    """Many runs of a short sequence, all started together: runs and step transitions per second."""
+    n_runs, n_steps = ctx.sizes.throughput_runs, ctx.sizes.throughput_steps
+    await put_step(ctx, {"name": "seq", "kind": "sequential",
+                         "children": [{"step": api_step(f"seq-{i}", f"{ctx.svc.url}/step")} for i in range(n_steps)]})
+    warm = ctx.sizes.warmup_runs
+    await asyncio.gather(*(start_run(ctx, "seq") for _ in range(warm)))
+    await ctx.svc.wait(ctx.http, ctx.timeout(RUN_WAIT_S), accepted=warm * n_steps)
+    await ctx.svc.reset(ctx.http)
+    statuses: list[str] = []
+
+    async def one() -> None:
+        try:
+            await start_run(ctx, "seq", {"n": len(statuses)}, timeout_s=300)
+            statuses.append("ok")
+        except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
+            statuses.append(f"{type(exc).__name__}: {exc}")
+
+    async with ctx.measure("runs") as phase:
+        t0 = time.time_ns()
+        await asyncio.gather(*(one() for _ in range(n_runs)))
+        posted_ns = time.time_ns()
+        started_ok = statuses.count("ok")
+        await ctx.svc.wait(ctx.http, ctx.timeout(600), accepted=started_ok * n_steps)
+    stats = await ctx.svc.stats(ctx.http)
+    end_ns = max(c[3] for c in stats["callbacks"])
+    seconds = (end_ns - t0) / 1e9
+    complete = await count_runs(ctx, "seq", "complete") - warm
+    transitions = stats["accepted"]
+    return {
+        "runs": n_runs, "steps_per_run": n_steps, "runs_started": started_ok, "runs_complete": complete,
+        "seconds": round(seconds, 3), "start_phase_s": round((posted_ns - t0) / 1e9, 3),
+        "runs_per_s": round(complete / seconds, 1), "transitions_per_s": round(transitions / seconds, 1),
+        "callback_answer_p50_ms": ms(percentile([c[3] - c[2] for c in stats["callbacks"]], 0.5)),
+        "callback_answer_p99_ms": ms(percentile([c[3] - c[2] for c in stats["callbacks"]], 0.99)),
+        "start_errors": [s for s in statuses if s != "ok"][:3], "cpu_s": phase.cpu_s, **pg(phase),
+        **describe_failures(stats),
+    }
+
+
+# ---- fan-out -----------------------------------------------------------------------------------------
+
+
+def fanout(n: int) -> Callable[[Context], Awaitable[Metrics]]:
+    """A parallel parent of `n` api children with the array reducer: time to call them all, to complete, RSS."""
+
+    async def run(ctx: Context) -> Metrics:
+        await put_step(ctx, api_step("leaf", f"{ctx.svc.url}/step"))
+        await put_step(ctx, {"name": "fan", "kind": "parallel", "reducer": "array",
+                             "children": [{"step": "leaf"}] * n})
+        rss_before = peak_rss_mb(ctx.server.pid)
+        deadline = ctx.timeout(max(120.0, n * 0.2))
+        async with ctx.measure("run") as phase:
+            t0 = time.time_ns()
+            run_id = await start_run(ctx, "fan", {"source": "bench"}, timeout_s=deadline)
+            posted_ns = time.time_ns()
+            log(f"fan-out {n}: run started after {(posted_ns - t0) / 1e9:.2f} s; waiting for the calls")
+            await ctx.svc.wait(ctx.http, deadline, requests=n)
+            log(f"fan-out {n}: every child called after {(time.time_ns() - t0) / 1e9:.2f} s")
+            await ctx.svc.wait(ctx.http, deadline, accepted=n)
+        stats = await ctx.svc.stats(ctx.http)
+        run = await get_run(ctx, run_id, timeout_s=deadline)
+        output = run.get("output")
+        # The last callback answered is the one whose transaction completed the parent: it read every
+        # sibling's output, ran the reducer and wrote the root.
+        last = max(stats["callbacks"], key=lambda c: c[3])
+        return {
+            "children": n,
+            "run_created_s": round((posted_ns - t0) / 1e9, 3),
+            "all_called_s": round((max(r[0] for r in stats["requests"]) - t0) / 1e9, 3),
+            "root_complete_s": round((max(c[3] for c in stats["callbacks"]) - t0) / 1e9, 3),
+            "root_state": run["state"], "output_len": len(output) if isinstance(output, list) else None,
+            "peak_rss_mb": round(peak_rss_mb(ctx.server.pid) or math.nan, 1),
+            "rss_before_run_mb": round(rss_before or math.nan, 1),
+            "sandbox_peak_rss_mb": ctx.server.sandbox_peak_rss_mb(),
+            "callback_answer_p50_ms": ms(percentile([c[3] - c[2] for c in stats["callbacks"]], 0.5)),
+            "callback_answer_max_ms": ms(max(c[3] - c[2] for c in stats["callbacks"])),
+            "last_callback_answer_ms": ms(last[3] - last[2]),
+            "cpu_s": phase.cpu_s, **pg(phase), **describe_failures(stats),
+        }
+
+    return run
+
+
+# ---- load --------------------------------------------------------------------------------------------
+
+
+async def _time_get(ctx: Context, path: str, samples: int, warm: int = 2) -> tuple[list[float], int]:
+    """Milliseconds of each of `samples` GETs of `path` (after `warm` unmeasured ones), and the body size."""
+    timings = []
+    size = 0
+    for i in range(warm + samples):
+        start = time.perf_counter()
+        async with ctx.http.get(f"{ctx.api}{path}", timeout=aiohttp.ClientTimeout(total=ctx.timeout(120))) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                raise ApiError(f"GET {path} answered {resp.status}: {body[:200]!r}")
+        if i >= warm:
+            timings.append((time.perf_counter() - start) * 1000)
+        size = len(body)
+    return timings, size
+
+
+async def load(ctx: Context) -> Metrics:
+    """GET a big run and a big step tree: milliseconds over HTTP, and SQL round trips in the store."""
+    n_run, n_tree, samples = ctx.sizes.load_run_nodes, ctx.sizes.load_tree_nodes, ctx.sizes.load_samples
+    await put_step(ctx, {"name": "tree", "kind": "parallel", "children": [
+        {"step": api_step(f"tree-{i:04d}", f"{ctx.svc.url}/hold")} for i in range(n_tree - 1)]})
+    await put_step(ctx, api_step("leaf", f"{ctx.svc.url}/step"))
+    await put_step(ctx, {"name": "wide", "kind": "parallel", "children": [{"step": "leaf"}] * (n_run - 1)})
+    wait = ctx.timeout(max(120.0, n_run * 0.2))
+    run_id = await start_run(ctx, "wide", {"source": "bench"}, timeout_s=wait)
+    await ctx.svc.wait(ctx.http, wait, accepted=n_run - 1)
+    if (state := (await get_run(ctx, run_id, timeout_s=wait))["state"]) != "complete":
+        raise ApiError(f"the {n_run}-node run is {state} after its last callback, not complete")
+    async with ctx.measure("get") as phase:
+        run_ms, run_bytes = await _time_get(ctx, f"/runs/{run_id}", samples)
+        tree_ms, tree_bytes = await _time_get(ctx, "/steps/tree", samples * 2)
+    store = open_store(ctx.database_url)
+    try:
+        await store.get_run(run_id)  # warm: the first use opens a connection and may introspect the server
+        await store.get_step_tree("tree")
+        with count_round_trips() as run_sql:
+            start = time.perf_counter()
+            nodes = await store.get_run(run_id)
+            store_run_ms = (time.perf_counter() - start) * 1000
+        with count_round_trips() as tree_sql:
+            start = time.perf_counter()
+            tree = await store.get_step_tree("tree")
+            store_tree_ms = (time.perf_counter() - start) * 1000
+    finally:
+        await store.close()
+    if len(nodes) != n_run or tree is None or len(tree.children) != n_tree - 1:
+        raise ApiError(f"the store read {len(nodes)} run nodes and a tree of "
+                       f"{len(tree.children) + 1 if tree else 0} steps; expected {n_run} and {n_tree}")
+    return {
+        "run_nodes": n_run, "tree_nodes": n_tree, "gets": samples,
+        "run_ms": round(percentile(run_ms, 0.5), 1), "run_ms_max": round(max(run_ms), 1), "run_bytes": run_bytes,
+        "run_round_trips": len(run_sql), "store_run_ms": round(store_run_ms, 1),
+        "tree_ms": round(percentile(tree_ms, 0.5), 1), "tree_bytes": tree_bytes,
+        "tree_round_trips": len(tree_sql), "store_tree_ms": round(store_tree_ms, 1), "cpu_s": phase.cpu_s,
+    }
+
+
+# ---- sandbox -----------------------------------------------------------------------------------------
+
+
+async def sandbox(ctx: Context) -> Metrics:
+    """Mapper call overhead on a 1 KB input: in the sandbox itself, through /sandbox/evaluate, and in a run."""
+    data = one_kilobyte_input()
+    args: list[object] = [data, {"run": {"id": "r-1", "input": data}, "step": {"name": "map"}, "index": 0}]
+    calls = ctx.sizes.sandbox_calls
+    direct = await _sandbox_calls(ctx, data, args, calls)
+    async with ctx.measure("evaluate") as phase:
+        over_http = await _evaluate_calls(ctx, data)
+    in_run = await _mapper_in_runs(ctx, data)
+    return {"input_bytes": len(orjson.dumps(data)), "calls": calls,
+            "p50_ms": round(percentile(direct, 0.5), 3), "p99_ms": round(percentile(direct, 0.99), 3),
+            "evaluate_http_p50_ms": round(percentile(over_http, 0.5), 3), **in_run, "cpu_s": phase.cpu_s}
+
+
+async def _sandbox_calls(ctx: Context, data: dict[str, Any], args: list[object], calls: int) -> list[float]:
+    """Milliseconds of each of `calls` mapper calls in a sandbox of this process (after a warm-up)."""
+    with Sandbox(pool_size=1) as box:
+        for _ in range(min(500, calls // 2)):
+            await box.acall(MAPPER, args)
+        direct = []
+        async with ctx.measure("direct"):  # ends before the sandbox closes, so its worker's CPU is counted
+            for _ in range(calls):
+                start = time.perf_counter()
+                await box.acall(MAPPER, args)
+                direct.append((time.perf_counter() - start) * 1000)
+    return direct
+
+
+async def _evaluate_calls(ctx: Context, data: dict[str, Any]) -> list[float]:
+    """Milliseconds of each POST /sandbox/evaluate of the benchmark mapper (after 20 unmeasured ones)."""
+    body = orjson.dumps({"source": MAPPER, "input": data})
+    over_http = []
+    for i in range(ctx.sizes.sandbox_http_calls + 20):
+        start = time.perf_counter()
+        async with ctx.http.post(f"{ctx.api}/sandbox/evaluate", data=body,
+                                 headers={"Content-Type": "application/json"}) as resp:
+            answer = orjson.loads(await resp.read())
+            if not answer.get("ok"):
+                raise ApiError(f"/sandbox/evaluate refused the benchmark mapper: {answer}")
+        if i >= 20:
+            over_http.append((time.perf_counter() - start) * 1000)
+    return over_http
+
+
+async def _mapper_in_runs(ctx: Context, data: dict[str, Any]) -> Metrics:
+    """Per-step gap of a chain passing 1 KB along, with and without a mapper on every link: the difference."""
+    n, runs = ctx.sizes.mapper_chain_steps, ctx.sizes.mapper_chain_runs
+    for name, mapper in (("plain", None), ("mapped", PASS_THROUGH_MAPPER)):
+        children = [{"step": api_step(f"{name}-{i:03d}", f"{ctx.svc.url}/echo"),
+                     **({"mapper": mapper} if mapper else {})} for i in range(n)]
+        await put_step(ctx, {"name": name, "kind": "sequential", "children": children})
+    await _run_sequence(ctx, "plain", n, data)
+    await _run_sequence(ctx, "mapped", n, data)
+    ids: dict[str, list[str]] = {"plain": [], "mapped": []}
+    async with ctx.measure("mapper-runs"):
+        for _ in range(runs):  # alternate, so drift in the machine's load hits both alike
+            for name in ids:
+                ids[name].append((await _run_sequence(ctx, name, n, data))[0])
+    stats = await ctx.svc.stats(ctx.http)
+    plain = percentile(chain_gaps(stats, ids["plain"])[0], 0.5)
+    mapped = percentile(chain_gaps(stats, ids["mapped"])[0], 0.5)
+    return {"run_gap_plain_p50_ms": ms(plain), "run_gap_mapped_p50_ms": ms(mapped),
+            "in_run_mapper_overhead_ms": ms(mapped - plain)}
+
+
+# ---- the cases ---------------------------------------------------------------------------------------
+
+
+def cases(fanout_sizes: tuple[int, ...]) -> list[Case]:
+    """Every case, in the order they run."""
+    out = [
+        Case("chain", "chain", chain, lambda db: [Bound("p50_ms", 2.5), Bound("p99_ms", 10.0)], 1800),
+        Case("throughput", "throughput", throughput,
+             lambda db: [Bound("transitions_per_s", 800.0 if db == "postgres" else 1000.0, at_most=False)], 1800),
+    ]
+    for n in fanout_sizes:
+        def targets(db: str, n: int = n) -> list[Bound]:
+            if n >= 10_000:
+                return [Bound("root_complete_s", 12.0), Bound("peak_rss_mb", 300.0)]
+            return [Bound("root_complete_s", 1.5)] if n >= 1_000 else []
+
+        out.append(Case("fanout", f"fanout-{n}", fanout(n), targets, 3600))
+    out += [
+        Case("load", "load", load, lambda db: [Bound("run_ms", 150.0), Bound("run_round_trips", 1),
+                                               Bound("tree_round_trips", 1)], 3600),
+        Case("sandbox", "sandbox", sandbox, lambda db: [Bound("p50_ms", 0.5)], 900),
+    ]
+    return out
