@@ -304,7 +304,8 @@ async def test_retry_runs_failed_nodes_again_and_keeps_completed_ones(aetr: Serv
     failed = await aetr.wait_run(run_id)
     assert failed["state"] == "error" and failed["error"]["message"] == "disk full"
     status, body = await aetr.call("POST", f"/api/v1/runs/{run_id}/retry")
-    assert status == 200 and body["state"] == "executing"
+    # The answer shows the run once the redrive committed: the step may have been called back already.
+    assert status == 200 and body["state"] in ("executing", "complete"), body
     done = await aetr.wait_run(run_id)
     assert done["state"] == "complete" and done["output"] == 20
     assert len(steps_service.calls("/first")) == 1

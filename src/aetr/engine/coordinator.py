@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import uuid
 from collections.abc import Callable, Generator
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from aetr.domain import decide
+from aetr.domain.decide import ACCEPTED
 from aetr.domain.jsonvalue import check_json
-from aetr.domain.runs import Plan, build_run_nodes
+from aetr.domain.runs import Node, Plan, build_run_nodes
 from aetr.domain.steps import StepTree
 from aetr.engine import metrics
-from aetr.store import Conflict, Store, Tx
+from aetr.store import ClaimedWork, Conflict, Store
+from aetr.store.sql import (
+    Apply,
+    FindRunByKey,
+    FinishCall,
+    FinishCalls,
+    InsertRun,
+    Lease,
+    LoadChain,
+    Program,
+    single,
+)
 from aetr.store.store import is_integrity_error
 
 log = logging.getLogger("aetr.engine")
@@ -30,13 +44,44 @@ class ScriptRunner(Protocol):
     async def acall(self, source: str, args: list[Any]) -> Any: ...
 
 
+class CallSink(Protocol):
+    """Who performs work right after the commit that created it (the worker)."""
+
+    owner: str
+    lease_s: float
+    direct_limit: int  # calls one event may hand over at most; the rest wait in the table to be claimed
+
+    def perform(self, calls: list[ClaimedWork]) -> None: ...
+
+    def due(self, at: datetime) -> None: ...
+
+
+ANSWER_FLUSH_S = 0.01  # seconds a dispatch answer may wait to be written with others (or with its callback)
+
+
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)
 
 
+@dataclass
+class Outcome:
+    """What an event's program committed: the verdict, the plan, and the calls this process leased."""
+
+    verdict: decide.Verdict
+    plan: Plan | None = None
+    calls: list[ClaimedWork] = field(default_factory=list)
+    created: bool = True
+    run_id: str = ""
+
+
 class Coordinator:
-    """Turns outside events (a run started, a callback, a deadline, a cancel) into committed state changes."""
+    """Turns outside events (a run started, a callback, a deadline, a cancel) into committed state changes.
+
+    Each event is a program (aetr.store.sql) the store runs in one transaction: read the node's chain, decide,
+    write. The calls a commit starts are leased to this process in that same transaction and handed to the
+    worker right after the commit, with no claim round trip.
+    """
 
     def __init__(self, store: Store, scripts: ScriptRunner, script_error: type[Exception]) -> None:
         self.store = store
@@ -44,28 +89,18 @@ class Coordinator:
         self.script_error = script_error
         self.conflicts = 0  # optimistic-lock retries so far: the contention test reads it
         self.on_commit: list[Callable[[set[str]], None]] = []  # told the runs each commit changed
+        self.sink: CallSink | None = None
+        self._answered: dict[str, FinishCall] = {}  # dispatch answers not yet written, by node id
+        self._flush: asyncio.TimerHandle | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
 
     async def start_run(self, tree: StepTree, run_input: Any, idempotency_key: str | None) -> tuple[bool, str]:
         """Freeze `tree` into a new run and start it; (created, run id). A known key returns its run."""
         nodes = build_run_nodes(tree, run_input, utcnow(), lambda: str(uuid.uuid4()))
-        root_id = nodes[0].id
-        plan = Plan(now=nodes[0].created_at)
-        plan.absorb(nodes, children_of=[n.id for n in nodes])
-        plan.whole_run = True
+        snapshot = tree.to_json()
         try:
-            async with self.store.transaction() as tx:
-                if idempotency_key is not None:
-                    existing = await tx.find_run_by_key(idempotency_key)
-                    if existing is not None:
-                        return False, existing
-                done: dict[str, int] = {}
-                await self._drive(tx, plan, decide.start_run(plan, root_id), fresh_counts=done)
-                # The nodes are new: write them once, in their started state, not insert-then-update.
-                final = [plan.nodes[n.id] for n in nodes]
-                await tx.insert_run(final, tree.to_json(), idempotency_key, done)
-                await tx.apply(plan, inserted=True)
-            self._committed(plan)
-            metrics.RUNS_STARTED.inc()
+            out: Outcome = await self.store.run(self._start_program(nodes, snapshot, idempotency_key),
+                                                self._script, self._committed)
         except Exception as exc:
             # Two requests with one new key raced: the loser answers with the winner's run.
             if idempotency_key is None or not is_integrity_error(exc):
@@ -74,7 +109,26 @@ class Coordinator:
             if existing is None:
                 raise
             return False, existing
-        return True, root_id
+        if out.created:
+            metrics.RUNS_STARTED.inc()
+        return out.created, out.run_id
+
+    def _start_program(self, nodes: list[Node], snapshot: dict[str, Any], key: str | None) -> Program:
+        root_id = nodes[0].id
+        if key is not None:
+            existing = yield FindRunByKey(key)
+            if existing is not None:
+                return Outcome(ACCEPTED, created=False, run_id=existing)
+        plan = Plan(now=nodes[0].created_at)
+        plan.absorb(nodes, children_of=[n.id for n in nodes])
+        plan.whole_run = True
+        done: dict[str, int] = {}
+        yield from _counting_in_memory(decide.start_run(plan, root_id), done)
+        # The nodes are new: write them once, in their started state, not insert-then-update.
+        yield InsertRun([plan.nodes[n.id] for n in nodes], snapshot, key, done)
+        lease, calls = self._lease(plan)
+        yield Apply(plan, inserted=True, lease=lease)
+        return Outcome(ACCEPTED, plan, calls, run_id=root_id)
 
     async def step_succeeded(self, node_id: str, attempt: int, output: Any, source: str) -> decide.Verdict:
         """A step reported its output (`source`: "callback" or "sync")."""
@@ -90,9 +144,10 @@ class Coordinator:
             source, attempt)
 
     async def deadline_passed(self, node_id: str, attempt: int, heartbeat: bool = False) -> decide.Verdict:
-        """An attempt's deadline, or its heartbeat deadline, passed."""
+        """An attempt's deadline, or its heartbeat deadline, passed; its work row goes in the same transaction."""
+        row = FinishCall(node_id, attempt, "heartbeat" if heartbeat else "deadline")
         return await self._event(
-            node_id, lambda plan: decide.deadline_passed(plan, node_id, attempt, heartbeat), None, attempt)
+            node_id, lambda plan: decide.deadline_passed(plan, node_id, attempt, heartbeat), None, attempt, row)
 
     async def heartbeat(self, node_id: str, attempt: int) -> decide.Verdict:
         """A step's heartbeat: its heartbeat deadline starts again."""
@@ -107,62 +162,110 @@ class Coordinator:
         """Run a failed or cancelled run's unfinished nodes again."""
         return await self._event(root_id, lambda plan: decide.redrive(plan, root_id), None, 0)
 
-    async def _event(self, node_id: str, handler: Handler, source: str | None, attempt: int) -> decide.Verdict:
+    def call_answered(self, call: FinishCall) -> None:
+        """A callback-mode step accepted its call: forget the call's row and record the answer, soon.
+
+        Written with the step's own callback when that comes first (so history keeps its order), else with the
+        other answers of the next few milliseconds in one transaction.
+        """
+        self._answered[call.node_id] = call
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(ANSWER_FLUSH_S, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flush = None
+        calls, self._answered = list(self._answered.values()), {}
+        if calls:
+            task = asyncio.create_task(self._write_answers(calls))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    async def _write_answers(self, calls: list[FinishCall]) -> None:
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
-                async with self.store.transaction() as tx:
-                    plan = Plan(now=utcnow(), jitter=random.random())
-                    chain = await tx.load_chain(node_id)
-                    if not chain:
-                        return decide.Verdict("unknown", "no such node")
-                    plan.absorb(chain)
-                    verdict: decide.Verdict = await self._drive(tx, plan, handler(plan))
-                    if source is not None:
-                        data: dict[str, Any] = {"attempt": attempt, "outcome": verdict.outcome}
-                        if verdict.reason:
-                            data["reason"] = verdict.reason
-                        plan.event(plan.nodes[node_id], source, data)
-                    await tx.apply(plan)
-                self._committed(plan)
-                if source is not None:
-                    metrics.REPORTS.labels(source, verdict.outcome).inc()
-                return verdict
+                await self.store.run(single(FinishCalls(calls)))
+                return
+            except Conflict:
+                continue
+            except Exception:  # the rows' leases expire and the calls are made again: at least once, never lost
+                log.exception("recording %d dispatch answers failed", len(calls))
+                return
+        log.error("recording %d dispatch answers lost %d races in a row", len(calls), MAX_CONFLICT_RETRIES)
+
+    async def drain(self) -> None:
+        """Write the dispatch answers still held (the process is stopping)."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._start_flush()
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+
+    async def _event(self, node_id: str, handler: Handler, source: str | None, attempt: int,
+                     done: FinishCall | None = None) -> decide.Verdict:
+        answered = [c for c in (self._answered.pop(node_id, None), done) if c is not None]
+        for _ in range(MAX_CONFLICT_RETRIES):
+            try:
+                out: Outcome = await self.store.run(self._program(node_id, handler, source, attempt, answered),
+                                                    self._script, self._committed)
             except Conflict:
                 self.conflicts += 1
                 metrics.CONFLICTS.inc()
+                continue
+            if source is not None:
+                metrics.REPORTS.labels(source, out.verdict.outcome).inc()
+            return out.verdict
         raise RuntimeError(f"node {node_id}: gave up after {MAX_CONFLICT_RETRIES} conflicting updates")
 
-    def _committed(self, plan: Plan) -> None:
+    def _program(self, node_id: str, handler: Handler, source: str | None, attempt: int,
+                 answered: list[FinishCall]) -> Program:
+        plan = Plan(now=utcnow(), jitter=random.random())
+        chain = yield LoadChain(node_id)
+        if not chain:
+            return Outcome(decide.Verdict("unknown", "no such node"))
+        plan.absorb(chain)
+        verdict: decide.Verdict = yield from handler(plan)
+        if source is not None:
+            data: dict[str, Any] = {"attempt": attempt, "outcome": verdict.outcome}
+            if verdict.reason:
+                data["reason"] = verdict.reason
+            plan.event(plan.nodes[node_id], source, data)
+        # The call's answer goes first in its history; its row goes last, after the nodes' rows are locked in
+        # id order like every other event's (taking a work row's lock first could deadlock with them).
+        plan.events[:0] = [c.record for c in answered if c.record is not None]
+        lease, calls = self._lease(plan)
+        yield Apply(plan, lease=lease)
+        if answered:
+            yield FinishCalls([c for c in answered if c.node_id not in plan.drop_work_for])
+        return Outcome(verdict, plan, calls)
+
+    def _lease(self, plan: Plan) -> tuple[Lease | None, list[ClaimedWork]]:
+        """The calls due now that this process will make right after the commit, leased to it in the commit."""
+        sink = self.sink
+        if sink is None or not plan.work:
+            return None, []
+        calls = [ClaimedWork(w, plan.nodes[w.node_id]) for w in plan.work
+                 if w.kind == "dispatch" and w.due_at <= plan.now][:sink.direct_limit]
+        if not calls:
+            return None, []
+        until = plan.now + timedelta(seconds=sink.lease_s)
+        return Lease(sink.owner, until, frozenset(c.work.node_id for c in calls)), calls
+
+    def _committed(self, out: Outcome) -> None:
+        """On the event loop, right after the commit: call the steps it started, wake whoever waits."""
+        plan = out.plan
+        if plan is None:
+            return
+        if self.sink is not None:
+            if out.calls:
+                self.sink.perform(out.calls)
+            leased = {c.work.node_id for c in out.calls}
+            later = [w.due_at for w in plan.work if not (w.kind == "dispatch" and w.node_id in leased)]
+            if later:
+                self.sink.due(min(later))
         roots = {n.root_id for n in plan.changed}
         if roots:
             for listener in self.on_commit:
                 listener(roots)
-
-    async def _drive(self, tx: Tx, plan: Plan, gen: Generator[decide.Request, Any, Any],
-                     fresh_counts: dict[str, int] | None = None) -> Any:
-        """Run a decide handler, answering its requests from the database and the sandbox."""
-        answer: Any = None
-        while True:
-            try:
-                req = gen.send(answer)
-            except StopIteration as stop:
-                return stop.value
-            if isinstance(req, decide.LoadChildren):
-                answer = await tx.load_children(req.parent_id)
-            elif isinstance(req, decide.LoadChild):
-                answer = await tx.load_child(req.parent_id, req.position)
-            elif isinstance(req, decide.BumpDone):
-                if fresh_counts is not None:  # a run being created: its rows are not written yet
-                    fresh_counts[req.parent_id] = answer = fresh_counts.get(req.parent_id, 0) + 1
-                else:
-                    answer = await tx.bump_done(req.parent_id)
-            elif isinstance(req, decide.SetDone):
-                await tx.set_done(req.parent_id, req.value)
-                answer = None
-            elif isinstance(req, decide.LoadSubtree):
-                answer = await tx.load_subtree(req.node_id)
-            else:
-                answer = await self._script(req)
 
     async def _script(self, req: decide.RunScript) -> decide.ScriptResult:
         try:
@@ -174,3 +277,16 @@ class Coordinator:
         except ValueError as exc:
             return decide.ScriptResult(error=f"the script returned a value that cannot be stored: it {exc}")
 
+
+def _counting_in_memory(gen: Generator[decide.Request, Any, Any], done: dict[str, int]) -> Program:
+    """Run a decide handler on a run that is not written yet: its parents' counters live in `done`."""
+    answer: Any = None
+    while True:
+        try:
+            req = gen.send(answer)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(req, decide.BumpDone):
+            done[req.parent_id] = answer = done.get(req.parent_id, 0) + 1
+        else:
+            answer = yield req

@@ -44,12 +44,11 @@ class Engine:
         await upgrade_engine(self.store.engine)
         secret = self.settings.secret or await self.store.setting(SECRET_SETTING, secrets.token_urlsafe(32))
         self.signer = TokenSigner(secret)
-        self.dispatcher = Dispatcher(self.store, self.coordinator, self.signer, self.settings.callback_base,
+        self.dispatcher = Dispatcher(self.coordinator, self.signer, self.settings.callback_base,
                                      self.settings.max_in_flight)
         await self.dispatcher.start()
         self.worker = Worker(self.store, self.coordinator, self.dispatcher, lease_s=self.settings.lease_s,
                              poll_s=self.settings.poll_s, max_in_flight=self.settings.max_in_flight)
-        self.store.on_work.append(self.worker.wake)
         self.coordinator.on_commit.append(self._notify_waiters)
         self._starter = asyncio.create_task(self._start_worker_once_listening(), name="aetr-worker-start")
 
@@ -75,6 +74,7 @@ class Engine:
             log.warning("port %s:%s not accepting connections after %s s; starting the worker anyway",
                         host, self.settings.port, LISTEN_WAIT_S)
         assert self.worker is not None
+        self.coordinator.sink = self.worker  # from now on, commits hand the calls they start to the worker
         self.worker.start()
 
     async def stop(self) -> None:
@@ -82,8 +82,10 @@ class Engine:
         if self._starter is not None and not self._starter.done():
             self._starter.cancel()
             await asyncio.gather(self._starter, return_exceptions=True)
+        self.coordinator.sink = None
         if self.worker is not None:
             await self.worker.stop()
+        await self.coordinator.drain()
         if self.dispatcher is not None:
             await self.dispatcher.close()
         await self.store.close()

@@ -1,4 +1,10 @@
-"""The outbox worker: claims due work rows under a lease and performs them (step calls, deadlines)."""
+"""The outbox worker: performs work rows under a lease (step calls, deadlines).
+
+Calls that a commit of this process started arrive through `perform`, already leased in that commit. The
+claim loop picks up the rest: calls due later (retries), deadlines, calls beyond the direct limit, and the
+work of a process that died (its leases expired). It sleeps until the earliest due row, or until a commit
+tells it (`due`) of an earlier one.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,12 @@ import contextlib
 import logging
 import socket
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from aetr.domain.runs import Node
 from aetr.engine.coordinator import Coordinator, utcnow
 from aetr.engine.dispatcher import Dispatcher
 from aetr.store import ClaimedWork, Store
+from aetr.store.sql import Claim, ClaimResult, RenewLease, single
 
 log = logging.getLogger("aetr.worker")
 
@@ -21,7 +27,7 @@ ERROR_BACKOFF_S = 1.0  # seconds to wait after the database refused a claim, bef
 
 
 class Worker:
-    """Claims due work, runs each item as a task (bounded), and sleeps until woken or the next row is due."""
+    """Runs each work item as a task; claims due rows up to `max_in_flight` tasks at a time."""
 
     def __init__(self, store: Store, coordinator: Coordinator, dispatcher: Dispatcher, *, lease_s: float,
                  poll_s: float, max_in_flight: int) -> None:
@@ -31,19 +37,29 @@ class Worker:
         self.lease_s = lease_s
         self.poll_s = poll_s
         self.max_in_flight = max_in_flight
+        self.direct_limit = max_in_flight
         self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
+        self._wake_at: datetime | None = None  # when the sleeping claim loop looks again
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
 
-    def wake(self) -> None:
-        """New work was committed: look for it now rather than at the next poll."""
-        self._wake.set()
-
     def start(self) -> None:
         """Start the claim loop."""
         self._loop_task = asyncio.create_task(self._run(), name="aetr-worker")
+
+    def perform(self, calls: list[ClaimedWork]) -> None:
+        """Make calls this process leased in the commit that started them."""
+        if self._stopping:
+            return  # their leases expire and whoever runs next makes them
+        for item in calls:
+            self._spawn(item)
+
+    def due(self, at: datetime) -> None:
+        """A commit added work due at `at`: look for it then, if that is earlier than planned."""
+        if self._wake_at is None or at < self._wake_at:
+            self._wake.set()
 
     async def stop(self) -> None:
         """Stop claiming, let work in flight finish for a moment, then cancel the rest (its lease expires)."""
@@ -58,77 +74,63 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def _spawn(self, item: ClaimedWork) -> None:
+        task = asyncio.create_task(self._perform(item))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
     async def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
+            self._wake_at = None  # awake: any commit from now on may have come after the claim's snapshot
             free = self.max_in_flight - len(self._tasks)
-            claimed: list[ClaimedWork] = []
-            if free > 0:
-                try:
-                    claimed = await self.store.claim_work(self.owner, utcnow(), free, self.lease_s)
-                except Exception:  # the database may be briefly unreachable: keep the loop alive
-                    log.exception("claiming work failed; retrying in %s s", ERROR_BACKOFF_S)
-                    await asyncio.sleep(ERROR_BACKOFF_S)
-                    continue
-            nodes = await self._nodes_to_call(claimed)
-            for item in claimed:
-                task = asyncio.create_task(self._perform(item, nodes.get(item.work.node_id)))
-                self._tasks.add(task)
-                task.add_done_callback(self._done)
-            if claimed and len(claimed) == free:
+            result = ClaimResult([])
+            try:
+                result = await self.store.run(single(Claim(self.owner, utcnow(), max(free, 0), self.lease_s)))
+            except Exception:  # the database may be briefly unreachable: keep the loop alive
+                log.exception("claiming work failed; retrying in %s s", ERROR_BACKOFF_S)
+                await asyncio.sleep(ERROR_BACKOFF_S)
+                continue
+            for item in result.claimed:
+                self._spawn(item)
+            if result.claimed and len(result.claimed) == free:
                 continue  # there may be more due right now
-            await self._sleep(free <= 0)
+            await self._sleep(free <= len(result.claimed), result.next_due)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if len(self._tasks) == self.max_in_flight - 1:
             self._wake.set()  # a slot freed up after we were full
 
-    async def _sleep(self, full: bool) -> None:
+    async def _sleep(self, full: bool, due: datetime | None) -> None:
         timeout = self.poll_s
-        if not full:
-            try:
-                due = await self.store.next_due()
-            except Exception:
-                log.exception("reading the next due time failed")
-                due = None
-            if due is not None:
-                timeout = max(0.0, min(self.poll_s, (due - utcnow()).total_seconds()))
-        if timeout <= 0:
+        if not full and due is not None:
+            timeout = max(0.0, min(self.poll_s, (due - utcnow()).total_seconds()))
+        if timeout <= 0 or self._wake.is_set():
             return
+        self._wake_at = utcnow() + timedelta(seconds=timeout)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _nodes_to_call(self, claimed: list[ClaimedWork]) -> dict[str, Node]:
-        """The nodes of the claimed calls, read in one query rather than one per call."""
-        ids = [c.work.node_id for c in claimed if c.work.kind == "dispatch"]
-        if not ids:
-            return {}
-        try:
-            return {n.id: n for n in await self.store.get_nodes(ids)}
-        except Exception:  # the calls wait for their lease to expire and are claimed again
-            log.exception("reading the nodes of %d claimed calls failed", len(ids))
-            return {}
-
-    async def _perform(self, item: ClaimedWork, node: Node | None) -> None:
+    async def _perform(self, item: ClaimedWork) -> None:
         try:
             if item.work.kind in ("deadline", "heartbeat"):
                 await self.coordinator.deadline_passed(item.work.node_id, item.work.attempt,
                                                        heartbeat=item.work.kind == "heartbeat")
-                await self.store.finish_dispatch(item.id, [])
             else:
-                await self._with_lease(item, node)
+                await self._with_lease(item)
         except asyncio.CancelledError:
             raise
         except Exception:  # one bad item must not stop the others; its lease expires and it is tried again
             log.exception("performing %s for node %s failed", item.work.kind, item.work.node_id)
 
-    async def _with_lease(self, item: ClaimedWork, node: Node | None) -> None:
+    async def _with_lease(self, item: ClaimedWork) -> None:
         """Dispatch, renewing the lease while a slow call is still running so no other process repeats it."""
-        task = asyncio.ensure_future(self.dispatcher.dispatch(item, node))
+        task = asyncio.ensure_future(self.dispatcher.dispatch(item))
         while True:
             done, _ = await asyncio.wait({task}, timeout=self.lease_s / 2)
             if done:
                 task.result()
                 return
-            await self.store.renew_lease(item.id, self.owner, utcnow() + timedelta(seconds=self.lease_s))
+            until = utcnow() + timedelta(seconds=self.lease_s)
+            await self.store.run(single(RenewLease(item.work.node_id, item.work.attempt, self.owner, until)))

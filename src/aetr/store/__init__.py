@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from aetr.store.store import ClaimedWork, Conflict, RunPage, StepsRefused, Store, Tx
+from aetr.store.sql import ClaimedWork, Conflict, Duplicate, Unavailable
+from aetr.store.store import RunPage, StepsRefused, Store
 
 DEFAULT_DATABASE_URL = "sqlite:///./aetr.db"
 
@@ -27,20 +28,25 @@ POOL_TIMEOUT_S = 60.0  # seconds a task may wait for a free connection before it
 def open_store(url: str, pool_size: int = DEFAULT_POOL_SIZE) -> Store:
     """A Store for the database at `url` (the schema is not touched: see aetr.store.migrate).
 
-    A process opens at most `pool_size` connections (half kept open, half on demand): several processes
-    sharing one PostgreSQL must stay within its max_connections together.
+    A process opens at most `pool_size` connections: several processes sharing one PostgreSQL must stay within
+    its max_connections together. On PostgreSQL a quarter of them (at least 2) serve the colder SQLAlchemy
+    paths and the rest the events; on SQLite events have one writing connection of their own.
     """
     full = async_url(url)
-    kept = max(1, pool_size // 2)
-    pool = {"pool_size": kept, "max_overflow": max(0, pool_size - kept), "pool_timeout": POOL_TIMEOUT_S}
     if full.startswith("sqlite"):
         from aetr.store.sqlite import SqliteStore
 
-        return SqliteStore(create_async_engine(full, **pool))
+        kept = max(1, pool_size // 2)
+        return SqliteStore(create_async_engine(full, pool_size=kept, max_overflow=max(0, pool_size - kept),
+                                               pool_timeout=POOL_TIMEOUT_S))
     from aetr.store.postgres import PostgresStore
 
-    return PostgresStore(create_async_engine(full, **pool))
+    cold = max(2, pool_size // 4)
+    # pre-ping: after an outage a read tests its pooled connection and reconnects, rather than answer 503
+    engine = create_async_engine(full, pool_size=1, max_overflow=cold - 1, pool_timeout=POOL_TIMEOUT_S,
+                                 pool_pre_ping=True)
+    return PostgresStore(engine, max(2, pool_size - cold))
 
 
-__all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_POOL_SIZE", "ClaimedWork", "Conflict", "RunPage", "StepsRefused",
-           "Store", "Tx", "async_url", "open_store"]
+__all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_POOL_SIZE", "ClaimedWork", "Conflict", "Duplicate", "RunPage",
+           "StepsRefused", "Store", "Unavailable", "async_url", "open_store"]

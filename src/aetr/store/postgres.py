@@ -1,13 +1,40 @@
-"""PostgreSQL: several processes share it; row locks and SKIP LOCKED do the coordination."""
+"""PostgreSQL: several processes share it; row locks and SKIP LOCKED do the coordination.
+
+Events run on a plain asyncpg pool with the statements prebuilt in aetr.store.sql (asyncpg prepares and
+caches each one per connection); SQLAlchemy's engine keeps the colder paths (step trees, listings,
+migrations) on a small pool of its own.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from aetr.store.store import Store
+from aetr.domain.decide import RunScript
+from aetr.store.sql import (
+    Conflict,
+    Duplicate,
+    Exec,
+    ExecMany,
+    Fetch,
+    Program,
+    Statements,
+    Unavailable,
+    is_outage_sqlstate,
+    lower,
+)
+from aetr.store.store import AfterCommit, ScriptCall, Store, _round_trips
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Pool reset hook: our transactions always end, so returning a connection needs no round trip."""
 
 
 class PostgresStore(Store):
@@ -15,9 +42,78 @@ class PostgresStore(Store):
 
     dialect = "postgresql"
 
-    def _claim_query(self, now: datetime, limit: int) -> Any:
-        # Two processes claiming at once skip each other's rows instead of waiting or double-claiming.
-        return super()._claim_query(now, limit).with_for_update(skip_locked=True)
+    def __init__(self, engine: AsyncEngine, pool_size: int) -> None:
+        super().__init__(engine, Statements("postgresql"))
+        self.dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+
+    async def _events_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            async with self._pool_lock:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(
+                        self.dsn, min_size=1, max_size=self.pool_size, reset=_keep_session,
+                        timeout=CONNECT_TIMEOUT_S)
+        return self._pool
+
+    async def run(self, program: Program, scripts: ScriptCall | None = None,
+                  after_commit: Callable[[Any], None] | None = None) -> Any:
+        # Shielded: a caller that goes away (a client hanging up) must not cut an event between its
+        # statements, nor skip what follows its commit (calling the steps it started).
+        task = asyncio.ensure_future(self._run(program, scripts, after_commit, _round_trips.get()))
+        return await asyncio.shield(task)
+
+    async def _run(self, program: Program, scripts: ScriptCall | None, after_commit: AfterCommit | None,
+                   seen: list[str] | None) -> Any:
+        pool = await self._events_pool()
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                result = await self._drive(conn, lower(program, self.statements), scripts, seen)
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
+            raise Conflict(f"the database aborted the transaction ({exc.sqlstate})") from exc
+        except asyncpg.UniqueViolationError as exc:
+            raise Duplicate(str(exc)) from exc
+        except asyncpg.PostgresError as exc:
+            if is_outage_sqlstate(exc.sqlstate):
+                raise Unavailable(f"PostgreSQL refused: {type(exc).__name__}") from exc
+            raise
+        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:  # unreachable, dropped, or timed out
+            raise Unavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
+        if after_commit is not None:
+            after_commit(result)
+        return result
+
+    @staticmethod
+    async def _drive(conn: asyncpg.Connection, ops: Any, scripts: ScriptCall | None, seen: list[str] | None) -> Any:
+        answer: Any = None
+        while True:
+            try:
+                op = ops.send(answer)
+            except StopIteration as stop:
+                return stop.value
+            if isinstance(op, RunScript):
+                assert scripts is not None, "this event runs no scripts"
+                answer = await scripts(op)
+                continue
+            if seen is not None:
+                seen.append(op.sql.text)
+            if isinstance(op, Fetch):
+                answer = await conn.fetch(op.sql.text, *op.sql.args(op.values))
+            elif isinstance(op, Exec):
+                status = await conn.execute(op.sql.text, *op.sql.args(op.values))
+                answer = int(status.rsplit(" ", 1)[-1])
+            else:
+                assert isinstance(op, ExecMany)
+                await conn.executemany(op.sql.text, [op.sql.args(v) for v in op.values])
+                answer = None
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+        await super().close()
 
     def _insert_ignore(self, table: Any, values: dict[str, Any]) -> Any:
         return pg_insert(table).values(**values).on_conflict_do_nothing()

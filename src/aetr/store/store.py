@@ -1,26 +1,35 @@
-"""The Store: the only code that talks SQL. SQLite and PostgreSQL differ only in the hooks of their subclasses."""
+"""The Store: the only code that talks SQL.
+
+Events (`run`) go through the prebuilt statements of aetr.store.sql on each backend's fastest path; step
+trees, listings and the other colder reads and writes go through SQLAlchemy Core here.
+"""
 
 from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, bindparam, delete, event, func, insert, or_, select, text, tuple_, update
+from sqlalchemy import bindparam, delete, event, insert, select, text, tuple_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from aetr.domain.decide import RunScript, ScriptResult
 from aetr.domain.jsonvalue import MAX_TREE_DEPTH
-from aetr.domain.runs import EventRecord, Node, Plan, Work
+from aetr.domain.runs import EventRecord, Node
 from aetr.domain.steps import CycleError, StepConfig, StepDef, StepTree, find_cycle
 from aetr.store import codec
-from aetr.store.tables import UTCDateTime, events, run_nodes, settings, step_children, steps, work
+from aetr.store.sql import AddEvents, Conflict, Duplicate, Program, Statements, single
+from aetr.store.tables import UTCDateTime, events, run_nodes, settings, step_children, steps
+
+ScriptCall = Callable[[RunScript], Coroutine[Any, Any, ScriptResult]]  # how an event's program reaches the sandbox
+AfterCommit = Callable[[Any], None]  # told an event's result once it is committed, whoever still awaits it
 
 CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
 RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
@@ -35,10 +44,6 @@ def sqlstate(exc: DBAPIError) -> str | None:
     return None
 
 
-class Conflict(Exception):
-    """Another transaction changed a node this one read: the event must be handled again."""
-
-
 class StepsRefused(ValueError):
     """A step change that cannot be stored as asked; `status` is the HTTP status it deserves."""
 
@@ -46,14 +51,6 @@ class StepsRefused(ValueError):
         super().__init__(detail)
         self.status = status
         self.detail = detail
-
-
-@dataclass(frozen=True)
-class ClaimedWork:
-    """A work row this process holds the lease on."""
-
-    id: int
-    work: Work
 
 
 @dataclass(frozen=True)
@@ -83,9 +80,9 @@ class Store:
 
     dialect = "generic"
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, statements: Statements) -> None:
         self.engine = engine
-        self.on_work: list[Any] = []  # callables told after a commit that added work
+        self.statements = statements
 
         def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
             seen = _round_trips.get()
@@ -105,34 +102,32 @@ class Store:
         async with self.engine.begin() as conn:
             yield conn
 
-    def _claim_query(self, now: datetime, limit: int) -> Any:
-        return (select(work.c.id).where(work.c.due_at <= now)
-                .where(or_(work.c.lease_until.is_(None), work.c.lease_until < now))
-                .order_by(work.c.due_at).limit(limit))
-
     def _insert_ignore(self, table: Any, values: dict[str, Any]) -> Any:
         raise NotImplementedError
 
-    # ---- transactions ------------------------------------------------------------------------------
+    # ---- events -------------------------------------------------------------------------------------
+
+    async def run(self, program: Program, scripts: ScriptCall | None = None,
+                  after_commit: AfterCommit | None = None) -> Any:
+        """Run an event's program in one transaction and return its result once committed.
+
+        `after_commit` is told the result right after the commit, on the event loop, even when the caller was
+        cancelled meanwhile. A lost optimistic-lock race raises Conflict (handle the event again); so does a
+        deadlock or serialisation failure the database resolved by aborting us. A unique key taken by another
+        transaction raises Duplicate.
+        """
+        raise NotImplementedError
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
-        """A write transaction; work it adds wakes the workers once it commits.
-
-        A deadlock or serialisation failure the database resolved by aborting us is raised as Conflict, so the
-        event is simply handled again, like a lost optimistic-lock race.
-        """
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A SQLAlchemy write transaction, for the colder writes (step trees, settings)."""
         try:
             async with self._write_connection() as conn:
-                tx = Tx(self, conn)
-                yield tx
+                yield conn
         except DBAPIError as exc:
             if sqlstate(exc) in RETRYABLE_SQLSTATES:
                 raise Conflict(f"the database aborted the transaction ({sqlstate(exc)})") from exc
             raise
-        if tx.added_work:
-            for wake in self.on_work:
-                wake()
 
     # ---- step trees ----------------------------------------------------------------------------------
 
@@ -159,21 +154,21 @@ class Store:
     async def put_steps(self, defs: Sequence[StepDef], if_match: int | None,
                         now: datetime) -> tuple[bool, StepTree]:
         """Create or replace `defs[0]` and its inline children in one transaction; (created, resolved tree)."""
-        async with self.transaction() as tx:
-            return await _put_steps(tx.conn, defs, if_match, now)
+        async with self._transaction() as conn:
+            return await _put_steps(conn, defs, if_match, now)
 
     async def delete_step(self, name: str) -> bool:
         """Delete a step no parent uses; False when there is none; StepsRefused(409) while one does."""
-        async with self.transaction() as tx:
-            step_id = await tx.conn.scalar(select(steps.c.id).where(steps.c.name == name))
+        async with self._transaction() as conn:
+            step_id = await conn.scalar(select(steps.c.id).where(steps.c.name == name))
             if step_id is None:
                 return False
-            parents = await _parent_names(tx.conn, step_id)
+            parents = await _parent_names(conn, step_id)
             if parents:
                 raise StepsRefused(409, f"step '{name}' is used by {', '.join(sorted(parents))}; "
                                         "remove it from them first")
-            await tx.conn.execute(delete(step_children).where(step_children.c.parent_id == step_id))
-            await tx.conn.execute(delete(steps).where(steps.c.id == step_id))
+            await conn.execute(delete(step_children).where(step_children.c.parent_id == step_id))
+            await conn.execute(delete(steps).where(steps.c.id == step_id))
             return True
 
     # ---- runs ----------------------------------------------------------------------------------------
@@ -184,27 +179,6 @@ class Store:
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(*codec.NODE_COLUMNS).where(run_nodes.c.root_id == root))
             return [codec.node_from_row(r._mapping) for r in rows]
-
-    async def get_nodes(self, node_ids: Sequence[str]) -> list[Node]:
-        """The nodes with these ids that exist."""
-        out: list[Node] = []
-        async with self.engine.connect() as conn:
-            for i in range(0, len(node_ids), CHUNK):
-                q = select(*codec.NODE_COLUMNS).where(run_nodes.c.id.in_(node_ids[i:i + CHUNK]))
-                out.extend(codec.node_from_row(r._mapping) for r in await conn.execute(q))
-        return out
-
-    async def finish_dispatch(self, work_id: int, records: Iterable[EventRecord]) -> None:
-        """A call was answered and needs nothing more: forget its work row and record the answer."""
-        async with self._write_connection() as conn:
-            await conn.execute(delete(work).where(work.c.id == work_id))
-            await _insert_events(conn, list(records))
-
-    async def renew_lease(self, work_id: int, owner: str, until: datetime) -> None:
-        """Keep holding a work row while its call is still running."""
-        async with self._write_connection() as conn:
-            await conn.execute(update(work).where(and_(work.c.id == work_id, work.c.lease_owner == owner))
-                               .values(lease_until=until))
 
     async def find_run_by_key(self, key: str) -> str | None:
         """The id of the run started with this idempotency key."""
@@ -236,34 +210,9 @@ class Store:
             rows = await conn.execute(select(events).where(events.c.root_id == root_id).order_by(events.c.id))
             return [_plain(r._mapping) for r in rows]
 
-    # ---- work (the outbox) -----------------------------------------------------------------------------
-
-    async def claim_work(self, owner: str, now: datetime, limit: int, lease_s: float) -> list[ClaimedWork]:
-        """Lease up to `limit` due work rows that nobody holds a live lease on."""
-        ids = self._claim_query(now, limit).scalar_subquery()
-        q = (update(work).where(work.c.id.in_(ids))
-             .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s))
-             .returning(work.c.id, work.c.kind, work.c.node_id, work.c.root_id, work.c.attempt, work.c.due_at))
-        async with self._write_connection() as conn:
-            rows = (await conn.execute(q)).all()
-        return [ClaimedWork(r.id, Work(r.kind, r.node_id, r.root_id, r.attempt, r.due_at)) for r in rows]
-
-    async def next_due(self) -> datetime | None:
-        """When the next work row becomes claimable (None when there is no work)."""
-        q = select(func.min(func.coalesce(work.c.lease_until, work.c.due_at)))
-        async with self.engine.connect() as conn:
-            found: datetime | None = await conn.scalar(q)
-            return found
-
-    async def delete_work(self, work_id: int) -> None:
-        """Forget a work row that is done."""
-        async with self._write_connection() as conn:
-            await conn.execute(delete(work).where(work.c.id == work_id))
-
     async def add_events(self, records: Iterable[EventRecord]) -> None:
         """Append history lines outside any state change (a refused callback, a dispatch answer)."""
-        async with self._write_connection() as conn:
-            await _insert_events(conn, list(records))
+        await self.run(single(AddEvents(list(records))))
 
     async def setting(self, key: str, default: str) -> str:
         """The stored value of `key`, storing `default` first when there is none (first writer wins)."""
@@ -273,109 +222,9 @@ class Store:
             return str(value)
 
 
-class Tx:
-    """One write transaction: the reads and writes an event handler needs."""
-
-    def __init__(self, store: Store, conn: AsyncConnection) -> None:
-        self.store = store
-        self.conn = conn
-        self.added_work = False
-
-    async def insert_run(self, nodes: Sequence[Node], snapshot: dict[str, Any], idempotency_key: str | None,
-                         done_children: dict[str, int]) -> None:
-        """Insert a new run's nodes (already in their started state) with the root's snapshot."""
-        rows = [codec.node_insert_values(n, done_children.get(n.id, 0)) for n in nodes]
-        rows[0]["snapshot"] = snapshot
-        rows[0]["idempotency_key"] = idempotency_key
-        for i in range(0, len(rows), CHUNK):
-            await self.conn.execute(insert(run_nodes), rows[i:i + CHUNK])
-
-    async def load_chain(self, node_id: str) -> list[Node]:
-        """A node and all its ancestors, in one recursive query."""
-        step = run_nodes.alias("step")
-        chain = (select(run_nodes.c.id, run_nodes.c.parent_id).where(run_nodes.c.id == node_id)
-                 .cte("chain", recursive=True))
-        chain = chain.union_all(select(step.c.id, step.c.parent_id).join(chain, step.c.id == chain.c.parent_id))
-        q = select(*codec.NODE_COLUMNS).join(chain, run_nodes.c.id == chain.c.id)
-        return [codec.node_from_row(r._mapping) for r in await self.conn.execute(q)]
-
-    async def load_children(self, parent_id: str) -> list[Node]:
-        """A parent's children, ordered by position."""
-        return await self._nodes_where(run_nodes.c.parent_id == parent_id, order=run_nodes.c.position)
-
-    async def load_child(self, parent_id: str, position: int) -> Node:
-        """The child of a parent at a position."""
-        (node,) = await self._nodes_where(and_(run_nodes.c.parent_id == parent_id, run_nodes.c.position == position))
-        return node
-
-    async def load_subtree(self, node_id: str) -> list[Node]:
-        """A node and all its descendants, in one recursive query."""
-        kid = run_nodes.alias("kid")
-        sub = select(run_nodes.c.id).where(run_nodes.c.id == node_id).cte("sub", recursive=True)
-        sub = sub.union_all(select(kid.c.id).join(sub, kid.c.parent_id == sub.c.id))
-        q = select(*codec.NODE_COLUMNS).join(sub, run_nodes.c.id == sub.c.id)
-        return [codec.node_from_row(r._mapping) for r in await self.conn.execute(q)]
-
-    async def bump_done(self, parent_id: str) -> int:
-        """Atomically count one more finished child of `parent_id`; the new count."""
-        count: int = await self.conn.scalar(
-            update(run_nodes).where(run_nodes.c.id == parent_id)
-            .values(done_children=run_nodes.c.done_children + 1).returning(run_nodes.c.done_children))
-        return count
-
-    async def set_done(self, parent_id: str, value: int) -> None:
-        """Set a parent's count of finished children."""
-        await self.conn.execute(update(run_nodes).where(run_nodes.c.id == parent_id).values(done_children=value))
-
-    async def apply(self, plan: Plan, *, inserted: bool = False) -> None:
-        """Write a plan: changed nodes under their read versions, dropped and new work, history lines."""
-        if not inserted:
-            # In id order, so that two events changing the same nodes lock them in the same order.
-            for node in sorted(plan.changed, key=lambda n: n.id):
-                result = await self.conn.execute(
-                    update(run_nodes)
-                    .where(and_(run_nodes.c.id == node.id, run_nodes.c.version == plan.loaded_versions[node.id]))
-                    .values(**codec.node_state_values(node)))
-                if result.rowcount != 1:
-                    raise Conflict(node.id)
-        drop = sorted(plan.drop_work_for)
-        for i in range(0, len(drop), CHUNK):
-            await self.conn.execute(delete(work).where(work.c.node_id.in_(drop[i:i + CHUNK])))
-        beats = sorted(plan.drop_heartbeats_for - plan.drop_work_for)
-        for i in range(0, len(beats), CHUNK):
-            await self.conn.execute(delete(work).where(and_(work.c.node_id.in_(beats[i:i + CHUNK]),
-                                                            work.c.kind == "heartbeat")))
-        if plan.work:
-            rows = [{"kind": w.kind, "node_id": w.node_id, "root_id": w.root_id, "attempt": w.attempt,
-                     "due_at": w.due_at, "lease_owner": None, "lease_until": None} for w in plan.work]
-            for i in range(0, len(rows), CHUNK):
-                await self.conn.execute(insert(work), rows[i:i + CHUNK])
-            self.added_work = True
-        await _insert_events(self.conn, plan.events)
-
-    async def find_run_by_key(self, key: str) -> str | None:
-        """The id of the run started with this idempotency key, seen from inside the transaction."""
-        found: str | None = await self.conn.scalar(
-            select(run_nodes.c.id).where(run_nodes.c.idempotency_key == key))
-        return found
-
-    async def _nodes_where(self, cond: Any, order: Any = None) -> list[Node]:
-        q = select(*codec.NODE_COLUMNS).where(cond)
-        if order is not None:
-            q = q.order_by(order)
-        return [codec.node_from_row(r._mapping) for r in await self.conn.execute(q)]
-
-
 def _plain(row: Any) -> dict[str, Any]:
     """A row as a dict with plain str keys (SQLAlchemy's quoted names trip up orjson)."""
     return {str(k): v for k, v in row.items()}
-
-
-async def _insert_events(conn: AsyncConnection, records: list[EventRecord]) -> None:
-    rows = [{"root_id": e.root_id, "node_id": e.node_id, "at": e.at, "kind": e.kind, "data": e.data}
-            for e in records]
-    for i in range(0, len(rows), CHUNK):
-        await conn.execute(insert(events), rows[i:i + CHUNK])
 
 
 def encode_cursor(at: datetime, node_id: str) -> str:
@@ -523,5 +372,5 @@ async def _stored_graph(conn: AsyncConnection, start_ids: list[str]) -> dict[str
 
 def is_integrity_error(exc: BaseException) -> bool:
     """Whether a database error is a constraint violation (a lost race on a unique key)."""
-    return isinstance(exc, IntegrityError)
+    return isinstance(exc, IntegrityError | Duplicate)
 

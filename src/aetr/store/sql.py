@@ -1,0 +1,497 @@
+"""The hot path's SQL: statements built once with SQLAlchemy Core, compiled once per dialect, run on the raw driver.
+
+An event (a callback, a deadline, a new run) is a *program*: a generator that yields requests — the decide
+handlers' `LoadChild`, `BumpDone`… and the store's own `LoadChain`, `Apply`… — and receives their answers.
+`lower` turns each request into plain operations (`Fetch`, `Exec`, `ExecMany`) on prebuilt statements, so the
+SQLite backend can run a whole event in its writer thread and the PostgreSQL backend on one asyncpg
+connection, with the same code deciding what to send. SQLAlchemy's per-statement machinery (compiling,
+caching, type processing, pool events) cost more than the database itself on this path; the profile is in
+docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import orjson
+from sqlalchemy import and_, bindparam, delete, func, insert, literal_column, or_, select, update
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+from sqlalchemy.dialects.sqlite.aiosqlite import dialect as aiosqlite_dialect
+from sqlalchemy.sql import ClauseElement
+
+from aetr.domain import decide
+from aetr.domain.runs import EventRecord, Node, Plan, Work
+from aetr.domain.steps import StepConfig
+from aetr.store.tables import events, run_nodes, work
+
+DialectName = Literal["sqlite", "postgresql"]
+
+
+class Conflict(Exception):
+    """Another transaction changed a node this one read: the event must be handled again."""
+
+
+class Duplicate(Exception):
+    """A unique key was taken by another transaction (two starts with one idempotency key)."""
+
+
+class Unavailable(Exception):
+    """The database refused or dropped the connection, or is out of connections: an outage to wait out."""
+
+
+# SQLSTATE classes and codes of an outage rather than a bug: connection exceptions, insufficient resources,
+# operator intervention (shutting down, starting up), and "not accepting connections".
+OUTAGE_SQLSTATE_CLASSES = ("08", "53", "57")
+OUTAGE_SQLSTATES = ("55000",)
+
+
+def is_outage_sqlstate(code: str | None) -> bool:
+    """Whether a SQLSTATE says the database is unavailable (answer 503 and retry) rather than our mistake."""
+    return bool(code) and (code[:2] in OUTAGE_SQLSTATE_CLASSES or code in OUTAGE_SQLSTATES)  # type: ignore[index]
+
+
+# ---- statements -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sql:
+    """A statement compiled for one dialect: its text and the order of its parameters."""
+
+    text: str
+    names: tuple[str, ...]
+    defaults: dict[str, Any]
+
+    def args(self, values: dict[str, Any]) -> tuple[Any, ...]:
+        """Positional arguments for the driver from named values."""
+        return tuple(values[n] if n in values else self.defaults[n] for n in self.names)
+
+
+def compile_sql(stmt: ClauseElement, dialect: DialectName) -> Sql:
+    """Compile a Core statement once for `dialect` (qmark for sqlite3, $n for asyncpg)."""
+    compiled = stmt.compile(dialect=aiosqlite_dialect() if dialect == "sqlite" else asyncpg_dialect())  # type: ignore[no-untyped-call]
+    names = tuple(getattr(compiled, "positiontup", None) or ())
+    defaults = {k: v for k, v in compiled.params.items() if v is not None}
+    return Sql(str(compiled), names, defaults)
+
+
+def _p(name: str) -> Any:
+    return bindparam(name)
+
+
+NODE_COLUMNS = [c for c in run_nodes.c if c.name != "snapshot"]  # the snapshot is only read by GET /runs
+STATE_COLUMNS = ("state", "input", "output", "error", "attempt", "attempt_base", "version", "started_at",
+                 "completed_at")
+WORK_RETURNED = (work.c.kind, work.c.node_id, work.c.root_id, work.c.attempt, work.c.due_at)
+
+
+def _chain_stmt() -> Any:
+    step = run_nodes.alias("step")
+    chain = select(run_nodes.c.id, run_nodes.c.parent_id).where(run_nodes.c.id == _p("node_id")).cte(
+        "chain", recursive=True)
+    chain = chain.union_all(select(step.c.id, step.c.parent_id).join(chain, step.c.id == chain.c.parent_id))
+    return select(*NODE_COLUMNS).join(chain, run_nodes.c.id == chain.c.id)
+
+
+def _subtree_stmt() -> Any:
+    kid = run_nodes.alias("kid")
+    sub = select(run_nodes.c.id).where(run_nodes.c.id == _p("node_id")).cte("sub", recursive=True)
+    sub = sub.union_all(select(kid.c.id).join(sub, kid.c.parent_id == sub.c.id))
+    return select(*NODE_COLUMNS).join(sub, run_nodes.c.id == sub.c.id)
+
+
+def _claim_stmt(dialect: DialectName) -> Any:
+    due = or_(work.c.lease_until.is_(None), work.c.lease_until < _p("now"))
+    ids = select(work.c.id).where(work.c.due_at <= _p("now")).where(due).order_by(work.c.due_at).limit(_p("limit"))
+    if dialect == "postgresql":
+        ids = ids.with_for_update(skip_locked=True)  # two processes claiming at once skip each other's rows
+    return (update(work).where(work.c.id.in_(ids.scalar_subquery()))
+            .values(lease_owner=_p("owner"), lease_until=_p("until")).returning(*WORK_RETURNED))
+
+
+class Statements:
+    """Every statement the hot path sends, compiled for one dialect."""
+
+    def __init__(self, dialect: DialectName) -> None:
+        self.dialect = dialect
+
+        def c(stmt: Any) -> Sql:
+            return compile_sql(stmt, dialect)
+
+        self.load_chain = c(_chain_stmt())
+        self.load_subtree = c(_subtree_stmt())
+        self.load_children = c(select(*NODE_COLUMNS).where(run_nodes.c.parent_id == _p("parent_id"))
+                               .order_by(run_nodes.c.position))
+        self.load_child = c(select(*NODE_COLUMNS).where(
+            and_(run_nodes.c.parent_id == _p("parent_id"), run_nodes.c.position == _p("position"))))
+        self.load_nodes = c(select(*NODE_COLUMNS).where(run_nodes.c.id == _p("id")))
+        self.bump_done = c(update(run_nodes).where(run_nodes.c.id == _p("parent_id"))
+                           .values(done_children=run_nodes.c.done_children + 1).returning(run_nodes.c.done_children))
+        self.set_done = c(update(run_nodes).where(run_nodes.c.id == _p("parent_id"))
+                          .values(done_children=_p("value")))
+        self.update_node = c(update(run_nodes)
+                             .where(and_(run_nodes.c.id == _p("k_id"), run_nodes.c.version == _p("k_version")))
+                             .values({name: _p(name) for name in STATE_COLUMNS}))
+        self.insert_node = c(insert(run_nodes).values({col.name: _p(col.name) for col in run_nodes.c}))
+        self.find_key = c(select(run_nodes.c.id).where(run_nodes.c.idempotency_key == _p("key")))
+        # inline(): no implicit RETURNING of the generated id, which nobody reads
+        self.insert_work = c(insert(work).inline().values({col.name: _p(col.name) for col in work.c
+                                                           if col.name != "id"}))
+        self.drop_work = c(delete(work).where(work.c.node_id == _p("node_id")))
+        self.drop_heartbeats = c(delete(work).where(and_(work.c.node_id == _p("node_id"),
+                                                         work.c.kind == literal_column("'heartbeat'"))))
+        self.finish_call = c(delete(work).where(and_(
+            work.c.node_id == _p("node_id"), work.c.attempt == _p("attempt"), work.c.kind == _p("kind"))))
+        self.renew_lease = c(update(work).where(and_(
+            work.c.node_id == _p("node_id"), work.c.attempt == _p("attempt"),
+            work.c.kind == literal_column("'dispatch'"), work.c.lease_owner == _p("owner")))
+            .values(lease_until=_p("until")))
+        self.claim = c(_claim_stmt(dialect))
+        # The nodes of the calls just claimed: their rows carry this claim's owner and lease end.
+        self.claimed_nodes = c(select(*NODE_COLUMNS).join(work, work.c.node_id == run_nodes.c.id).where(and_(
+            work.c.lease_owner == _p("owner"), work.c.lease_until == _p("until"),
+            work.c.kind == literal_column("'dispatch'"))))
+        self.next_due = c(select(func.min(func.coalesce(work.c.lease_until, work.c.due_at))))
+        self.insert_event = c(insert(events).inline().values({col.name: _p(col.name) for col in events.c
+                                                              if col.name != "id"}))
+
+    # ---- values to and from the driver ----
+
+    def time_in(self, at: datetime | None) -> Any:
+        """A timezone-aware datetime as the driver stores it (SQLite: naive UTC text, as SQLAlchemy writes it)."""
+        if at is None:
+            return None
+        if self.dialect == "sqlite":
+            return at.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+        return at
+
+    def time_out(self, value: Any) -> datetime | None:
+        """A stored time as a timezone-aware UTC datetime."""
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return datetime.fromisoformat(value).replace(tzinfo=UTC)
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def node(self, row: Sequence[Any]) -> Node:
+        """A Node from a row of NODE_COLUMNS."""
+        (id_, root_id, parent_id, position, step_id, step_name, step_kind, step_version, config, mapper,
+         n_children, state, input_, output, error, attempt, attempt_base, version, _done, created_at, started_at,
+         completed_at, _key) = row
+        return Node(id=id_, root_id=root_id, parent_id=parent_id, position=position,
+                    step=_step(step_name, step_kind, config, step_id, step_version), mapper=mapper,
+                    n_children=n_children, created_at=self.time_out(created_at), state=state,  # type: ignore[arg-type]
+                    input=_json_out(input_), output=_json_out(output), error=_json_out(error), attempt=attempt,
+                    attempt_base=attempt_base, version=version, started_at=self.time_out(started_at),
+                    completed_at=self.time_out(completed_at))
+
+    def state_values(self, node: Node) -> dict[str, Any]:
+        """The columns an event may change on a node, as driver values."""
+        return {"state": node.state, "input": _json_in(node.input), "output": _json_in(node.output),
+                "error": _json_in(node.error), "attempt": node.attempt, "attempt_base": node.attempt_base,
+                "version": node.version, "started_at": self.time_in(node.started_at),
+                "completed_at": self.time_in(node.completed_at)}
+
+    def event_values(self, e: EventRecord) -> dict[str, Any]:
+        """An events row."""
+        return {"root_id": e.root_id, "node_id": e.node_id, "at": self.time_in(e.at), "kind": e.kind,
+                "data": orjson.dumps(e.data).decode()}
+
+    def work_values(self, w: Work, owner: str | None = None, until: datetime | None = None) -> dict[str, Any]:
+        """A work row, leased to `owner` until `until` when it will be performed at once by this process."""
+        return {"kind": w.kind, "node_id": w.node_id, "root_id": w.root_id, "attempt": w.attempt,
+                "due_at": self.time_in(w.due_at), "lease_owner": owner, "lease_until": self.time_in(until)}
+
+
+assert [c.name for c in NODE_COLUMNS] == [
+    "id", "root_id", "parent_id", "position", "step_id", "step_name", "step_kind", "step_version", "config",
+    "mapper", "n_children", "state", "input", "output", "error", "attempt", "attempt_base", "version",
+    "done_children", "created_at", "started_at", "completed_at", "idempotency_key"], "Statements.node unpacks these"
+
+
+def _json_in(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _json_out(value: str | None) -> Any:
+    return None if value is None else orjson.loads(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _step(name: str, kind: str, config: str, step_id: str, version: int) -> StepConfig:
+    # Siblings of a wide parallel parent share one step: parse its config once, not once per child.
+    return StepConfig.from_json(name, kind, orjson.loads(config), id=step_id, version=version)  # type: ignore[arg-type]
+
+
+# ---- operations: what a backend executes -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Run a statement and answer its rows (tuples)."""
+
+    sql: Sql
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Exec:
+    """Run a statement and answer the number of rows it changed."""
+
+    sql: Sql
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ExecMany:
+    """Run a statement once per set of values (one round trip on PostgreSQL); answers nothing."""
+
+    sql: Sql
+    values: list[dict[str, Any]]
+
+
+Op = Fetch | Exec | ExecMany
+
+
+# ---- the store's own requests -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadChain:
+    """Request: a node and all its ancestors (answer: list[Node], empty when there is no such node)."""
+
+    node_id: str
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Dispatch rows that this process will perform right after the commit, leased to it until `until`."""
+
+    owner: str
+    until: datetime
+    node_ids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Apply:
+    """Request: write a plan — changed nodes under their read versions (Conflict otherwise), work, history."""
+
+    plan: Plan
+    inserted: bool = False  # the nodes were just inserted in their final state: no update
+    lease: Lease | None = None
+
+
+@dataclass(frozen=True)
+class InsertRun:
+    """Request: insert a new run's nodes (in their started state), the root carrying the snapshot and key."""
+
+    nodes: Sequence[Node]
+    snapshot: dict[str, Any]
+    idempotency_key: str | None
+    done_children: dict[str, int]
+
+
+@dataclass(frozen=True)
+class FindRunByKey:
+    """Request: the run started with an idempotency key (answer: its id or None)."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class LoadNodes:
+    """Request: the nodes with these ids that exist (answer: list[Node])."""
+
+    node_ids: Sequence[str]
+
+
+@dataclass(frozen=True)
+class FinishCall:
+    """A work row was performed and needs nothing more: forget it, and record the answer when there is one."""
+
+    node_id: str
+    attempt: int
+    kind: str = "dispatch"
+    record: EventRecord | None = None
+
+
+@dataclass(frozen=True)
+class FinishCalls:
+    """Request: several FinishCall at once."""
+
+    calls: Sequence[FinishCall]
+
+
+@dataclass(frozen=True)
+class AddEvents:
+    """Request: append history lines outside any state change."""
+
+    records: Sequence[EventRecord]
+
+
+@dataclass(frozen=True)
+class RenewLease:
+    """Request: keep holding a dispatch row while its call still runs."""
+
+    node_id: str
+    attempt: int
+    owner: str
+    until: datetime
+
+
+@dataclass(frozen=True)
+class ClaimedWork:
+    """A work row this process holds the lease on, with its node when it is a call."""
+
+    work: Work
+    node: Node | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Request: lease up to `limit` due work rows nobody holds (answer: ClaimResult)."""
+
+    owner: str
+    now: datetime
+    limit: int
+    lease_s: float
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """The claimed work, and when the next row becomes claimable (None when there is none)."""
+
+    claimed: list[ClaimedWork]
+    next_due: datetime | None = None
+
+
+StoreRequest = (LoadChain | Apply | InsertRun | FindRunByKey | LoadNodes | FinishCalls | AddEvents | RenewLease
+                | Claim)
+Program = Generator[Any, Any, Any]  # yields decide.Request | StoreRequest, returns the event's result
+
+
+def single(request: Any) -> Program:
+    """A program of one request."""
+    return (yield request)
+
+
+def lower(program: Program, st: Statements) -> Generator[Op | decide.RunScript, Any, Any]:
+    """A program's requests as operations; RunScript passes through to the backend, which calls the sandbox."""
+    answer: Any = None
+    while True:
+        try:
+            req = program.send(answer)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(req, decide.RunScript):
+            answer = yield req
+        else:
+            answer = yield from _ops(req, st)
+
+
+def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
+    if isinstance(req, LoadChain):
+        return [st.node(r) for r in (yield Fetch(st.load_chain, {"node_id": req.node_id}))]
+    if isinstance(req, decide.LoadChild):
+        (row,) = yield Fetch(st.load_child, {"parent_id": req.parent_id, "position": req.position})
+        return st.node(row)
+    if isinstance(req, decide.LoadChildren):
+        return [st.node(r) for r in (yield Fetch(st.load_children, {"parent_id": req.parent_id}))]
+    if isinstance(req, decide.LoadSubtree):
+        return [st.node(r) for r in (yield Fetch(st.load_subtree, {"node_id": req.node_id}))]
+    if isinstance(req, decide.BumpDone):
+        ((count,),) = yield Fetch(st.bump_done, {"parent_id": req.parent_id})
+        return count
+    if isinstance(req, decide.SetDone):
+        yield Exec(st.set_done, {"parent_id": req.parent_id, "value": req.value})
+        return None
+    if isinstance(req, Apply):
+        yield from _apply(req, st)
+        return None
+    if isinstance(req, InsertRun):
+        rows = []
+        for n in req.nodes:
+            row = {"id": n.id, "root_id": n.root_id, "parent_id": n.parent_id, "position": n.position,
+                   "step_id": n.step.id, "step_name": n.step.name, "step_kind": n.step.kind,
+                   "step_version": n.step.version, "config": orjson.dumps(n.step.fields_json()).decode(),
+                   "mapper": n.mapper, "n_children": n.n_children, "done_children": req.done_children.get(n.id, 0),
+                   "created_at": st.time_in(n.created_at), "snapshot": None, "idempotency_key": None,
+                   **st.state_values(n)}
+            rows.append(row)
+        rows[0]["snapshot"] = orjson.dumps(req.snapshot).decode()
+        rows[0]["idempotency_key"] = req.idempotency_key
+        yield ExecMany(st.insert_node, rows)
+        return None
+    if isinstance(req, FindRunByKey):
+        rows = yield Fetch(st.find_key, {"key": req.key})
+        return rows[0][0] if rows else None
+    if isinstance(req, LoadNodes):
+        out: list[Node] = []
+        for node_id in req.node_ids:
+            out.extend(st.node(r) for r in (yield Fetch(st.load_nodes, {"id": node_id})))
+        return out
+    if isinstance(req, FinishCalls):
+        if not req.calls:
+            return None
+        # In node id order, like every other event's work rows: two transactions never wait on each other.
+        yield ExecMany(st.finish_call, [{"node_id": c.node_id, "attempt": c.attempt, "kind": c.kind}
+                                        for c in sorted(req.calls, key=lambda c: c.node_id)])
+        records = [st.event_values(c.record) for c in req.calls if c.record is not None]
+        if records:
+            yield ExecMany(st.insert_event, records)
+        return None
+    if isinstance(req, AddEvents):
+        if req.records:
+            yield ExecMany(st.insert_event, [st.event_values(e) for e in req.records])
+        return None
+    if isinstance(req, RenewLease):
+        yield Exec(st.renew_lease, {"node_id": req.node_id, "attempt": req.attempt, "owner": req.owner,
+                                    "until": st.time_in(req.until)})
+        return None
+    if isinstance(req, Claim):
+        return (yield from _claim(req, st))
+    raise TypeError(f"no SQL for request {req!r}")
+
+
+def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
+    plan = req.plan
+    if not req.inserted:
+        # In id order, so that two events changing the same nodes lock them in the same order.
+        for node in sorted(plan.changed, key=lambda n: n.id):
+            values = st.state_values(node)
+            values["k_id"] = node.id
+            values["k_version"] = plan.loaded_versions[node.id]
+            if (yield Exec(st.update_node, values)) != 1:
+                raise Conflict(node.id)
+    if plan.drop_work_for:
+        yield ExecMany(st.drop_work, [{"node_id": i} for i in sorted(plan.drop_work_for)])
+    beats = plan.drop_heartbeats_for - plan.drop_work_for
+    if beats:
+        yield ExecMany(st.drop_heartbeats, [{"node_id": i} for i in sorted(beats)])
+    if plan.work:
+        lease = req.lease
+        rows = [st.work_values(w, lease.owner, lease.until)
+                if lease is not None and w.kind == "dispatch" and w.node_id in lease.node_ids
+                else st.work_values(w) for w in plan.work]
+        yield ExecMany(st.insert_work, rows)
+    if plan.events:
+        yield ExecMany(st.insert_event, [st.event_values(e) for e in plan.events])
+
+
+def _claim(req: Claim, st: Statements) -> Generator[Op, Any, ClaimResult]:
+    until = req.now + timedelta(seconds=req.lease_s)
+    rows = yield Fetch(st.claim, {"now": st.time_in(req.now), "limit": req.limit, "owner": req.owner,
+                                  "until": st.time_in(until)})
+    nodes: dict[str, Node] = {}
+    if any(kind == "dispatch" for kind, *_ in rows):
+        found = yield Fetch(st.claimed_nodes, {"owner": req.owner, "until": st.time_in(until)})
+        nodes = {n.id: n for n in map(st.node, found)}
+    claimed = [ClaimedWork(Work(kind, node_id, root_id, attempt, st.time_out(due_at)),  # type: ignore[arg-type]
+                           nodes.get(node_id) if kind == "dispatch" else None)
+               for kind, node_id, root_id, attempt, due_at in rows]
+    ((due,),) = yield Fetch(st.next_due, {})
+    return ClaimResult(claimed, st.time_out(due))
