@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -15,10 +16,10 @@ from aiohttp import web
 from aetr.testing import Behaviour, StepRequest, StepService
 from tests.e2e.harness import Api, Launcher, all_nodes
 
-RUNS = 20
-DONE_BEFORE_KILL = 3  # runs at least that have completed when the server is killed; the rest are mid-step
-STEP_DELAY_S = 0.1  # seconds the fastest run's steps take to call back; run k's take STEP_DELAY_S + k * DELAY_STEP_S
-DELAY_STEP_S = 0.04  # seconds: spreads the runs out, so the kill finds them at different steps
+RUNS = 50
+DONE_BEFORE_KILL = 5  # runs at least that have completed when the server is killed; the rest are mid-step
+STEP_MIN_S = 0.05  # seconds a step takes at least to call back
+STEP_MAX_S = 0.3  # seconds a step takes at most: each (run, step) draws its own, so the kill finds runs at every step
 RETRY = {"max_attempts": 5, "backoff_s": 0.1, "max_backoff_s": 0.5}
 TIMEOUT_S = 2  # a step's deadline: a callback lost with the server comes back as a retry after this
 WAIT_S = 30.0  # seconds for the calls and completions the test waits for before the kill (a loaded runner is slow)
@@ -29,7 +30,10 @@ STEPS: dict[str, Step] = {
     "triple": lambda x: {**x, "v": x["v"] * 3, "path": [*x["path"], "triple"]},
     "add-seven": lambda x: {**x, "v": x["v"] + 7, "path": [*x["path"], "add-seven"]},
     "double": lambda x: {**x, "v": x["v"] * 2, "path": [*x["path"], "double"]},
+    "minus-four": lambda x: {**x, "v": x["v"] - 4, "path": [*x["path"], "minus-four"]},
+    "quintuple": lambda x: {**x, "v": x["v"] * 5, "path": [*x["path"], "quintuple"]},
 }
+LAST_STEP = "quintuple"
 
 
 def run_input(k: int) -> dict[str, Any]:
@@ -38,7 +42,13 @@ def run_input(k: int) -> dict[str, Any]:
 
 def expected_output(k: int) -> dict[str, Any]:
     """What the pipeline must produce for run k: each step once, in order, on its predecessor's output."""
-    return {"k": k, "v": (3 * k + 7) * 2, "path": list(STEPS)}
+    return {"k": k, "v": ((3 * k + 7) * 2 - 4) * 5,
+            "path": ["triple", "add-seven", "double", "minus-four", "quintuple"]}
+
+
+def step_delay_s(k: int, step: str) -> float:
+    """Seconds run k's `step` works before calling back: fixed per (run, step), so a failure can be replayed."""
+    return random.Random(f"{k}/{step}").uniform(STEP_MIN_S, STEP_MAX_S)
 
 
 @dataclass(eq=False)
@@ -48,7 +58,8 @@ class StepsSide:
     held_k: int  # this run's first call gets no answer until the server is dead: it dies holding the lease
     late_k: int  # this run's first step calls back only once the server is dead: its callback is lost
     lost: list[tuple[str, int, float]] = field(default_factory=list)  # (node id, attempt, monotonic time)
-    cut: list[str] = field(default_factory=list)  # sent before the kill, cut by it: AETR may or may not have it
+    # Sent before the kill and cut by it, AETR may or may not have it: (node id, attempt, what went wrong).
+    cut: list[tuple[str, int, str]] = field(default_factory=list)
     held: str | None = None  # node ids of the held call and of the late one
     late: str | None = None
     both_came: asyncio.Event = field(default_factory=asyncio.Event)
@@ -56,8 +67,8 @@ class StepsSide:
     owed: int = 0  # callbacks scheduled and not yet sent (or failed)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def behaviour(self, fn: Step) -> Behaviour:
-        """Answer 202, work for a time that grows with the run's k, then call back with fn(input)."""
+    def behaviour(self, name: str, fn: Step) -> Behaviour:
+        """Answer 202, work for the step's time in this run, then call back with fn(input)."""
 
         async def work_then_call_back(request: StepRequest, late: bool) -> None:
             after_kill = False
@@ -65,17 +76,17 @@ class StepsSide:
                 if late:
                     await self.server_dead.wait()
                 else:
-                    await asyncio.sleep(STEP_DELAY_S + request.input["k"] * DELAY_STEP_S)
+                    await asyncio.sleep(step_delay_s(request.input["k"], name))
                 after_kill = self.server_dead.is_set()
                 await request.send_output(fn(request.input))
             except aiohttp.ClientError as exc:
                 # Sent once the server was dead, a callback is surely lost (refused, or on a pooled connection
                 # the kill closed); one already on its way when it died may or may not have been committed.
+                assert request.call.node_id is not None and request.call.attempt is not None
                 if after_kill:
-                    assert request.call.node_id is not None and request.call.attempt is not None
                     self.lost.append((request.call.node_id, request.call.attempt, time.monotonic()))
                 else:
-                    self.cut.append(f"{type(exc).__name__}: {exc}")
+                    self.cut.append((request.call.node_id, request.call.attempt, f"{type(exc).__name__}: {exc}"))
             finally:
                 self.owed -= 1
                 if self.owed == 0:
@@ -109,7 +120,7 @@ async def test_a_server_killed_mid_flight_and_restarted_completes_every_run_exac
     side = StepsSide(held_k=RUNS - 1, late_k=RUNS - 2)
     async with StepService() as svc:
         for name, fn in STEPS.items():
-            svc.route(f"/{name}", side.behaviour(fn))
+            svc.route(f"/{name}", side.behaviour(name, fn))
         aetr = await launcher.serve(database_url)
         api = Api(http, aetr.url)
         for name in STEPS:
@@ -121,9 +132,10 @@ async def test_a_server_killed_mid_flight_and_restarted_completes_every_run_exac
         async with asyncio.timeout(WAIT_S):
             await side.both_came.wait()
         # The last step's callback being accepted is a run completing.
-        await svc.wait_for_callback_answers("/double", DONE_BEFORE_KILL, timeout=WAIT_S)
+        await svc.wait_for_callback_answers(f"/{LAST_STEP}", DONE_BEFORE_KILL, timeout=WAIT_S)
         aetr.kill()
         killed_at = time.monotonic()
+        done_at_kill = len(svc.callback_answers(f"/{LAST_STEP}"))
         side.server_dead.set()
         # Every callback the steps still owe now goes to the dead server (and is lost), or was on its way.
         async with asyncio.timeout(WAIT_S):
@@ -133,6 +145,8 @@ async def test_a_server_killed_mid_flight_and_restarted_completes_every_run_exac
         runs = await asyncio.gather(*(api.wait_run(run_id, FINISH_TIMEOUT_S) for run_id in run_ids))
         histories = await asyncio.gather(*(api.events(run_id) for run_id in run_ids))
 
+    # The kill found most runs mid-way, not at the end: what follows is a test of recovery at scale.
+    assert done_at_kill < RUNS // 2, f"{done_at_kill} of {RUNS} runs had completed when the server was killed"
     for k, run in enumerate(runs):
         assert run["state"] == "complete" and run["output"] == expected_output(k), run
     api_node_ids = set()
@@ -159,6 +173,14 @@ async def test_a_server_killed_mid_flight_and_restarted_completes_every_run_exac
     assert made_again(side.held, 1, killed_at), f"node {side.held}: its unanswered call was never made again"
     (late,) = [(attempt, at) for node_id, attempt, at in side.lost if node_id == side.late]
     assert made_again(side.late, *late), f"node {side.late}: its callback was lost and it was never called again"
+    # So was every other call whose callback the kill lost; one cut on its way was either taken or made again.
+    for node_id, attempt, at in side.lost:
+        assert made_again(node_id, attempt, at), f"node {node_id}: its callback was lost and it was never called again"
+    taken = {(e["node_id"], e["data"]["attempt"]) for history in histories for e in history
+             if e["kind"] == "callback" and e["data"].get("outcome") == "accepted"}
+    for node_id, attempt, error in side.cut:
+        assert (node_id, attempt) in taken or made_again(node_id, attempt, killed_at), (
+            f"node {node_id}: its callback was cut by the kill ({error}), not taken, and it was never called again")
     # The step service saw each step of each run at least once, and only steps of these runs.
     assert {c.node_id for c in svc.calls()} == api_node_ids
     assert svc.errors == [], svc.errors

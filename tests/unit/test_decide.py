@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 from hypothesis import given, settings
@@ -221,6 +222,38 @@ def test_cancel_stops_every_unfinished_node() -> None:
     assert store.work == []
     late = succeed(store, by_name(store, "a"))
     assert late.outcome == "refused"
+
+
+def test_cancel_and_redrive_are_recorded_before_the_state_changes_they_cause() -> None:
+    store = MemoryStore()
+    root = store.start(seq("s", api("a"), api("b")), 0)
+    history: list[tuple[str, str | None, dict[str, Any]]] = []
+
+    def recorded(plan: Plan, handler: Generator[decide.Request, Any, decide.Verdict],
+                 ) -> Generator[decide.Request, Any, decide.Verdict]:
+        verdict = yield from handler
+        history.extend((e.kind, e.node_id, e.data) for e in plan.events)
+        return verdict
+
+    a, b = by_name(store, "a"), by_name(store, "b")
+    store.event(root, lambda plan: recorded(plan, decide.cancel_run(plan, root)))
+    cancelled = history[:]
+    history.clear()
+    store.event(root, lambda plan: recorded(plan, decide.redrive(plan, root)))
+
+    assert cancelled[0] == ("cancel", root, {"from": "executing"})
+    assert sorted((node, data["from"], data["to"]) for kind, node, data in cancelled[1:] if kind == "state") == sorted(
+        [(root, "executing", "cancelled"), (a, "executing", "cancelled"), (b, "pending", "cancelled")])
+    assert [kind for kind, _, _ in cancelled] == ["cancel", "state", "state", "state"]
+    assert history[0] == ("run.retried", root, {"from": "cancelled"})
+    assert [kind for kind, _, _ in history[1:]] == ["state"] * (len(history) - 1) and len(history) > 1
+    # A refused cancel (the run is over) leaves no trace in the history.
+    succeed(store, a)
+    succeed(store, b)
+    assert store.nodes[root].state == "complete"
+    history.clear()
+    assert store.event(root, lambda plan: recorded(plan, decide.cancel_run(plan, root))).outcome == "refused"
+    assert history == []
 
 
 def test_backoff_is_scaled_by_jitter_and_never_shorter_than_retry_after() -> None:

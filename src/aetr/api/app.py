@@ -23,6 +23,9 @@ from aetr.api.schemas import PATTERN_HINTS
 from aetr.config import Settings
 from aetr.domain.jsonvalue import MAX_JSON_DEPTH
 from aetr.engine.runtime import Engine
+from aetr.engine.tokens import redact
+from aetr.store import Unavailable
+from aetr.store.sql import is_outage_sqlstate
 from aetr.store.store import sqlstate
 
 log = logging.getLogger("aetr.api")
@@ -180,15 +183,22 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                                          f"(this request has {_shorten(got)})")}, status_code=415)
         return JSON({"detail": safe_text(describe_validation(exc))}, status_code=422)
 
+    def unavailable(request: Request, cause: str) -> Response:
+        log.warning("database unavailable for %s %s: %s", request.method, redact(request.url.path), cause)
+        return JSON({"detail": "the database is unavailable or out of connections; try again shortly"},
+                    status_code=503, headers={"Retry-After": "1"})
+
     @app.exception_handler(DBAPIError)
     async def on_database(request: Request, exc: DBAPIError) -> Response:
         # The database refusing or dropping connections is an outage to wait out (503), not a bug (500).
-        code = sqlstate(exc) or ""
-        if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError) or code[:2] in ("08", "53"):
-            log.warning("database unavailable for %s %s: %s", request.method, request.url.path, type(exc.orig).__name__)
-            return JSON({"detail": "the database is unavailable or out of connections; try again shortly"},
-                        status_code=503, headers={"Retry-After": "1"})
+        if (exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+                or is_outage_sqlstate(sqlstate(exc))):
+            return unavailable(request, type(exc.orig).__name__)
         raise exc
+
+    @app.exception_handler(Unavailable)
+    async def on_unavailable(request: Request, exc: Unavailable) -> Response:
+        return unavailable(request, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> Response:

@@ -169,6 +169,7 @@ def cancel_run(plan: Plan, root_id: str) -> Generator[Request, Any, Verdict]:
     root = plan.nodes[root_id]
     if root.terminal:
         return Verdict("refused", f"the run is already {root.state}")
+    plan.event(root, "cancel", {"from": root.state})
     error = {"message": "the run was cancelled", "kind": "cancelled", "node_id": root_id,
              "step": root.step.name}
     for node in list(plan.nodes.values()):

@@ -18,8 +18,9 @@ from aetr.domain.jsonvalue import check_json
 from aetr.domain.runs import EventRecord, Node
 from aetr.engine import metrics
 from aetr.engine.coordinator import Coordinator, utcnow
-from aetr.engine.tokens import TokenSigner
-from aetr.store import ClaimedWork, Store
+from aetr.engine.tokens import TokenSigner, redact
+from aetr.store import ClaimedWork
+from aetr.store.sql import FinishCall
 
 log = logging.getLogger("aetr.dispatch")
 
@@ -59,9 +60,8 @@ def parse_retry_after(value: str | None) -> float | None:
 class Dispatcher:
     """Makes step calls with one shared aiohttp session (it holds up under concurrency where httpx does not)."""
 
-    def __init__(self, store: Store, coordinator: Coordinator, signer: TokenSigner, callback_base: str,
+    def __init__(self, coordinator: Coordinator, signer: TokenSigner, callback_base: str,
                  max_connections: int) -> None:
-        self.store = store
         self.coordinator = coordinator
         self.signer = signer
         self.callback_base = callback_base
@@ -82,11 +82,11 @@ class Dispatcher:
         """Where this attempt of the node reports back."""
         return f"{self.callback_base}/api/v1/callbacks/{self.signer.sign(node.id, node.attempt)}"
 
-    async def dispatch(self, claimed: ClaimedWork, node: Node | None) -> None:
-        """Call the step for a claimed dispatch row (its node as read after the claim), unless the attempt is over."""
-        w = claimed.work
+    async def dispatch(self, claimed: ClaimedWork) -> None:
+        """Call the step for a leased dispatch row (with its node as committed), unless the attempt is over."""
+        w, node = claimed.work, claimed.node
         if node is None or node.state != "executing" or node.attempt != w.attempt:
-            await self.store.finish_dispatch(claimed.id, [])
+            self.coordinator.call_answered(FinishCall(w.node_id, w.attempt))
             return
         step = node.step
         assert step.url is not None
@@ -102,14 +102,17 @@ class Dispatcher:
         started = time.monotonic()
         assert self._session is not None
         try:
-            async with self._session.request(step.method, url, data=payload, headers=headers,
+            # Redirects are not followed: they would carry the input and the callback token to wherever
+            # Location points (and a 301/302 turns the POST into a GET without its body).
+            async with self._session.request(step.method, url, data=payload, headers=headers, allow_redirects=False,
                                              timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 body = await resp.read()
                 status, content_type = resp.status, resp.headers.get("Content-Type")
                 retry_after = resp.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             metrics.CALLS.labels("unreachable").inc()
-            reason = f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
+            # The driver's text may quote the URL called, whose `aetr=` parameter holds the callback token.
+            reason = f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else redact(str(exc))
             await self.coordinator.attempt_failed(
                 node.id, node.attempt, f"{step.method} {step.url} failed: {reason or type(exc).__name__}", "http",
                 retryable=True, source="dispatch")
@@ -119,8 +122,8 @@ class Dispatcher:
         answer = {"attempt": node.attempt, "status": status, "ms": ms}
         if 200 <= status < 300:
             if step.mode == "callback":
-                await self.store.finish_dispatch(
-                    claimed.id, [EventRecord(node.root_id, node.id, "dispatch", answer, utcnow())])
+                record = EventRecord(node.root_id, node.id, "dispatch", answer, utcnow())
+                self.coordinator.call_answered(FinishCall(node.id, node.attempt, record=record))
                 return
             try:
                 output = check_json(parse_body(body, content_type))
@@ -140,6 +143,9 @@ class Dispatcher:
         message = f"{step.method} {step.url} answered HTTP {status}: {excerpt}".rstrip(": ")
         if retry_after:
             message += f" (Retry-After: {retry_after})"
+        if 300 <= status < 400:
+            message += (f" (a redirect to {resp.headers.get('Location', 'nowhere')!r}: AETR does not follow "
+                        "redirects; set the step's url to the final address)")
         retryable = status >= 500 or status == 429
         await self.coordinator.attempt_failed(node.id, node.attempt, message, "http", retryable, source="dispatch",
                                               retry_after_s=parse_retry_after(retry_after))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -43,3 +44,13 @@ class TokenSigner:
         if not hmac.compare_digest(mac, hmac.new(self._key, body, hashlib.sha256).digest()[:MAC_BYTES]):
             return None
         return Attempt(str(uuid.UUID(bytes=body[:16])), int.from_bytes(body[16:], "big"))
+
+
+# A callback token in a path (`/callbacks/<token>`) or percent-encoded in a step URL's `aetr=` parameter.
+CALLBACK_TOKEN = re.compile(r"(callbacks(?:/|%2F))[A-Za-z0-9_-]+=*", re.IGNORECASE)
+REDACTED = "<token>"
+
+
+def redact(text: str) -> str:
+    """`text` with every callback token blanked out."""
+    return CALLBACK_TOKEN.sub(rf"\g<1>{REDACTED}", text)

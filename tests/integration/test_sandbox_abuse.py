@@ -1,0 +1,135 @@
+"""Hostile mappers, stored and run over HTTP next to ordinary runs, fail only their own node (spec §3)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from aetr.testing import StepService, callback
+from tests.integration.conftest import Server, running_server
+
+TIME_LIMIT_S = 0.5  # AETR_SANDBOX_TIME_LIMIT_S for this server: short, so the endless scripts end soon
+NORMAL_RUNS = 10
+STEP_DELAY_S = 0.05  # seconds each ordinary step takes to call back, so the ordinary runs overlap the abuse
+PROBE_EVERY_S = 0.1  # seconds between two health probes while the runs go on
+PROBE_TIMEOUT_S = 5.0  # seconds a health probe may take before it counts as a failure
+RUN_TIMEOUT_S = 60.0  # seconds for every run to end (SQLite queues writes behind each endless script)
+
+TIME_LIMIT = f"script exceeded the time limit of {TIME_LIMIT_S} s (raise it with AETR_SANDBOX_TIME_LIMIT_S)"
+MEMORY_LIMIT = "script exceeded the memory limit of 64 MiB (raise it with AETR_SANDBOX_MEMORY_MB)"
+
+# name -> (mapper, the messages its node's error may carry: the first one that applies is V8's choice)
+ABUSE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "endless-loop": ("(x) => { while (true) {} }", (TIME_LIMIT,)),
+    "gigabyte-array": ("(x) => new Array(2 ** 28).fill(1)", (TIME_LIMIT, MEMORY_LIMIT)),
+    "heap-fill": ("(x) => { const a = []; while (true) a.push(new Array(1e6).fill(1)); }", (MEMORY_LIMIT,)),
+    "string-doubling": ("(x) => { let s = 'x'; while (true) s += s; }", ("RangeError: Invalid string length",)),
+    "deep-recursion": ("(x) => { function f() { return f() + 1 }; return f() }",
+                       ("RangeError: Maximum call stack size exceeded",)),
+    "require-fs": ("(x) => require('fs').readFileSync('/etc/passwd', 'utf8')",
+                   ("ReferenceError: require is not defined",)),
+    "process-exit": ("(x) => process.exit(1)", ("ReferenceError: process is not defined",)),
+    "fetch": ("(x) => fetch('http://127.0.0.1')", ("ReferenceError: fetch is not defined",)),
+    "function-constructor": ("(x) => globalThis.constructor.constructor('return process')().exit(1)",
+                             ("ReferenceError: process is not defined",)),
+    "dynamic-import": ("(x) => import('fs')", ("no import(): modules cannot load here",)),
+}
+AT_START = "endless-loop-at-start"  # the same endless loop on the first link: it runs inside POST /runs
+
+
+@dataclass
+class Health:
+    """`GET /healthz` probed over and over while the runs go on: what it answered and how long it took."""
+
+    answers: list[tuple[int, float]] = field(default_factory=list)
+
+    @asynccontextmanager
+    async def probing(self, aetr: Server) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+
+        async def probe() -> None:
+            timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    async with aetr.http.get(aetr.base_url + "/healthz", timeout=timeout) as response:
+                        status = response.status
+                except (aiohttp.ClientError, TimeoutError):
+                    status = 0
+                self.answers.append((status, time.monotonic() - started))
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), PROBE_EVERY_S)
+
+        task = asyncio.create_task(probe())
+        try:
+            yield
+        finally:
+            stop.set()
+            await task
+
+
+def ordinary_output(n: int) -> dict[str, Any]:
+    """What ordinary run n must end with: each step once, in order, the mapper's +10 between the first two."""
+    return {"n": n, "v": (n + 1 + 10) * 2, "seen": ["inc", "double"], "index": 1}
+
+
+async def test_hostile_mappers_fail_their_own_node_while_ordinary_runs_complete_and_the_server_stays_healthy(
+        database_url: str, steps_service: StepService) -> None:
+    svc = steps_service
+    svc.route("/inc", callback(lambda x: {**x, "v": x["v"] + 1, "seen": [*x.get("seen", []), "inc"]},
+                               delay=STEP_DELAY_S))
+    svc.route("/double", callback(lambda x: {**x, "v": x["v"] * 2, "seen": [*x["seen"], "double"]},
+                                  delay=STEP_DELAY_S))
+    svc.route("/prep", callback(lambda x: {"prepared": x}, delay=STEP_DELAY_S))
+    svc.route("/target", callback(lambda x: {"should never": "be called"}))
+    health = Health()
+    async with running_server(database_url, sandbox_time_limit_s=TIME_LIMIT_S) as aetr:
+        await aetr.put_step({"name": "ordinary", "kind": "sequential", "children": [
+            {"step": {"name": "inc", "kind": "api", "url": svc.url("/inc")}},
+            {"step": {"name": "double", "kind": "api", "url": svc.url("/double")},
+             "mapper": "(x, ctx) => ({...x, v: x.v + 10, index: ctx.index})"}]})
+        await aetr.put_step({"name": "prep", "kind": "api", "url": svc.url("/prep")})
+        await aetr.put_step({"name": "target", "kind": "api", "url": svc.url("/target")})
+        for name, (mapper, _) in ABUSE.items():
+            await aetr.put_step({"name": name, "kind": "sequential", "children": [
+                {"step": "prep"}, {"step": "target", "mapper": mapper}]})
+        await aetr.put_step({"name": AT_START, "kind": "sequential", "children": [
+            {"step": "target", "mapper": ABUSE["endless-loop"][0]}]})
+
+        async with health.probing(aetr):
+            names = [*ABUSE, AT_START]
+            # Abusive and ordinary runs interleaved, all started at once.
+            started = await asyncio.gather(*[aetr.start(name, name) for name in names],
+                                           *[aetr.start("ordinary", {"n": n, "v": n}) for n in range(NORMAL_RUNS)])
+            runs = await asyncio.gather(*(aetr.wait_run(run_id, RUN_TIMEOUT_S) for run_id in started))
+            # Afterwards the sandbox still runs mappers: one more ordinary run.
+            after = await aetr.wait_run(await aetr.start("ordinary", {"n": 99, "v": 99}), RUN_TIMEOUT_S)
+
+    abusive = dict(zip(names, runs[:len(names)], strict=True))
+    ordinary = runs[len(names):]
+    for name, run in abusive.items():
+        accepted = ABUSE["endless-loop" if name == AT_START else name][1]
+        target = run["children"][-1]
+        assert run["state"] == "error" and run["error"]["kind"] == "mapper", (name, run)
+        assert run["error"]["node_id"] == target["id"] and run["error"]["step"] == "target", (name, run["error"])
+        assert any(message in run["error"]["message"] for message in accepted), (name, run["error"])
+        assert target["state"] == "error" and target["error"] == run["error"], (name, target)
+        if name != AT_START:
+            assert run["children"][0]["state"] == "complete", (name, run)
+    assert svc.calls("/target") == [], "a step behind a failed mapper was called"
+    assert {c.run_id for c in svc.calls("/prep")} == {run["id"] for name, run in abusive.items() if name != AT_START}
+    for n, run in enumerate(ordinary):
+        assert run["state"] == "complete" and run["output"] == ordinary_output(n), run
+    assert after["state"] == "complete" and after["output"] == ordinary_output(99), after
+    # Every callback was answered 200, every probe of /healthz too (no 5xx, no time-out), and probes ran all along.
+    for path in ("/inc", "/double", "/prep"):
+        assert {answer.status for answer in svc.callback_answers(path)} == {200}, (path, svc.callback_answers(path))
+    assert svc.errors == [], svc.errors
+    assert len(health.answers) >= 3, health.answers  # the endless scripts alone keep the runs going ≥ 0.5 s
+    assert {status for status, _ in health.answers} == {200}, health.answers
