@@ -53,16 +53,14 @@ async def start_run(
 ) -> Response:
     """Start a run of a step tree with an input; the tree is frozen into the run."""
     engine = engine_of(request)
-    if idempotency_key is not None:
-        known = await engine.store.find_run_by_key(idempotency_key)
-        if known is not None:
-            return JSON(run_tree_json(await _load(engine, known)), status_code=200)
-    tree = await engine.store.get_step_tree(body.step)
-    if tree is None:
+    started = await engine.coordinator.start_run(body.step, body.input, idempotency_key)
+    if not started.run_id:
         raise HTTPException(422, f"step: no step named (or with id) '{body.step}'; create it with PUT /api/v1/steps")
-    created, run_id = await engine.coordinator.start_run(tree, body.input, idempotency_key)
-    return JSON(run_tree_json(await _load(engine, run_id)), status_code=201 if created else 200,
-                headers={"Location": f"/api/v1/runs/{run_id}"})
+    if started.plan is None:  # an earlier run with this key
+        return JSON(run_tree_json(await _load(engine, started.run_id)), status_code=200)
+    # The run as its start committed it, with no read back.
+    return JSON(run_tree_json(list(started.plan.nodes.values())), status_code=201,
+                headers={"Location": f"/api/v1/runs/{started.run_id}"})
 
 
 @router.get("/runs/{run_id}", responses={200: {"model": RunTreeOut}})

@@ -15,17 +15,18 @@ from aetr.domain import decide
 from aetr.domain.decide import ACCEPTED
 from aetr.domain.jsonvalue import check_json
 from aetr.domain.runs import Node, Plan, build_run_nodes
-from aetr.domain.steps import StepTree
 from aetr.engine import metrics
 from aetr.store import ClaimedWork, Conflict, Store
 from aetr.store.sql import (
     Apply,
+    Chain,
     FindRunByKey,
     FinishCall,
     FinishCalls,
     InsertRun,
     Lease,
     LoadChain,
+    LoadTree,
     Program,
     single,
 )
@@ -64,6 +65,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class Started:
+    """What starting a run did: `created` false for a known idempotency key (and for an unknown step, where
+    `run_id` is empty); `plan` holds every node of a created run as committed."""
+
+    created: bool
+    run_id: str
+    plan: Plan | None = None
+
+
 @dataclass
 class Outcome:
     """What an event's program committed: the verdict, the plan, and the calls this process leased."""
@@ -94,12 +105,13 @@ class Coordinator:
         self._flush: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task[None]] = set()
 
-    async def start_run(self, tree: StepTree, run_input: Any, idempotency_key: str | None) -> tuple[bool, str]:
-        """Freeze `tree` into a new run and start it; (created, run id). A known key returns its run."""
-        nodes = build_run_nodes(tree, run_input, utcnow(), lambda: str(uuid.uuid4()))
-        snapshot = tree.to_json()
+    async def start_run(self, step: str, run_input: Any, idempotency_key: str | None) -> Started:
+        """Freeze the tree of `step` (a name or id) into a new run and start it, in one transaction.
+
+        A known idempotency key answers with its run (not created); an unknown step with no run at all.
+        """
         try:
-            out: Outcome = await self.store.run(self._start_program(nodes, snapshot, idempotency_key),
+            out: Outcome = await self.store.run(self._start_program(step, run_input, idempotency_key),
                                                 self._script, self._committed)
         except Exception as exc:
             # Two requests with one new key raced: the loser answers with the winner's run.
@@ -108,24 +120,28 @@ class Coordinator:
             existing = await self.store.find_run_by_key(idempotency_key)
             if existing is None:
                 raise
-            return False, existing
-        if out.created:
+            return Started(False, existing)
+        if out.created and out.plan is not None:
             metrics.RUNS_STARTED.inc()
-        return out.created, out.run_id
+        return Started(out.created, out.run_id, out.plan)
 
-    def _start_program(self, nodes: list[Node], snapshot: dict[str, Any], key: str | None) -> Program:
-        root_id = nodes[0].id
+    def _start_program(self, step: str, run_input: Any, key: str | None) -> Program:
         if key is not None:
             existing = yield FindRunByKey(key)
             if existing is not None:
                 return Outcome(ACCEPTED, created=False, run_id=existing)
+        tree = yield LoadTree(step)
+        if tree is None:
+            return Outcome(decide.Verdict("unknown", f"no step named (or with id) '{step}'"), created=False)
+        nodes = build_run_nodes(tree, run_input, utcnow(), lambda: str(uuid.uuid4()))
+        root_id = nodes[0].id
         plan = Plan(now=nodes[0].created_at)
         plan.absorb(nodes, children_of=[n.id for n in nodes])
         plan.whole_run = True
         done: dict[str, int] = {}
-        yield from _counting_in_memory(decide.start_run(plan, root_id), done)
+        yield from _answering(decide.start_run(plan, root_id), _counting_in_memory(done))
         # The nodes are new: write them once, in their started state, not insert-then-update.
-        yield InsertRun([plan.nodes[n.id] for n in nodes], snapshot, key, done)
+        yield InsertRun([plan.nodes[n.id] for n in nodes], tree.to_json(), key, done)
         lease, calls = self._lease(plan)
         yield Apply(plan, inserted=True, lease=lease)
         return Outcome(ACCEPTED, plan, calls, run_id=root_id)
@@ -219,11 +235,11 @@ class Coordinator:
     def _program(self, node_id: str, handler: Handler, source: str | None, attempt: int,
                  answered: list[FinishCall]) -> Program:
         plan = Plan(now=utcnow(), jitter=random.random())
-        chain = yield LoadChain(node_id)
-        if not chain:
+        chain: Chain = yield LoadChain(node_id)
+        if not chain.nodes:
             return Outcome(decide.Verdict("unknown", "no such node"))
-        plan.absorb(chain)
-        verdict: decide.Verdict = yield from handler(plan)
+        plan.absorb(chain.nodes)
+        verdict: decide.Verdict = yield from _answering(handler(plan), _sibling_reader(chain.following))
         if source is not None:
             data: dict[str, Any] = {"attempt": attempt, "outcome": verdict.outcome}
             if verdict.reason:
@@ -278,15 +294,41 @@ class Coordinator:
             return decide.ScriptResult(error=f"the script returned a value that cannot be stored: it {exc}")
 
 
-def _counting_in_memory(gen: Generator[decide.Request, Any, Any], done: dict[str, int]) -> Program:
-    """Run a decide handler on a run that is not written yet: its parents' counters live in `done`."""
+LocalAnswer = Callable[[decide.Request], tuple[bool, Any]]  # (answered here, the answer)
+
+
+def _answering(gen: Generator[decide.Request, Any, Any], local: LocalAnswer) -> Program:
+    """Run a decide handler, answering the requests `local` can answer itself and passing on the rest."""
     answer: Any = None
     while True:
         try:
             req = gen.send(answer)
         except StopIteration as stop:
             return stop.value
-        if isinstance(req, decide.BumpDone):
-            done[req.parent_id] = answer = done.get(req.parent_id, 0) + 1
-        else:
+        known, answer = local(req)
+        if not known:
             answer = yield req
+
+
+def _counting_in_memory(done: dict[str, int]) -> LocalAnswer:
+    """For a run that is not written yet: its parents' finished-children counters live in `done`."""
+
+    def local(req: decide.Request) -> tuple[bool, Any]:
+        if isinstance(req, decide.BumpDone):
+            done[req.parent_id] = done.get(req.parent_id, 0) + 1
+            return True, done[req.parent_id]
+        return False, None
+
+    return local
+
+
+def _sibling_reader(following: Node | None) -> LocalAnswer:
+    """Answers a sequential parent's request for the next child with the sibling read along with the chain."""
+
+    def local(req: decide.Request) -> tuple[bool, Any]:
+        if (following is not None and isinstance(req, decide.LoadChild) and req.parent_id == following.parent_id
+                and req.position == following.position):
+            return True, following
+        return False, None
+
+    return local

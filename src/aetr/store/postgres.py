@@ -53,9 +53,12 @@ class PostgresStore(Store):
         if self._pool is None:
             async with self._pool_lock:
                 if self._pool is None:
+                    # Generic plans: the events' statements are a few indexed lookups whose best plan never
+                    # depends on the values, and PostgreSQL otherwise plans each anew for its first executions
+                    # on every connection (planning the chain query took longer than running it).
                     self._pool = await asyncpg.create_pool(
                         self.dsn, min_size=1, max_size=self.pool_size, reset=_keep_session,
-                        timeout=CONNECT_TIMEOUT_S)
+                        timeout=CONNECT_TIMEOUT_S, server_settings={"plan_cache_mode": "force_generic_plan"})
         return self._pool
 
     async def run(self, program: Program, scripts: ScriptCall | None = None,

@@ -18,14 +18,26 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import and_, bindparam, delete, func, insert, literal_column, or_, select, update
+from sqlalchemy import (
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.dialects.sqlite.aiosqlite import dialect as aiosqlite_dialect
 from sqlalchemy.sql import ClauseElement
 
 from aetr.domain import decide
 from aetr.domain.runs import EventRecord, Node, Plan, Work
-from aetr.domain.steps import StepConfig
+from aetr.domain.steps import StepConfig, StepTree
 from aetr.store.tables import events, run_nodes, work
 
 DialectName = Literal["sqlite", "postgresql"]
@@ -89,11 +101,20 @@ WORK_RETURNED = (work.c.kind, work.c.node_id, work.c.root_id, work.c.attempt, wo
 
 
 def _chain_stmt() -> Any:
+    """A node and its ancestors (first column 0), and the node's next sibling (first column 1), in one query.
+
+    The sibling is what a sequential parent starts next; reading it here saves that event a round trip.
+    """
     step = run_nodes.alias("step")
     chain = select(run_nodes.c.id, run_nodes.c.parent_id).where(run_nodes.c.id == _p("node_id")).cte(
         "chain", recursive=True)
     chain = chain.union_all(select(step.c.id, step.c.parent_id).join(chain, step.c.id == chain.c.parent_id))
-    return select(*NODE_COLUMNS).join(chain, run_nodes.c.id == chain.c.id)
+    me, sib = run_nodes.alias("me"), run_nodes.alias("sib")
+    following = (select(literal_column("1").label("extra"), *[sib.c[c.name] for c in NODE_COLUMNS])
+                 .join(me, and_(sib.c.parent_id == me.c.parent_id, sib.c.position == me.c.position + 1))
+                 .where(me.c.id == _p("node_id")))
+    ancestors = select(literal_column("0").label("extra"), *NODE_COLUMNS).join(chain, run_nodes.c.id == chain.c.id)
+    return union_all(ancestors, following)
 
 
 def _subtree_stmt() -> Any:
@@ -112,6 +133,22 @@ def _claim_stmt(dialect: DialectName) -> Any:
             .values(lease_owner=_p("owner"), lease_until=_p("until")).returning(*WORK_RETURNED))
 
 
+WORK_FIELDS = ("kind", "node_id", "root_id", "attempt", "due_at", "lease_owner", "lease_until")
+EVENT_FIELDS = ("root_id", "node_id", "at", "kind", "data")
+# An event's work and history changes as arrays, written by one statement: the deletes see the rows as they
+# were before it, so an event that re-arms a node (drops its work, inserts new) keeps the new rows.
+WRITE_REST_PG = (
+    "WITH dropped AS (DELETE FROM work WHERE node_id = ANY($1::varchar[])),"
+    " beats AS (DELETE FROM work WHERE kind = 'heartbeat' AND node_id = ANY($2::varchar[])),"
+    " added AS (INSERT INTO work (kind, node_id, root_id, attempt, due_at, lease_owner, lease_until)"
+    " SELECT * FROM unnest($3::varchar[], $4::varchar[], $5::varchar[], $6::integer[], $7::timestamptz[],"
+    " $8::varchar[], $9::timestamptz[]))"
+    " INSERT INTO events (root_id, node_id, at, kind, data)"
+    " SELECT * FROM unnest($10::varchar[], $11::varchar[], $12::timestamptz[], $13::varchar[], $14::text[])"
+)
+WRITE_REST_NAMES = ("drop", "beats", *(f"w_{k}" for k in WORK_FIELDS), *(f"e_{k}" for k in EVENT_FIELDS))
+
+
 class Statements:
     """Every statement the hot path sends, compiled for one dialect."""
 
@@ -121,13 +158,13 @@ class Statements:
         def c(stmt: Any) -> Sql:
             return compile_sql(stmt, dialect)
 
+        self.load_tree = c(TREE_SQL)
         self.load_chain = c(_chain_stmt())
         self.load_subtree = c(_subtree_stmt())
         self.load_children = c(select(*NODE_COLUMNS).where(run_nodes.c.parent_id == _p("parent_id"))
                                .order_by(run_nodes.c.position))
         self.load_child = c(select(*NODE_COLUMNS).where(
             and_(run_nodes.c.parent_id == _p("parent_id"), run_nodes.c.position == _p("position"))))
-        self.load_nodes = c(select(*NODE_COLUMNS).where(run_nodes.c.id == _p("id")))
         self.bump_done = c(update(run_nodes).where(run_nodes.c.id == _p("parent_id"))
                            .values(done_children=run_nodes.c.done_children + 1).returning(run_nodes.c.done_children))
         self.set_done = c(update(run_nodes).where(run_nodes.c.id == _p("parent_id"))
@@ -157,6 +194,10 @@ class Statements:
         self.next_due = c(select(func.min(func.coalesce(work.c.lease_until, work.c.due_at))))
         self.insert_event = c(insert(events).inline().values({col.name: _p(col.name) for col in events.c
                                                               if col.name != "id"}))
+
+        self.write_rest: Sql | None = None
+        if dialect == "postgresql":
+            self.write_rest = Sql(WRITE_REST_PG, WRITE_REST_NAMES, {})
 
     # ---- values to and from the driver ----
 
@@ -227,6 +268,46 @@ def _step(name: str, kind: str, config: str, step_id: str, version: int) -> Step
     return StepConfig.from_json(name, kind, orjson.loads(config), id=step_id, version=version)  # type: ignore[arg-type]
 
 
+# ---- step trees ----------------------------------------------------------------------------------------
+
+# A step and everything under it, in one recursive query (trees reuse other trees: the union stops repeats).
+TREE_SQL = text(
+    "WITH RECURSIVE reach(id) AS ("
+    " SELECT id FROM steps WHERE id = :key OR name = :key"
+    " UNION SELECT sc.child_id FROM step_children sc JOIN reach r ON sc.parent_id = r.id)"
+    " SELECT s.id, s.name, s.kind, s.config, s.version, sc.position, sc.child_id, sc.mapper"
+    " FROM reach JOIN steps s ON s.id = reach.id LEFT JOIN step_children sc ON sc.parent_id = s.id"
+)
+
+
+def tree_from_rows(rows: Sequence[Sequence[Any]], key: str) -> StepTree | None:
+    """The resolved tree of the step named (or with id) `key` from TREE_SQL's rows; None when there are none."""
+    if not rows:
+        return None
+    configs: dict[str, StepConfig] = {}
+    links: dict[str, list[tuple[int, str, str | None]]] = {}
+    root_id = None
+    for step_id, name, kind, config, version, position, child_id, mapper in rows:
+        if step_id not in configs:
+            fields = config if isinstance(config, dict) else orjson.loads(config)
+            configs[step_id] = StepConfig.from_json(name, kind, fields, id=step_id, version=version)
+            links[step_id] = []
+        if key in (step_id, name):
+            root_id = step_id
+        if child_id is not None:
+            links[step_id].append((position, child_id, mapper))
+    assert root_id is not None
+    built: dict[str, StepTree] = {}
+
+    def build(step_id: str) -> StepTree:
+        if step_id not in built:
+            kids = tuple((m, build(c)) for _, c, m in sorted(links[step_id]))
+            built[step_id] = StepTree(configs[step_id], kids)
+        return built[step_id]
+
+    return build(root_id)
+
+
 # ---- operations: what a backend executes -------------------------------------------------------------
 
 
@@ -261,10 +342,25 @@ Op = Fetch | Exec | ExecMany
 
 
 @dataclass(frozen=True)
+class LoadTree:
+    """Request: the resolved step tree of the step named (or with id) `key` (answer: StepTree or None)."""
+
+    key: str
+
+
+@dataclass(frozen=True)
 class LoadChain:
-    """Request: a node and all its ancestors (answer: list[Node], empty when there is no such node)."""
+    """Request: a node and all its ancestors, and its next sibling (answer: Chain)."""
 
     node_id: str
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A node and its ancestors (empty when there is no such node), and the node's next sibling if any."""
+
+    nodes: list[Node]
+    following: Node | None
 
 
 @dataclass(frozen=True)
@@ -300,13 +396,6 @@ class FindRunByKey:
     """Request: the run started with an idempotency key (answer: its id or None)."""
 
     key: str
-
-
-@dataclass(frozen=True)
-class LoadNodes:
-    """Request: the nodes with these ids that exist (answer: list[Node])."""
-
-    node_ids: Sequence[str]
 
 
 @dataclass(frozen=True)
@@ -369,9 +458,7 @@ class ClaimResult:
     next_due: datetime | None = None
 
 
-StoreRequest = (LoadChain | Apply | InsertRun | FindRunByKey | LoadNodes | FinishCalls | AddEvents | RenewLease
-                | Claim)
-Program = Generator[Any, Any, Any]  # yields decide.Request | StoreRequest, returns the event's result
+Program = Generator[Any, Any, Any]  # yields the decide handlers' and this module's requests; returns the event's result
 
 
 def single(request: Any) -> Program:
@@ -394,8 +481,12 @@ def lower(program: Program, st: Statements) -> Generator[Op | decide.RunScript, 
 
 
 def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
+    if isinstance(req, LoadTree):
+        return tree_from_rows((yield Fetch(st.load_tree, {"key": req.key})), req.key)
     if isinstance(req, LoadChain):
-        return [st.node(r) for r in (yield Fetch(st.load_chain, {"node_id": req.node_id}))]
+        rows = yield Fetch(st.load_chain, {"node_id": req.node_id})
+        following = [st.node(r[1:]) for r in rows if r[0] == 1]
+        return Chain([st.node(r[1:]) for r in rows if r[0] == 0], following[0] if following else None)
     if isinstance(req, decide.LoadChild):
         (row,) = yield Fetch(st.load_child, {"parent_id": req.parent_id, "position": req.position})
         return st.node(row)
@@ -429,11 +520,6 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
     if isinstance(req, FindRunByKey):
         rows = yield Fetch(st.find_key, {"key": req.key})
         return rows[0][0] if rows else None
-    if isinstance(req, LoadNodes):
-        out: list[Node] = []
-        for node_id in req.node_ids:
-            out.extend(st.node(r) for r in (yield Fetch(st.load_nodes, {"id": node_id})))
-        return out
     if isinstance(req, FinishCalls):
         if not req.calls:
             return None
@@ -467,19 +553,28 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
             values["k_version"] = plan.loaded_versions[node.id]
             if (yield Exec(st.update_node, values)) != 1:
                 raise Conflict(node.id)
-    if plan.drop_work_for:
-        yield ExecMany(st.drop_work, [{"node_id": i} for i in sorted(plan.drop_work_for)])
-    beats = plan.drop_heartbeats_for - plan.drop_work_for
+    drop = sorted(plan.drop_work_for)
+    beats = sorted(plan.drop_heartbeats_for - plan.drop_work_for)
+    lease = req.lease
+    work_rows = [st.work_values(w, lease.owner, lease.until)
+                 if lease is not None and w.kind == "dispatch" and w.node_id in lease.node_ids
+                 else st.work_values(w) for w in plan.work]
+    event_rows = [st.event_values(e) for e in plan.events]
+    if st.write_rest is not None:
+        # PostgreSQL: every work and history change of the event in one statement, one round trip.
+        if drop or beats or work_rows or event_rows:
+            yield Exec(st.write_rest, {"drop": drop, "beats": beats,
+                                       **{f"w_{k}": [r[k] for r in work_rows] for k in WORK_FIELDS},
+                                       **{f"e_{k}": [r[k] for r in event_rows] for k in EVENT_FIELDS}})
+        return
+    if drop:
+        yield ExecMany(st.drop_work, [{"node_id": i} for i in drop])
     if beats:
-        yield ExecMany(st.drop_heartbeats, [{"node_id": i} for i in sorted(beats)])
-    if plan.work:
-        lease = req.lease
-        rows = [st.work_values(w, lease.owner, lease.until)
-                if lease is not None and w.kind == "dispatch" and w.node_id in lease.node_ids
-                else st.work_values(w) for w in plan.work]
-        yield ExecMany(st.insert_work, rows)
-    if plan.events:
-        yield ExecMany(st.insert_event, [st.event_values(e) for e in plan.events])
+        yield ExecMany(st.drop_heartbeats, [{"node_id": i} for i in beats])
+    if work_rows:
+        yield ExecMany(st.insert_work, work_rows)
+    if event_rows:
+        yield ExecMany(st.insert_event, event_rows)
 
 
 def _claim(req: Claim, st: Statements) -> Generator[Op, Any, ClaimResult]:

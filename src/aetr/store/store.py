@@ -23,9 +23,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from aetr.domain.decide import RunScript, ScriptResult
 from aetr.domain.jsonvalue import MAX_TREE_DEPTH
 from aetr.domain.runs import EventRecord, Node
-from aetr.domain.steps import CycleError, StepConfig, StepDef, StepTree, find_cycle
+from aetr.domain.steps import CycleError, StepDef, StepTree, find_cycle
 from aetr.store import codec
-from aetr.store.sql import AddEvents, Conflict, Duplicate, Program, Statements, single
+from aetr.store.sql import TREE_SQL, AddEvents, Conflict, Duplicate, Program, Statements, single, tree_from_rows
 from aetr.store.tables import UTCDateTime, events, run_nodes, settings, step_children, steps
 
 ScriptCall = Callable[[RunScript], Coroutine[Any, Any, ScriptResult]]  # how an event's program reaches the sandbox
@@ -243,42 +243,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 # ---- step trees -------------------------------------------------------------------------------------
 
-_TREE_SQL = text(
-    "WITH RECURSIVE reach(id) AS ("
-    " SELECT id FROM steps WHERE id = :key OR name = :key"
-    " UNION SELECT sc.child_id FROM step_children sc JOIN reach r ON sc.parent_id = r.id)"
-    " SELECT s.id, s.name, s.kind, s.config, s.version, s.created_at, s.updated_at,"
-    " sc.position, sc.child_id, sc.mapper"
-    " FROM reach JOIN steps s ON s.id = reach.id LEFT JOIN step_children sc ON sc.parent_id = s.id"
-)
-
-
 async def _load_tree(conn: AsyncConnection, key: str) -> StepTree | None:
-    rows = (await conn.execute(_TREE_SQL, {"key": key})).all()
-    if not rows:
-        return None
-    configs: dict[str, StepConfig] = {}
-    links: dict[str, list[tuple[int, str, str | None]]] = {}
-    root_id = None
-    for r in rows:
-        if r.id not in configs:
-            config = r.config if isinstance(r.config, dict) else orjson.loads(r.config)
-            configs[r.id] = StepConfig.from_json(r.name, r.kind, config, id=r.id, version=r.version)
-            links[r.id] = []
-        if r.id == key or r.name == key:
-            root_id = r.id
-        if r.child_id is not None:
-            links[r.id].append((r.position, r.child_id, r.mapper))
-    assert root_id is not None
-    built: dict[str, StepTree] = {}
-
-    def build(step_id: str) -> StepTree:
-        if step_id not in built:
-            kids = tuple((m, build(c)) for _, c, m in sorted(links[step_id]))
-            built[step_id] = StepTree(configs[step_id], kids)
-        return built[step_id]
-
-    return build(root_id)
+    return tree_from_rows((await conn.execute(TREE_SQL, {"key": key})).all(), key)
 
 
 async def _parent_names(conn: AsyncConnection, step_id: str) -> list[str]:
