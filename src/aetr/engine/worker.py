@@ -38,6 +38,7 @@ class Worker:
         self.poll_s = poll_s
         self.max_in_flight = max_in_flight
         self.direct_limit = max_in_flight
+        self._refill_at = max_in_flight - max(1, max_in_flight // 4)
         self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
         self._wake_at: datetime | None = None  # when the sleeping claim loop looks again
@@ -84,9 +85,12 @@ class Worker:
             self._wake.clear()
             self._wake_at = None  # awake: any commit from now on may have come after the claim's snapshot
             free = self.max_in_flight - len(self._tasks)
+            if free <= 0:
+                await self._sleep(True, None)  # full: a finishing task wakes us
+                continue
             result = ClaimResult([])
             try:
-                result = await self.store.run(single(Claim(self.owner, utcnow(), max(free, 0), self.lease_s)))
+                result = await self.store.run(single(Claim(self.owner, utcnow(), free, self.lease_s)))
             except Exception:  # the database may be briefly unreachable: keep the loop alive
                 log.exception("claiming work failed; retrying in %s s", ERROR_BACKOFF_S)
                 await asyncio.sleep(ERROR_BACKOFF_S)
@@ -95,12 +99,12 @@ class Worker:
                 self._spawn(item)
             if result.claimed and len(result.claimed) == free:
                 continue  # there may be more due right now
-            await self._sleep(free <= len(result.claimed), result.next_due)
+            await self._sleep(False, result.next_due)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if len(self._tasks) == self.max_in_flight - 1:
-            self._wake.set()  # a slot freed up after we were full
+        if len(self._tasks) == self._refill_at:
+            self._wake.set()  # a quarter of the slots freed up since we were full: claim them in one go
 
     async def _sleep(self, full: bool, due: datetime | None) -> None:
         timeout = self.poll_s

@@ -33,12 +33,12 @@ def node_state_values(node: Node) -> dict[str, Any]:
             "started_at": node.started_at, "completed_at": node.completed_at}
 
 
-def node_insert_values(node: Node, done_children: int = 0) -> dict[str, Any]:
+def node_insert_values(node: Node) -> dict[str, Any]:
     """Every column of a new node row."""
     return {
         "id": node.id, "root_id": node.root_id, "parent_id": node.parent_id, "position": node.position,
         "step_id": node.step.id, "step_name": node.step.name, "step_kind": node.step.kind,
         "step_version": node.step.version, "config": node.step.fields_json(), "mapper": node.mapper,
-        "n_children": node.n_children, "done_children": done_children, "created_at": node.created_at,
+        "n_children": node.n_children, "created_at": node.created_at,
         "snapshot": None, "idempotency_key": None, **node_state_values(node),
     }

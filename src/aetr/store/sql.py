@@ -38,7 +38,7 @@ from sqlalchemy.sql import ClauseElement
 from aetr.domain import decide
 from aetr.domain.runs import EventRecord, Node, Plan, Work
 from aetr.domain.steps import StepConfig, StepTree
-from aetr.store.tables import events, run_nodes, work
+from aetr.store.tables import events, run_counters, run_nodes, work
 
 DialectName = Literal["sqlite", "postgresql"]
 
@@ -165,10 +165,11 @@ class Statements:
                                .order_by(run_nodes.c.position))
         self.load_child = c(select(*NODE_COLUMNS).where(
             and_(run_nodes.c.parent_id == _p("parent_id"), run_nodes.c.position == _p("position"))))
-        self.bump_done = c(update(run_nodes).where(run_nodes.c.id == _p("parent_id"))
-                           .values(done_children=run_nodes.c.done_children + 1).returning(run_nodes.c.done_children))
-        self.set_done = c(update(run_nodes).where(run_nodes.c.id == _p("parent_id"))
-                          .values(done_children=_p("value")))
+        self.bump_done = c(update(run_counters).where(run_counters.c.node_id == _p("parent_id"))
+                           .values(done=run_counters.c.done + 1).returning(run_counters.c.done))
+        self.set_done = c(update(run_counters).where(run_counters.c.node_id == _p("parent_id"))
+                          .values(done=_p("value")))
+        self.insert_counter = c(insert(run_counters).values(node_id=_p("node_id"), done=_p("done")))
         self.update_node = c(update(run_nodes)
                              .where(and_(run_nodes.c.id == _p("k_id"), run_nodes.c.version == _p("k_version")))
                              .values({name: _p(name) for name in STATE_COLUMNS}))
@@ -187,11 +188,14 @@ class Statements:
             work.c.kind == literal_column("'dispatch'"), work.c.lease_owner == _p("owner")))
             .values(lease_until=_p("until")))
         self.claim = c(_claim_stmt(dialect))
-        # The nodes of the calls just claimed: their rows carry this claim's owner and lease end.
-        self.claimed_nodes = c(select(*NODE_COLUMNS).join(work, work.c.node_id == run_nodes.c.id).where(and_(
-            work.c.lease_owner == _p("owner"), work.c.lease_until == _p("until"),
-            work.c.kind == literal_column("'dispatch'"))))
-        self.next_due = c(select(func.min(func.coalesce(work.c.lease_until, work.c.due_at))))
+        # The nodes of the calls just claimed: one statement on PostgreSQL, one cheap lookup each on SQLite.
+        self.nodes_by_id = c(select(*NODE_COLUMNS).where(
+            run_nodes.c.id == func.any(_p("ids")) if dialect == "postgresql" else run_nodes.c.id == _p("ids")))
+        # When the next row becomes claimable: the earliest unleased due time or lease end (both indexed).
+        unleased = select(func.min(work.c.due_at).label("at")).where(work.c.lease_until.is_(None))
+        leased = select(func.min(work.c.lease_until).label("at"))
+        both = union_all(unleased, leased).subquery()
+        self.next_due = c(select(func.min(both.c.at)))
         self.insert_event = c(insert(events).inline().values({col.name: _p(col.name) for col in events.c
                                                               if col.name != "id"}))
 
@@ -221,7 +225,7 @@ class Statements:
     def node(self, row: Sequence[Any]) -> Node:
         """A Node from a row of NODE_COLUMNS."""
         (id_, root_id, parent_id, position, step_id, step_name, step_kind, step_version, config, mapper,
-         n_children, state, input_, output, error, attempt, attempt_base, version, _done, created_at, started_at,
+         n_children, state, input_, output, error, attempt, attempt_base, version, created_at, started_at,
          completed_at, _key) = row
         return Node(id=id_, root_id=root_id, parent_id=parent_id, position=position,
                     step=_step(step_name, step_kind, config, step_id, step_version), mapper=mapper,
@@ -251,7 +255,7 @@ class Statements:
 assert [c.name for c in NODE_COLUMNS] == [
     "id", "root_id", "parent_id", "position", "step_id", "step_name", "step_kind", "step_version", "config",
     "mapper", "n_children", "state", "input", "output", "error", "attempt", "attempt_base", "version",
-    "done_children", "created_at", "started_at", "completed_at", "idempotency_key"], "Statements.node unpacks these"
+    "created_at", "started_at", "completed_at", "idempotency_key"], "Statements.node unpacks these"
 
 
 def _json_in(value: Any) -> str | None:
@@ -509,13 +513,16 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
             row = {"id": n.id, "root_id": n.root_id, "parent_id": n.parent_id, "position": n.position,
                    "step_id": n.step.id, "step_name": n.step.name, "step_kind": n.step.kind,
                    "step_version": n.step.version, "config": orjson.dumps(n.step.fields_json()).decode(),
-                   "mapper": n.mapper, "n_children": n.n_children, "done_children": req.done_children.get(n.id, 0),
+                   "mapper": n.mapper, "n_children": n.n_children,
                    "created_at": st.time_in(n.created_at), "snapshot": None, "idempotency_key": None,
                    **st.state_values(n)}
             rows.append(row)
         rows[0]["snapshot"] = orjson.dumps(req.snapshot).decode()
         rows[0]["idempotency_key"] = req.idempotency_key
         yield ExecMany(st.insert_node, rows)
+        counters = [{"node_id": n.id, "done": req.done_children.get(n.id, 0)} for n in req.nodes if n.n_children]
+        if counters:
+            yield ExecMany(st.insert_counter, counters)
         return None
     if isinstance(req, FindRunByKey):
         rows = yield Fetch(st.find_key, {"key": req.key})
@@ -582,11 +589,16 @@ def _claim(req: Claim, st: Statements) -> Generator[Op, Any, ClaimResult]:
     rows = yield Fetch(st.claim, {"now": st.time_in(req.now), "limit": req.limit, "owner": req.owner,
                                   "until": st.time_in(until)})
     nodes: dict[str, Node] = {}
-    if any(kind == "dispatch" for kind, *_ in rows):
-        found = yield Fetch(st.claimed_nodes, {"owner": req.owner, "until": st.time_in(until)})
-        nodes = {n.id: n for n in map(st.node, found)}
+    calls = [node_id for kind, node_id, *_ in rows if kind == "dispatch"]
+    if calls and st.dialect == "postgresql":
+        nodes = {n.id: n for n in map(st.node, (yield Fetch(st.nodes_by_id, {"ids": calls})))}
+    else:
+        for node_id in calls:
+            nodes.update((n.id, n) for n in map(st.node, (yield Fetch(st.nodes_by_id, {"ids": node_id}))))
     claimed = [ClaimedWork(Work(kind, node_id, root_id, attempt, st.time_out(due_at)),  # type: ignore[arg-type]
                            nodes.get(node_id) if kind == "dispatch" else None)
                for kind, node_id, root_id, attempt, due_at in rows]
+    if len(rows) == req.limit:
+        return ClaimResult(claimed)  # the worker claims again at once: when the next row is due can wait
     ((due,),) = yield Fetch(st.next_due, {})
     return ClaimResult(claimed, st.time_out(due))

@@ -97,9 +97,6 @@ run_nodes = Table(
     Column("attempt", Integer, nullable=False),
     Column("attempt_base", Integer, nullable=False, server_default="0"),
     Column("version", Integer, nullable=False),
-    # Only ever changed by an atomic `done_children = done_children + 1`, so siblings finishing at the
-    # same moment never conflict on their parent's row version.
-    Column("done_children", Integer, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("started_at", UTCDateTime, nullable=True),
     Column("completed_at", UTCDateTime, nullable=True),
@@ -108,6 +105,15 @@ run_nodes = Table(
     Index("ix_run_nodes_root", "root_id"),
     Index("ix_run_nodes_parent", "parent_id", "position"),
     Index("ix_run_nodes_roots_by_time", "parent_id", "created_at"),
+)
+
+# A parent's count of finished children, only ever changed by an atomic `done = done + 1`: siblings finishing
+# at the same moment never conflict on their parent's row version, and a bump rewrites 50 bytes, not the
+# parent's row with its input (and the root's snapshot of the whole tree).
+run_counters = Table(
+    "run_counters", metadata,
+    Column("node_id", ID, primary_key=True),
+    Column("done", Integer, nullable=False),
 )
 
 work = Table(
@@ -121,6 +127,7 @@ work = Table(
     Column("lease_owner", String(64), nullable=True),
     Column("lease_until", UTCDateTime, nullable=True),
     Index("ix_work_due", "due_at"),
+    Index("ix_work_lease", "lease_until", "due_at"),
     Index("ix_work_node", "node_id"),
 )
 
