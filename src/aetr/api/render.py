@@ -20,19 +20,20 @@ def node_json(node: Node) -> dict[str, Any]:
 
 def run_tree_json(nodes: Iterable[Node]) -> dict[str, Any]:
     """A whole run as a nested tree, children in position order."""
-    by_parent: dict[str | None, list[Node]] = {}
-    for n in nodes:
-        by_parent.setdefault(n.parent_id, []).append(n)
+    return nest([node_json(n) for n in nodes])
+
+
+def nest(flat: list[dict[str, Any]]) -> dict[str, Any]:
+    """Nodes as the API shows them (each with `parent_id` and `position`) nested into their run tree."""
+    by_parent: dict[str | None, list[dict[str, Any]]] = {}
+    for n in flat:
+        by_parent.setdefault(n["parent_id"], []).append(n)
     for kids in by_parent.values():
-        kids.sort(key=lambda n: n.position)
+        kids.sort(key=lambda n: n["position"])
     (root,) = by_parent[None]
-    out = node_json(root)
-    stack = [(root, out)]
+    stack = [root]
     while stack:  # iterative: a deep tree must not exhaust Python's recursion limit
-        node, obj = stack.pop()
-        obj["children"] = []
-        for kid in by_parent.get(node.id, ()):
-            child = node_json(kid)
-            obj["children"].append(child)
-            stack.append((kid, child))
-    return out
+        obj = stack.pop()
+        obj["children"] = by_parent.get(obj["id"], [])
+        stack.extend(obj["children"])
+    return root

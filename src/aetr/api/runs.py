@@ -6,16 +6,16 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Request, Response
 
 from aetr.api.answers import EventOut, RunPage, RunTreeOut
 from aetr.api.app import JSON, engine_of
-from aetr.api.render import node_json, run_tree_json
+from aetr.api.render import nest, node_json, run_tree_json
 from aetr.api.schemas import Name, RunIn
 from aetr.domain.decide import Verdict
-from aetr.domain.runs import TERMINAL, Node
+from aetr.domain.runs import TERMINAL
 from aetr.engine.runtime import Engine
 from aetr.store.store import decode_cursor
 
@@ -32,15 +32,12 @@ def _uuid(value: str) -> str:
         raise HTTPException(404, f"no run with id '{value}': ids are UUIDs") from None
 
 
-async def _load(engine: Engine, run_id: str) -> list[Node]:
-    nodes = await engine.store.get_run(_uuid(run_id))
-    if not nodes:
+async def _view(engine: Engine, run_id: str) -> dict[str, Any]:
+    """The run as the API shows it, nested (404 when unknown)."""
+    flat = await engine.store.get_run_view(_uuid(run_id))
+    if not flat:
         raise HTTPException(404, f"no run with id '{run_id}'")
-    return nodes
-
-
-def _root(nodes: list[Node]) -> Node:
-    return next(n for n in nodes if n.parent_id is None)
+    return nest(flat)
 
 
 @router.post("/runs", status_code=201, responses={
@@ -57,7 +54,7 @@ async def start_run(
     if not started.run_id:
         raise HTTPException(422, f"step: no step named (or with id) '{body.step}'; create it with PUT /api/v1/steps")
     if started.plan is None:  # an earlier run with this key
-        return JSON(run_tree_json(await _load(engine, started.run_id)), status_code=200)
+        return JSON(await _view(engine, started.run_id), status_code=200)
     # The run as its start committed it, with no read back.
     return JSON(run_tree_json(list(started.plan.nodes.values())), status_code=201,
                 headers={"Location": f"/api/v1/runs/{started.run_id}"})
@@ -70,16 +67,16 @@ async def get_run(
 ) -> Response:
     """The whole run tree, loaded in one query; `?wait=N` answers once the run ends or N seconds pass."""
     engine = engine_of(request)
-    nodes = await _load(engine, run_id)
+    tree = await _view(engine, run_id)
     if wait:
         deadline = time.monotonic() + wait
-        root_id = nodes[0].root_id
-        while _root(nodes).state not in TERMINAL and (left := deadline - time.monotonic()) > 0:
+        root_id = tree["id"]
+        while tree["state"] not in TERMINAL and (left := deadline - time.monotonic()) > 0:
             # Woken by this process's commits at once; re-read at least every poll interval so a run
             # advanced by another process sharing the database is seen too.
             await engine.wait_for_change(root_id, min(left, engine.settings.poll_s))
-            nodes = await _load(engine, root_id)
-    return JSON(run_tree_json(nodes))
+            tree = await _view(engine, root_id)
+    return JSON(tree)
 
 
 @router.get("/runs", responses={200: {"model": RunPage}})
@@ -126,16 +123,17 @@ async def _act(request: Request, run_id: str, verb: str,
                action: Callable[[Engine, str], Awaitable[Verdict]]) -> Response:
     """Apply an action to a whole run: the run tree afterwards, or 409 saying why it was refused."""
     engine = engine_of(request)
-    nodes = await _load(engine, run_id)
-    verdict = await action(engine, nodes[0].root_id)
+    verdict = await action(engine, (await _view(engine, run_id))["root_id"])
     if verdict.outcome != "accepted":
         raise HTTPException(409, f"cannot {verb}: {verdict.reason}")
-    return JSON(run_tree_json(await _load(engine, run_id)))
+    return JSON(await _view(engine, run_id))
 
 
 @router.get("/runs/{run_id}/events", responses={200: {"model": list[EventOut]}})
 async def run_events(request: Request, run_id: RunId) -> Response:
     """The run's history, oldest first."""
     engine = engine_of(request)
-    nodes = await _load(engine, run_id)
-    return JSON(await engine.store.run_events(nodes[0].root_id))
+    root_id = await engine.store.root_of(_uuid(run_id))
+    if root_id is None:
+        raise HTTPException(404, f"no run with id '{run_id}'")
+    return JSON(await engine.store.run_events(root_id))

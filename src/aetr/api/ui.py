@@ -14,8 +14,8 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.responses import Response, StreamingResponse
 
 from aetr.api.app import engine_of, require_token
-from aetr.api.render import run_tree_json
-from aetr.domain.runs import TERMINAL, Node
+from aetr.api.render import nest
+from aetr.domain.runs import TERMINAL
 from aetr.ui import static_file
 
 log = logging.getLogger("aetr.api.ui")
@@ -65,10 +65,6 @@ def _message(event: str, data: bytes) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
 
 
-def _root(nodes: list[Node]) -> Node:
-    return next(n for n in nodes if n.parent_id is None)
-
-
 # Not in the OpenAPI document: a stream stays open while its run goes on, which a schema-driven client
 # (or fuzzer) cannot use; docs/ui.md describes it.
 @router.get("/api/v1/runs/{run_id}/stream", include_in_schema=False, dependencies=[Depends(require_token)])
@@ -82,18 +78,18 @@ async def stream_run(
         key = str(uuid.UUID(run_id))
     except ValueError:
         raise HTTPException(404, f"no run with id '{run_id}': ids are UUIDs") from None
-    first = await engine.store.get_run(key)
+    first = await engine.store.get_run_view(key)
     if not first:
         raise HTTPException(404, f"no run with id '{run_id}'")
-    root_id = first[0].root_id
+    root_id = first[0]["root_id"]
     poll_s = engine.settings.poll_s
 
     async def messages() -> AsyncIterator[bytes]:
-        nodes = first
+        tree = nest(first)
         sent = b""
         started = last_write = time.monotonic()
         while True:
-            body = orjson.dumps(run_tree_json(nodes))
+            body = orjson.dumps(tree)
             now = time.monotonic()
             if body != sent:
                 yield _message("run", body)
@@ -101,7 +97,7 @@ async def stream_run(
             elif now - last_write >= KEEPALIVE_S:
                 yield b": keep-alive\n\n"
                 last_write = now
-            state = _root(nodes).state
+            state = tree["state"]
             if state in TERMINAL:
                 yield _message("end", orjson.dumps({"state": state}))
                 return
@@ -110,7 +106,7 @@ async def stream_run(
             # Woken at once by this process's commits; every poll_s anyway, for changes made by another process.
             await engine.wait_for_change(root_id, poll_s)
             try:
-                nodes = await engine.store.get_run(root_id)
+                tree = nest(await engine.store.get_run_view(root_id))
             except Exception:  # the database went away: end this stream, the page reconnects
                 log.warning("run stream %s: cannot load the run; closing the stream", root_id, exc_info=True)
                 yield _message("error", orjson.dumps({"detail": "the server could not load the run; reconnecting"}))

@@ -112,6 +112,15 @@ class PostgresStore(Store):
                 await conn.executemany(op.sql.text, [op.sql.args(v) for v in op.values])
                 answer = None
 
+    async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+        pool = await self._events_pool()
+        try:
+            rows = await pool.fetch(text, *args)
+        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            raise Unavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
+        view = self.statements.view
+        return [view(r) for r in rows]
+
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None

@@ -95,6 +95,9 @@ def _p(name: str) -> Any:
 
 
 NODE_COLUMNS = [c for c in run_nodes.c if c.name != "snapshot"]  # the snapshot is only read by GET /runs
+VIEW_COLUMNS = [run_nodes.c[name] for name in (
+    "id", "root_id", "parent_id", "position", "step_id", "step_name", "step_kind", "step_version", "state", "input",
+    "output", "error", "attempt", "version", "created_at", "started_at", "completed_at")]
 STATE_COLUMNS = ("state", "input", "output", "error", "attempt", "attempt_base", "version", "started_at",
                  "completed_at")
 WORK_RETURNED = (work.c.kind, work.c.node_id, work.c.root_id, work.c.attempt, work.c.due_at)
@@ -199,6 +202,9 @@ class Statements:
         self.insert_event = c(insert(events).inline().values({col.name: _p(col.name) for col in events.c
                                                               if col.name != "id"}))
 
+        # GET /runs/{id}: only the columns the answer shows, for every node of the run the node belongs to.
+        root = select(run_nodes.c.root_id).where(run_nodes.c.id == _p("node_id")).scalar_subquery()
+        self.run_view = c(select(*VIEW_COLUMNS).where(run_nodes.c.root_id == root))
         self.write_rest: Sql | None = None
         if dialect == "postgresql":
             self.write_rest = Sql(WRITE_REST_PG, WRITE_REST_NAMES, {})
@@ -234,6 +240,22 @@ class Statements:
                     attempt_base=attempt_base, version=version, started_at=self.time_out(started_at),
                     completed_at=self.time_out(completed_at))
 
+    def view(self, row: Sequence[Any]) -> dict[str, Any]:
+        """A node as the API shows it, from a row of VIEW_COLUMNS: stored JSON is passed through unparsed."""
+        (id_, root_id, parent_id, position, step_id, step_name, step_kind, step_version, state, input_, output,
+         error, attempt, version, created_at, started_at, completed_at) = row
+        return {"id": id_, "root_id": root_id, "parent_id": parent_id, "position": position,
+                "step": {"id": step_id, "name": step_name, "kind": step_kind, "version": step_version},
+                "state": state, "input": _fragment(input_), "output": _fragment(output), "error": _fragment(error),
+                "attempt": attempt, "version": version, "created_at": self._time_view(created_at),
+                "started_at": self._time_view(started_at), "completed_at": self._time_view(completed_at)}
+
+    def _time_view(self, value: Any) -> Any:
+        # SQLite keeps "YYYY-MM-DD HH:MM:SS.ffffff" (UTC): written out as orjson writes an aware datetime.
+        if isinstance(value, str):
+            return f"{value[:10]}T{value[11:].removesuffix('.000000')}+00:00"
+        return value
+
     def state_values(self, node: Node) -> dict[str, Any]:
         """The columns an event may change on a node, as driver values."""
         return {"state": node.state, "input": _json_in(node.input), "output": _json_in(node.output),
@@ -256,6 +278,10 @@ assert [c.name for c in NODE_COLUMNS] == [
     "id", "root_id", "parent_id", "position", "step_id", "step_name", "step_kind", "step_version", "config",
     "mapper", "n_children", "state", "input", "output", "error", "attempt", "attempt_base", "version",
     "created_at", "started_at", "completed_at", "idempotency_key"], "Statements.node unpacks these"
+
+
+def _fragment(value: str | None) -> orjson.Fragment | None:
+    return None if value is None else orjson.Fragment(value)
 
 
 def _json_in(value: Any) -> str | None:

@@ -118,6 +118,21 @@ class Store:
         """
         raise NotImplementedError
 
+    async def get_run_view(self, node_id: str) -> list[dict[str, Any]]:
+        """Every node of the run `node_id` belongs to, as the API shows it, in one query (empty when unknown).
+
+        The read path of `GET /runs/{id}`: only the columns shown, on the raw driver, stored JSON passed through
+        without being parsed and written again.
+        """
+        sql = self.statements.run_view
+        seen = _round_trips.get()
+        if seen is not None:
+            seen.append(sql.text)
+        return await self._fetch_view(sql.text, sql.args({"node_id": node_id}))
+
+    async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:
         """A SQLAlchemy write transaction, for the colder writes (step trees, settings)."""
@@ -179,6 +194,12 @@ class Store:
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(*codec.NODE_COLUMNS).where(run_nodes.c.root_id == root))
             return [codec.node_from_row(r._mapping) for r in rows]
+
+    async def root_of(self, node_id: str) -> str | None:
+        """The id of the run (its root node) that `node_id` belongs to."""
+        async with self.engine.connect() as conn:
+            found: str | None = await conn.scalar(select(run_nodes.c.root_id).where(run_nodes.c.id == node_id))
+            return found
 
     async def find_run_by_key(self, key: str) -> str | None:
         """The id of the run started with this idempotency key."""
