@@ -271,6 +271,18 @@ async def start_run(ctx: Context, step: str, run_input: Any = None, timeout_s: f
         return str(run["id"])
 
 
+async def wait_run(ctx: Context, run_id: str, timeout_s: float = 120) -> dict[str, Any]:
+    """The run once it has ended (GET /runs/{id}?wait=), or as it is when `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        async with ctx.http.get(f"{ctx.api}/runs/{run_id}", params={"wait": f"{max(0.0, min(left, 30)):.1f}"},
+                                timeout=aiohttp.ClientTimeout(total=ctx.timeout(60))) as resp:
+            run: dict[str, Any] = await _json(resp, (200,))
+        if run["state"] in ("complete", "error", "cancelled") or left <= 0:
+            return run
+
+
 async def get_run(ctx: Context, run_id: str, timeout_s: float = 120) -> dict[str, Any]:
     """GET /runs/{id}: the whole run tree."""
     async with ctx.http.get(f"{ctx.api}/runs/{run_id}", timeout=aiohttp.ClientTimeout(total=ctx.timeout(timeout_s))
@@ -319,5 +331,21 @@ def describe_failures(stats: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ApiError", "Context", "Phase", "Sizes", "api_step", "chain_gaps", "count_runs", "describe_failures",
-           "get_run", "log", "ms", "percentile", "put_step", "start_run", "timed"]
+__all__ = [
+    "ApiError",
+    "Context",
+    "Phase",
+    "Sizes",
+    "api_step",
+    "chain_gaps",
+    "count_runs",
+    "describe_failures",
+    "get_run",
+    "log",
+    "ms",
+    "percentile",
+    "put_step",
+    "start_run",
+    "timed",
+    "wait_run",
+]

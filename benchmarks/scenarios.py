@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
 import aiohttp
@@ -33,6 +34,7 @@ from benchmarks.common import (
     percentile,
     put_step,
     start_run,
+    wait_run,
 )
 from benchmarks.processes import peak_rss_mb
 from benchmarks.sandbox_bench import MAPPER, one_kilobyte_input
@@ -190,17 +192,19 @@ def fanout(n: int) -> Callable[[Context], Awaitable[Metrics]]:
             await ctx.svc.wait(ctx.http, deadline, requests=n)
             log(f"fan-out {n}: every child called after {(time.time_ns() - t0) / 1e9:.2f} s")
             await ctx.svc.wait(ctx.http, deadline, accepted=n)
+            # On SQLite the last callback's own transaction completes the root; on PostgreSQL the children are
+            # counted after their commits and the last count completes the root in an event of its own.
+            run = await wait_run(ctx, run_id, timeout_s=deadline)
         stats = await ctx.svc.stats(ctx.http)
-        run = await get_run(ctx, run_id, timeout_s=deadline)
         output = run.get("output")
-        # The last callback answered is the one whose transaction completed the parent: it read every
-        # sibling's output, ran the reducer and wrote the root.
         last = max(stats["callbacks"], key=lambda c: c[3])
+        completed_ns = int(datetime.fromisoformat(run["completed_at"]).timestamp() * 1e9) if run.get(
+            "completed_at") else max(c[3] for c in stats["callbacks"])
         return {
             "children": n,
             "run_created_s": round((posted_ns - t0) / 1e9, 3),
             "all_called_s": round((max(r[0] for r in stats["requests"]) - t0) / 1e9, 3),
-            "root_complete_s": round((max(c[3] for c in stats["callbacks"]) - t0) / 1e9, 3),
+            "root_complete_s": round((max(completed_ns, last[3]) - t0) / 1e9, 3),
             "root_state": run["state"], "output_len": len(output) if isinstance(output, list) else None,
             "peak_rss_mb": round(peak_rss_mb(ctx.server.pid) or math.nan, 1),
             "rss_before_run_mb": round(rss_before or math.nan, 1),
@@ -243,7 +247,7 @@ async def load(ctx: Context) -> Metrics:
     wait = ctx.timeout(max(120.0, n_run * 0.2))
     run_id = await start_run(ctx, "wide", {"source": "bench"}, timeout_s=wait)
     await ctx.svc.wait(ctx.http, wait, accepted=n_run - 1)
-    if (state := (await get_run(ctx, run_id, timeout_s=wait))["state"]) != "complete":
+    if (state := (await wait_run(ctx, run_id, timeout_s=wait))["state"]) != "complete":
         raise ApiError(f"the {n_run}-node run is {state} after its last callback, not complete")
     async with ctx.measure("get") as phase:
         run_ms, run_bytes = await _time_get(ctx, f"/runs/{run_id}", samples)

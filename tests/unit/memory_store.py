@@ -17,7 +17,10 @@ Script = Callable[[list[Any]], Any]
 class MemoryStore:
     """Committed run nodes in a dict; each event runs in a fresh Plan like a transaction."""
 
-    def __init__(self, scripts: dict[str, Script] | None = None) -> None:
+    def __init__(self, scripts: dict[str, Script] | None = None, count_later: bool = False,
+                 defer_counts: bool = False) -> None:
+        self.count_later = count_later  # as on PostgreSQL: children counted after each commit
+        self.defer_counts = defer_counts  # counts wait for count_pending(), as when the process is slow or dies
         self.nodes: dict[str, Node] = {}
         self.done: dict[str, int] = {}
         self.work: list[Work] = []
@@ -42,7 +45,7 @@ class MemoryStore:
     def event(self, node_id: str, handler: Callable[[Plan], Generator[Any, Any, Any]]) -> Any:
         """Run one event handler on a plan seeded with the node and its ancestors."""
         self.now += timedelta(milliseconds=1)
-        plan = Plan(now=self.now)
+        plan = Plan(now=self.now, count_later=self.count_later)
         chain = []
         cur: str | None = node_id
         while cur is not None:
@@ -96,4 +99,20 @@ class MemoryStore:
         self.done.update(pending_done)
         self.work = [w for w in self.work if w.node_id not in plan.drop_work_for
                      and not (w.kind == "heartbeat" and w.node_id in plan.drop_heartbeats_for)] + plan.work
+        if not self.defer_counts:
+            self.count_pending([w for w in plan.work if w.kind == "count"])  # right after the commit
         return result
+
+    def count_pending(self, rows: list[Work] | None = None) -> int:
+        """Perform `count` work rows (all pending ones by default), as the engine does after a commit: each
+        finished child is counted once, and the last one completes its parent in an event of its own."""
+        rows = [w for w in self.work if w.kind == "count"] if rows is None else rows
+        for count in rows:
+            if count not in self.work:
+                continue  # dropped meanwhile (a redrive reset the counter)
+            self.work.remove(count)
+            self.done[count.node_id] = self.done.get(count.node_id, 0) + 1
+            if self.done[count.node_id] == self.nodes[count.node_id].n_children:
+                parent_id = count.node_id
+                self.event(parent_id, lambda p, parent_id=parent_id: decide.children_done(p, parent_id))
+        return len(rows)

@@ -210,6 +210,7 @@ def _resume(plan: Plan, node: Node) -> Step:
         value = kids[first.position - 1].output if first.position > 0 else node.input
         yield from _restart_child(plan, node, first, value)
         return
+    plan.drop_work_for.add(node.id)  # counts still pending from before are in the new value
     yield SetDone(node.id, len(kids) - len(unfinished))
     for kid in unfinished:
         if plan.nodes[node.id].state != "executing":
@@ -236,6 +237,7 @@ def _reset(plan: Plan, node: Node) -> Step:
             plan.put(current, state="pending", input=None, output=None, error=None, started_at=None,
                      completed_at=None, attempt_base=current.attempt)
             if current.step.kind == "parallel":
+                plan.drop_work_for.add(current.id)
                 yield SetDone(current.id, 0)
         stack.extend(plan.children.get(current.id, ()))
 
@@ -335,6 +337,9 @@ def _after_complete(plan: Plan, node: Node) -> Step:
             parent = plan.put(parent, state="complete", output=node.output, completed_at=plan.now)
             yield from _after_complete(plan, parent)
         return
+    if plan.count_later:
+        plan.work.append(Work("count", parent.id, parent.root_id, node.position, plan.now))
+        return
     done: int = yield BumpDone(parent.id)
     if done < parent.n_children:
         return
@@ -342,6 +347,19 @@ def _after_complete(plan: Plan, node: Node) -> Step:
     plan.children.pop(parent.id, None)
     kids = yield from _children(plan, parent)
     yield from _complete_parent(plan, parent, [k.output for k in kids])
+
+
+def children_done(plan: Plan, parent_id: str) -> Generator[Request, Any, Verdict]:
+    """A parallel parent's counter reached its number of children (counted after their commits): complete it."""
+    parent = plan.nodes[parent_id]
+    if parent.state != "executing":
+        return Verdict("refused", f"the parent is {parent.state}")
+    plan.children.pop(parent.id, None)
+    kids = yield from _children(plan, parent)
+    if any(k.state != "complete" for k in kids):  # a redrive reset the counter since: it counts again
+        return Verdict("refused", "not every child is complete")
+    yield from _complete_parent(plan, parent, [k.output for k in kids])
+    return ACCEPTED
 
 
 def _complete_parent(plan: Plan, parent: Node, outputs: list[Any]) -> Step:

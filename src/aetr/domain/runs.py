@@ -47,10 +47,10 @@ class Node:
 class Work:
     """Something to do later, stored with the state change that implies it (the outbox)."""
 
-    kind: Literal["dispatch", "deadline", "heartbeat"]
-    node_id: str
+    kind: Literal["dispatch", "deadline", "heartbeat", "count", "complete"]
+    node_id: str  # a `count` row names the parent whose counter it bumps
     root_id: str
-    attempt: int
+    attempt: int  # a `count` row holds the finished child's position: one row per child
     due_at: datetime
 
 
@@ -103,6 +103,10 @@ class Plan:
     jitter: float = 1.0
     events: list[EventRecord] = field(default_factory=list)
     whole_run: bool = False  # every node of the run is in `nodes`, every child list in `children`
+    # Count finished children after the commit (a `count` work row each) instead of bumping the parent's
+    # counter inside the event: on PostgreSQL the bump holds the counter's row lock until the commit, and a
+    # wide parallel parent's siblings then finish one at a time.
+    count_later: bool = False
 
     def absorb(self, rows: Iterable[Node], *, children_of: Iterable[str] = ()) -> None:
         """Add freshly read nodes; nodes this plan already changed keep the plan's version of them.

@@ -14,12 +14,13 @@ from typing import Any, Protocol
 from aetr.domain import decide
 from aetr.domain.decide import ACCEPTED
 from aetr.domain.jsonvalue import check_json
-from aetr.domain.runs import Node, Plan, build_run_nodes
+from aetr.domain.runs import Node, Plan, Work, build_run_nodes
 from aetr.engine import metrics
 from aetr.store import ClaimedWork, Conflict, Store
 from aetr.store.sql import (
     Apply,
     Chain,
+    CountChild,
     FindRunByKey,
     FinishCall,
     FinishCalls,
@@ -101,6 +102,8 @@ class Coordinator:
         self.conflicts = 0  # optimistic-lock retries so far: the contention test reads it
         self.on_commit: list[Callable[[set[str]], None]] = []  # told the runs each commit changed
         self.sink: CallSink | None = None
+        # PostgreSQL counts a parallel parent's finished children after each child's commit (see Plan.count_later)
+        self.count_later = store.dialect == "postgresql"
         self._answered: dict[str, FinishCall] = {}  # dispatch answers not yet written, by node id
         self._flush: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task[None]] = set()
@@ -178,6 +181,19 @@ class Coordinator:
         """Run a failed or cancelled run's unfinished nodes again."""
         return await self._event(root_id, lambda plan: decide.redrive(plan, root_id), None, 0)
 
+    async def count_child(self, parent_id: str, position: int, owner: str, lease_s: float) -> bool:
+        """Count a finished child of a parallel parent (a `count` work row). The last count also stores a
+        `complete` row for the parent, leased to `owner`: True when the caller should now complete it."""
+        now = utcnow()
+        last: bool = await self.store.run(
+            single(CountChild(parent_id, position, now, owner, now + timedelta(seconds=lease_s))), atomic=False)
+        return last
+
+    async def complete_parent(self, parent_id: str) -> decide.Verdict:
+        """Every child of a parallel parent was counted: complete it (its `complete` row goes in the same commit)."""
+        return await self._event(parent_id, lambda plan: decide.children_done(plan, parent_id), None, 0,
+                                 FinishCall(parent_id, 0, "complete"))
+
     def call_answered(self, call: FinishCall) -> None:
         """A callback-mode step accepted its call: forget the call's row and record the answer, soon.
 
@@ -234,7 +250,7 @@ class Coordinator:
 
     def _program(self, node_id: str, handler: Handler, source: str | None, attempt: int,
                  answered: list[FinishCall]) -> Program:
-        plan = Plan(now=utcnow(), jitter=random.random())
+        plan = Plan(now=utcnow(), jitter=random.random(), count_later=self.count_later)
         chain: Chain = yield LoadChain(node_id)
         if not chain.nodes:
             return Outcome(decide.Verdict("unknown", "no such node"))
@@ -255,16 +271,16 @@ class Coordinator:
         return Outcome(verdict, plan, calls)
 
     def _lease(self, plan: Plan) -> tuple[Lease | None, list[ClaimedWork]]:
-        """The calls due now that this process will make right after the commit, leased to it in the commit."""
+        """The work due now that this process performs right after the commit (calls, counts), leased to it there."""
         sink = self.sink
         if sink is None or not plan.work:
             return None, []
-        calls = [ClaimedWork(w, plan.nodes[w.node_id]) for w in plan.work
-                 if w.kind == "dispatch" and w.due_at <= plan.now][:sink.direct_limit]
-        if not calls:
+        now = [ClaimedWork(w, plan.nodes.get(w.node_id) if w.kind == "dispatch" else None) for w in plan.work
+               if w.kind in ("dispatch", "count") and w.due_at <= plan.now][:sink.direct_limit]
+        if not now:
             return None, []
         until = plan.now + timedelta(seconds=sink.lease_s)
-        return Lease(sink.owner, until, frozenset(c.work.node_id for c in calls)), calls
+        return Lease(sink.owner, until, frozenset(_key(c.work) for c in now)), now
 
     def _committed(self, out: Outcome) -> None:
         """On the event loop, right after the commit: call the steps it started, wake whoever waits."""
@@ -274,8 +290,8 @@ class Coordinator:
         if self.sink is not None:
             if out.calls:
                 self.sink.perform(out.calls)
-            leased = {c.work.node_id for c in out.calls}
-            later = [w.due_at for w in plan.work if not (w.kind == "dispatch" and w.node_id in leased)]
+            leased = {_key(c.work) for c in out.calls}
+            later = [w.due_at for w in plan.work if _key(w) not in leased]
             if later:
                 self.sink.due(min(later))
         roots = {n.root_id for n in plan.changed}
@@ -295,6 +311,10 @@ class Coordinator:
 
 
 LocalAnswer = Callable[[decide.Request], tuple[bool, Any]]  # (answered here, the answer)
+
+
+def _key(w: Work) -> tuple[str, str, int]:
+    return w.kind, w.node_id, w.attempt
 
 
 def _answering(gen: Generator[decide.Request, Any, Any], local: LocalAnswer) -> Program:

@@ -118,7 +118,13 @@ class Worker:
 
     async def _perform(self, item: ClaimedWork) -> None:
         try:
-            if item.work.kind in ("deadline", "heartbeat"):
+            if item.work.kind == "count":
+                if await self.coordinator.count_child(item.work.node_id, item.work.attempt, self.owner,
+                                                      self.lease_s):
+                    await self.coordinator.complete_parent(item.work.node_id)
+            elif item.work.kind == "complete":  # a count whose process died before it completed the parent
+                await self.coordinator.complete_parent(item.work.node_id)
+            elif item.work.kind in ("deadline", "heartbeat"):
                 await self.coordinator.deadline_passed(item.work.node_id, item.work.attempt,
                                                        heartbeat=item.work.kind == "heartbeat")
             else:

@@ -31,6 +31,13 @@ from aetr.store.sql import (
 from aetr.store.store import AfterCommit, ScriptCall, Store, _round_trips
 
 CONNECT_TIMEOUT_S = 10.0
+# The events' statements are indexed lookups of a few rows (a wide parent's children at most), whose best plan
+# never depends on the values or on the tables' size. So: generic plans, planned once per connection (planning
+# the chain query cost as much as running it), and no sequential scans or hash joins in them — a plan made
+# while the tables were nearly empty otherwise stays cached, and the chain query then scanned every node of a
+# 10,000-child run on each of its callbacks.
+EVENTS_SESSION = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off", "enable_hashjoin": "off",
+                  "enable_mergejoin": "off"}
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:
@@ -53,27 +60,28 @@ class PostgresStore(Store):
         if self._pool is None:
             async with self._pool_lock:
                 if self._pool is None:
-                    # Generic plans: the events' statements are a few indexed lookups whose best plan never
-                    # depends on the values, and PostgreSQL otherwise plans each anew for its first executions
-                    # on every connection (planning the chain query took longer than running it).
                     self._pool = await asyncpg.create_pool(
                         self.dsn, min_size=1, max_size=self.pool_size, reset=_keep_session,
-                        timeout=CONNECT_TIMEOUT_S, server_settings={"plan_cache_mode": "force_generic_plan"})
+                        timeout=CONNECT_TIMEOUT_S, server_settings=EVENTS_SESSION)
         return self._pool
 
     async def run(self, program: Program, scripts: ScriptCall | None = None,
-                  after_commit: Callable[[Any], None] | None = None) -> Any:
+                  after_commit: Callable[[Any], None] | None = None, atomic: bool = True) -> Any:
         # Shielded: a caller that goes away (a client hanging up) must not cut an event between its
         # statements, nor skip what follows its commit (calling the steps it started).
-        task = asyncio.ensure_future(self._run(program, scripts, after_commit, _round_trips.get()))
+        task = asyncio.ensure_future(self._run(program, scripts, after_commit, _round_trips.get(), atomic))
         return await asyncio.shield(task)
 
     async def _run(self, program: Program, scripts: ScriptCall | None, after_commit: AfterCommit | None,
-                   seen: list[str] | None) -> Any:
+                   seen: list[str] | None, atomic: bool) -> Any:
         pool = await self._events_pool()
         try:
-            async with pool.acquire() as conn, conn.transaction():
-                result = await self._drive(conn, lower(program, self.statements), scripts, seen)
+            async with pool.acquire() as conn:
+                if atomic:
+                    async with conn.transaction():
+                        result = await self._drive(conn, lower(program, self.statements), scripts, seen)
+                else:
+                    result = await self._drive(conn, lower(program, self.statements), scripts, seen)
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
             raise Conflict(f"the database aborted the transaction ({exc.sqlstate})") from exc
         except asyncpg.UniqueViolationError as exc:

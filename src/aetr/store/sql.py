@@ -149,6 +149,18 @@ WRITE_REST_PG = (
     " INSERT INTO events (root_id, node_id, at, kind, data)"
     " SELECT * FROM unnest($10::varchar[], $11::varchar[], $12::timestamptz[], $13::varchar[], $14::text[])"
 )
+# A finished child counted exactly once: its `count` row is deleted and the counter bumped in one statement,
+# which holds the counter's row lock only while it runs (in autocommit), not until an event's commit.
+# The count that completes the set inserts the parent's `complete` row in the same statement (answer: 1).
+COUNT_CHILD_PG = (
+    "WITH counted AS (DELETE FROM work WHERE node_id = $1 AND kind = 'count' AND attempt = $2 RETURNING root_id),"
+    " bumped AS (UPDATE run_counters SET done = done + 1 WHERE node_id = $1 AND EXISTS (SELECT 1 FROM counted)"
+    " RETURNING done),"
+    " last AS (INSERT INTO work (kind, node_id, root_id, attempt, due_at, lease_owner, lease_until)"
+    " SELECT 'complete', $1, counted.root_id, 0, $3::timestamptz, $4::varchar, $5::timestamptz"
+    " FROM counted, bumped WHERE bumped.done = (SELECT n_children FROM run_nodes WHERE id = $1) RETURNING 1)"
+    " SELECT count(*) FROM last"
+)
 WRITE_REST_NAMES = ("drop", "beats", *(f"w_{k}" for k in WORK_FIELDS), *(f"e_{k}" for k in EVENT_FIELDS))
 
 
@@ -206,8 +218,20 @@ class Statements:
         root = select(run_nodes.c.root_id).where(run_nodes.c.id == _p("node_id")).scalar_subquery()
         self.run_view = c(select(*VIEW_COLUMNS).where(run_nodes.c.root_id == root))
         self.write_rest: Sql | None = None
+        self.count_child: Sql | None = None
         if dialect == "postgresql":
             self.write_rest = Sql(WRITE_REST_PG, WRITE_REST_NAMES, {})
+            self.count_child = Sql(COUNT_CHILD_PG, ("parent_id", "position", "now", "owner", "until"), {})
+        self.drop_count = c(delete(work).where(and_(
+            work.c.node_id == _p("parent_id"), work.c.attempt == _p("position"),
+            work.c.kind == literal_column("'count'"))))
+        def of_parent(column: Any) -> Any:
+            return select(column).where(run_nodes.c.id == _p("parent_id")).scalar_subquery()
+
+        self.bump_count = c(update(run_counters).where(run_counters.c.node_id == _p("parent_id"))
+                            .values(done=run_counters.c.done + 1)
+                            .returning(run_counters.c.done, of_parent(run_nodes.c.n_children),
+                                       of_parent(run_nodes.c.root_id)))
 
     # ---- values to and from the driver ----
 
@@ -395,11 +419,14 @@ class Chain:
 
 @dataclass(frozen=True)
 class Lease:
-    """Dispatch rows that this process will perform right after the commit, leased to it until `until`."""
+    """Work rows this process will perform right after the commit, leased to it until `until`.
+
+    `keys` are (kind, node id, attempt) of the rows.
+    """
 
     owner: str
     until: datetime
-    node_ids: frozenset[str]
+    keys: frozenset[tuple[str, str, int]]
 
 
 @dataclass(frozen=True)
@@ -458,6 +485,22 @@ class RenewLease:
 
     node_id: str
     attempt: int
+    owner: str
+    until: datetime
+
+
+@dataclass(frozen=True)
+class CountChild:
+    """Request: count a parent's finished child once, deleting its `count` work row in the same statement.
+
+    The count that reaches the parent's number of children also inserts a `complete` work row for the parent,
+    leased to `owner` until `until`: completing the parent is then as durable as the count. Answer: True
+    when this count was the last one.
+    """
+
+    parent_id: str
+    position: int
+    now: datetime
     owner: str
     until: datetime
 
@@ -573,6 +616,21 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
         return None
     if isinstance(req, Claim):
         return (yield from _claim(req, st))
+    if isinstance(req, CountChild):
+        values = {"parent_id": req.parent_id, "position": req.position, "now": st.time_in(req.now),
+                  "owner": req.owner, "until": st.time_in(req.until)}
+        if st.count_child is not None:  # PostgreSQL: one statement, the counter's row locked only while it runs
+            rows = yield Fetch(st.count_child, values)
+            return bool(rows and rows[0][0])
+        if (yield Exec(st.drop_count, values)) != 1:
+            return False  # counted already
+        ((done, n_children, root_id),) = yield Fetch(st.bump_count, values)
+        if done != n_children:
+            return False
+        yield ExecMany(st.insert_work, [{"kind": "complete", "node_id": req.parent_id, "root_id": root_id,
+                                         "attempt": 0, "due_at": values["now"], "lease_owner": req.owner,
+                                         "lease_until": values["until"]}])
+        return True
     raise TypeError(f"no SQL for request {req!r}")
 
 
@@ -590,7 +648,7 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
     beats = sorted(plan.drop_heartbeats_for - plan.drop_work_for)
     lease = req.lease
     work_rows = [st.work_values(w, lease.owner, lease.until)
-                 if lease is not None and w.kind == "dispatch" and w.node_id in lease.node_ids
+                 if lease is not None and (w.kind, w.node_id, w.attempt) in lease.keys
                  else st.work_values(w) for w in plan.work]
     event_rows = [st.event_values(e) for e in plan.events]
     if st.write_rest is not None:
