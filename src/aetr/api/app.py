@@ -59,6 +59,23 @@ def require_token(request: Request) -> None:
                             headers={"WWW-Authenticate": "Bearer"})
 
 
+def unavailable_answer(method: str, path: str, cause: str) -> Response:
+    """503 with Retry-After for a database outage (logged without any callback token)."""
+    log.warning("database unavailable for %s %s: %s", method, redact(path), cause)
+    return JSON({"detail": "the database is unavailable or out of connections; try again shortly"},
+                status_code=503, headers={"Retry-After": "1"})
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether an exception means the database is unavailable (503) rather than a bug (500)."""
+    if isinstance(exc, Unavailable):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    return (exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+            or is_outage_sqlstate(sqlstate(exc)))
+
+
 class PayloadLimit:
     """Answers 413 to any request body over the limit, before a route reads it, counting streamed bodies too."""
 
@@ -184,15 +201,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         return JSON({"detail": safe_text(describe_validation(exc))}, status_code=422)
 
     def unavailable(request: Request, cause: str) -> Response:
-        log.warning("database unavailable for %s %s: %s", request.method, redact(request.url.path), cause)
-        return JSON({"detail": "the database is unavailable or out of connections; try again shortly"},
-                    status_code=503, headers={"Retry-After": "1"})
+        return unavailable_answer(request.method, request.url.path, cause)
 
     @app.exception_handler(DBAPIError)
     async def on_database(request: Request, exc: DBAPIError) -> Response:
         # The database refusing or dropping connections is an outage to wait out (503), not a bug (500).
-        if (exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
-                or is_outage_sqlstate(sqlstate(exc))):
+        if is_outage(exc):
             return unavailable(request, type(exc.orig).__name__)
         raise exc
 
@@ -245,5 +259,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         """Prometheus metrics."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(PayloadLimit, limit=settings.max_payload_bytes)
+    app.add_middleware(callbacks.FastCallbacks, engine=lambda: engine_of_app(app))
+    app.add_middleware(PayloadLimit, limit=settings.max_payload_bytes)  # outermost: it limits the fast path too
     return app
+
+
+def engine_of_app(app: FastAPI) -> Engine:
+    """The Engine an application serves."""
+    engine: Engine = app.state.engine
+    return engine
