@@ -140,14 +140,23 @@ WORK_FIELDS = ("kind", "node_id", "root_id", "attempt", "due_at", "lease_owner",
 EVENT_FIELDS = ("root_id", "node_id", "at", "kind", "data")
 # An event's work and history changes as arrays, written by one statement: the deletes see the rows as they
 # were before it, so an event that re-arms a node (drops its work, inserts new) keeps the new rows.
-WRITE_REST_PG = (
+NODE_FIELDS = ("k_id", "k_version", *STATE_COLUMNS)
+WRITE_ALL_PG = (
     "WITH dropped AS (DELETE FROM work WHERE node_id = ANY($1::varchar[])),"
     " beats AS (DELETE FROM work WHERE kind = 'heartbeat' AND node_id = ANY($2::varchar[])),"
     " added AS (INSERT INTO work (kind, node_id, root_id, attempt, due_at, lease_owner, lease_until)"
     " SELECT * FROM unnest($3::varchar[], $4::varchar[], $5::varchar[], $6::integer[], $7::timestamptz[],"
-    " $8::varchar[], $9::timestamptz[]))"
-    " INSERT INTO events (root_id, node_id, at, kind, data)"
-    " SELECT * FROM unnest($10::varchar[], $11::varchar[], $12::timestamptz[], $13::varchar[], $14::text[])"
+    " $8::varchar[], $9::timestamptz[])),"
+    " logged AS (INSERT INTO events (root_id, node_id, at, kind, data)"
+    " SELECT * FROM unnest($10::varchar[], $11::varchar[], $12::timestamptz[], $13::varchar[], $14::text[])),"
+    " updated AS (UPDATE run_nodes AS n SET state = v.state, input = v.input, output = v.output, error = v.error,"
+    " attempt = v.attempt, attempt_base = v.attempt_base, version = v.version, started_at = v.started_at,"
+    " completed_at = v.completed_at"
+    " FROM unnest($15::varchar[], $16::integer[], $17::varchar[], $18::text[], $19::text[], $20::text[],"
+    " $21::integer[], $22::integer[], $23::integer[], $24::timestamptz[], $25::timestamptz[])"
+    " AS v(id, k_version, state, input, output, error, attempt, attempt_base, version, started_at, completed_at)"
+    " WHERE n.id = v.id AND n.version = v.k_version RETURNING 1)"
+    " SELECT count(*) FROM updated"
 )
 # A finished child counted exactly once: its `count` row is deleted and the counter bumped in one statement,
 # which holds the counter's row lock only while it runs (in autocommit), not until an event's commit.
@@ -161,7 +170,8 @@ COUNT_CHILD_PG = (
     " FROM counted, bumped WHERE bumped.done = (SELECT n_children FROM run_nodes WHERE id = $1) RETURNING 1)"
     " SELECT count(*) FROM last"
 )
-WRITE_REST_NAMES = ("drop", "beats", *(f"w_{k}" for k in WORK_FIELDS), *(f"e_{k}" for k in EVENT_FIELDS))
+WRITE_ALL_NAMES = ("drop", "beats", *(f"w_{k}" for k in WORK_FIELDS), *(f"e_{k}" for k in EVENT_FIELDS),
+                   *(f"n_{k}" for k in NODE_FIELDS))
 
 
 class Statements:
@@ -217,10 +227,10 @@ class Statements:
         # GET /runs/{id}: only the columns the answer shows, for every node of the run the node belongs to.
         root = select(run_nodes.c.root_id).where(run_nodes.c.id == _p("node_id")).scalar_subquery()
         self.run_view = c(select(*VIEW_COLUMNS).where(run_nodes.c.root_id == root))
-        self.write_rest: Sql | None = None
+        self.write_all: Sql | None = None
         self.count_child: Sql | None = None
         if dialect == "postgresql":
-            self.write_rest = Sql(WRITE_REST_PG, WRITE_REST_NAMES, {})
+            self.write_all = Sql(WRITE_ALL_PG, WRITE_ALL_NAMES, {})
             self.count_child = Sql(COUNT_CHILD_PG, ("parent_id", "position", "now", "owner", "until"), {})
         self.drop_count = c(delete(work).where(and_(
             work.c.node_id == _p("parent_id"), work.c.attempt == _p("position"),
@@ -636,14 +646,18 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
 
 def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
     plan = req.plan
-    if not req.inserted:
-        # In id order, so that two events changing the same nodes lock them in the same order.
-        for node in sorted(plan.changed, key=lambda n: n.id):
-            values = st.state_values(node)
-            values["k_id"] = node.id
-            values["k_version"] = plan.loaded_versions[node.id]
+    # In id order, so that two events changing the same nodes lock them in the same order.
+    changed = [] if req.inserted else sorted(plan.changed, key=lambda n: n.id)
+    node_rows = []
+    for node in changed:
+        values = st.state_values(node)
+        values["k_id"] = node.id
+        values["k_version"] = plan.loaded_versions[node.id]
+        node_rows.append(values)
+    if st.write_all is None:
+        for values in node_rows:
             if (yield Exec(st.update_node, values)) != 1:
-                raise Conflict(node.id)
+                raise Conflict(values["k_id"])
     drop = sorted(plan.drop_work_for)
     beats = sorted(plan.drop_heartbeats_for - plan.drop_work_for)
     lease = req.lease
@@ -651,12 +665,17 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
                  if lease is not None and (w.kind, w.node_id, w.attempt) in lease.keys
                  else st.work_values(w) for w in plan.work]
     event_rows = [st.event_values(e) for e in plan.events]
-    if st.write_rest is not None:
-        # PostgreSQL: every work and history change of the event in one statement, one round trip.
-        if drop or beats or work_rows or event_rows:
-            yield Exec(st.write_rest, {"drop": drop, "beats": beats,
-                                       **{f"w_{k}": [r[k] for r in work_rows] for k in WORK_FIELDS},
-                                       **{f"e_{k}": [r[k] for r in event_rows] for k in EVENT_FIELDS}})
+    if st.write_all is not None:
+        # PostgreSQL: every change of the event in one statement, one round trip. The node UPDATE is the
+        # statement's main query (it runs first, its rows locked in id order); the work and history changes
+        # are its side statements.
+        if node_rows or drop or beats or work_rows or event_rows:
+            ((updated,),) = yield Fetch(st.write_all, {
+                **{f"n_{k}": [r[k] for r in node_rows] for k in NODE_FIELDS}, "drop": drop, "beats": beats,
+                **{f"w_{k}": [r[k] for r in work_rows] for k in WORK_FIELDS},
+                **{f"e_{k}": [r[k] for r in event_rows] for k in EVENT_FIELDS}})
+            if updated != len(node_rows):
+                raise Conflict(f"{len(node_rows) - updated} of {len(node_rows)} nodes changed meanwhile")
         return
     if drop:
         yield ExecMany(st.drop_work, [{"node_id": i} for i in drop])
