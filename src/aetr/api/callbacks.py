@@ -66,7 +66,7 @@ async def report_success(engine: Engine, token: str, body: bytes, content_type: 
     except orjson.JSONDecodeError as exc:
         raise HTTPException(400, f"body says it is JSON but is not valid JSON: {exc}; nothing was changed") from None
     try:
-        check_json(output)
+        check_json(output, parsed=True)
     except ValueError as exc:
         raise HTTPException(422, f"output: {exc}; nothing was changed") from None
     verdict = await engine.coordinator.step_succeeded(attempt.node_id, attempt.attempt, output, source="callback")

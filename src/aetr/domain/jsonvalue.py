@@ -17,14 +17,18 @@ MAX_JSON_DEPTH: Final = 100
 _INT_RANGE: Final = (-(2**63), 2**64 - 1)  # the integers orjson encodes
 
 
-def check_json(value: Any) -> Any:
-    """`value` if AETR can store and answer it as JSON; ValueError naming where and what is wrong otherwise."""
-    if _encodes(value):
+def check_json(value: Any, parsed: bool = False) -> Any:
+    """`value` if AETR can store and answer it as JSON; ValueError naming where and what is wrong otherwise.
+
+    `parsed`: the value came from orjson.loads (or is text decoded with replacement), which never yields NaN,
+    infinities, lone surrogates or integers beyond 64 bits; only its depth is left to check.
+    """
+    if _encodes(value, parsed):
         return value
     raise ValueError(_json_problem(value) or "is not a JSON value")
 
 
-def _encodes(value: Any) -> bool:
+def _encodes(value: Any, parsed: bool = False) -> bool:
     """The common case at C speed: whether orjson encodes the value within the depth allowed, and without NaN."""
     padded = value
     for _ in range(ORJSON_MAX_DEPTH - MAX_JSON_DEPTH):
@@ -33,8 +37,9 @@ def _encodes(value: Any) -> bool:
         encoded = orjson.dumps(padded)  # refuses integers beyond 64 bits, lone surrogates and too many levels
     except TypeError:
         return False
-    # orjson writes NaN and the infinities as null, so a value holding one does not come back equal.
-    return b"null" not in encoded or bool(orjson.loads(encoded) == padded)
+    # orjson writes NaN and the infinities as null, so a value holding one does not come back equal. Reading
+    # the value back is most of this check's cost: a value orjson parsed cannot hold them.
+    return parsed or b"null" not in encoded or bool(orjson.loads(encoded) == padded)
 
 
 def _json_problem(value: Any) -> str | None:

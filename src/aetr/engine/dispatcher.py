@@ -126,7 +126,7 @@ class Dispatcher:
                 self.coordinator.call_answered(FinishCall(node.id, node.attempt, record=record))
                 return
             try:
-                output = check_json(parse_body(body, content_type))
+                output = check_json(parse_body(body, content_type), parsed=True)
             except orjson.JSONDecodeError:
                 await self.coordinator.attempt_failed(
                     node.id, node.attempt, f"{step.url} answered {status} with a body that is not valid JSON",
