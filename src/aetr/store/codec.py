@@ -1,4 +1,4 @@
-"""Rows to domain values and back: the one place that knows both column names and dataclass fields."""
+"""Rows that SQLAlchemy read (JSON parsed, times typed) as domain values, for the colder paths (run listings)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from typing import Any
 
 from aetr.domain.runs import Node
 from aetr.domain.steps import StepConfig
-from aetr.store.tables import run_nodes
+from aetr.store.sql import NODE_COLUMNS
 
-# Every node column but the snapshot, which only the root carries and only `GET /runs/{id}` needs.
-NODE_COLUMNS = [c for c in run_nodes.c if c.name != "snapshot"]
+__all__ = ["NODE_COLUMNS", "node_from_row"]
 
 
 def node_from_row(row: Mapping[Any, Any]) -> Node:
@@ -24,21 +23,3 @@ def node_from_row(row: Mapping[Any, Any]) -> Node:
         attempt=row["attempt"], attempt_base=row["attempt_base"], version=row["version"], started_at=row["started_at"],
         completed_at=row["completed_at"],
     )
-
-
-def node_state_values(node: Node) -> dict[str, Any]:
-    """The columns an event may change on a node."""
-    return {"state": node.state, "input": node.input, "output": node.output, "error": node.error,
-            "attempt": node.attempt, "attempt_base": node.attempt_base, "version": node.version,
-            "started_at": node.started_at, "completed_at": node.completed_at}
-
-
-def node_insert_values(node: Node) -> dict[str, Any]:
-    """Every column of a new node row."""
-    return {
-        "id": node.id, "root_id": node.root_id, "parent_id": node.parent_id, "position": node.position,
-        "step_id": node.step.id, "step_name": node.step.name, "step_kind": node.step.kind,
-        "step_version": node.step.version, "config": node.step.fields_json(), "mapper": node.mapper,
-        "n_children": node.n_children, "created_at": node.created_at,
-        "snapshot": None, "idempotency_key": None, **node_state_values(node),
-    }

@@ -8,25 +8,24 @@ migrations) on a small pool of its own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from aetr.domain.decide import RunScript
 from aetr.store.sql import (
     Conflict,
     Duplicate,
     Exec,
-    ExecMany,
     Fetch,
+    Op,
     Program,
     Statements,
     Unavailable,
     is_outage_sqlstate,
-    lower,
 )
 from aetr.store.store import AfterCommit, ScriptCall, Store, _round_trips
 
@@ -42,6 +41,23 @@ EVENTS_SESSION = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "of
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:
     """Pool reset hook: our transactions always end, so returning a connection needs no round trip."""
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """asyncpg's errors as the store's: a lost race, a taken key, or an outage to wait out."""
+    try:
+        yield
+    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
+        raise Conflict(f"the database aborted the transaction ({exc.sqlstate})") from exc
+    except asyncpg.UniqueViolationError as exc:
+        raise Duplicate(str(exc)) from exc
+    except asyncpg.PostgresError as exc:
+        if is_outage_sqlstate(exc.sqlstate):
+            raise Unavailable(f"PostgreSQL refused: {type(exc).__name__}") from exc
+        raise
+    except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:  # unreachable, dropped, or timed out
+        raise Unavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
 
 
 class PostgresStore(Store):
@@ -74,58 +90,36 @@ class PostgresStore(Store):
 
     async def _run(self, program: Program, scripts: ScriptCall | None, after_commit: AfterCommit | None,
                    seen: list[str] | None, atomic: bool) -> Any:
-        pool = await self._events_pool()
-        try:
+        with _translated():
+            pool = await self._events_pool()
             async with pool.acquire() as conn:
+                execute = self._executor(conn)
                 if atomic:
                     async with conn.transaction():
-                        result = await self._drive(conn, lower(program, self.statements), scripts, seen)
+                        result = await self._drive(program, self.statements, scripts, seen, execute)
                 else:
-                    result = await self._drive(conn, lower(program, self.statements), scripts, seen)
-        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
-            raise Conflict(f"the database aborted the transaction ({exc.sqlstate})") from exc
-        except asyncpg.UniqueViolationError as exc:
-            raise Duplicate(str(exc)) from exc
-        except asyncpg.PostgresError as exc:
-            if is_outage_sqlstate(exc.sqlstate):
-                raise Unavailable(f"PostgreSQL refused: {type(exc).__name__}") from exc
-            raise
-        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:  # unreachable, dropped, or timed out
-            raise Unavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
+                    result = await self._drive(program, self.statements, scripts, seen, execute)
         if after_commit is not None:
             after_commit(result)
         return result
 
     @staticmethod
-    async def _drive(conn: asyncpg.Connection, ops: Any, scripts: ScriptCall | None, seen: list[str] | None) -> Any:
-        answer: Any = None
-        while True:
-            try:
-                op = ops.send(answer)
-            except StopIteration as stop:
-                return stop.value
-            if isinstance(op, RunScript):
-                assert scripts is not None, "this event runs no scripts"
-                answer = await scripts(op)
-                continue
-            if seen is not None:
-                seen.append(op.sql.text)
+    def _executor(conn: asyncpg.Connection) -> Callable[[Op], Awaitable[Any]]:
+        async def execute(op: Op) -> Any:
             if isinstance(op, Fetch):
-                answer = await conn.fetch(op.sql.text, *op.sql.args(op.values))
-            elif isinstance(op, Exec):
+                return await conn.fetch(op.sql.text, *op.sql.args(op.values))
+            if isinstance(op, Exec):
                 status = await conn.execute(op.sql.text, *op.sql.args(op.values))
-                answer = int(status.rsplit(" ", 1)[-1])
-            else:
-                assert isinstance(op, ExecMany)
-                await conn.executemany(op.sql.text, [op.sql.args(v) for v in op.values])
-                answer = None
+                return int(status.rsplit(" ", 1)[-1])
+            await conn.executemany(op.sql.text, [op.sql.args(v) for v in op.values])
+            return None
+
+        return execute
 
     async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
-        pool = await self._events_pool()
-        try:
+        with _translated():
+            pool = await self._events_pool()
             rows = await pool.fetch(text, *args)
-        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
-            raise Unavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
         view = self.statements.view
         return [view(r) for r in rows]
 

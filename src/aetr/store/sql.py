@@ -483,13 +483,6 @@ class FinishCalls:
 
 
 @dataclass(frozen=True)
-class AddEvents:
-    """Request: append history lines outside any state change."""
-
-    records: Sequence[EventRecord]
-
-
-@dataclass(frozen=True)
 class RenewLease:
     """Request: keep holding a dispatch row while its call still runs."""
 
@@ -615,10 +608,6 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
         records = [st.event_values(c.record) for c in req.calls if c.record is not None]
         if records:
             yield ExecMany(st.insert_event, records)
-        return None
-    if isinstance(req, AddEvents):
-        if req.records:
-            yield ExecMany(st.insert_event, [st.event_values(e) for e in req.records])
         return None
     if isinstance(req, RenewLease):
         yield Exec(st.renew_lease, {"node_id": req.node_id, "attempt": req.attempt, "owner": req.owner,

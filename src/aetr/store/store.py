@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -22,10 +22,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from aetr.domain.decide import RunScript, ScriptResult
 from aetr.domain.jsonvalue import MAX_TREE_DEPTH
-from aetr.domain.runs import EventRecord, Node
+from aetr.domain.runs import Node
 from aetr.domain.steps import CycleError, StepDef, StepTree, find_cycle
 from aetr.store import codec
-from aetr.store.sql import TREE_SQL, AddEvents, Conflict, Duplicate, Program, Statements, single, tree_from_rows
+from aetr.store.sql import TREE_SQL, Conflict, Duplicate, Op, Program, Statements, lower, tree_from_rows
 from aetr.store.tables import UTCDateTime, events, run_nodes, settings, step_children, steps
 
 ScriptCall = Callable[[RunScript], Coroutine[Any, Any, ScriptResult]]  # how an event's program reaches the sandbox
@@ -136,6 +136,26 @@ class Store:
     async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
         raise NotImplementedError
 
+    @staticmethod
+    async def _drive(program: Program, st: Statements, scripts: ScriptCall | None, seen: list[str] | None,
+                     execute: Callable[[Op], Awaitable[Any]]) -> Any:
+        """Run a program's operations in order: statements through the backend's `execute`, scripts in the
+        sandbox (the transaction waits for them: a mapper's result decides what is written)."""
+        ops = lower(program, st)
+        answer: Any = None
+        while True:
+            try:
+                op = ops.send(answer)
+            except StopIteration as stop:
+                return stop.value
+            if isinstance(op, RunScript):
+                assert scripts is not None, "this event runs no scripts"
+                answer = await scripts(op)
+                continue
+            if seen is not None:
+                seen.append(op.sql.text)
+            answer = await execute(op)
+
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:
         """A SQLAlchemy write transaction, for the colder writes (step trees, settings)."""
@@ -191,13 +211,6 @@ class Store:
 
     # ---- runs ----------------------------------------------------------------------------------------
 
-    async def get_run(self, node_id: str) -> list[Node]:
-        """Every node of the run that `node_id` belongs to, in one query (empty when unknown)."""
-        root = select(run_nodes.c.root_id).where(run_nodes.c.id == node_id).scalar_subquery()
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(select(*codec.NODE_COLUMNS).where(run_nodes.c.root_id == root))
-            return [codec.node_from_row(r._mapping) for r in rows]
-
     async def root_of(self, node_id: str) -> str | None:
         """The id of the run (its root node) that `node_id` belongs to."""
         async with self.engine.connect() as conn:
@@ -233,10 +246,6 @@ class Store:
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(events).where(events.c.root_id == root_id).order_by(events.c.id))
             return [_plain(r._mapping) for r in rows]
-
-    async def add_events(self, records: Iterable[EventRecord]) -> None:
-        """Append history lines outside any state change (a refused callback, a dispatch answer)."""
-        await self.run(single(AddEvents(list(records))))
 
     async def setting(self, key: str, default: str) -> str:
         """The stored value of `key`, storing `default` first when there is none (first writer wins)."""
