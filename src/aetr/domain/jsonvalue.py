@@ -30,16 +30,29 @@ def check_json(value: Any, parsed: bool = False) -> Any:
 
 def _encodes(value: Any, parsed: bool = False) -> bool:
     """The common case at C speed: whether orjson encodes the value within the depth allowed, and without NaN."""
+    try:
+        encoded = orjson.dumps(value)  # refuses integers beyond 64 bits, lone surrogates and > 254 levels
+    except TypeError:
+        return False
+    # A value nests at most as deep as its text has brackets, so most values need no exact depth check.
+    if encoded.count(b"[") + encoded.count(b"{") > MAX_JSON_DEPTH and not _shallow(value):
+        return False
+    # orjson writes NaN and the infinities as null, so a value holding one does not come back equal. Reading
+    # the value back is most of this check's cost: a value orjson parsed cannot hold them.
+    return parsed or b"null" not in encoded or bool(orjson.loads(encoded) == value)
+
+
+def _shallow(value: Any) -> bool:
+    """Whether a value orjson encodes nests at most MAX_JSON_DEPTH levels: orjson refuses to encode it
+    inside enough extra levels to pass its own limit otherwise."""
     padded = value
     for _ in range(ORJSON_MAX_DEPTH - MAX_JSON_DEPTH):
         padded = [padded]
     try:
-        encoded = orjson.dumps(padded)  # refuses integers beyond 64 bits, lone surrogates and too many levels
+        orjson.dumps(padded)
     except TypeError:
         return False
-    # orjson writes NaN and the infinities as null, so a value holding one does not come back equal. Reading
-    # the value back is most of this check's cost: a value orjson parsed cannot hold them.
-    return parsed or b"null" not in encoded or bool(orjson.loads(encoded) == padded)
+    return True
 
 
 def _json_problem(value: Any) -> str | None:
