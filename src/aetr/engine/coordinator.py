@@ -186,7 +186,7 @@ class Coordinator:
         `complete` row for the parent, leased to `owner`: True when the caller should now complete it."""
         now = utcnow()
         last: bool = await self.store.run(
-            single(CountChild(parent_id, position, now, owner, now + timedelta(seconds=lease_s))), atomic=False)
+            single(CountChild(parent_id, position, now, owner, now + timedelta(seconds=lease_s))))
         return last
 
     async def complete_parent(self, parent_id: str) -> decide.Verdict:
@@ -265,9 +265,7 @@ class Coordinator:
         # id order like every other event's (taking a work row's lock first could deadlock with them).
         plan.events[:0] = [c.record for c in answered if c.record is not None]
         lease, calls = self._lease(plan)
-        yield Apply(plan, lease=lease)
-        if answered:
-            yield FinishCalls([c for c in answered if c.node_id not in plan.drop_work_for])
+        yield Apply(plan, lease=lease, finished=answered)
         return Outcome(verdict, plan, calls)
 
     def _lease(self, plan: Plan) -> tuple[Lease | None, list[ClaimedWork]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -76,6 +76,9 @@ class Sql:
     text: str
     names: tuple[str, ...]
     defaults: dict[str, Any]
+    writes: bool = True  # False for a read, which never opens a transaction
+    # Atomic by itself: PostgreSQL runs it without BEGIN and COMMIT when it is the only write of its program.
+    alone: bool = False
 
     def args(self, values: dict[str, Any]) -> tuple[Any, ...]:
         """Positional arguments for the driver from named values."""
@@ -155,8 +158,12 @@ WRITE_ALL_PG = (
     " FROM unnest($15::varchar[], $16::integer[], $17::varchar[], $18::text[], $19::text[], $20::text[],"
     " $21::integer[], $22::integer[], $23::integer[], $24::timestamptz[], $25::timestamptz[])"
     " AS v(id, k_version, state, input, output, error, attempt, attempt_base, version, started_at, completed_at)"
-    " WHERE n.id = v.id AND n.version = v.k_version RETURNING 1)"
-    " SELECT count(*) FROM updated"
+    " WHERE n.id = v.id AND n.version = v.k_version RETURNING 1),"
+    " finished AS (DELETE FROM work AS w USING unnest($26::varchar[], $27::integer[], $28::varchar[])"
+    " AS f(node_id, attempt, kind) WHERE w.node_id = f.node_id AND w.attempt = f.attempt AND w.kind = f.kind)"
+    # A node changed meanwhile: aetr_expect_rows (migration 0004) aborts the whole statement, which is atomic
+    # by itself and so runs without BEGIN and COMMIT.
+    " SELECT aetr_expect_rows(count(*), $29::integer) FROM updated"
 )
 # A finished child counted exactly once: its `count` row is deleted and the counter bumped in one statement,
 # which holds the counter's row lock only while it runs (in autocommit), not until an event's commit.
@@ -170,8 +177,9 @@ COUNT_CHILD_PG = (
     " FROM counted, bumped WHERE bumped.done = (SELECT n_children FROM run_nodes WHERE id = $1) RETURNING 1)"
     " SELECT count(*) FROM last"
 )
+FINISHED_FIELDS = ("node_id", "attempt", "kind")
 WRITE_ALL_NAMES = ("drop", "beats", *(f"w_{k}" for k in WORK_FIELDS), *(f"e_{k}" for k in EVENT_FIELDS),
-                   *(f"n_{k}" for k in NODE_FIELDS))
+                   *(f"n_{k}" for k in NODE_FIELDS), *(f"f_{k}" for k in FINISHED_FIELDS), "expected")
 
 
 class Statements:
@@ -183,12 +191,18 @@ class Statements:
         def c(stmt: Any) -> Sql:
             return compile_sql(stmt, dialect)
 
-        self.load_tree = c(TREE_SQL)
-        self.load_chain = c(_chain_stmt())
-        self.load_subtree = c(_subtree_stmt())
-        self.load_children = c(select(*NODE_COLUMNS).where(run_nodes.c.parent_id == _p("parent_id"))
-                               .order_by(run_nodes.c.position))
-        self.load_child = c(select(*NODE_COLUMNS).where(
+        def read(stmt: Any) -> Sql:
+            return replace(c(stmt), writes=False)
+
+        def alone(stmt: Any) -> Sql:
+            return replace(c(stmt), alone=True)
+
+        self.load_tree = read(TREE_SQL)
+        self.load_chain = read(_chain_stmt())
+        self.load_subtree = read(_subtree_stmt())
+        self.load_children = read(select(*NODE_COLUMNS).where(run_nodes.c.parent_id == _p("parent_id"))
+                                  .order_by(run_nodes.c.position))
+        self.load_child = read(select(*NODE_COLUMNS).where(
             and_(run_nodes.c.parent_id == _p("parent_id"), run_nodes.c.position == _p("position"))))
         self.bump_done = c(update(run_counters).where(run_counters.c.node_id == _p("parent_id"))
                            .values(done=run_counters.c.done + 1).returning(run_counters.c.done))
@@ -199,7 +213,7 @@ class Statements:
                              .where(and_(run_nodes.c.id == _p("k_id"), run_nodes.c.version == _p("k_version")))
                              .values({name: _p(name) for name in STATE_COLUMNS}))
         self.insert_node = c(insert(run_nodes).values({col.name: _p(col.name) for col in run_nodes.c}))
-        self.find_key = c(select(run_nodes.c.id).where(run_nodes.c.idempotency_key == _p("key")))
+        self.find_key = read(select(run_nodes.c.id).where(run_nodes.c.idempotency_key == _p("key")))
         # inline(): no implicit RETURNING of the generated id, which nobody reads
         self.insert_work = c(insert(work).inline().values({col.name: _p(col.name) for col in work.c
                                                            if col.name != "id"}))
@@ -208,30 +222,30 @@ class Statements:
                                                          work.c.kind == literal_column("'heartbeat'"))))
         self.finish_call = c(delete(work).where(and_(
             work.c.node_id == _p("node_id"), work.c.attempt == _p("attempt"), work.c.kind == _p("kind"))))
-        self.renew_lease = c(update(work).where(and_(
+        self.renew_lease = alone(update(work).where(and_(
             work.c.node_id == _p("node_id"), work.c.attempt == _p("attempt"),
             work.c.kind == literal_column("'dispatch'"), work.c.lease_owner == _p("owner")))
             .values(lease_until=_p("until")))
-        self.claim = c(_claim_stmt(dialect))
+        self.claim = alone(_claim_stmt(dialect))
         # The nodes of the calls just claimed: one statement on PostgreSQL, one cheap lookup each on SQLite.
-        self.nodes_by_id = c(select(*NODE_COLUMNS).where(
+        self.nodes_by_id = read(select(*NODE_COLUMNS).where(
             run_nodes.c.id == func.any(_p("ids")) if dialect == "postgresql" else run_nodes.c.id == _p("ids")))
         # When the next row becomes claimable: the earliest unleased due time or lease end (both indexed).
         unleased = select(func.min(work.c.due_at).label("at")).where(work.c.lease_until.is_(None))
         leased = select(func.min(work.c.lease_until).label("at"))
         both = union_all(unleased, leased).subquery()
-        self.next_due = c(select(func.min(both.c.at)))
+        self.next_due = read(select(func.min(both.c.at)))
         self.insert_event = c(insert(events).inline().values({col.name: _p(col.name) for col in events.c
                                                               if col.name != "id"}))
 
         # GET /runs/{id}: only the columns the answer shows, for every node of the run the node belongs to.
         root = select(run_nodes.c.root_id).where(run_nodes.c.id == _p("node_id")).scalar_subquery()
-        self.run_view = c(select(*VIEW_COLUMNS).where(run_nodes.c.root_id == root))
+        self.run_view = read(select(*VIEW_COLUMNS).where(run_nodes.c.root_id == root))
         self.write_all: Sql | None = None
         self.count_child: Sql | None = None
         if dialect == "postgresql":
-            self.write_all = Sql(WRITE_ALL_PG, WRITE_ALL_NAMES, {})
-            self.count_child = Sql(COUNT_CHILD_PG, ("parent_id", "position", "now", "owner", "until"), {})
+            self.write_all = Sql(WRITE_ALL_PG, WRITE_ALL_NAMES, {}, alone=True)
+            self.count_child = Sql(COUNT_CHILD_PG, ("parent_id", "position", "now", "owner", "until"), {}, alone=True)
         self.drop_count = c(delete(work).where(and_(
             work.c.node_id == _p("parent_id"), work.c.attempt == _p("position"),
             work.c.kind == literal_column("'count'"))))
@@ -446,6 +460,7 @@ class Apply:
     plan: Plan
     inserted: bool = False  # the nodes were just inserted in their final state: no update
     lease: Lease | None = None
+    finished: Sequence[FinishCall] = ()  # work rows performed meanwhile, deleted with the rest (records not written)
 
 
 @dataclass(frozen=True)
@@ -600,14 +615,9 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
         rows = yield Fetch(st.find_key, {"key": req.key})
         return rows[0][0] if rows else None
     if isinstance(req, FinishCalls):
-        if not req.calls:
-            return None
-        # In node id order, like every other event's work rows: two transactions never wait on each other.
-        yield ExecMany(st.finish_call, [{"node_id": c.node_id, "attempt": c.attempt, "kind": c.kind}
-                                        for c in sorted(req.calls, key=lambda c: c.node_id)])
-        records = [st.event_values(c.record) for c in req.calls if c.record is not None]
-        if records:
-            yield ExecMany(st.insert_event, records)
+        if req.calls:
+            plan = Plan(now=datetime.now(UTC), events=[c.record for c in req.calls if c.record is not None])
+            yield from _apply(Apply(plan, finished=req.calls), st)
         return None
     if isinstance(req, RenewLease):
         yield Exec(st.renew_lease, {"node_id": req.node_id, "attempt": req.attempt, "owner": req.owner,
@@ -649,22 +659,24 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
                 raise Conflict(values["k_id"])
     drop = sorted(plan.drop_work_for)
     beats = sorted(plan.drop_heartbeats_for - plan.drop_work_for)
+    # In node id order, like every other event's work rows: two transactions never wait on each other.
+    finished = [{"node_id": c.node_id, "attempt": c.attempt, "kind": c.kind}
+                for c in sorted(req.finished, key=lambda c: c.node_id) if c.node_id not in plan.drop_work_for]
     lease = req.lease
     work_rows = [st.work_values(w, lease.owner, lease.until)
                  if lease is not None and (w.kind, w.node_id, w.attempt) in lease.keys
                  else st.work_values(w) for w in plan.work]
     event_rows = [st.event_values(e) for e in plan.events]
     if st.write_all is not None:
-        # PostgreSQL: every change of the event in one statement, one round trip. The node UPDATE is the
-        # statement's main query (it runs first, its rows locked in id order); the work and history changes
-        # are its side statements.
-        if node_rows or drop or beats or work_rows or event_rows:
-            ((updated,),) = yield Fetch(st.write_all, {
+        # PostgreSQL: every change of the event in one statement, one round trip. The node UPDATE is what the
+        # statement's main query reads (it runs first, its rows locked in id order); the work and history
+        # changes run after it. A node changed meanwhile aborts the whole statement (SerializationError).
+        if node_rows or drop or beats or work_rows or event_rows or finished:
+            yield Fetch(st.write_all, {
                 **{f"n_{k}": [r[k] for r in node_rows] for k in NODE_FIELDS}, "drop": drop, "beats": beats,
                 **{f"w_{k}": [r[k] for r in work_rows] for k in WORK_FIELDS},
-                **{f"e_{k}": [r[k] for r in event_rows] for k in EVENT_FIELDS}})
-            if updated != len(node_rows):
-                raise Conflict(f"{len(node_rows) - updated} of {len(node_rows)} nodes changed meanwhile")
+                **{f"e_{k}": [r[k] for r in event_rows] for k in EVENT_FIELDS},
+                **{f"f_{k}": [r[k] for r in finished] for k in FINISHED_FIELDS}, "expected": len(node_rows)})
         return
     if drop:
         yield ExecMany(st.drop_work, [{"node_id": i} for i in drop])
@@ -674,6 +686,8 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
         yield ExecMany(st.insert_work, work_rows)
     if event_rows:
         yield ExecMany(st.insert_event, event_rows)
+    if finished:
+        yield ExecMany(st.finish_call, finished)
 
 
 def _claim(req: Claim, st: Statements) -> Generator[Op, Any, ClaimResult]:

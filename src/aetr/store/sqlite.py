@@ -186,7 +186,7 @@ class SqliteStore(Store):
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     async def run(self, program: Program, scripts: ScriptCall | None = None,
-                  after_commit: Callable[[Any], None] | None = None, atomic: bool = True) -> Any:
+                  after_commit: Callable[[Any], None] | None = None) -> Any:
         if self._writer is None:
             self._writer = Writer(self.path, self.statements)
         return await self._writer.submit(program, scripts, after_commit)

@@ -108,11 +108,11 @@ class Store:
     # ---- events -------------------------------------------------------------------------------------
 
     async def run(self, program: Program, scripts: ScriptCall | None = None,
-                  after_commit: AfterCommit | None = None, atomic: bool = True) -> Any:
+                  after_commit: AfterCommit | None = None) -> Any:
         """Run an event's program in one transaction and return its result once committed.
 
-        `atomic=False` is for a program of one statement that is atomic by itself: PostgreSQL then runs it
-        without BEGIN and COMMIT (its locks are held only while it runs).
+        (PostgreSQL sends no BEGIN and COMMIT for a program whose only write is one statement atomic by
+        itself: see postgres._LazyTransaction.)
 
         `after_commit` is told the result right after the commit, on the event loop, even when the caller was
         cancelled meanwhile. A lost optimistic-lock race raises Conflict (handle the event again); so does a
