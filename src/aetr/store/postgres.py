@@ -8,7 +8,7 @@ migrations) on a small pool of its own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,6 +20,7 @@ from aetr.store.sql import (
     Conflict,
     Duplicate,
     Exec,
+    ExecMany,
     Fetch,
     Op,
     Program,
@@ -60,6 +61,48 @@ def _translated() -> Iterator[None]:
         raise Unavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
 
 
+class _LazyTransaction:
+    """Runs a program's statements on one connection, opening its transaction only at the first write.
+
+    Reads go out on their own (each sees the latest commits, as it would inside a READ COMMITTED
+    transaction). A program whose only write is a statement atomic by itself (`Sql.alone`: an event's
+    single write, a count, a claim) runs with no BEGIN and COMMIT at all, two round trips fewer, and holds
+    no lock while it reads or waits for a mapper.
+    """
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.tx: Any = None
+        self.wrote_alone = False
+
+    async def execute(self, op: Op) -> Any:
+        sql, conn = op.sql, self.conn
+        if sql.writes:
+            if self.wrote_alone:
+                raise RuntimeError("a program wrote again after a statement it ran without a transaction")
+            if self.tx is None:
+                if sql.alone and not isinstance(op, ExecMany):
+                    self.wrote_alone = True
+                else:
+                    self.tx = conn.transaction()
+                    await self.tx.start()
+        if isinstance(op, Fetch):
+            return await conn.fetch(sql.text, *sql.args(op.values))
+        if isinstance(op, Exec):
+            status = await conn.execute(sql.text, *sql.args(op.values))
+            return int(status.rsplit(" ", 1)[-1])
+        await conn.executemany(sql.text, [sql.args(v) for v in op.values])
+        return None
+
+    async def commit(self) -> None:
+        if self.tx is not None:
+            await self.tx.commit()
+
+    async def rollback(self) -> None:
+        if self.tx is not None and not self.conn.is_closed():
+            await self.tx.rollback()
+
+
 class PostgresStore(Store):
     """Store on PostgreSQL through asyncpg."""
 
@@ -82,39 +125,27 @@ class PostgresStore(Store):
         return self._pool
 
     async def run(self, program: Program, scripts: ScriptCall | None = None,
-                  after_commit: Callable[[Any], None] | None = None, atomic: bool = True) -> Any:
+                  after_commit: Callable[[Any], None] | None = None) -> Any:
         # Shielded: a caller that goes away (a client hanging up) must not cut an event between its
         # statements, nor skip what follows its commit (calling the steps it started).
-        task = asyncio.ensure_future(self._run(program, scripts, after_commit, _round_trips.get(), atomic))
+        task = asyncio.ensure_future(self._run(program, scripts, after_commit, _round_trips.get()))
         return await asyncio.shield(task)
 
     async def _run(self, program: Program, scripts: ScriptCall | None, after_commit: AfterCommit | None,
-                   seen: list[str] | None, atomic: bool) -> Any:
+                   seen: list[str] | None) -> Any:
         with _translated():
             pool = await self._events_pool()
             async with pool.acquire() as conn:
-                execute = self._executor(conn)
-                if atomic:
-                    async with conn.transaction():
-                        result = await self._drive(program, self.statements, scripts, seen, execute)
-                else:
-                    result = await self._drive(program, self.statements, scripts, seen, execute)
+                lazy = _LazyTransaction(conn)
+                try:
+                    result = await self._drive(program, self.statements, scripts, seen, lazy.execute)
+                    await lazy.commit()
+                except BaseException:
+                    await lazy.rollback()
+                    raise
         if after_commit is not None:
             after_commit(result)
         return result
-
-    @staticmethod
-    def _executor(conn: asyncpg.Connection) -> Callable[[Op], Awaitable[Any]]:
-        async def execute(op: Op) -> Any:
-            if isinstance(op, Fetch):
-                return await conn.fetch(op.sql.text, *op.sql.args(op.values))
-            if isinstance(op, Exec):
-                status = await conn.execute(op.sql.text, *op.sql.args(op.values))
-                return int(status.rsplit(" ", 1)[-1])
-            await conn.executemany(op.sql.text, [op.sql.args(v) for v in op.values])
-            return None
-
-        return execute
 
     async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
         with _translated():
