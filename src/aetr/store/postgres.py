@@ -8,8 +8,9 @@ migrations) on a small pool of its own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -17,16 +18,22 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aetr.store.sql import (
+    FINISHED_FIELDS,
+    NODE_FIELDS,
+    WRITE_ALL_NAMES,
     Conflict,
     Duplicate,
     Exec,
     ExecMany,
     Fetch,
     Op,
+    OpStream,
     Program,
+    Sql,
     Statements,
     Unavailable,
     is_outage_sqlstate,
+    lower,
 )
 from aetr.store.store import AfterCommit, ScriptCall, Store, _round_trips
 
@@ -59,6 +66,71 @@ def _translated() -> Iterator[None]:
         raise
     except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:  # unreachable, dropped, or timed out
         raise Unavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
+
+
+MAX_BATCHES = 4  # batches of events in flight at once, each on a connection of its own
+MAX_BATCH = 256  # events in one batch
+
+
+def _merged(writes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several events' write_all values as one: their arrays end to end, node and work rows in id order (the
+    order every event locks rows in), and the number of node rows expected updated summed."""
+    merged: dict[str, Any] = {name: [v for w in writes for v in w[name]] for name in WRITE_ALL_NAMES
+                              if name != "expected"}
+    merged["expected"] = sum(w["expected"] for w in writes)
+    for group, key in (((f"n_{k}" for k in NODE_FIELDS), "n_k_id"), ((f"f_{k}" for k in FINISHED_FIELDS), "f_node_id")):
+        names = list(group)
+        order = sorted(range(len(merged[key])), key=merged[key].__getitem__)
+        for name in names:
+            merged[name] = [merged[name][i] for i in order]
+    merged["drop"].sort()
+    merged["beats"].sort()
+    return merged
+
+
+@dataclass(eq=False)
+class _Member:
+    """One program in a batch: its operations, its next one, and the future its caller awaits."""
+
+    ops: OpStream
+    scripts: ScriptCall | None
+    after_commit: AfterCommit | None
+    seen: list[str] | None
+    done: asyncio.Future[Any]
+    op: Any = None
+    wrote: bool = False  # its one write, which committed by itself, is done
+    alone: bool = False  # it left the batch to go on on a connection of its own
+
+    def advance(self, answer: Any) -> bool:
+        """Hand the program its answer; True while it has another operation (now in `op`)."""
+        try:
+            self.op = self.ops.send(answer)
+        except StopIteration as stop:
+            self.finish(stop.value)
+            return False
+        except Exception as exc:
+            self.fail(exc)
+            return False
+        return True
+
+    def saw(self, sql: Sql) -> None:
+        if self.seen is not None:
+            self.seen.append(sql.text)
+
+    def finish(self, result: Any) -> None:
+        try:
+            if self.after_commit is not None:
+                self.after_commit(result)
+        except Exception as exc:
+            self.fail(exc)
+            return
+        if not self.done.done():
+            self.done.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+            self.done.exception()  # retrieved: a caller that went away need not see it
 
 
 class _LazyTransaction:
@@ -114,6 +186,9 @@ class PostgresStore(Store):
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
+        self._queue: list[_Member] = []  # events waiting for a batch
+        self._batches = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def _events_pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -128,24 +203,145 @@ class PostgresStore(Store):
                   after_commit: Callable[[Any], None] | None = None) -> Any:
         # Shielded: a caller that goes away (a client hanging up) must not cut an event between its
         # statements, nor skip what follows its commit (calling the steps it started).
-        task = asyncio.ensure_future(self._run(program, scripts, after_commit, _round_trips.get()))
-        return await asyncio.shield(task)
+        member = _Member(lower(program, self.statements), scripts, after_commit, _round_trips.get(),
+                         asyncio.get_running_loop().create_future())
+        self._queue.append(member)
+        self._start_batches()
+        return await asyncio.shield(member.done)
 
-    async def _run(self, program: Program, scripts: ScriptCall | None, after_commit: AfterCommit | None,
-                   seen: list[str] | None) -> Any:
-        with _translated():
-            pool = await self._events_pool()
-            async with pool.acquire() as conn:
-                lazy = _LazyTransaction(conn)
-                try:
-                    result = await self._drive(program, self.statements, scripts, seen, lazy.execute)
-                    await lazy.commit()
-                except BaseException:
-                    await lazy.rollback()
+    # ---- batches: the events that arrive together share their round trips --------------------------------
+
+    def _start_batches(self) -> None:
+        while self._queue and self._batches < MAX_BATCHES:
+            members, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            self._batches += 1
+            self._spawn(self._batch(members), batch=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], batch: bool = False) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._batch_done if batch else self._tasks.discard)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._batches -= 1
+        self._start_batches()
+
+    async def _batch(self, members: list[_Member]) -> None:
+        """Run programs side by side on one connection while they only read their chains and write once: one
+        chain query and one write statement serve them all. A program that asks anything else goes on alone."""
+        st = self.statements
+        try:
+            with _translated():
+                pool = await self._events_pool()
+                async with pool.acquire() as conn:
+                    active = [m for m in members if m.advance(None)]
+                    while active:
+                        chains: list[_Member] = []
+                        writes: list[_Member] = []
+                        lookups: list[_Member] = []
+                        for m in active:
+                            sql = m.op.sql if isinstance(m.op, Fetch) else None
+                            if sql is st.load_chain and not m.wrote:
+                                chains.append(m)
+                            elif sql is st.write_all and not m.wrote:
+                                writes.append(m)
+                            elif sql is st.load_tree or sql is st.find_key:
+                                lookups.append(m)
+                            else:
+                                m.alone = True
+                                self._spawn(self._alone(m))
+                        active = (await self._look_up(conn, lookups) + await self._read_chains(conn, chains)
+                                  + await self._write(conn, writes))
+        except BaseException as exc:
+            for m in members:
+                if not m.alone:
+                    m.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    @staticmethod
+    async def _look_up(conn: asyncpg.Connection, members: list[_Member]) -> list[_Member]:
+        """Small reads (a step tree, an idempotency key), each sent once for every member asking the same."""
+        answers: dict[tuple[str, tuple[Any, ...]], list[asyncpg.Record]] = {}
+        going = []
+        for m in members:
+            sql = m.op.sql
+            key = (sql.text, sql.args(m.op.values))
+            if key not in answers:
+                answers[key] = await conn.fetch(sql.text, *key[1])
+            m.saw(sql)
+            if m.advance(answers[key]):
+                going.append(m)
+        return going
+
+    async def _read_chains(self, conn: asyncpg.Connection, members: list[_Member]) -> list[_Member]:
+        if not members:
+            return []
+        st = self.statements
+        if len(members) == 1:
+            (m,) = members
+            m.saw(st.load_chain)
+            return [m] if m.advance(await conn.fetch(st.load_chain.text, *st.load_chain.args(m.op.values))) else []
+        assert st.load_chains is not None
+        ids = list({m.op.values["node_id"] for m in members})
+        by_node: dict[str, list[tuple[Any, ...]]] = {i: [] for i in ids}
+        for row in await conn.fetch(st.load_chains.text, *st.load_chains.args({"ids": ids})):
+            by_node[row[0]].append(tuple(row)[1:])
+        for m in members:
+            m.saw(st.load_chains)
+        return [m for m in members if m.advance(by_node[m.op.values["node_id"]])]
+
+    async def _write(self, conn: asyncpg.Connection, members: list[_Member]) -> list[_Member]:
+        """The events' writes merged into one statement; when that statement aborts (a node changed meanwhile,
+        or one event's values were refused), each event's write again on its own, so only the culprits fail."""
+        if not members:
+            return []
+        sql = self.statements.write_all
+        assert sql is not None
+        for m in members:
+            m.saw(sql)
+            m.wrote = True
+        if len(members) > 1:
+            try:
+                rows = await conn.fetch(sql.text, *sql.args(_merged([m.op.values for m in members])))
+            except asyncpg.PostgresError as exc:
+                if is_outage_sqlstate(exc.sqlstate):
                     raise
-        if after_commit is not None:
-            after_commit(result)
-        return result
+            else:
+                return [m for m in members if m.advance(rows)]
+        going = []
+        for m in members:
+            try:
+                with _translated():
+                    rows = await conn.fetch(sql.text, *sql.args(m.op.values))
+            except (Conflict, Duplicate, asyncpg.PostgresError) as exc:
+                m.fail(exc)
+                continue
+            if m.advance(rows):
+                going.append(m)
+        return going
+
+    async def _alone(self, m: _Member) -> None:
+        """A program on a connection of its own, from its next operation on."""
+        try:
+            with _translated():
+                pool = await self._events_pool()
+                async with pool.acquire() as conn:
+                    lazy = _LazyTransaction(conn)
+                    lazy.wrote_alone = m.wrote
+                    try:
+                        result = await self._drive(m.ops, m.scripts, m.seen, lazy.execute, pending=m.op)
+                        await lazy.commit()
+                    except BaseException:
+                        await lazy.rollback()
+                        raise
+        except BaseException as exc:
+            m.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        m.finish(result)
 
     async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
         with _translated():

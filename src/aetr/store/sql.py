@@ -123,6 +123,23 @@ def _chain_stmt() -> Any:
     return union_all(ancestors, following)
 
 
+def _chains_stmt() -> Any:
+    """PostgreSQL: _chain_stmt for several nodes at once (an array `ids`), each row led by the node it is for."""
+    step = run_nodes.alias("step")
+    chain = (select(run_nodes.c.id.label("start"), run_nodes.c.id, run_nodes.c.parent_id)
+             .where(run_nodes.c.id == func.any(_p("ids"))).cte("chain", recursive=True))
+    chain = chain.union_all(select(chain.c.start, step.c.id, step.c.parent_id)
+                            .join(chain, step.c.id == chain.c.parent_id))
+    me, sib = run_nodes.alias("me"), run_nodes.alias("sib")
+    following = (select(me.c.id.label("start"), literal_column("1").label("extra"),
+                        *[sib.c[c.name] for c in NODE_COLUMNS])
+                 .join(me, and_(sib.c.parent_id == me.c.parent_id, sib.c.position == me.c.position + 1))
+                 .where(me.c.id == func.any(_p("ids"))))
+    ancestors = (select(chain.c.start, literal_column("0").label("extra"), *NODE_COLUMNS)
+                 .join(chain, run_nodes.c.id == chain.c.id))
+    return union_all(ancestors, following)
+
+
 def _subtree_stmt() -> Any:
     kid = run_nodes.alias("kid")
     sub = select(run_nodes.c.id).where(run_nodes.c.id == _p("node_id")).cte("sub", recursive=True)
@@ -144,6 +161,14 @@ EVENT_FIELDS = ("root_id", "node_id", "at", "kind", "data")
 # An event's work and history changes as arrays, written by one statement: the deletes see the rows as they
 # were before it, so an event that re-arms a node (drops its work, inserts new) keeps the new rows.
 NODE_FIELDS = ("k_id", "k_version", *STATE_COLUMNS)
+# run_nodes' columns as PostgreSQL array element types, for a new run's rows.
+_NODE_TYPES_PG = tuple({"id": "varchar", "root_id": "varchar", "parent_id": "varchar", "position": "integer",
+                        "step_id": "varchar", "step_name": "varchar", "step_kind": "varchar",
+                        "step_version": "integer", "config": "text", "mapper": "text", "n_children": "integer",
+                        "state": "varchar", "input": "text", "output": "text", "error": "text", "attempt": "integer",
+                        "attempt_base": "integer", "version": "integer", "created_at": "timestamptz",
+                        "started_at": "timestamptz", "completed_at": "timestamptz", "snapshot": "text",
+                        "idempotency_key": "varchar"}[c.name] for c in run_nodes.c)
 WRITE_ALL_PG = (
     "WITH dropped AS (DELETE FROM work WHERE node_id = ANY($1::varchar[])),"
     " beats AS (DELETE FROM work WHERE kind = 'heartbeat' AND node_id = ANY($2::varchar[])),"
@@ -160,7 +185,11 @@ WRITE_ALL_PG = (
     " AS v(id, k_version, state, input, output, error, attempt, attempt_base, version, started_at, completed_at)"
     " WHERE n.id = v.id AND n.version = v.k_version RETURNING 1),"
     " finished AS (DELETE FROM work AS w USING unnest($26::varchar[], $27::integer[], $28::varchar[])"
-    " AS f(node_id, attempt, kind) WHERE w.node_id = f.node_id AND w.attempt = f.attempt AND w.kind = f.kind)"
+    " AS f(node_id, attempt, kind) WHERE w.node_id = f.node_id AND w.attempt = f.attempt AND w.kind = f.kind),"
+    " new_nodes AS (INSERT INTO run_nodes (" + ", ".join(c.name for c in run_nodes.c) + ")"
+    " SELECT * FROM unnest(" + ", ".join(f"${30 + i}::{t}[]" for i, t in enumerate(_NODE_TYPES_PG)) + ")),"
+    f" new_counters AS (INSERT INTO run_counters (node_id, done) SELECT * FROM unnest(${30 + len(_NODE_TYPES_PG)}"
+    f"::varchar[], ${31 + len(_NODE_TYPES_PG)}::integer[]))"
     # A node changed meanwhile: aetr_expect_rows (migration 0004) aborts the whole statement, which is atomic
     # by itself and so runs without BEGIN and COMMIT.
     " SELECT aetr_expect_rows(count(*), $29::integer) FROM updated"
@@ -179,7 +208,8 @@ COUNT_CHILD_PG = (
 )
 FINISHED_FIELDS = ("node_id", "attempt", "kind")
 WRITE_ALL_NAMES = ("drop", "beats", *(f"w_{k}" for k in WORK_FIELDS), *(f"e_{k}" for k in EVENT_FIELDS),
-                   *(f"n_{k}" for k in NODE_FIELDS), *(f"f_{k}" for k in FINISHED_FIELDS), "expected")
+                   *(f"n_{k}" for k in NODE_FIELDS), *(f"f_{k}" for k in FINISHED_FIELDS), "expected",
+                   *(f"i_{c.name}" for c in run_nodes.c), "c_node_id", "c_done")
 
 
 class Statements:
@@ -243,7 +273,9 @@ class Statements:
         self.run_view = read(select(*VIEW_COLUMNS).where(run_nodes.c.root_id == root))
         self.write_all: Sql | None = None
         self.count_child: Sql | None = None
+        self.load_chains: Sql | None = None
         if dialect == "postgresql":
+            self.load_chains = read(_chains_stmt())
             self.write_all = Sql(WRITE_ALL_PG, WRITE_ALL_NAMES, {}, alone=True)
             self.count_child = Sql(COUNT_CHILD_PG, ("parent_id", "position", "now", "owner", "until"), {}, alone=True)
         self.drop_count = c(delete(work).where(and_(
@@ -458,14 +490,14 @@ class Apply:
     """Request: write a plan — changed nodes under their read versions (Conflict otherwise), work, history."""
 
     plan: Plan
-    inserted: bool = False  # the nodes were just inserted in their final state: no update
     lease: Lease | None = None
+    new_run: InsertRun | None = None  # insert these nodes in their final state (the plan's nodes are not updated)
     finished: Sequence[FinishCall] = ()  # work rows performed meanwhile, deleted with the rest (records not written)
 
 
 @dataclass(frozen=True)
 class InsertRun:
-    """Request: insert a new run's nodes (in their started state), the root carrying the snapshot and key."""
+    """A new run's nodes (in their started state), the root carrying the snapshot and key (see Apply)."""
 
     nodes: Sequence[Node]
     snapshot: dict[str, Any]
@@ -557,7 +589,10 @@ def single(request: Any) -> Program:
     return (yield request)
 
 
-def lower(program: Program, st: Statements) -> Generator[Op | decide.RunScript, Any, Any]:
+OpStream = Generator[Op | decide.RunScript, Any, Any]  # a lowered program
+
+
+def lower(program: Program, st: Statements) -> OpStream:
     """A program's requests as operations; RunScript passes through to the backend, which calls the sandbox."""
     answer: Any = None
     while True:
@@ -594,23 +629,6 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
     if isinstance(req, Apply):
         yield from _apply(req, st)
         return None
-    if isinstance(req, InsertRun):
-        rows = []
-        for n in req.nodes:
-            row = {"id": n.id, "root_id": n.root_id, "parent_id": n.parent_id, "position": n.position,
-                   "step_id": n.step.id, "step_name": n.step.name, "step_kind": n.step.kind,
-                   "step_version": n.step.version, "config": orjson.dumps(n.step.fields_json()).decode(),
-                   "mapper": n.mapper, "n_children": n.n_children,
-                   "created_at": st.time_in(n.created_at), "snapshot": None, "idempotency_key": None,
-                   **st.state_values(n)}
-            rows.append(row)
-        rows[0]["snapshot"] = orjson.dumps(req.snapshot).decode()
-        rows[0]["idempotency_key"] = req.idempotency_key
-        yield ExecMany(st.insert_node, rows)
-        counters = [{"node_id": n.id, "done": req.done_children.get(n.id, 0)} for n in req.nodes if n.n_children]
-        if counters:
-            yield ExecMany(st.insert_counter, counters)
-        return None
     if isinstance(req, FindRunByKey):
         rows = yield Fetch(st.find_key, {"key": req.key})
         return rows[0][0] if rows else None
@@ -643,10 +661,31 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
     raise TypeError(f"no SQL for request {req!r}")
 
 
+def _new_run_rows(run: InsertRun, st: Statements) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A new run's run_nodes rows and run_counters rows."""
+    rows = []
+    for n in run.nodes:
+        rows.append({"id": n.id, "root_id": n.root_id, "parent_id": n.parent_id, "position": n.position,
+                     "step_id": n.step.id, "step_name": n.step.name, "step_kind": n.step.kind,
+                     "step_version": n.step.version, "config": orjson.dumps(n.step.fields_json()).decode(),
+                     "mapper": n.mapper, "n_children": n.n_children,
+                     "created_at": st.time_in(n.created_at), "snapshot": None, "idempotency_key": None,
+                     **st.state_values(n)})
+    rows[0]["snapshot"] = orjson.dumps(run.snapshot).decode()
+    rows[0]["idempotency_key"] = run.idempotency_key
+    counters = [{"node_id": n.id, "done": run.done_children.get(n.id, 0)} for n in run.nodes if n.n_children]
+    return rows, counters
+
+
 def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
     plan = req.plan
+    new_nodes, new_counters = _new_run_rows(req.new_run, st) if req.new_run is not None else ([], [])
+    if new_nodes and st.write_all is None:
+        yield ExecMany(st.insert_node, new_nodes)
+        if new_counters:
+            yield ExecMany(st.insert_counter, new_counters)
     # In id order, so that two events changing the same nodes lock them in the same order.
-    changed = [] if req.inserted else sorted(plan.changed, key=lambda n: n.id)
+    changed = [] if req.new_run is not None else sorted(plan.changed, key=lambda n: n.id)
     node_rows = []
     for node in changed:
         values = st.state_values(node)
@@ -671,8 +710,10 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
         # PostgreSQL: every change of the event in one statement, one round trip. The node UPDATE is what the
         # statement's main query reads (it runs first, its rows locked in id order); the work and history
         # changes run after it. A node changed meanwhile aborts the whole statement (SerializationError).
-        if node_rows or drop or beats or work_rows or event_rows or finished:
+        if node_rows or drop or beats or work_rows or event_rows or finished or new_nodes:
             yield Fetch(st.write_all, {
+                **{f"i_{c.name}": [r[c.name] for r in new_nodes] for c in run_nodes.c},
+                "c_node_id": [r["node_id"] for r in new_counters], "c_done": [r["done"] for r in new_counters],
                 **{f"n_{k}": [r[k] for r in node_rows] for k in NODE_FIELDS}, "drop": drop, "beats": beats,
                 **{f"w_{k}": [r[k] for r in work_rows] for k in WORK_FIELDS},
                 **{f"e_{k}": [r[k] for r in event_rows] for k in EVENT_FIELDS},

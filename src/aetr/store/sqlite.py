@@ -13,7 +13,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from aetr.store.sql import Duplicate, Exec, Fetch, Op, Program, Statements, Unavailable
+from aetr.store.sql import Duplicate, Exec, Fetch, Op, Program, Statements, Unavailable, lower
 from aetr.store.store import AfterCommit, ScriptCall, Store, _round_trips
 
 BUSY_TIMEOUT_MS = 30_000  # milliseconds another process may hold the write lock before we give up
@@ -105,7 +105,7 @@ class Writer:
             for job in group:
                 cur.execute("SAVEPOINT event")
                 try:
-                    job.result = await Store._drive(job.program, self.st, job.scripts, job.seen, execute)
+                    job.result = await Store._drive(lower(job.program, self.st), job.scripts, job.seen, execute)
                 except Exception as exc:
                     job.error = exc
                     cur.execute("ROLLBACK TO event")

@@ -25,7 +25,7 @@ from aetr.domain.jsonvalue import MAX_TREE_DEPTH
 from aetr.domain.runs import Node
 from aetr.domain.steps import CycleError, StepDef, StepTree, find_cycle
 from aetr.store import codec
-from aetr.store.sql import TREE_SQL, Conflict, Duplicate, Op, Program, Statements, lower, tree_from_rows
+from aetr.store.sql import TREE_SQL, Conflict, Duplicate, Op, OpStream, Program, Statements, tree_from_rows
 from aetr.store.tables import UTCDateTime, events, run_nodes, settings, step_children, steps
 
 ScriptCall = Callable[[RunScript], Coroutine[Any, Any, ScriptResult]]  # how an event's program reaches the sandbox
@@ -137,24 +137,27 @@ class Store:
         raise NotImplementedError
 
     @staticmethod
-    async def _drive(program: Program, st: Statements, scripts: ScriptCall | None, seen: list[str] | None,
-                     execute: Callable[[Op], Awaitable[Any]]) -> Any:
-        """Run a program's operations in order: statements through the backend's `execute`, scripts in the
-        sandbox (the transaction waits for them: a mapper's result decides what is written)."""
-        ops = lower(program, st)
-        answer: Any = None
+    async def _drive(ops: OpStream, scripts: ScriptCall | None, seen: list[str] | None,
+                     execute: Callable[[Op], Awaitable[Any]], pending: Op | RunScript | None = None,
+                     answer: Any = None) -> Any:
+        """Run a lowered program's operations in order (from `pending`, its next one, when given): statements
+        through the backend's `execute`, scripts in the sandbox (the transaction, if one is open, waits for
+        them: a mapper's result decides what is written)."""
+        op = pending
         while True:
-            try:
-                op = ops.send(answer)
-            except StopIteration as stop:
-                return stop.value
+            if op is None:
+                try:
+                    op = ops.send(answer)
+                except StopIteration as stop:
+                    return stop.value
             if isinstance(op, RunScript):
                 assert scripts is not None, "this event runs no scripts"
                 answer = await scripts(op)
-                continue
-            if seen is not None:
-                seen.append(op.sql.text)
-            answer = await execute(op)
+            else:
+                if seen is not None:
+                    seen.append(op.sql.text)
+                answer = await execute(op)
+            op = None
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:
