@@ -188,6 +188,7 @@ class PostgresStore(Store):
         self._pool_lock = asyncio.Lock()
         self._queue: list[_Member] = []  # events waiting for a batch
         self._batches = 0
+        self._starting = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def _events_pool(self) -> asyncpg.Pool:
@@ -212,10 +213,11 @@ class PostgresStore(Store):
     # ---- batches: the events that arrive together share their round trips --------------------------------
 
     def _start_batches(self) -> None:
-        while self._queue and self._batches < MAX_BATCHES:
-            members, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        # One batch at a time is starting: it takes every event queued by the time it runs.
+        if self._queue and not self._starting and self._batches < MAX_BATCHES:
+            self._starting = True
             self._batches += 1
-            self._spawn(self._batch(members), batch=True)
+            self._spawn(self._batch(), batch=True)
 
     def _spawn(self, work: Coroutine[Any, Any, None], batch: bool = False) -> None:
         task = asyncio.create_task(work)
@@ -227,10 +229,13 @@ class PostgresStore(Store):
         self._batches -= 1
         self._start_batches()
 
-    async def _batch(self, members: list[_Member]) -> None:
+    async def _batch(self) -> None:
         """Run programs side by side on one connection while they only read their chains and write once: one
         chain query and one write statement serve them all. A program that asks anything else goes on alone."""
         st = self.statements
+        members, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        self._starting = False
+        self._start_batches()
         try:
             with _translated():
                 pool = await self._events_pool()
