@@ -245,6 +245,7 @@ class PostgresStore(Store):
                         chains: list[_Member] = []
                         writes: list[_Member] = []
                         lookups: list[_Member] = []
+                        counts: list[_Member] = []
                         for m in active:
                             sql = m.op.sql if isinstance(m.op, Fetch) else None
                             if sql is st.load_chain and not m.wrote:
@@ -253,11 +254,13 @@ class PostgresStore(Store):
                                 writes.append(m)
                             elif sql is st.load_tree or sql is st.find_key:
                                 lookups.append(m)
+                            elif sql is st.count_child and not m.wrote:
+                                counts.append(m)
                             else:
                                 m.alone = True
                                 self._spawn(self._alone(m))
                         active = (await self._look_up(conn, lookups) + await self._read_chains(conn, chains)
-                                  + await self._write(conn, writes))
+                                  + await self._write(conn, writes) + await self._count(conn, counts))
         except BaseException as exc:
             for m in members:
                 if not m.alone:
@@ -324,6 +327,29 @@ class PostgresStore(Store):
                 m.fail(exc)
                 continue
             if m.advance(rows):
+                going.append(m)
+        return going
+
+    async def _count(self, conn: asyncpg.Connection, members: list[_Member]) -> list[_Member]:
+        """Finished children counted by one statement; the first member of each parent whose count is now
+        complete is told so (it completes the parent)."""
+        if not members:
+            return []
+        sql = self.statements.count_children
+        assert sql is not None
+        first = members[0].op.values
+        values = {"parent_ids": [m.op.values["parent_id"] for m in members],
+                  "positions": [m.op.values["position"] for m in members],
+                  "now": first["now"], "owner": first["owner"], "until": first["until"]}
+        complete = {row[0] for row in await conn.fetch(sql.text, *sql.args(values))}
+        going = []
+        for m in members:
+            m.saw(sql)
+            m.wrote = True
+            parent = m.op.values["parent_id"]
+            last = parent in complete
+            complete.discard(parent)
+            if m.advance([(1 if last else 0,)]):
                 going.append(m)
         return going
 

@@ -206,6 +206,19 @@ COUNT_CHILD_PG = (
     " FROM counted, bumped WHERE bumped.done = (SELECT n_children FROM run_nodes WHERE id = $1) RETURNING 1)"
     " SELECT count(*) FROM last"
 )
+# COUNT_CHILD_PG for many children at once (arrays of parent ids and positions): each parent's counter bumped
+# once by its number of children counted here; answers the parents whose count is now complete.
+COUNT_CHILDREN_PG = (
+    "WITH counted AS (DELETE FROM work AS w USING unnest($1::varchar[], $2::integer[]) AS c(node_id, attempt)"
+    " WHERE w.node_id = c.node_id AND w.kind = 'count' AND w.attempt = c.attempt RETURNING w.node_id, w.root_id),"
+    " per AS (SELECT node_id, min(root_id) AS root_id, count(*) AS n FROM counted GROUP BY node_id),"
+    " bumped AS (UPDATE run_counters AS rc SET done = rc.done + per.n FROM per WHERE rc.node_id = per.node_id"
+    " RETURNING rc.node_id, rc.done, per.root_id),"
+    " last AS (INSERT INTO work (kind, node_id, root_id, attempt, due_at, lease_owner, lease_until)"
+    " SELECT 'complete', b.node_id, b.root_id, 0, $3::timestamptz, $4::varchar, $5::timestamptz"
+    " FROM bumped AS b JOIN run_nodes AS n ON n.id = b.node_id WHERE b.done = n.n_children RETURNING node_id)"
+    " SELECT node_id FROM last"
+)
 FINISHED_FIELDS = ("node_id", "attempt", "kind")
 WRITE_ALL_NAMES = ("drop", "beats", *(f"w_{k}" for k in WORK_FIELDS), *(f"e_{k}" for k in EVENT_FIELDS),
                    *(f"n_{k}" for k in NODE_FIELDS), *(f"f_{k}" for k in FINISHED_FIELDS), "expected",
@@ -274,7 +287,10 @@ class Statements:
         self.write_all: Sql | None = None
         self.count_child: Sql | None = None
         self.load_chains: Sql | None = None
+        self.count_children: Sql | None = None
         if dialect == "postgresql":
+            self.count_children = Sql(COUNT_CHILDREN_PG, ("parent_ids", "positions", "now", "owner", "until"), {},
+                                      alone=True)
             self.load_chains = read(_chains_stmt())
             self.write_all = Sql(WRITE_ALL_PG, WRITE_ALL_NAMES, {}, alone=True)
             self.count_child = Sql(COUNT_CHILD_PG, ("parent_id", "position", "now", "owner", "until"), {}, alone=True)
