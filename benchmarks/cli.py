@@ -21,7 +21,7 @@ from typing import Final
 import aiohttp
 import orjson
 
-from benchmarks.common import Context, Sizes
+from benchmarks.common import Context, Sizes, calibration_ms
 from benchmarks.databases import DEFAULT_POSTGRES_URL, check_postgres, fresh_database
 from benchmarks.processes import PROFILE_FLAGS, REPO, AetrServer, StepServiceProcess, log, machine_busy_seconds
 from benchmarks.scenarios import Case, Metrics, cases
@@ -162,6 +162,7 @@ async def run_case(case: Case, db: str, args: argparse.Namespace, sizes: Sizes, 
                       profile_format=args.profile_format, profile_flags=tuple(args.profile_flags.split()))
         waited = await wait_quiet(args.wait_quiet) if args.wait_quiet else None
         version = source_version()  # what the server about to start imports
+        speed = calibration_ms()
         started = time.monotonic()
         try:
             await asyncio.gather(svc.start_ready(), server.start_ready(http))
@@ -178,6 +179,7 @@ async def run_case(case: Case, db: str, args: argparse.Namespace, sizes: Sizes, 
             log(f"{case.label} on {db}: processes stopped in {time.monotonic() - stopping:.1f} s")
         metrics["wall_s"] = round(time.monotonic() - started, 1)
         metrics["aetr_version"] = version
+        metrics["calibration_ms"] = speed
         if waited is not None:
             metrics["waited_for_quiet_s"] = waited
         if ctx.profiled:

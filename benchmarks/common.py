@@ -349,3 +349,22 @@ __all__ = [
     "timed",
     "wait_run",
 ]
+
+
+CALIBRATION_LOOPS: Final = 1_000_000
+
+
+def calibration_ms() -> float:
+    """How fast this machine runs Python right now: the best of 3 timings of a fixed pure-Python loop, in ms.
+
+    Results from different machines (or one VM on a slower host) compare only alongside it: every AETR
+    number here is bound by how fast one core runs the interpreter.
+    """
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        total = 0
+        for i in range(CALIBRATION_LOOPS):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 1)
