@@ -31,7 +31,7 @@ SCENARIOS: Final = ("chain", "throughput", "fanout", "load", "sandbox")
 SERVER_SETTINGS: Final = {"AETR_POLL_S": "1.0", "AETR_LEASE_S": "60", "AETR_MAX_IN_FLIGHT": "256"}
 # Keys kept out of the median: they describe the setup, or are lists and maps.
 NOT_AVERAGED: Final = {"steps", "runs", "children", "run_nodes", "tree_nodes", "gets", "calls", "input_bytes",
-                       "steps_per_run", "gaps", "contended_retries"}
+                       "steps_per_run", "gaps", "contended_retries", "workers"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "repeat the option for several")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes: a smoke test that finishes in under a minute (targets are not judged)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="AETR_WORKERS of the server: processes serving the port (default 1)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each case N times, each on a fresh database and server; report medians")
     parser.add_argument("--postgres-url", default=os.environ.get("AETR_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
@@ -155,11 +157,12 @@ async def run_case(case: Case, db: str, args: argparse.Namespace, sizes: Sizes, 
     """One case on a fresh database, a fresh server and a fresh step service; its metrics (or its error)."""
     async with fresh_database(db, workdir, case.label, args.postgres_url) as url:
         tag = f"{case.label}-{db}-{time.strftime('%H%M%S')}"
-        server = AetrServer(url, workdir / f"{tag}-aetr.log", SERVER_SETTINGS)
+        server = AetrServer(url, workdir / f"{tag}-aetr.log", {**SERVER_SETTINGS, "AETR_WORKERS": str(args.workers)})
         svc = StepServiceProcess(workdir / f"{tag}-stepsvc.log")
         ctx = Context(db=db, database_url=url, server=server, svc=svc, http=http, sizes=sizes, quick=args.quick,
                       timeout_factor=args.timeout_factor, label=case.label, profile_dir=args.profile,
-                      profile_format=args.profile_format, profile_flags=tuple(args.profile_flags.split()))
+                      profile_format=args.profile_format, profile_flags=tuple(args.profile_flags.split())
+                      + (("--subprocesses",) if args.workers > 1 else ()))
         waited = await wait_quiet(args.wait_quiet) if args.wait_quiet else None
         version = source_version()  # what the server about to start imports
         speed = calibration_ms()
@@ -180,6 +183,7 @@ async def run_case(case: Case, db: str, args: argparse.Namespace, sizes: Sizes, 
         metrics["wall_s"] = round(time.monotonic() - started, 1)
         metrics["aetr_version"] = version
         metrics["calibration_ms"] = speed
+        metrics["workers"] = args.workers
         if waited is not None:
             metrics["waited_for_quiet_s"] = waited
         if ctx.profiled:

@@ -116,8 +116,13 @@ class Context:
     phases: dict[str, Phase] = field(default_factory=dict)
 
     def _sandbox_worker_cpu(self) -> dict[int, float]:
-        """CPU seconds used so far by each of the server's child processes (its sandbox workers)."""
-        return {pid: used for pid in children_of(self.server.pid) if (used := cpu_seconds(pid)) is not None}
+        """CPU seconds used so far by each of the server's sandbox worker processes."""
+        self.server.sample_children()
+        return {pid: used for pid in self.server.sandbox_pids() if (used := cpu_seconds(pid)) is not None}
+
+    def _aetr_cpu(self) -> dict[int, float]:
+        """CPU seconds used so far by each process serving AETR (one, or its worker processes too)."""
+        return {pid: used for pid in self.server.aetr_pids() if (used := cpu_seconds(pid)) is not None}
 
     def _own_helper_cpu(self) -> dict[int, float]:
         """CPU seconds used so far by this process's children other than the server and the step service."""
@@ -152,7 +157,8 @@ class Context:
             profiler.start()
             await asyncio.sleep(PROFILER_ATTACH_S)
             self.profiled = True
-        pids = {"aetr": self.server.pid, "stepsvc": self.svc.pid}
+        pids = {"stepsvc": self.svc.pid}
+        aetr_before = self._aetr_cpu()
         before = {k: cpu_seconds(p) or 0.0 for k, p in pids.items()}
         own = os.times()
         pg_before = postgres_cpu_seconds()
@@ -175,7 +181,8 @@ class Context:
                 except (OSError, asyncpg.PostgresError) as exc:  # the numbers are extra: never fail a case on them
                     log(f"sampling PostgreSQL sessions failed: {exc}")
             after = {k: cpu_seconds(p) or 0.0 for k, p in pids.items()}
-            phase.cpu_s = {k: round(after[k] - before[k], 2) for k in pids}
+            phase.cpu_s = {"aetr": round(sum(v - aetr_before.get(pid, 0.0) for pid, v in self._aetr_cpu().items()), 2),
+                           **{k: round(after[k] - before[k], 2) for k in pids}}
             now = os.times()
             helpers = sum(v - helpers_before.get(pid, 0.0) for pid, v in self._own_helper_cpu().items())
             phase.cpu_s["driver"] = round(now.user + now.system - own.user - own.system + helpers, 2)

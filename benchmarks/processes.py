@@ -122,10 +122,26 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def is_worker_process(pid: int) -> bool:
+    """Whether `pid` is a worker process of `aetr serve --workers N` (uvicorn starts them with multiprocessing)."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def is_sandbox_worker(pid: int) -> bool:
+    """Whether `pid` runs a sandbox worker."""
+    try:
+        return SANDBOX_WORKER in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def kill_if_sandbox_worker(pid: int) -> None:
     """SIGKILL `pid` if it still runs a sandbox worker (a pid may have been reused since we saw it)."""
     with contextlib.suppress(OSError):
-        if SANDBOX_WORKER in Path(f"/proc/{pid}/cmdline").read_bytes():
+        if is_sandbox_worker(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -231,10 +247,23 @@ class AetrServer(Process):
         raise RuntimeError(f"aetr serve did not answer /healthz within {READY_TIMEOUT_S:g} s ({last}); "
                            f"its log:\n{self.tail()}")
 
+    def aetr_pids(self) -> list[int]:
+        """The processes serving AETR: the server, and its worker processes when it runs several."""
+        return [self.pid, *(pid for pid in children_of(self.pid) if is_worker_process(pid))]
+
     def sample_children(self) -> None:
         """Remember the sandbox workers running now (they may have exited by the time we stop)."""
         if self.running:
-            self._sandbox_pids.update(children_of(self.pid))
+            self._sandbox_pids.update(pid for parent in self.aetr_pids() for pid in children_of(parent)
+                                      if is_sandbox_worker(pid))
+
+    def sandbox_pids(self) -> set[int]:
+        """The sandbox workers seen so far."""
+        return set(self._sandbox_pids)
+
+    def peak_rss_mb(self) -> float:
+        """The peak RSS of the processes serving AETR, added up (one process unless it runs workers)."""
+        return sum(mb for pid in self.aetr_pids() if (mb := peak_rss_mb(pid)) is not None)
 
     def sandbox_peak_rss_mb(self) -> dict[str, float]:
         """Peak RSS of each sandbox worker process still alive, by pid."""

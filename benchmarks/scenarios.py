@@ -36,7 +36,6 @@ from benchmarks.common import (
     start_run,
     wait_run,
 )
-from benchmarks.processes import peak_rss_mb
 from benchmarks.sandbox_bench import MAPPER, one_kilobyte_input
 
 Metrics = dict[str, Any]
@@ -182,7 +181,7 @@ def fanout(n: int) -> Callable[[Context], Awaitable[Metrics]]:
         await put_step(ctx, api_step("leaf", f"{ctx.svc.url}/step"))
         await put_step(ctx, {"name": "fan", "kind": "parallel", "reducer": "array",
                              "children": [{"step": "leaf"}] * n})
-        rss_before = peak_rss_mb(ctx.server.pid)
+        rss_before = ctx.server.peak_rss_mb()
         deadline = ctx.timeout(max(120.0, n * 0.2))
         async with ctx.measure("run") as phase:
             t0 = time.time_ns()
@@ -206,7 +205,7 @@ def fanout(n: int) -> Callable[[Context], Awaitable[Metrics]]:
             "all_called_s": round((max(r[0] for r in stats["requests"]) - t0) / 1e9, 3),
             "root_complete_s": round((max(completed_ns, last[3]) - t0) / 1e9, 3),
             "root_state": run["state"], "output_len": len(output) if isinstance(output, list) else None,
-            "peak_rss_mb": round(peak_rss_mb(ctx.server.pid) or math.nan, 1),
+            "peak_rss_mb": round(ctx.server.peak_rss_mb() or math.nan, 1),
             "rss_before_run_mb": round(rss_before or math.nan, 1),
             "sandbox_peak_rss_mb": ctx.server.sandbox_peak_rss_mb(),
             "callback_answer_p50_ms": ms(percentile([c[3] - c[2] for c in stats["callbacks"]], 0.5)),

@@ -91,6 +91,12 @@ class Process:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
     @property
+    def pid(self) -> int:
+        """The process's id (it has been started)."""
+        assert self._popen is not None, f"{self} was not started"
+        return self._popen.pid
+
+    @property
     def running(self) -> bool:
         """Whether the process has been started and has not exited."""
         return self._popen is not None and self._popen.poll() is None

@@ -47,8 +47,11 @@ def engine_of(request: Request) -> Engine:
     return engine
 
 
-def require_token(request: Request) -> None:
-    """With AETR_API_TOKEN set, every /api/v1 route but the callbacks needs `Authorization: Bearer <token>`."""
+async def require_token(request: Request) -> None:
+    """With AETR_API_TOKEN set, every /api/v1 route but the callbacks needs `Authorization: Bearer <token>`.
+
+    async: FastAPI runs a plain `def` dependency in a worker thread, a thread hop on every request.
+    """
     expected = engine_of(request).settings.api_token
     if expected is None:
         return

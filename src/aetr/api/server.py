@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import logging
+import os
 import sys
 from typing import Any
 
@@ -60,20 +61,60 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(host: str = "127.0.0.1", port: int = 9999, insecure: bool = False) -> None:
-    """Start the server in the foreground; exit with a message when the settings cannot work."""
+WORKER_HOST_ENV = "AETR_SERVE_HOST"  # how `serve` tells its worker processes where they listen
+WORKER_PORT_ENV = "AETR_SERVE_PORT"
+MAX_WORKERS = 64
+
+
+def serve(host: str = "127.0.0.1", port: int = 9999, insecure: bool = False, workers: int | None = None) -> None:
+    """Start the server in the foreground; exit with a message when the settings cannot work.
+
+    `workers` (default AETR_WORKERS, 1) processes serve one port, each with its own engine: on a machine with
+    several cores, the events, HTTP and step calls of one process are bound to one core by Python.
+    """
     try:
         settings = Settings.from_env(host=host, port=port)
+        workers = workers or worker_count()
     except ConfigError as exc:
         sys.exit(f"aetr: {exc}")
     if not is_loopback(host) and settings.api_token is None and not insecure:
         sys.exit(f"aetr: refusing to listen on {host} without AETR_API_TOKEN: anyone who can reach it could "
                  "start runs. Set AETR_API_TOKEN, or pass --insecure if the network is trusted.")
+    configure_logging()
+    if workers == 1:
+        from aetr.api.app import create_app
+
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False,
+                    log_config=log_config())
+        return
+    # The schema is brought up to date once, here, before the workers start (each would otherwise race to).
+    from aetr.store.migrate import upgrade
+
+    upgrade(settings.database_url)
+    os.environ[WORKER_HOST_ENV], os.environ[WORKER_PORT_ENV] = host, str(port)
+    uvicorn.run("aetr.api.server:worker_app", factory=True, workers=workers, host=host, port=port,
+                log_level="info", access_log=False, log_config=log_config())
+
+
+def worker_count() -> int:
+    """AETR_WORKERS: how many processes `aetr serve` runs (default 1)."""
+    raw = os.environ.get("AETR_WORKERS") or "1"
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_WORKERS:
+        raise ConfigError(f"AETR_WORKERS={raw!r} must be a whole number from 1 to {MAX_WORKERS}")
+    return int(raw)
+
+
+def configure_logging() -> None:
+    """Log lines to stderr, with callback tokens blanked out (also in each worker process)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactCallbackTokens())
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+
+def worker_app() -> Any:
+    """The application of one worker process of `aetr serve --workers N` (uvicorn calls it in the worker)."""
     from aetr.api.app import create_app
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False,
-                log_config=log_config())
+    configure_logging()
+    return create_app(Settings.from_env(host=os.environ[WORKER_HOST_ENV], port=int(os.environ[WORKER_PORT_ENV])))

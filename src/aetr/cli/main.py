@@ -184,6 +184,11 @@ def serve(
         str | None,
         typer.Option(help="Database URL (sets AETR_DATABASE_URL). Default: SQLite file ./aetr.db.", show_default=False),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, max=64, help="Processes serving the port (default AETR_WORKERS, or 1): one core each.",
+                     show_default=False),
+    ] = None,
 ) -> None:
     """Start the AETR server (brings the database schema up to date first)."""
     if database_url:
@@ -196,7 +201,7 @@ def serve(
         from aetr.api.server import serve as run_server
     except ModuleNotFoundError as exc:
         _fail(f"cannot start the server: module {exc.name} is missing; reinstall aetr with its dependencies")
-    run_server(host=host, port=port, insecure=insecure)
+    run_server(host=host, port=port, insecure=insecure, workers=workers)
 
 
 @app.command()
