@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="small sizes: a smoke test that finishes in under a minute (targets are not judged)")
     parser.add_argument("--workers", type=int, default=1,
                         help="AETR_WORKERS of the server: processes serving the port (default 1)")
+    parser.add_argument("--standin", action="store_true",
+                        help="measure the floor: benchmarks/standin.py (in memory, no database) in aetr's place; "
+                             "chain and throughput only")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each case N times, each on a fresh database and server; report medians")
     parser.add_argument("--postgres-url", default=os.environ.get("AETR_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
@@ -157,7 +160,8 @@ async def run_case(case: Case, db: str, args: argparse.Namespace, sizes: Sizes, 
     """One case on a fresh database, a fresh server and a fresh step service; its metrics (or its error)."""
     async with fresh_database(db, workdir, case.label, args.postgres_url) as url:
         tag = f"{case.label}-{db}-{time.strftime('%H%M%S')}"
-        server = AetrServer(url, workdir / f"{tag}-aetr.log", {**SERVER_SETTINGS, "AETR_WORKERS": str(args.workers)})
+        server = AetrServer(url, workdir / f"{tag}-aetr.log", {**SERVER_SETTINGS, "AETR_WORKERS": str(args.workers)},
+                            standin=args.standin)
         svc = StepServiceProcess(workdir / f"{tag}-stepsvc.log")
         ctx = Context(db=db, database_url=url, server=server, svc=svc, http=http, sizes=sizes, quick=args.quick,
                       timeout_factor=args.timeout_factor, label=case.label, profile_dir=args.profile,
@@ -219,6 +223,11 @@ async def main_async(args: argparse.Namespace) -> int:
         return 2
     selected = [c for c in every if c.scenario in chosen or c.label in chosen]
     dbs = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    if args.standin:
+        if any(c.scenario not in ("chain", "throughput") for c in selected):
+            log("--standin answers the chain and throughput scenarios only: pick them with --scenario")
+            return 2
+        dbs = ["sqlite"]  # it keeps nothing: one (unused) database
     if "postgres" in dbs and (why := await check_postgres(args.postgres_url)):
         log(f"PostgreSQL at {args.postgres_url} does not answer ({why}): start it, or pass --db sqlite")
         return 2
@@ -238,6 +247,8 @@ async def main_async(args: argparse.Namespace) -> int:
                         log(f"{case.label} on {db} ({i + 1}/{args.repeat})")
                         results.append(await run_repeat(case, db, args, sizes, workdir, http))
                     line = judge(case, db, merge(results), args.quick)
+                    if args.standin:
+                        line["db"] = "none (standin)"
                     if args.quick:
                         line["quick"] = True
                     print(orjson.dumps(line).decode(), flush=True)

@@ -219,11 +219,13 @@ def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
 class AetrServer(Process):
     """The real `aetr serve` on a loopback port and one database."""
 
-    def __init__(self, database_url: str, log_path: Path, settings: Mapping[str, str]) -> None:
+    def __init__(self, database_url: str, log_path: Path, settings: Mapping[str, str], standin: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         aetr = Path(sys.executable).parent / "aetr"
         command = [str(aetr)] if aetr.exists() else [sys.executable, "-m", "aetr.cli.main"]
+        if standin:  # the in-memory floor (benchmarks/standin.py) in aetr's place
+            command = [sys.executable, "-m", "benchmarks.standin"]
         env = clean_env({"AETR_DATABASE_URL": database_url, **settings})
         super().__init__("aetr serve", [*command, "serve", "--port", str(self.port)], env, log_path)
         self._sandbox_pids: set[int] = set()

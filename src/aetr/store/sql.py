@@ -220,9 +220,11 @@ COUNT_CHILDREN_PG = (
     " SELECT node_id FROM last"
 )
 FINISHED_FIELDS = ("node_id", "attempt", "kind")
+RUN_NODE_NAMES = tuple(c.name for c in run_nodes.c)
+COUNTER_NAMES = ("node_id", "done")
 WRITE_ALL_NAMES = ("drop", "beats", *(f"w_{k}" for k in WORK_FIELDS), *(f"e_{k}" for k in EVENT_FIELDS),
                    *(f"n_{k}" for k in NODE_FIELDS), *(f"f_{k}" for k in FINISHED_FIELDS), "expected",
-                   *(f"i_{c.name}" for c in run_nodes.c), "c_node_id", "c_done")
+                   *(f"i_{name}" for name in RUN_NODE_NAMES), *(f"c_{name}" for name in COUNTER_NAMES))
 
 
 class Statements:
@@ -727,13 +729,13 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
         # statement's main query reads (it runs first, its rows locked in id order); the work and history
         # changes run after it. A node changed meanwhile aborts the whole statement (SerializationError).
         if node_rows or drop or beats or work_rows or event_rows or finished or new_nodes:
-            yield Fetch(st.write_all, {
-                **{f"i_{c.name}": [r[c.name] for r in new_nodes] for c in run_nodes.c},
-                "c_node_id": [r["node_id"] for r in new_counters], "c_done": [r["done"] for r in new_counters],
-                **{f"n_{k}": [r[k] for r in node_rows] for k in NODE_FIELDS}, "drop": drop, "beats": beats,
-                **{f"w_{k}": [r[k] for r in work_rows] for k in WORK_FIELDS},
-                **{f"e_{k}": [r[k] for r in event_rows] for k in EVENT_FIELDS},
-                **{f"f_{k}": [r[k] for r in finished] for k in FINISHED_FIELDS}, "expected": len(node_rows)})
+            values = {"drop": drop, "beats": beats, "expected": len(node_rows)}
+            for prefix, names, rows in (("i_", RUN_NODE_NAMES, new_nodes), ("c_", COUNTER_NAMES, new_counters),
+                                        ("n_", NODE_FIELDS, node_rows), ("w_", WORK_FIELDS, work_rows),
+                                        ("e_", EVENT_FIELDS, event_rows), ("f_", FINISHED_FIELDS, finished)):
+                for name in names:
+                    values[prefix + name] = [r[name] for r in rows]
+            yield Fetch(st.write_all, values)
         return
     if drop:
         yield ExecMany(st.drop_work, [{"node_id": i} for i in drop])
