@@ -312,3 +312,31 @@ async def test_retry_runs_failed_nodes_again_and_keeps_completed_ones(aetr: Serv
     assert [c.headers["AETR-Attempt"] for c in steps_service.calls("/flaky")] == ["1", "2"]
     status, body = await aetr.call("POST", f"/api/v1/runs/{run_id}/retry")
     assert status == 409 and "complete" in body["detail"]
+
+
+async def test_a_start_answers_alike_whichever_path_serves_it(aetr: Server, steps_service: StepService) -> None:
+    # A plain start is served below FastAPI (FastStarts); one with an Idempotency-Key, or one refused, by the
+    # route. A user sees no difference.
+    steps_service.route("/leaf", never())
+    await aetr.put_step({"name": "pair", "kind": "sequential", "children": [{"step": api(steps_service, "leaf")},
+                                                                         {"step": api(steps_service, "leaf2")}]})
+    fast = await aetr.http.post(f"{aetr.base_url}/api/v1/runs", json={"step": "pair", "input": {"n": 1}})
+    routed = await aetr.http.post(f"{aetr.base_url}/api/v1/runs", json={"step": "pair", "input": {"n": 1}},
+                                  headers={"Idempotency-Key": "k-1"})
+    assert (fast.status, routed.status) == (201, 201)
+    assert fast.headers["Content-Type"] == routed.headers["Content-Type"]
+    a, b = await fast.json(), await routed.json()
+    assert fast.headers["Location"] == f"/api/v1/runs/{a['id']}"
+
+    def shape(run: dict[str, Any]) -> Any:
+        return {k: (v if k not in ("id", "root_id", "parent_id", "created_at", "started_at") else type(v).__name__)
+                for k, v in run.items() if k != "children"}, [shape(c) for c in run["children"]]
+
+    assert shape(a) == shape(b)
+    for body, status_code in (({"step": "nope"}, 422), ({"step": "pair", "extra": 1}, 422), ({"input": 1}, 422)):
+        async with aetr.http.post(f"{aetr.base_url}/api/v1/runs", json=body) as resp:
+            assert resp.status == status_code, (body, await resp.text())
+            assert "detail" in await resp.json()
+    async with aetr.http.post(f"{aetr.base_url}/api/v1/runs", data=b'{"step": "pair"',
+                              headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 422 and "detail" in await resp.json()
