@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import secrets
@@ -13,6 +14,7 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from aetr.domain.jsonvalue import check_json
 from aetr.domain.runs import EventRecord, Node
@@ -57,6 +59,16 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - utcnow()).total_seconds())
 
 
+@functools.lru_cache(maxsize=1024)
+def _encoded(url: str) -> str:
+    return str(URL(url))
+
+
+@functools.lru_cache(maxsize=256)
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=seconds)
+
+
 class Dispatcher:
     """Makes step calls with one shared aiohttp session (it holds up under concurrency where httpx does not)."""
 
@@ -91,7 +103,9 @@ class Dispatcher:
         step = node.step
         assert step.url is not None
         callback = self.callback_url(node)
-        url = f"{step.url}{'&' if '?' in step.url else '?'}aetr={quote(callback, safe='')}"
+        # The step's URL as yarl encodes it, once; the query added to it is encoded here.
+        url = URL(f"{_encoded(step.url)}{'&' if '?' in step.url else '?'}aetr={quote(callback, safe='')}",
+                  encoded=True)
         headers = {**step.headers, "Content-Type": "application/json", "AETR-Callback": callback,
                    "AETR-Run-Id": node.root_id, "AETR-Node-Id": node.id, "AETR-Attempt": str(node.attempt),
                    "traceparent": f"00-{node.root_id.replace('-', '')}-{secrets.token_hex(8)}-01"}
@@ -105,7 +119,7 @@ class Dispatcher:
             # Redirects are not followed: they would carry the input and the callback token to wherever
             # Location points (and a 301/302 turns the POST into a GET without its body).
             async with self._session.request(step.method, url, data=payload, headers=headers, allow_redirects=False,
-                                             timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                                             timeout=_timeout(timeout_s)) as resp:
                 body = await resp.read()
                 status, content_type = resp.status, resp.headers.get("Content-Type")
                 retry_after = resp.headers.get("Retry-After")

@@ -82,7 +82,7 @@ class Sql:
 
     def args(self, values: dict[str, Any]) -> tuple[Any, ...]:
         """Positional arguments for the driver from named values."""
-        return tuple(values[n] if n in values else self.defaults[n] for n in self.names)
+        return tuple(map((values if not self.defaults else {**self.defaults, **values}).__getitem__, self.names))
 
 
 def compile_sql(stmt: ClauseElement, dialect: DialectName) -> Sql:
@@ -314,7 +314,7 @@ class Statements:
         if at is None:
             return None
         if self.dialect == "sqlite":
-            return at.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+            return _sqlite_time(at)
         return at
 
     def time_out(self, value: Any) -> datetime | None:
@@ -376,6 +376,12 @@ assert [c.name for c in NODE_COLUMNS] == [
     "id", "root_id", "parent_id", "position", "step_id", "step_name", "step_kind", "step_version", "config",
     "mapper", "n_children", "state", "input", "output", "error", "attempt", "attempt_base", "version",
     "created_at", "started_at", "completed_at", "idempotency_key"], "Statements.node unpacks these"
+
+
+@functools.lru_cache(maxsize=1024)
+def _sqlite_time(at: datetime) -> str:
+    # An event writes one time many times over (its `now`, in each history line, work row and node).
+    return at.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
 def _fragment(value: str | None) -> orjson.Fragment | None:
