@@ -212,16 +212,21 @@ def test_serve_passes_host_port_insecure_and_sets_the_database_url(monkeypatch: 
     monkeypatch.setenv("AETR_DATABASE_URL", "sqlite:///before.db")  # restored after the test
     calls = fake_module(monkeypatch, "aetr.api.server", "serve")
     result = invoke("serve", "--host", "0.0.0.0", "--port", "9000", "--insecure",
-                    "--database-url", "postgresql://db/aetr")
+                    "--database-url", "postgresql://db/aetr", "--workers", "3")
     assert_clean_exit(result, 0)
-    assert calls == [{"args": (), "kwargs": {"host": "0.0.0.0", "port": 9000, "insecure": True},
+    assert calls == [{"args": (), "kwargs": {"host": "0.0.0.0", "port": 9000, "insecure": True, "workers": 3},
                       "env": "postgresql://db/aetr"}]
 
 
 def test_serve_defaults_to_loopback_9999(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = fake_module(monkeypatch, "aetr.api.server", "serve")
     assert_clean_exit(invoke("serve"), 0)
-    assert calls[0]["kwargs"] == {"host": "127.0.0.1", "port": 9999, "insecure": False}
+    assert calls[0]["kwargs"] == {"host": "127.0.0.1", "port": 9999, "insecure": False, "workers": None}
+
+
+def test_serve_refuses_a_worker_count_out_of_range() -> None:
+    result = invoke("serve", "--workers", "0")
+    assert result.exit_code == 2 and "--workers" in result.output
 
 
 def test_migrate_passes_the_option_or_none(monkeypatch: pytest.MonkeyPatch) -> None:
