@@ -44,3 +44,31 @@ async def test_a_step_that_stops_beating_times_out_long_before_timeout_s(
     run = await aetr.wait_run(await aetr.start("quiet"), timeout=10)
     assert run["state"] == "error"
     assert run["error"]["kind"] == "timeout" and "heartbeat_s=0.5" in run["error"]["message"]
+
+
+async def beating_at_once(request: StepRequest) -> web.StreamResponse:
+    """A heartbeat right after the 202, then the output: the heartbeat lands while the call's answer waits to
+    be written with it."""
+
+    async def work() -> None:
+        answer = await request.send_heartbeat()
+        assert answer.status == 200
+        await request.send_output({"done": True})
+
+    request.later(work())
+    return web.Response(status=202)
+
+
+async def test_a_call_answer_written_with_a_heartbeat_is_in_the_history_once(
+        aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/quick", beating_at_once)
+    await aetr.put_step({"name": "quick", "kind": "api", "url": steps_service.url("/quick"), "timeout_s": 30,
+                         "heartbeat_s": 5, "retry": {"max_attempts": 1}})
+    run_ids = await asyncio.gather(*(aetr.start("quick") for _ in range(10)))
+    for run_id in run_ids:
+        run = await aetr.wait_run(run_id)
+        assert run["state"] == "complete"
+        _, events = await aetr.call("GET", f"/api/v1/runs/{run_id}/events")
+        kinds = [e["kind"] for e in events]
+        assert kinds.count("dispatch") == 1, kinds
+        assert kinds.count("callback.heartbeat") == 1, kinds
