@@ -109,15 +109,18 @@ WORK_RETURNED = (work.c.kind, work.c.node_id, work.c.root_id, work.c.attempt, wo
 def _chain_stmt() -> Any:
     """A node and its ancestors (first column 0), and the node's next sibling (first column 1), in one query.
 
-    The sibling is what a sequential parent starts next; reading it here saves that event a round trip.
+    The sibling is what a sequential parent starts next; reading it here saves that event a round trip. A
+    parallel parent's children need no sibling, so none is read for them (a fan-out's callbacks decode a node
+    fewer each).
     """
     step = run_nodes.alias("step")
     chain = select(run_nodes.c.id, run_nodes.c.parent_id).where(run_nodes.c.id == _p("node_id")).cte(
         "chain", recursive=True)
     chain = chain.union_all(select(step.c.id, step.c.parent_id).join(chain, step.c.id == chain.c.parent_id))
-    me, sib = run_nodes.alias("me"), run_nodes.alias("sib")
+    me, sib, parent = run_nodes.alias("me"), run_nodes.alias("sib"), run_nodes.alias("parent")
     following = (select(literal_column("1").label("extra"), *[sib.c[c.name] for c in NODE_COLUMNS])
                  .join(me, and_(sib.c.parent_id == me.c.parent_id, sib.c.position == me.c.position + 1))
+                 .join(parent, and_(parent.c.id == me.c.parent_id, parent.c.step_kind == "sequential"))
                  .where(me.c.id == _p("node_id")))
     ancestors = select(literal_column("0").label("extra"), *NODE_COLUMNS).join(chain, run_nodes.c.id == chain.c.id)
     return union_all(ancestors, following)
@@ -130,10 +133,11 @@ def _chains_stmt() -> Any:
              .where(run_nodes.c.id == func.any(_p("ids"))).cte("chain", recursive=True))
     chain = chain.union_all(select(chain.c.start, step.c.id, step.c.parent_id)
                             .join(chain, step.c.id == chain.c.parent_id))
-    me, sib = run_nodes.alias("me"), run_nodes.alias("sib")
+    me, sib, parent = run_nodes.alias("me"), run_nodes.alias("sib"), run_nodes.alias("parent")
     following = (select(me.c.id.label("start"), literal_column("1").label("extra"),
                         *[sib.c[c.name] for c in NODE_COLUMNS])
                  .join(me, and_(sib.c.parent_id == me.c.parent_id, sib.c.position == me.c.position + 1))
+                 .join(parent, and_(parent.c.id == me.c.parent_id, parent.c.step_kind == "sequential"))
                  .where(me.c.id == func.any(_p("ids"))))
     ancestors = (select(chain.c.start, literal_column("0").label("extra"), *NODE_COLUMNS)
                  .join(chain, run_nodes.c.id == chain.c.id))
