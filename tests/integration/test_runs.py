@@ -6,6 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
+
+from aetr.api.render import nest
 from aetr.store.store import count_round_trips
 from aetr.testing import StepService, callback, callback_before_answer, fail, never, sequence, status, sync
 from tests.integration.conftest import Server, running_server
@@ -76,8 +79,36 @@ async def test_get_run_loads_the_whole_tree_in_one_query(aetr: Server, steps_ser
     status, same = await aetr.call("GET", f"/api/v1/runs/{child}")
     assert status == 200 and same["id"] == run_id and len(same["children"]) == 30
     with count_round_trips() as statements:  # the read behind GET /runs/{id}
+        body = await aetr.engine.store.get_run_json(child)
+    assert body is not None and orjson.loads(body) == run and len(statements) == 1
+    with count_round_trips() as statements:  # the dict form the live view uses
         view = await aetr.engine.store.get_run_view(child)
     assert len(view) == 31 and len(statements) == 1
+
+
+async def test_the_database_built_answer_matches_the_one_built_in_python(
+        aetr: Server, steps_service: StepService) -> None:
+    # GET /runs/{id} has the database write each node's JSON; the live view, cancel and an idempotent start
+    # answer from rows decoded in Python. Both must say the same, times and odd values included.
+    steps_service.route("/done", callback(lambda x: {"echo": x, "big": 2**63, "neg": -(2**63), "f": 0.1,
+                                                     "text": "é\u2028\"q\"", "none": None}))
+    steps_service.route("/fails", status(400, {"detail": "no"}))
+    await aetr.put_step({"name": "mixed", "kind": "parallel", "children": [
+        {"step": api(steps_service, "done")}, {"step": api(steps_service, "done2"), "mapper": "(x) => [x, 1.5e300]"}]})
+    steps_service.route("/done2", callback(lambda x: x))
+    await aetr.put_step(api(steps_service, "fails", retry={"max_attempts": 1}))
+    for step in ("mixed", "fails"):
+        run_id = await aetr.start(step, {"n": [1, 2.5, "x"], "deep": {"a": {"b": []}}})
+        ended = await aetr.wait_run(run_id)
+        body = await aetr.engine.store.get_run_json(run_id)
+        assert body is not None
+        # The view passes stored JSON through as orjson fragments: compare what each sends.
+        in_python = orjson.loads(orjson.dumps(nest(await aetr.engine.store.get_run_view(run_id))))
+        assert orjson.loads(body) == ended == in_python
+        if step == "mixed":
+            assert ended["state"] == "complete" and ended["children"][0]["output"]["big"] == 2**63
+        else:
+            assert ended["state"] == "error" and ended["error"]["kind"] == "http"
 
 
 async def test_a_run_keeps_the_tree_it_started_with(aetr: Server, steps_service: StepService) -> None:

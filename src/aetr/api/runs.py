@@ -72,16 +72,24 @@ async def get_run(
 ) -> Response:
     """The whole run tree, loaded in one query; `?wait=N` answers once the run ends or N seconds pass."""
     engine = engine_of(request)
-    tree = await _view(engine, run_id)
+    node_id = _uuid(run_id)
     if wait:
+        # Only the root's state is read while waiting (a wide run changes at every child's commit), and
+        # the whole tree once at the end.
+        found = await engine.store.get_run_state(node_id)
+        if found is None:
+            raise HTTPException(404, f"no run with id '{run_id}'")
+        root_id, state = found
         deadline = time.monotonic() + wait
-        root_id = tree["id"]
-        while tree["state"] not in TERMINAL and (left := deadline - time.monotonic()) > 0:
+        while state not in TERMINAL and (left := deadline - time.monotonic()) > 0:
             # Woken by this process's commits at once; re-read at least every poll interval so a run
             # advanced by another process sharing the database is seen too.
             await engine.wait_for_change(root_id, min(left, engine.settings.poll_s))
-            tree = await _view(engine, root_id)
-    return JSON(tree)
+            state = (await engine.store.get_run_state(root_id) or (root_id, state))[1]
+    body = await engine.store.get_run_json(node_id)
+    if body is None:
+        raise HTTPException(404, f"no run with id '{run_id}'")
+    return Response(body, media_type="application/json")
 
 
 @router.get("/runs", responses={200: {"model": RunPage}})

@@ -375,11 +375,14 @@ class PostgresStore(Store):
         m.finish(result)
 
     async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+        view = self.statements.view
+        return [view(r) for r in await self._fetch_rows(text, args)]
+
+    async def _fetch_rows(self, text: str, args: tuple[Any, ...]) -> list[Any]:
         with _translated():
             pool = await self._events_pool()
-            rows = await pool.fetch(text, *args)
-        view = self.statements.view
-        return [view(r) for r in rows]
+            rows: list[Any] = await pool.fetch(text, *args)
+        return rows
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -231,6 +231,72 @@ WRITE_ALL_NAMES = ("drop", "beats", *(f"w_{k}" for k in WORK_FIELDS), *(f"e_{k}"
                    *(f"i_{name}" for name in RUN_NODE_NAMES), *(f"c_{name}" for name in COUNTER_NAMES))
 
 
+def run_json_sql(dialect: DialectName) -> str:
+    """Every node of the run a node belongs to, as (id, parent_id, position, the node's JSON as the API shows
+    it without `children`), the JSON built by the database: stored JSON goes out as it is, and the Python
+    side only nests the texts (`nest_json`). Times are written as orjson writes an aware UTC datetime."""
+    if dialect == "sqlite":
+        def when(col: str) -> str:
+            return (f"CASE WHEN {col} IS NULL THEN NULL ELSE replace(substr({col}, 1, 10) || 'T' || substr({col}, 12),"
+                    f" '.000000', '') || '+00:00' END")
+
+        def raw(col: str) -> str:
+            return f"json({col})"
+
+        build = "json_object"
+        arg = "?"
+    else:
+        def when(col: str) -> str:
+            return (f"replace(to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US'), '.000000', '')"
+                    " || '+00:00'")
+
+        def raw(col: str) -> str:
+            return f"{col}::json"
+
+        build = "json_build_object"
+        arg = "$1"
+    fields = ", ".join([
+        "'id', id", "'root_id', root_id", "'parent_id', parent_id", "'position', position",
+        f"'step', {build}('id', step_id, 'name', step_name, 'kind', step_kind, 'version', step_version)",
+        "'state', state", f"'input', {raw('input')}", f"'output', {raw('output')}", f"'error', {raw('error')}",
+        "'attempt', attempt", "'version', version", f"'created_at', {when('created_at')}",
+        f"'started_at', {when('started_at')}", f"'completed_at', {when('completed_at')}"])
+    return (f"SELECT id, parent_id, position, {build}({fields}) FROM run_nodes"
+            f" WHERE root_id = (SELECT root_id FROM run_nodes WHERE id = {arg})")
+
+
+def nest_json(rows: Sequence[Sequence[Any]]) -> bytes:
+    """The run tree's JSON from run_json rows: each node's text with its children's texts in `children`,
+    in position order, joined once (no text is copied per level of the tree)."""
+    text_of: dict[str, str] = {}
+    kids: dict[str | None, list[tuple[int, str]]] = {}
+    for node_id, parent_id, position, node_text in rows:
+        text_of[node_id] = node_text
+        kids.setdefault(parent_id, []).append((position, node_id))
+    ((_, root),) = kids[None]
+    parts: list[str] = []
+    stack: list[str] = [root]  # node ids to open, and the two markers below
+    while stack:
+        item = stack.pop()
+        if item is _CLOSE or item is _COMMA:
+            parts.append(item)
+            continue
+        node_text = text_of[item]
+        parts.append(node_text[:node_text.rindex("}")])
+        parts.append(',"children":[')
+        stack.append(_CLOSE)
+        children = sorted(kids.get(item, ()), reverse=True)  # the first child is popped first
+        for i, (_, child) in enumerate(children):
+            if i:
+                stack.append(_COMMA)
+            stack.append(child)
+    return "".join(parts).encode()
+
+
+_CLOSE = "]}"
+_COMMA = ","
+
+
 class Statements:
     """Every statement the hot path sends, compiled for one dialect."""
 
@@ -290,6 +356,9 @@ class Statements:
         # GET /runs/{id}: only the columns the answer shows, for every node of the run the node belongs to.
         root = select(run_nodes.c.root_id).where(run_nodes.c.id == _p("node_id")).scalar_subquery()
         self.run_view = read(select(*VIEW_COLUMNS).where(run_nodes.c.root_id == root))
+        # The same nodes as JSON text built by the database (see run_json_sql), and a run's root state alone.
+        self.run_json = Sql(run_json_sql(dialect), ("node_id",), {}, writes=False)
+        self.run_state = read(select(run_nodes.c.id, run_nodes.c.state).where(run_nodes.c.id == root))
         self.write_all: Sql | None = None
         self.count_child: Sql | None = None
         self.load_chains: Sql | None = None

@@ -194,20 +194,23 @@ class SqliteStore(Store):
     async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
         # In a thread, on a connection of that thread's own: a 10,000-node run is tens of milliseconds of
         # reading that the loop goes on without.
-        return await asyncio.to_thread(self._read_view, text, args)
+        return await asyncio.to_thread(self._read_rows, text, args, self.statements.view)
 
-    def _read_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+    async def _fetch_rows(self, text: str, args: tuple[Any, ...]) -> list[Any]:
+        return await asyncio.to_thread(self._read_rows, text, args, None)
+
+    def _read_rows(self, text: str, args: tuple[Any, ...], convert: Callable[[Any], Any] | None) -> list[Any]:
         conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self._readers.conn = conn
             self._reader_conns.append(conn)
-        view = self.statements.view
         try:
-            return [view(r) for r in conn.execute(text, args)]
+            rows = conn.execute(text, args).fetchall()
         except sqlite3.OperationalError as exc:
             raise Unavailable(f"SQLite: {exc}") from exc
+        return rows if convert is None else [convert(r) for r in rows]
 
     async def close(self) -> None:
         for conn in self._reader_conns:

@@ -25,7 +25,18 @@ from aetr.domain.jsonvalue import MAX_TREE_DEPTH
 from aetr.domain.runs import Node
 from aetr.domain.steps import CycleError, StepDef, StepTree, find_cycle
 from aetr.store import codec
-from aetr.store.sql import TREE_SQL, Conflict, Duplicate, Op, OpStream, Program, Statements, tree_from_rows
+from aetr.store.sql import (
+    TREE_SQL,
+    Conflict,
+    Duplicate,
+    Op,
+    OpStream,
+    Program,
+    Sql,
+    Statements,
+    nest_json,
+    tree_from_rows,
+)
 from aetr.store.tables import UTCDateTime, events, run_nodes, settings, step_children, steps
 
 ScriptCall = Callable[[RunScript], Coroutine[Any, Any, ScriptResult]]  # how an event's program reaches the sandbox
@@ -133,7 +144,27 @@ class Store:
             seen.append(sql.text)
         return await self._fetch_view(sql.text, sql.args({"node_id": node_id}))
 
+    async def get_run_json(self, node_id: str) -> bytes | None:
+        """`GET /runs/{id}`'s answer for the run `node_id` belongs to, in one query (None when unknown): each
+        node's JSON is built by the database and only nested here (aetr.store.sql.nest_json)."""
+        rows = await self._read(self.statements.run_json, node_id)
+        return nest_json(rows) if rows else None
+
+    async def get_run_state(self, node_id: str) -> tuple[str, str] | None:
+        """(root id, state) of the run `node_id` belongs to, or None: what a `?wait=` looks at between reads."""
+        rows = await self._read(self.statements.run_state, node_id)
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def _read(self, sql: Sql, node_id: str) -> list[Sequence[Any]]:
+        seen = _round_trips.get()
+        if seen is not None:
+            seen.append(sql.text)
+        return await self._fetch_rows(sql.text, sql.args({"node_id": node_id}))
+
     async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    async def _fetch_rows(self, text: str, args: tuple[Any, ...]) -> list[Sequence[Any]]:
         raise NotImplementedError
 
     @staticmethod
