@@ -6,6 +6,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from aetr.domain.runs import Node
+from aetr.store.sql import nest
+
+__all__ = ["nest", "node_json", "run_tree_json"]
 
 
 def node_json(node: Node) -> dict[str, Any]:
@@ -21,19 +24,3 @@ def node_json(node: Node) -> dict[str, Any]:
 def run_tree_json(nodes: Iterable[Node]) -> dict[str, Any]:
     """A whole run as a nested tree, children in position order."""
     return nest([node_json(n) for n in nodes])
-
-
-def nest(flat: list[dict[str, Any]]) -> dict[str, Any]:
-    """Nodes as the API shows them (each with `parent_id` and `position`) nested into their run tree."""
-    by_parent: dict[str | None, list[dict[str, Any]]] = {}
-    for n in flat:
-        by_parent.setdefault(n["parent_id"], []).append(n)
-    for kids in by_parent.values():
-        kids.sort(key=lambda n: n["position"])
-    (root,) = by_parent[None]
-    stack = [root]
-    while stack:  # iterative: a deep tree must not exhaust Python's recursion limit
-        obj = stack.pop()
-        obj["children"] = by_parent.get(obj["id"], [])
-        stack.extend(obj["children"])
-    return root

@@ -231,38 +231,40 @@ WRITE_ALL_NAMES = ("drop", "beats", *(f"w_{k}" for k in WORK_FIELDS), *(f"e_{k}"
                    *(f"i_{name}" for name in RUN_NODE_NAMES), *(f"c_{name}" for name in COUNTER_NAMES))
 
 
-def run_json_sql(dialect: DialectName) -> str:
-    """Every node of the run a node belongs to, as (id, parent_id, position, the node's JSON as the API shows
-    it without `children`), the JSON built by the database: stored JSON goes out as it is, and the Python
-    side only nests the texts (`nest_json`). Times are written as orjson writes an aware UTC datetime."""
-    if dialect == "sqlite":
-        def when(col: str) -> str:
-            return (f"CASE WHEN {col} IS NULL THEN NULL ELSE replace(substr({col}, 1, 10) || 'T' || substr({col}, 12),"
-                    f" '.000000', '') || '+00:00' END")
+# SQLite: every node of the run a node belongs to, as (id, parent_id, position, the node's JSON as the API shows
+# it without `children`), the JSON written by SQLite (json_object; stored JSON goes out as it is) and only
+# nested in Python (nest_json). Times as orjson writes an aware UTC datetime. On PostgreSQL the same
+# answer built by json_build_object took 249 ms for 10,000 nodes against 207 ms from the plain columns, so
+# PostgreSQL answers from run_view (PostgresStore.get_run_json).
+def _when(col: str) -> str:
+    return (f"CASE WHEN {col} IS NULL THEN NULL"
+            f" ELSE replace(substr({col}, 1, 10) || 'T' || substr({col}, 12), '.000000', '') || '+00:00' END")
 
-        def raw(col: str) -> str:
-            return f"json({col})"
 
-        build = "json_object"
-        arg = "?"
-    else:
-        def when(col: str) -> str:
-            return (f"replace(to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US'), '.000000', '')"
-                    " || '+00:00'")
+RUN_JSON_SQLITE = (
+    "SELECT id, parent_id, position, json_object('id', id, 'root_id', root_id, 'parent_id', parent_id,"
+    " 'position', position, 'step', json_object('id', step_id, 'name', step_name, 'kind', step_kind,"
+    " 'version', step_version), 'state', state, 'input', json(input), 'output', json(output),"
+    f" 'error', json(error), 'attempt', attempt, 'version', version, 'created_at', {_when('created_at')},"
+    f" 'started_at', {_when('started_at')}, 'completed_at', {_when('completed_at')})"
+    " FROM run_nodes WHERE root_id = (SELECT root_id FROM run_nodes WHERE id = ?)"
+)
 
-        def raw(col: str) -> str:
-            return f"{col}::json"
 
-        build = "json_build_object"
-        arg = "$1"
-    fields = ", ".join([
-        "'id', id", "'root_id', root_id", "'parent_id', parent_id", "'position', position",
-        f"'step', {build}('id', step_id, 'name', step_name, 'kind', step_kind, 'version', step_version)",
-        "'state', state", f"'input', {raw('input')}", f"'output', {raw('output')}", f"'error', {raw('error')}",
-        "'attempt', attempt", "'version', version", f"'created_at', {when('created_at')}",
-        f"'started_at', {when('started_at')}", f"'completed_at', {when('completed_at')}"])
-    return (f"SELECT id, parent_id, position, {build}({fields}) FROM run_nodes"
-            f" WHERE root_id = (SELECT root_id FROM run_nodes WHERE id = {arg})")
+def nest(flat: list[dict[str, Any]]) -> dict[str, Any]:
+    """Nodes as the API shows them (each with `parent_id` and `position`) nested into their run tree."""
+    by_parent: dict[str | None, list[dict[str, Any]]] = {}
+    for n in flat:
+        by_parent.setdefault(n["parent_id"], []).append(n)
+    for kids in by_parent.values():
+        kids.sort(key=lambda n: n["position"])
+    (root,) = by_parent[None]
+    stack = [root]
+    while stack:  # iterative: a deep tree must not exhaust Python's recursion limit
+        obj = stack.pop()
+        obj["children"] = by_parent.get(obj["id"], [])
+        stack.extend(obj["children"])
+    return root
 
 
 def nest_json(rows: Sequence[Sequence[Any]]) -> bytes:
@@ -356,8 +358,8 @@ class Statements:
         # GET /runs/{id}: only the columns the answer shows, for every node of the run the node belongs to.
         root = select(run_nodes.c.root_id).where(run_nodes.c.id == _p("node_id")).scalar_subquery()
         self.run_view = read(select(*VIEW_COLUMNS).where(run_nodes.c.root_id == root))
-        # The same nodes as JSON text built by the database (see run_json_sql), and a run's root state alone.
-        self.run_json = Sql(run_json_sql(dialect), ("node_id",), {}, writes=False)
+        # SQLite: the same nodes as JSON text written by the database (RUN_JSON_SQLITE); a run's root state.
+        self.run_json = Sql(RUN_JSON_SQLITE, ("node_id",), {}, writes=False) if dialect == "sqlite" else None
         self.run_state = read(select(run_nodes.c.id, run_nodes.c.state).where(run_nodes.c.id == root))
         self.write_all: Sql | None = None
         self.count_child: Sql | None = None

@@ -34,6 +34,7 @@ from aetr.store.sql import (
     Program,
     Sql,
     Statements,
+    nest,
     nest_json,
     tree_from_rows,
 )
@@ -145,10 +146,15 @@ class Store:
         return await self._fetch_view(sql.text, sql.args({"node_id": node_id}))
 
     async def get_run_json(self, node_id: str) -> bytes | None:
-        """`GET /runs/{id}`'s answer for the run `node_id` belongs to, in one query (None when unknown): each
-        node's JSON is built by the database and only nested here (aetr.store.sql.nest_json)."""
-        rows = await self._read(self.statements.run_json, node_id)
-        return nest_json(rows) if rows else None
+        """`GET /runs/{id}`'s answer for the run `node_id` belongs to, in one query (None when unknown).
+
+        SQLite writes each node's JSON itself, only nested here (aetr.store.sql.nest_json); other databases
+        answer from get_run_view."""
+        if self.statements.run_json is not None:
+            rows = await self._read(self.statements.run_json, node_id)
+            return nest_json(rows) if rows else None
+        flat = await self.get_run_view(node_id)
+        return orjson.dumps(nest(flat)) if flat else None
 
     async def get_run_state(self, node_id: str) -> tuple[str, str] | None:
         """(root id, state) of the run `node_id` belongs to, or None: what a `?wait=` looks at between reads."""
