@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -24,6 +25,11 @@ router = APIRouter(tags=["ui"])
 
 KEEPALIVE_S = 15.0  # seconds: a comment line on a quiet stream, so proxies and browsers keep it open
 STREAM_MAX_S = 600.0  # seconds one stream lasts; the page then reconnects (no connection is held forever)
+# A run changes at every commit of one of its nodes, and each change re-reads the whole run: reads are spaced
+# by at least REFRESH_MIN_S, and by REFRESH_COST_FACTOR times what the last one took (a 10,000-node run takes
+# about 0.15 s to read), so one watcher of a wide run costs a bounded share of the process.
+REFRESH_MIN_S = 0.1
+REFRESH_COST_FACTOR = 4.0
 
 # The page loads only its own files and talks only to this server: injected markup could not call out.
 PAGE_HEADERS = {
@@ -87,7 +93,8 @@ async def stream_run(
     async def messages() -> AsyncIterator[bytes]:
         tree = nest(first)
         sent = b""
-        started = last_write = time.monotonic()
+        started = last_write = read_at = time.monotonic()
+        read_s = 0.0
         while True:
             body = orjson.dumps(tree)
             now = time.monotonic()
@@ -105,8 +112,12 @@ async def stream_run(
                 return
             # Woken at once by this process's commits; every poll_s anyway, for changes made by another process.
             await engine.wait_for_change(root_id, poll_s)
+            if (pause := read_at + max(REFRESH_MIN_S, REFRESH_COST_FACTOR * read_s) - time.monotonic()) > 0:
+                await asyncio.sleep(pause)  # a rate limit: the changes made meanwhile are in the next read
+            read_at = time.monotonic()
             try:
                 tree = nest(await engine.store.get_run_view(root_id))
+                read_s = time.monotonic() - read_at
             except Exception:  # the database went away: end this stream, the page reconnects
                 log.warning("run stream %s: cannot load the run; closing the stream", root_id, exc_info=True)
                 yield _message("error", orjson.dumps({"detail": "the server could not load the run; reconnecting"}))
