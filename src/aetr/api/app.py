@@ -6,7 +6,7 @@ import hmac
 import inspect
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -82,6 +82,32 @@ def is_outage(exc: BaseException) -> bool:
         return False
     return (exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
             or is_outage_sqlstate(sqlstate(exc)))
+
+
+async def read_body(receive: Receive) -> bytes | None:
+    """A request's whole body from ASGI messages; None when the client went away first."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def answer_below_routing(scope: Scope, receive: Receive, send: Send, answer: Awaitable[Response]) -> None:
+    """Send a fast route's answer as FastAPI would: its HTTPException as `{"detail"}`, an outage as 503."""
+    response: Response
+    try:
+        response = await answer
+    except HTTPException as exc:
+        response = JSON({"detail": safe_text(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        response = unavailable_answer(scope["method"], scope["path"], type(exc).__name__)
+    await response(scope, receive, send)
 
 
 class PayloadLimit:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aetr.api.answers import CallbackAnswer
-from aetr.api.app import JSON, engine_of, is_outage, safe_text, unavailable_answer
+from aetr.api.app import JSON, answer_below_routing, engine_of, read_body
 from aetr.api.schemas import FailIn
 from aetr.domain.decide import Verdict
 from aetr.domain.jsonvalue import check_json
@@ -94,25 +94,11 @@ class FastCallbacks:
         if token is None:
             await self.app(scope, receive, send)
             return
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive)
+        if body is None:
+            return
         content_type = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-type"), None)
-        response: Response
-        try:
-            response = await report_success(self.engine(), token, b"".join(chunks), content_type)
-        except HTTPException as exc:
-            response = JSON({"detail": safe_text(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-        except Exception as exc:
-            if not is_outage(exc):
-                raise
-            response = unavailable_answer("POST", scope["path"], type(exc).__name__)
-        await response(scope, receive, send)
+        await answer_below_routing(scope, receive, send, report_success(self.engine(), token, body, content_type))
 
     @staticmethod
     def _token(scope: Scope) -> str | None:

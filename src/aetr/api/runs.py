@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aetr.api.answers import EventOut, RunPage, RunTreeOut
-from aetr.api.app import JSON, engine_of, is_outage, safe_text, token_ok, unavailable_answer
+from aetr.api.app import JSON, answer_below_routing, engine_of, read_body, token_ok
 from aetr.api.render import nest, node_json, run_tree_json
 from aetr.api.schemas import Name, RunIn
 from aetr.domain.decide import Verdict
@@ -174,15 +174,9 @@ class FastStarts:
             return
         headers = dict(scope["headers"])
         engine = self.engine()
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        body = await read_body(receive)
+        if body is None:
+            return
         run_in = None
         if (b"idempotency-key" not in headers and b"json" in headers.get(b"content-type", b"")
                 and token_ok(engine.settings.api_token, headers.get(b"authorization", b"").decode("latin-1"))):
@@ -193,15 +187,7 @@ class FastStarts:
         if run_in is None:
             await self.app(scope, _replay(body, receive), send)
             return
-        try:
-            response = await _start(engine, run_in, None)
-        except HTTPException as exc:
-            response = JSON({"detail": safe_text(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-        except Exception as exc:
-            if not is_outage(exc):
-                raise
-            response = unavailable_answer("POST", START_PATH, type(exc).__name__)
-        await response(scope, receive, send)
+        await answer_below_routing(scope, receive, send, _start(engine, run_in, None))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

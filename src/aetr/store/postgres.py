@@ -254,7 +254,7 @@ class PostgresStore(Store):
                                 writes.append(m)
                             elif sql is st.load_tree or sql is st.find_key:
                                 lookups.append(m)
-                            elif sql is st.count_child and not m.wrote:
+                            elif sql is st.count_children and not m.wrote:
                                 counts.append(m)
                             else:
                                 m.alone = True
@@ -331,25 +331,23 @@ class PostgresStore(Store):
         return going
 
     async def _count(self, conn: asyncpg.Connection, members: list[_Member]) -> list[_Member]:
-        """Finished children counted by one statement; the first member of each parent whose count is now
-        complete is told so (it completes the parent)."""
+        """Several events' counts of finished children as one statement (their arrays end to end); the first
+        member of each parent whose count is now complete is told so (it completes the parent)."""
         if not members:
             return []
         sql = self.statements.count_children
         assert sql is not None
-        first = members[0].op.values
-        values = {"parent_ids": [m.op.values["parent_id"] for m in members],
-                  "positions": [m.op.values["position"] for m in members],
-                  "now": first["now"], "owner": first["owner"], "until": first["until"]}
+        values = {**members[0].op.values, "parent_ids": [p for m in members for p in m.op.values["parent_ids"]],
+                  "positions": [p for m in members for p in m.op.values["positions"]]}
         complete = {row[0] for row in await conn.fetch(sql.text, *sql.args(values))}
         going = []
         for m in members:
             m.saw(sql)
             m.wrote = True
-            parent = m.op.values["parent_id"]
+            (parent,) = m.op.values["parent_ids"]
             last = parent in complete
             complete.discard(parent)
-            if m.advance([(1 if last else 0,)]):
+            if m.advance([(parent,)] if last else []):
                 going.append(m)
         return going
 

@@ -198,20 +198,10 @@ WRITE_ALL_PG = (
     # by itself and so runs without BEGIN and COMMIT.
     " SELECT aetr_expect_rows(count(*), $29::integer) FROM updated"
 )
-# A finished child counted exactly once: its `count` row is deleted and the counter bumped in one statement,
-# which holds the counter's row lock only while it runs (in autocommit), not until an event's commit.
-# The count that completes the set inserts the parent's `complete` row in the same statement (answer: 1).
-COUNT_CHILD_PG = (
-    "WITH counted AS (DELETE FROM work WHERE node_id = $1 AND kind = 'count' AND attempt = $2 RETURNING root_id),"
-    " bumped AS (UPDATE run_counters SET done = done + 1 WHERE node_id = $1 AND EXISTS (SELECT 1 FROM counted)"
-    " RETURNING done),"
-    " last AS (INSERT INTO work (kind, node_id, root_id, attempt, due_at, lease_owner, lease_until)"
-    " SELECT 'complete', $1, counted.root_id, 0, $3::timestamptz, $4::varchar, $5::timestamptz"
-    " FROM counted, bumped WHERE bumped.done = (SELECT n_children FROM run_nodes WHERE id = $1) RETURNING 1)"
-    " SELECT count(*) FROM last"
-)
-# COUNT_CHILD_PG for many children at once (arrays of parent ids and positions): each parent's counter bumped
-# once by its number of children counted here; answers the parents whose count is now complete.
+# Finished children counted exactly once (arrays of parent ids and positions): each `count` row is deleted and
+# each parent's counter bumped once by its number of children counted here, in one statement that holds the
+# counters' row locks only while it runs (in autocommit), not until an event's commit. A count that completes
+# its set inserts the parent's `complete` row in the same statement; answers the parents so completed.
 COUNT_CHILDREN_PG = (
     "WITH counted AS (DELETE FROM work AS w USING unnest($1::varchar[], $2::integer[]) AS c(node_id, attempt)"
     " WHERE w.node_id = c.node_id AND w.kind = 'count' AND w.attempt = c.attempt RETURNING w.node_id, w.root_id),"
@@ -362,7 +352,6 @@ class Statements:
         self.run_json = Sql(RUN_JSON_SQLITE, ("node_id",), {}, writes=False) if dialect == "sqlite" else None
         self.run_state = read(select(run_nodes.c.id, run_nodes.c.state).where(run_nodes.c.id == root))
         self.write_all: Sql | None = None
-        self.count_child: Sql | None = None
         self.load_chains: Sql | None = None
         self.count_children: Sql | None = None
         if dialect == "postgresql":
@@ -370,7 +359,6 @@ class Statements:
                                       alone=True)
             self.load_chains = read(_chains_stmt())
             self.write_all = Sql(WRITE_ALL_PG, WRITE_ALL_NAMES, {}, alone=True)
-            self.count_child = Sql(COUNT_CHILD_PG, ("parent_id", "position", "now", "owner", "until"), {}, alone=True)
         self.drop_count = c(delete(work).where(and_(
             work.c.node_id == _p("parent_id"), work.c.attempt == _p("position"),
             work.c.kind == literal_column("'count'"))))
@@ -745,9 +733,10 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
     if isinstance(req, CountChild):
         values = {"parent_id": req.parent_id, "position": req.position, "now": st.time_in(req.now),
                   "owner": req.owner, "until": st.time_in(req.until)}
-        if st.count_child is not None:  # PostgreSQL: one statement, the counter's row locked only while it runs
-            rows = yield Fetch(st.count_child, values)
-            return bool(rows and rows[0][0])
+        if st.count_children is not None:  # PostgreSQL: one statement (a batch merges several, see postgres.py)
+            rows = yield Fetch(st.count_children, {"parent_ids": [req.parent_id], "positions": [req.position],
+                                                   "now": values["now"], "owner": req.owner, "until": values["until"]})
+            return bool(rows)
         if (yield Exec(st.drop_count, values)) != 1:
             return False  # counted already
         ((done, n_children, root_id),) = yield Fetch(st.bump_count, values)
