@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import orjson
 
 StepKind = Literal["api", "sequential", "parallel"]
 BUILTIN_REDUCERS = ("array", "last", "merge")
@@ -92,6 +95,11 @@ class StepTree:
         if c.kind != "api":
             out["children"] = [{"mapper": m, "step": child.to_json()} for m, child in self.children]
         return out
+
+    @functools.cached_property
+    def snapshot_text(self) -> str:
+        """`to_json()` as JSON text, encoded once per tree: a run freezes it, and one tree serves many starts."""
+        return orjson.dumps(self.to_json()).decode()
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> StepTree:

@@ -12,7 +12,8 @@ docs/performance.md.
 from __future__ import annotations
 
 import functools
-from collections.abc import Generator, Sequence
+import operator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -36,7 +37,7 @@ from sqlalchemy.dialects.sqlite.aiosqlite import dialect as aiosqlite_dialect
 from sqlalchemy.sql import ClauseElement
 
 from aetr.domain import decide
-from aetr.domain.runs import EventRecord, Node, Plan, Work
+from aetr.domain.runs import EventRecord, Node, Plan, Work, node_of
 from aetr.domain.steps import StepConfig, StepTree
 from aetr.store.tables import events, run_counters, run_nodes, work
 
@@ -82,7 +83,17 @@ class Sql:
 
     def args(self, values: dict[str, Any]) -> tuple[Any, ...]:
         """Positional arguments for the driver from named values."""
-        return tuple(map((values if not self.defaults else {**self.defaults, **values}).__getitem__, self.names))
+        return self._pick(values if not self.defaults else {**self.defaults, **values})
+
+    @functools.cached_property
+    def _pick(self) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+        # One C call per row (itemgetter answers a tuple for two names or more), not a generator of lookups.
+        if len(self.names) >= 2:
+            return operator.itemgetter(*self.names)
+        if self.names:
+            (name,) = self.names
+            return lambda values: (values[name],)
+        return lambda values: ()
 
 
 def compile_sql(stmt: ClauseElement, dialect: DialectName) -> Sql:
@@ -385,7 +396,7 @@ class Statements:
         if value is None:
             return None
         if isinstance(value, str):
-            return datetime.fromisoformat(value).replace(tzinfo=UTC)
+            return _time_from_text(value)
         assert isinstance(value, datetime)
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
@@ -394,12 +405,13 @@ class Statements:
         (id_, root_id, parent_id, position, step_id, step_name, step_kind, step_version, config, mapper,
          n_children, state, input_, output, error, attempt, attempt_base, version, created_at, started_at,
          completed_at, _key) = row
-        return Node(id=id_, root_id=root_id, parent_id=parent_id, position=position,
-                    step=_step(step_name, step_kind, config, step_id, step_version), mapper=mapper,
-                    n_children=n_children, created_at=self.time_out(created_at), state=state,  # type: ignore[arg-type]
-                    input=_json_out(input_), output=_json_out(output), error=_json_out(error), attempt=attempt,
-                    attempt_base=attempt_base, version=version, started_at=self.time_out(started_at),
-                    completed_at=self.time_out(completed_at))
+        time_out = self.time_out
+        return node_of({"id": id_, "root_id": root_id, "parent_id": parent_id, "position": position,
+                        "step": _step(step_name, step_kind, config, step_id, step_version), "mapper": mapper,
+                        "n_children": n_children, "created_at": time_out(created_at), "state": state,
+                        "input": _json_out(input_), "output": _json_out(output), "error": _json_out(error),
+                        "attempt": attempt, "attempt_base": attempt_base, "version": version,
+                        "started_at": time_out(started_at), "completed_at": time_out(completed_at)})
 
     def view(self, row: Sequence[Any]) -> dict[str, Any]:
         """A node as the API shows it, from a row of VIEW_COLUMNS: stored JSON is passed through unparsed."""
@@ -444,7 +456,15 @@ assert [c.name for c in NODE_COLUMNS] == [
 @functools.lru_cache(maxsize=1024)
 def _sqlite_time(at: datetime) -> str:
     # An event writes one time many times over (its `now`, in each history line, work row and node).
-    return at.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+    if at.tzinfo is not UTC:
+        at = at.astimezone(UTC)
+    return at.isoformat(sep=" ", timespec="microseconds")[:26]  # without its "+00:00"
+
+
+@functools.lru_cache(maxsize=4096)
+def _time_from_text(value: str) -> datetime:
+    # A run's nodes share their created_at, and an event's changes their `now`.
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
 def _fragment(value: str | None) -> orjson.Fragment | None:
@@ -478,9 +498,26 @@ TREE_SQL = text(
 
 
 def tree_from_rows(rows: Sequence[Sequence[Any]], key: str) -> StepTree | None:
-    """The resolved tree of the step named (or with id) `key` from TREE_SQL's rows; None when there are none."""
+    """The resolved tree of the step named (or with id) `key` from TREE_SQL's rows; None when there are none.
+
+    The same rows give the same tree, built once: every start of a step reads its tree, and building it
+    (configs parsed, children linked, the snapshot encoded) cost more than reading it. A changed step has a
+    new version, so its rows differ.
+    """
     if not rows:
         return None
+    try:
+        return _cached_tree(tuple(map(tuple, rows)), key)
+    except TypeError:  # a config decoded to a dict (SQLAlchemy's JSON type): not hashable, build it afresh
+        return _build_tree(rows, key)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_tree(rows: tuple[tuple[Any, ...], ...], key: str) -> StepTree:
+    return _build_tree(rows, key)
+
+
+def _build_tree(rows: Sequence[Sequence[Any]], key: str) -> StepTree:
     configs: dict[str, StepConfig] = {}
     links: dict[str, list[tuple[int, str, str | None]]] = {}
     root_id = None
@@ -587,7 +624,7 @@ class InsertRun:
     """A new run's nodes (in their started state), the root carrying the snapshot and key (see Apply)."""
 
     nodes: Sequence[Node]
-    snapshot: dict[str, Any]
+    snapshot: str  # the step tree's JSON text (StepTree.snapshot_text)
     idempotency_key: str | None
     done_children: dict[str, int]
 
@@ -759,7 +796,7 @@ def _new_run_rows(run: InsertRun, st: Statements) -> tuple[list[dict[str, Any]],
                      "mapper": n.mapper, "n_children": n.n_children,
                      "created_at": st.time_in(n.created_at), "snapshot": None, "idempotency_key": None,
                      **st.state_values(n)})
-    rows[0]["snapshot"] = orjson.dumps(run.snapshot).decode()
+    rows[0]["snapshot"] = run.snapshot
     rows[0]["idempotency_key"] = run.idempotency_key
     counters = [{"node_id": n.id, "done": run.done_children.get(n.id, 0)} for n in run.nodes if n.n_children]
     return rows, counters
