@@ -7,6 +7,9 @@ import contextlib
 import itertools
 import math
 import os
+import shutil
+import signal
+import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -71,6 +74,49 @@ class Phase:
     wall_s: float = 0.0
     cpu_s: dict[str, float] = field(default_factory=dict)
     pg_sessions: dict[str, float] = field(default_factory=dict)
+    # Millions of instructions the AETR processes retired (perf stat), when perf can count them here.
+    instructions_m: float | None = None
+
+
+class InstructionCount:
+    """`perf stat -e instructions` attached to some processes for a phase.
+
+    CPU seconds move with this VM's speed (the same code measured 1.7x apart between sessions, and 2x within
+    one); the instructions a process retires do not, so they compare code with code across runs.
+    """
+
+    def __init__(self, pids: Sequence[int], out: Path) -> None:
+        self.pids = list(pids)
+        self.out = out
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        perf = shutil.which("perf")
+        if perf is None or not self.pids:
+            return
+        self.proc = await asyncio.create_subprocess_exec(
+            perf, "stat", "-e", "instructions", "-x", ",", "-o", str(self.out), "-p", ",".join(map(str, self.pids)),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+    async def stop(self) -> float | None:
+        """Millions of instructions since start; None when perf is missing or could not count."""
+        if self.proc is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            self.proc.kill()
+            return None
+        try:
+            for line in self.out.read_text().splitlines():
+                value, _, rest = line.partition(",")
+                if "instructions" in rest and value.strip().isdigit():
+                    return round(int(value) / 1e6, 1)
+        except OSError:
+            pass
+        return None
 
 
 async def sample_sessions(database_url: str, stop: asyncio.Event, into: Phase) -> None:
@@ -158,6 +204,10 @@ class Context:
             await asyncio.sleep(PROFILER_ATTACH_S)
             self.profiled = True
         pids = {"stepsvc": self.svc.pid}
+        fd, perf_out = tempfile.mkstemp(prefix="aetr-bench-perf-", suffix=".csv")
+        os.close(fd)
+        counter = InstructionCount(self.server.aetr_pids(), Path(perf_out))
+        await counter.start()
         aetr_before = self._aetr_cpu()
         before = {k: cpu_seconds(p) or 0.0 for k, p in pids.items()}
         own = os.times()
@@ -199,6 +249,8 @@ class Context:
             phase.cpu_s["other_pct"] = round(100 * other / capacity, 1) if capacity else 0.0
             phase.cpu_s["machine_busy_pct"] = round(100 * busy / capacity, 1) if capacity else 0.0
             phase.cpu_s["loadavg_1m"] = load_average()
+            phase.instructions_m = await counter.stop()
+            Path(perf_out).unlink(missing_ok=True)
             self.server.sample_children()
             self.phases[name] = phase
             if profiler is not None:

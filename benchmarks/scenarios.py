@@ -77,8 +77,11 @@ class Case:
 
 
 def pg(phase: Phase) -> Metrics:
-    """The PostgreSQL session counts of a phase, when there are any."""
-    return {"pg_sessions": phase.pg_sessions} if phase.pg_sessions else {}
+    """The PostgreSQL session counts of a phase when there are any, and the AETR processes' instructions."""
+    out: Metrics = {"pg_sessions": phase.pg_sessions} if phase.pg_sessions else {}
+    if phase.instructions_m is not None:
+        out["aetr_instructions_m"] = phase.instructions_m
+    return out
 
 
 # ---- chain -------------------------------------------------------------------------------------------
