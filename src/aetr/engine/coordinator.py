@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
-import uuid
-from collections.abc import Callable, Generator
+import time
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -58,7 +59,24 @@ class CallSink(Protocol):
     def due(self, at: datetime) -> None: ...
 
 
+IDS_PER_DRAW = 64  # ids made from one read of the system's randomness
 ANSWER_FLUSH_S = 0.01  # seconds a dispatch answer may wait to be written with others (or with its callback)
+
+
+def time_ordered_ids() -> Iterator[str]:
+    """New ids, UUIDv7 (RFC 9562): the millisecond they were first asked for in their first 48 bits, then 74
+    random bits.
+
+    A run's ids sort together, so its rows sit side by side in every index keyed by them (nodes, parents,
+    work, history), where uuid4's scatter over random pages: fewer pages to change and write per commit.
+    """
+    ms = time.time_ns() // 1_000_000
+    while True:
+        pool = os.urandom(10 * IDS_PER_DRAW)  # one system call for many ids, not one each
+        for i in range(0, len(pool), 10):
+            r = int.from_bytes(pool[i:i + 10], "big")
+            h = f"{ms << 80 | 0x7 << 76 | (r >> 62 & 0xFFF) << 64 | 0b10 << 62 | r & 0x3FFF_FFFF_FFFF_FFFF:032x}"
+            yield f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def utcnow() -> datetime:
@@ -136,7 +154,7 @@ class Coordinator:
         tree = yield LoadTree(step)
         if tree is None:
             return Outcome(decide.Verdict("unknown", f"no step named (or with id) '{step}'"), created=False)
-        nodes = build_run_nodes(tree, run_input, utcnow(), lambda: str(uuid.uuid4()))
+        nodes = build_run_nodes(tree, run_input, utcnow(), time_ordered_ids().__next__)
         root_id = nodes[0].id
         plan = Plan(now=nodes[0].created_at)
         plan.absorb(nodes, children_of=[n.id for n in nodes])

@@ -19,8 +19,11 @@ from aetr.store.store import AfterCommit, ScriptCall, Store, _round_trips
 BUSY_TIMEOUT_MS = 30_000  # milliseconds another process may hold the write lock before we give up
 BUSY_POLL_S = 0.002  # seconds between attempts to take the write lock while another connection holds it
 MAX_GROUP = 256  # events committed together at most: bounds how long one COMMIT keeps the others waiting
+# temp_store=MEMORY: each event runs in a SAVEPOINT, and SQLite keeps the pages a savepoint may have to restore
+# in a statement journal, a temporary file by default: 40 pwrite() calls per event here, 87 % of all the
+# writer's system calls, for a journal that is thrown away at every RELEASE.
 PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA foreign_keys=ON",
-           f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+           f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}", "PRAGMA temp_store=MEMORY")
 
 
 class _Job:
