@@ -85,14 +85,17 @@ class InstructionCount:
     one); the instructions a process retires do not, so they compare code with code across runs.
     """
 
-    def __init__(self, pids: Sequence[int], out: Path) -> None:
+    def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)
-        self.out = out
+        fd, out = tempfile.mkstemp(prefix="aetr-bench-perf-", suffix=".csv")
+        os.close(fd)
+        self.out = Path(out)
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         perf = shutil.which("perf")
         if perf is None or not self.pids:
+            self.out.unlink(missing_ok=True)
             return
         self.proc = await asyncio.create_subprocess_exec(
             perf, "stat", "-e", "instructions", "-x", ",", "-o", str(self.out), "-p", ",".join(map(str, self.pids)),
@@ -109,13 +112,19 @@ class InstructionCount:
         except TimeoutError:
             self.proc.kill()
             return None
+        return self._collect()
+
+    def _collect(self) -> float | None:
         try:
-            for line in self.out.read_text().splitlines():
-                value, _, rest = line.partition(",")
-                if "instructions" in rest and value.strip().isdigit():
-                    return round(int(value) / 1e6, 1)
+            lines = self.out.read_text().splitlines()
         except OSError:
-            pass
+            return None
+        finally:
+            self.out.unlink(missing_ok=True)
+        for line in lines:
+            value, _, rest = line.partition(",")
+            if "instructions" in rest and value.strip().isdigit():
+                return round(int(value) / 1e6, 1)
         return None
 
 
@@ -204,9 +213,7 @@ class Context:
             await asyncio.sleep(PROFILER_ATTACH_S)
             self.profiled = True
         pids = {"stepsvc": self.svc.pid}
-        fd, perf_out = tempfile.mkstemp(prefix="aetr-bench-perf-", suffix=".csv")
-        os.close(fd)
-        counter = InstructionCount(self.server.aetr_pids(), Path(perf_out))
+        counter = InstructionCount(self.server.aetr_pids())
         await counter.start()
         aetr_before = self._aetr_cpu()
         before = {k: cpu_seconds(p) or 0.0 for k, p in pids.items()}
@@ -250,7 +257,6 @@ class Context:
             phase.cpu_s["machine_busy_pct"] = round(100 * busy / capacity, 1) if capacity else 0.0
             phase.cpu_s["loadavg_1m"] = load_average()
             phase.instructions_m = await counter.stop()
-            Path(perf_out).unlink(missing_ok=True)
             self.server.sample_children()
             self.phases[name] = phase
             if profiler is not None:

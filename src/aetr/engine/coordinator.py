@@ -163,7 +163,8 @@ class Coordinator:
         yield from _answering(decide.start_run(plan, root_id), _counting_in_memory(done))
         # The nodes are new: write them once, in their started state, not insert-then-update.
         lease, calls = self._lease(plan)
-        yield Apply(plan, lease=lease, new_run=InsertRun([plan.nodes[n.id] for n in nodes], tree.snapshot_text, key, done))
+        new_run = InsertRun([plan.nodes[n.id] for n in nodes], tree.snapshot_text, key, done)
+        yield Apply(plan, lease=lease, new_run=new_run)
         return Outcome(ACCEPTED, plan, calls, run_id=root_id)
 
     async def step_succeeded(self, node_id: str, attempt: int, output: Any, source: str) -> decide.Verdict:
