@@ -138,6 +138,8 @@ class Plan:
         for node in rows:
             if node.id not in self.loaded_versions:
                 self.nodes[node.id] = node
+        if not children_of:  # an event's chain: no child lists
+            return
         complete = set(children_of)
         lists: dict[str, list[Node]] = {p: [] for p in complete}
         for node in rows:
