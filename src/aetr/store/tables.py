@@ -132,7 +132,7 @@ work = Table(
     Column("lease_until", UTCDateTime, nullable=True),
     Index("ix_work_due", "due_at"),
     Index("ix_work_lease", "lease_until", "due_at"),
-    Index("ix_work_node", "node_id"),
+    Index("ix_work_node_attempt", "node_id", "attempt"),
 )
 
 events = Table(

@@ -1,8 +1,10 @@
-"""PostgreSQL plans each event statement once per connection, often while the database is nearly empty.
+"""PostgreSQL's event statements read the rows they are about, however large the tables and runs grow.
 
-Such a plan must stay good as the tables grow: the batched chain query once joined a node to its parent in a
-way that, planned on a few runs, later started from every sequential node in the database — 8-15 ms per batch
-in the throughput benchmark, growing with the table. Buffers read, unlike time, do not depend on the machine.
+Each is planned once per connection, often while the database is nearly empty, and must stay good: the
+batched chain query once joined a node to its parent in a way that, planned on a few runs, later started from
+every sequential node in the database (8-15 ms per batch in the throughput benchmark, growing with the
+table); counting a wide parent's children once walked every count row of the parent for each child counted.
+The rows each plan visits, unlike time, do not depend on the machine.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ from aetr.sandbox import ScriptError
 from aetr.store import ClaimedWork, open_store
 from aetr.store.migrate import upgrade_engine
 from aetr.store.postgres import EVENTS_SESSION
-from aetr.store.sql import Statements
+from aetr.store.sql import COUNT_CHILDREN_PG, Statements
 from tests.integration.conftest import TABLES
 
 pytestmark = pytest.mark.postgres
 
 ASKED = 10  # nodes asked about in one batch
-BUFFERS_PER_NODE = 40  # a good plan reads a few index and heap pages per node and ancestor
+ROWS_PER_NODE = 40  # a good plan visits a few rows for each node asked about: the node, its ancestors, a sibling
 
 
 class Calls:
@@ -72,11 +74,18 @@ async def grow(co: Coordinator, calls: Calls, runs: int) -> None:
                            for c in started))
 
 
-async def buffers_read(conn: asyncpg.Connection, ids: list[str]) -> int:
+def rows_visited(plan_json: str) -> int:
+    """Rows every node of an EXPLAIN ANALYZE plan produced, over all its loops."""
+    def visit(node: dict[str, Any]) -> int:
+        own = int(node.get("Actual Rows", 0)) * int(node.get("Actual Loops", 1))
+        return own + sum(visit(child) for child in node.get("Plans", ()))
+
+    return visit(orjson.loads(plan_json)[0]["Plan"])
+
+
+async def chains_visited(conn: asyncpg.Connection, ids: list[str]) -> int:
     arr = "ARRAY[" + ",".join(f"'{i}'" for i in ids) + "]::varchar[]"
-    text = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE chains({arr}, 1, 'sequential')")
-    top = orjson.loads(text)[0]["Plan"]
-    return int(top["Shared Hit Blocks"]) + int(top["Shared Read Blocks"])
+    return rows_visited(await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE chains({arr}, 1, 'sequential')"))
 
 
 async def test_the_batched_chain_query_planned_on_a_few_runs_reads_only_the_nodes_asked_about(
@@ -97,7 +106,30 @@ async def test_the_batched_chain_query_planned_on_a_few_runs_reads_only_the_node
         assert len(asked) == ASKED
         rows = await conn.fetch(f"EXECUTE chains(ARRAY{asked}::varchar[], 1, 'sequential')")
         assert {r[0] for r in rows} == set(asked)  # every node asked about has its chain (and its next sibling)
-        read = await buffers_read(conn, asked)
-        assert read <= BUFFERS_PER_NODE * ASKED
+        visited = await chains_visited(conn, asked)
+        assert visited <= ROWS_PER_NODE * ASKED, visited
+    finally:
+        await conn.close()
+
+
+async def test_counting_children_of_a_wide_parent_reads_only_the_children_counted(
+        coordinator: tuple[Coordinator, Calls], pg_url: str) -> None:
+    wide, counted = 5_000, 15  # children waiting to be counted, and counted in one statement
+    conn = await asyncpg.connect(pg_url, server_settings=EVENTS_SESSION)
+    try:
+        # What the children's events leave behind on PostgreSQL: one `count` row each, naming the parent.
+        await conn.execute("INSERT INTO run_counters (node_id, done) VALUES ('parent', 0)")
+        await conn.execute("INSERT INTO work (kind, node_id, root_id, attempt, due_at)"
+                           " SELECT 'count', 'parent', 'root', g, now() FROM generate_series(0, $1 - 1) AS g", wide)
+        await conn.execute("ANALYZE work")
+        await conn.execute(f"PREPARE count_children(varchar[], integer[], timestamptz, varchar, timestamptz)"
+                           f" AS {COUNT_CHILDREN_PG}")
+        parents = "ARRAY[" + ",".join(["'parent'"] * counted) + "]::varchar[]"
+        visited = rows_visited(await conn.fetchval(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE count_children({parents},"
+            f" ARRAY{list(range(counted))}::integer[], now(), 'me', now())"))
+        assert await conn.fetchval("SELECT done FROM run_counters WHERE node_id = 'parent'") == counted
+        assert await conn.fetchval("SELECT count(*) FROM work WHERE kind = 'count'") == wide - counted
+        assert visited <= ROWS_PER_NODE * counted, visited
     finally:
         await conn.close()
