@@ -238,6 +238,12 @@ COUNT_CHILDREN_PG = (
 FINISHED_FIELDS = ("node_id", "attempt", "kind")
 RUN_NODE_NAMES = tuple(c.name for c in run_nodes.c)
 COUNTER_NAMES = ("node_id", "done")
+# write_all's array parameters by group: (parameter, column of the group's rows); and each group with no rows.
+_ARRAY_KEYS = {prefix: tuple((prefix + name, name) for name in names) for prefix, names in (
+    ("i_", RUN_NODE_NAMES), ("c_", COUNTER_NAMES), ("n_", NODE_FIELDS), ("w_", WORK_FIELDS), ("e_", EVENT_FIELDS),
+    ("f_", FINISHED_FIELDS))}
+_NO_ROWS: dict[str, dict[str, tuple[()]]] = {prefix: {key: () for key, _ in keys}
+                                             for prefix, keys in _ARRAY_KEYS.items()}
 WRITE_ALL_NAMES = ("drop", "beats", *(f"w_{k}" for k in WORK_FIELDS), *(f"e_{k}" for k in EVENT_FIELDS),
                    *(f"n_{k}" for k in NODE_FIELDS), *(f"f_{k}" for k in FINISHED_FIELDS), "expected",
                    *(f"i_{name}" for name in RUN_NODE_NAMES), *(f"c_{name}" for name in COUNTER_NAMES))
@@ -409,6 +415,8 @@ class Statements:
         if isinstance(value, str):
             return _time_from_text(value)
         assert isinstance(value, datetime)
+        if value.tzinfo is UTC:  # asyncpg's timestamptz
+            return value
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
     def node(self, row: Sequence[Any]) -> Node:
@@ -848,11 +856,13 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
         # changes run after it. A node changed meanwhile aborts the whole statement (SerializationError).
         if node_rows or drop or beats or work_rows or event_rows or finished or new_nodes:
             values = {"drop": drop, "beats": beats, "expected": len(node_rows)}
-            for prefix, names, rows in (("i_", RUN_NODE_NAMES, new_nodes), ("c_", COUNTER_NAMES, new_counters),
-                                        ("n_", NODE_FIELDS, node_rows), ("w_", WORK_FIELDS, work_rows),
-                                        ("e_", EVENT_FIELDS, event_rows), ("f_", FINISHED_FIELDS, finished)):
-                for name in names:
-                    values[prefix + name] = [r[name] for r in rows]
+            for group, rows in (("i_", new_nodes), ("c_", new_counters), ("n_", node_rows), ("w_", work_rows),
+                                ("e_", event_rows), ("f_", finished)):
+                if rows:
+                    for key, name in _ARRAY_KEYS[group]:
+                        values[key] = [r[name] for r in rows]
+                else:  # most groups, most events: a new run's 23 columns are empty in every callback's write
+                    values.update(_NO_ROWS[group])
             yield Fetch(st.write_all, values)
         return
     if drop:
