@@ -371,3 +371,19 @@ async def test_a_start_answers_alike_whichever_path_serves_it(aetr: Server, step
     async with aetr.http.post(f"{aetr.base_url}/api/v1/runs", data=b'{"step": "pair"',
                               headers={"Content-Type": "application/json"}) as resp:
         assert resp.status == 422 and "detail" in await resp.json()
+
+
+async def test_a_run_started_after_a_step_changed_runs_the_new_definition(aetr: Server,
+                                                                          steps_service: StepService) -> None:
+    # Starts reuse the step tree they built while it is unchanged: a change must reach the very next start.
+    steps_service.route("/old", callback(lambda x: {"by": "old"}))
+    steps_service.route("/new", callback(lambda x: {"by": "new"}))
+    await aetr.put_step({"name": "leaf", "kind": "api", "url": steps_service.url("/old")})
+    await aetr.put_step({"name": "pipe", "kind": "sequential", "children": [{"step": "leaf"}]})
+    first = await aetr.wait_run(await aetr.start("pipe", {"n": 1}))
+    await aetr.put_step({"name": "leaf", "kind": "api", "url": steps_service.url("/new")})
+    second = await aetr.wait_run(await aetr.start("pipe", {"n": 2}))
+    assert first["output"] == {"by": "old"} and second["output"] == {"by": "new"}
+    assert [c.json for c in steps_service.calls("/old")] == [{"n": 1}]
+    assert [c.json for c in steps_service.calls("/new")] == [{"n": 2}]
+    assert first["children"][0]["step"]["version"] == 1 and second["children"][0]["step"]["version"] == 2

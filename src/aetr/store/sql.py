@@ -525,10 +525,15 @@ def tree_from_rows(rows: Sequence[Sequence[Any]], key: str) -> StepTree | None:
     """
     if not rows:
         return None
+    if len(rows) > CACHED_TREE_ROWS:  # a large run's start is its rows' insert: the tree is not worth the memory
+        return _build_tree(rows, key)
     try:
         return _cached_tree(tuple(map(tuple, rows)), key)
     except TypeError:  # a config decoded to a dict (SQLAlchemy's JSON type): not hashable, build it afresh
         return _build_tree(rows, key)
+
+
+CACHED_TREE_ROWS = 200  # step links of the largest tree kept built; 256 such trees are kept at most
 
 
 @functools.lru_cache(maxsize=256)
