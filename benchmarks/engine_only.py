@@ -1,0 +1,102 @@
+"""The engine alone: the coordinator and the store, without HTTP, for comparing code with code.
+
+Each round starts `--runs` runs of a 3-step sequence together, then reports each step's success for all of
+them, three times, as the callbacks would; the calls the commits start are kept in memory, not made. It
+prints one JSON line per round: CPU milliseconds per start and per event.
+
+CPU milliseconds move with this VM's speed. For a number that does not, count instructions: run it with two
+numbers of rounds under `perf stat` and divide the difference by the extra runs (6 extra rounds × 500 runs):
+
+    perf stat -e instructions -x, .venv/bin/python -m benchmarks.engine_only --db sqlite --rounds 2
+    perf stat -e instructions -x, .venv/bin/python -m benchmarks.engine_only --db sqlite --rounds 8
+
+That is how docs/performance.md's "instructions per run" were measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvloop
+from pydantic import TypeAdapter
+
+from aetr.api.schemas import StepIn, flatten
+from aetr.engine.coordinator import Coordinator, utcnow
+from aetr.sandbox import ScriptError
+from aetr.store import ClaimedWork, open_store
+from aetr.store.migrate import upgrade_engine
+from benchmarks.databases import DEFAULT_POSTGRES_URL, fresh_database
+
+STEPS = 3
+
+
+class KeptCalls:
+    """Where the coordinator hands the calls its commits start: kept, to be answered by the next round."""
+
+    owner, lease_s, direct_limit = "engine-only", 60.0, 100_000
+
+    def __init__(self) -> None:
+        self.calls: list[ClaimedWork] = []
+
+    def perform(self, calls: list[ClaimedWork]) -> None:
+        self.calls.extend(calls)
+
+    def due(self, at: datetime) -> None:
+        pass
+
+
+async def measure(url: str, runs: int, rounds: int) -> None:
+    store = open_store(url)
+    await upgrade_engine(store.engine)
+    spec = {"name": "seq", "kind": "sequential", "children": [
+        {"step": {"name": f"s{i}", "kind": "api", "url": "http://127.0.0.1:9/step"}} for i in range(STEPS)]}
+    await store.put_steps(flatten(TypeAdapter(StepIn).validate_python(spec)), None, utcnow())
+    coordinator = Coordinator(store, None, ScriptError)  # type: ignore[arg-type]  # no mapper: no sandbox
+    kept = KeptCalls()
+    coordinator.sink = kept
+    try:
+        for n in range(rounds):
+            t0 = time.process_time()
+            await asyncio.gather(*(coordinator.start_run("seq", {"n": i, "round": n}, None) for i in range(runs)))
+            t1 = time.process_time()
+            events = 0
+            for _ in range(STEPS):
+                calls, kept.calls = kept.calls, []
+                await asyncio.gather(*(coordinator.step_succeeded(c.work.node_id, c.work.attempt,
+                                                                  {"out": c.work.node_id, "v": [1, 2, 3]}, "callback")
+                                       for c in calls))
+                events += len(calls)
+            t2 = time.process_time()
+            line: dict[str, Any] = {"round": n, "db": store.dialect, "runs": runs,
+                                    "start_cpu_ms": round((t1 - t0) / runs * 1000, 3),
+                                    "event_cpu_ms": round((t2 - t1) / max(events, 1) * 1000, 3)}
+            print(orjson.dumps(line).decode(), flush=True)
+    finally:
+        await store.close()
+
+
+async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="aetr-engine-only-") as workdir:
+        async with fresh_database(args.db, Path(workdir), "engine-only", args.postgres_url) as url:
+            await measure(url, args.runs, args.rounds)
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--runs", type=int, default=500, help="runs started together in each round")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--postgres-url", default=os.environ.get("AETR_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL))
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    uvloop.run(main(parse()))
