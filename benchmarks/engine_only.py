@@ -20,48 +20,24 @@ import asyncio
 import os
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import uvloop
-from pydantic import TypeAdapter
 
-from aetr.api.schemas import StepIn, flatten
-from aetr.engine.coordinator import Coordinator, utcnow
-from aetr.sandbox import ScriptError
-from aetr.store import ClaimedWork, open_store
+from aetr.store import open_store
 from aetr.store.migrate import upgrade_engine
+from aetr.testing.engine import coordinator_without_http
 from benchmarks.databases import DEFAULT_POSTGRES_URL, fresh_database
 
 STEPS = 3
 
 
-class KeptCalls:
-    """Where the coordinator hands the calls its commits start: kept, to be answered by the next round."""
-
-    owner, lease_s, direct_limit = "engine-only", 60.0, 100_000
-
-    def __init__(self) -> None:
-        self.calls: list[ClaimedWork] = []
-
-    def perform(self, calls: list[ClaimedWork]) -> None:
-        self.calls.extend(calls)
-
-    def due(self, at: datetime) -> None:
-        pass
-
-
 async def measure(url: str, runs: int, rounds: int) -> None:
     store = open_store(url)
     await upgrade_engine(store.engine)
-    spec = {"name": "seq", "kind": "sequential", "children": [
-        {"step": {"name": f"s{i}", "kind": "api", "url": "http://127.0.0.1:9/step"}} for i in range(STEPS)]}
-    await store.put_steps(flatten(TypeAdapter(StepIn).validate_python(spec)), None, utcnow())
-    coordinator = Coordinator(store, None, ScriptError)  # type: ignore[arg-type]  # no mapper: no sandbox
-    kept = KeptCalls()
-    coordinator.sink = kept
+    coordinator, kept = await coordinator_without_http(store, "seq", STEPS)
     try:
         for n in range(rounds):
             t0 = time.process_time()
@@ -69,11 +45,7 @@ async def measure(url: str, runs: int, rounds: int) -> None:
             t1 = time.process_time()
             events = 0
             for _ in range(STEPS):
-                calls, kept.calls = kept.calls, []
-                await asyncio.gather(*(coordinator.step_succeeded(c.work.node_id, c.work.attempt,
-                                                                  {"out": c.work.node_id, "v": [1, 2, 3]}, "callback")
-                                       for c in calls))
-                events += len(calls)
+                events += await kept.succeed(coordinator, {"out": n, "v": [1, 2, 3]})
             t2 = time.process_time()
             line: dict[str, Any] = {"round": n, "db": store.dialect, "runs": runs,
                                     "start_cpu_ms": round((t1 - t0) / runs * 1000, 3),

@@ -16,15 +16,13 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
-from pydantic import TypeAdapter
 
-from aetr.api.schemas import StepIn, flatten
-from aetr.engine.coordinator import Coordinator, utcnow
-from aetr.sandbox import ScriptError
-from aetr.store import ClaimedWork, open_store
+from aetr.engine.coordinator import Coordinator
+from aetr.store import open_store
 from aetr.store.migrate import upgrade_engine
 from aetr.store.postgres import EVENTS_SESSION
 from aetr.store.sql import COUNT_CHILDREN_PG, Statements
+from aetr.testing.engine import KeptCalls, coordinator_without_http
 from tests.integration.conftest import TABLES
 
 pytestmark = pytest.mark.postgres
@@ -33,45 +31,22 @@ ASKED = 10  # nodes asked about in one batch
 ROWS_PER_NODE = 40  # a good plan visits a few rows for each node asked about: the node, its ancestors, a sibling
 
 
-class Calls:
-    """Where the coordinator hands the calls it starts: kept, so the test can answer them."""
-
-    owner, lease_s, direct_limit = "test", 60.0, 10_000
-
-    def __init__(self) -> None:
-        self.calls: list[ClaimedWork] = []
-
-    def perform(self, calls: list[ClaimedWork]) -> None:
-        self.calls.extend(calls)
-
-    def due(self, at: Any) -> None:
-        pass
-
-
 @pytest.fixture
-async def coordinator(pg_url: str) -> AsyncIterator[tuple[Coordinator, Calls]]:
+async def coordinator(pg_url: str) -> AsyncIterator[tuple[Coordinator, KeptCalls]]:
     store = open_store(pg_url)
     await upgrade_engine(store.engine)
     async with store.engine.begin() as conn:
         await conn.exec_driver_sql(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
-    spec = {"name": "seq", "kind": "sequential", "children": [
-        {"step": {"name": f"s{i}", "kind": "api", "url": "http://127.0.0.1:9/step"}} for i in range(3)]}
-    await store.put_steps(flatten(TypeAdapter(StepIn).validate_python(spec)), None, utcnow())
-    calls = Calls()
-    co = Coordinator(store, None, ScriptError)  # type: ignore[arg-type]  # no mapper: no sandbox
-    co.sink = calls
     try:
-        yield co, calls
+        yield await coordinator_without_http(store, "seq", 3)
     finally:
         await store.close()
 
 
-async def grow(co: Coordinator, calls: Calls, runs: int) -> None:
+async def grow(co: Coordinator, calls: KeptCalls, runs: int) -> None:
     """Start `runs` runs and finish their first step."""
     await asyncio.gather(*(co.start_run("seq", {"n": n}, None) for n in range(runs)))
-    started, calls.calls = calls.calls, []
-    await asyncio.gather(*(co.step_succeeded(c.work.node_id, c.work.attempt, {"ok": True}, "callback")
-                           for c in started))
+    await calls.succeed(co, {"ok": True})
 
 
 def rows_visited(plan_json: str) -> int:
@@ -89,7 +64,7 @@ async def chains_visited(conn: asyncpg.Connection, ids: list[str]) -> int:
 
 
 async def test_the_batched_chain_query_planned_on_a_few_runs_reads_only_the_nodes_asked_about(
-        coordinator: tuple[Coordinator, Calls], pg_url: str) -> None:
+        coordinator: tuple[Coordinator, KeptCalls], pg_url: str) -> None:
     co, calls = coordinator
     await grow(co, calls, 5)
     conn = await asyncpg.connect(pg_url, server_settings=EVENTS_SESSION)
@@ -113,7 +88,7 @@ async def test_the_batched_chain_query_planned_on_a_few_runs_reads_only_the_node
 
 
 async def test_counting_children_of_a_wide_parent_reads_only_the_children_counted(
-        coordinator: tuple[Coordinator, Calls], pg_url: str) -> None:
+        coordinator: tuple[Coordinator, KeptCalls], pg_url: str) -> None:
     wide, counted = 5_000, 15  # children waiting to be counted, and counted in one statement
     conn = await asyncpg.connect(pg_url, server_settings=EVENTS_SESSION)
     try:
