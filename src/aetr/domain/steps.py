@@ -57,6 +57,11 @@ class StepConfig:
             return {"reducer": self.reducer}
         return {}
 
+    @functools.cached_property
+    def fields_text(self) -> str:
+        """`fields_json` encoded, as each run node stores it: once per config, not once per node started."""
+        return orjson.dumps(self.fields_json()).decode()
+
     @staticmethod
     def from_json(name: str, kind: StepKind, fields: Mapping[str, Any], *, id: str = "",
                   version: int = 0) -> StepConfig:

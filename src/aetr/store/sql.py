@@ -816,7 +816,7 @@ def _new_run_rows(run: InsertRun, st: Statements) -> tuple[list[dict[str, Any]],
     for n in run.nodes:
         rows.append({"id": n.id, "root_id": n.root_id, "parent_id": n.parent_id, "position": n.position,
                      "step_id": n.step.id, "step_name": n.step.name, "step_kind": n.step.kind,
-                     "step_version": n.step.version, "config": orjson.dumps(n.step.fields_json()).decode(),
+                     "step_version": n.step.version, "config": n.step.fields_text,
                      "mapper": n.mapper, "n_children": n.n_children,
                      "created_at": st.time_in(n.created_at), "snapshot": None, "idempotency_key": None,
                      **st.state_values(n)})
