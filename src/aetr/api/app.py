@@ -6,7 +6,7 @@ import hmac
 import inspect
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -215,8 +215,10 @@ def _telemetry() -> dict[str, Any]:
     return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """The ASGI application for these settings (or for an engine a test built)."""
+def create_app(settings: Settings | None = None, engine: Engine | None = None,
+               on_started: Callable[[], None] | None = None) -> FastAPI:
+    """The ASGI application for these settings (or for an engine a test built); `on_started` runs once the
+    engine has started, before the first request."""
     from aetr.api import callbacks, runs, sandbox, steps
 
     settings = settings or (engine.settings if engine else Settings.from_env())
@@ -226,6 +228,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         eng = engine or Engine(settings)
         await eng.start()
         app.state.engine = eng
+        if on_started is not None:
+            on_started()
         try:
             yield
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import ipaddress
 import logging
 import os
@@ -84,8 +85,8 @@ def serve(host: str = "127.0.0.1", port: int = 9999, insecure: bool = False, wor
     if workers == 1:
         from aetr.api.app import create_app
 
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False,
-                    log_config=log_config())
+        uvicorn.run(create_app(settings, on_started=settle_heap), host=host, port=port, log_level="info",
+                    access_log=False, log_config=log_config())
         return
     # The schema is brought up to date once, here, before the workers start (each would otherwise race to).
     from aetr.store.migrate import upgrade
@@ -117,4 +118,14 @@ def worker_app() -> Any:
     from aetr.api.app import create_app
 
     configure_logging()
-    return create_app(Settings.from_env(host=os.environ[WORKER_HOST_ENV], port=int(os.environ[WORKER_PORT_ENV])))
+    return create_app(Settings.from_env(host=os.environ[WORKER_HOST_ENV], port=int(os.environ[WORKER_PORT_ENV])),
+                      on_started=settle_heap)
+
+
+def settle_heap() -> None:
+    """Once the server has started: what it built to start (modules, the application, compiled statements,
+    pools) is kept out of the cycle collector's walks, which otherwise re-visit all of it at every full
+    collection while the server works (gc.freeze, as the gc module's documentation suggests for long-lived
+    objects)."""
+    gc.collect()
+    gc.freeze()
