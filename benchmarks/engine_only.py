@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 import uvloop
 
+from aetr.api.server import settle_heap
 from aetr.store import open_store
 from aetr.store.migrate import upgrade_engine
 from aetr.testing.engine import coordinator_without_http
@@ -38,6 +39,7 @@ async def measure(url: str, runs: int, rounds: int) -> None:
     store = open_store(url)
     await upgrade_engine(store.engine)
     coordinator, kept = await coordinator_without_http(store, "seq", STEPS)
+    settle_heap()  # the cycle collector tuned as `aetr serve` tunes it once started
     try:
         for n in range(rounds):
             t0 = time.process_time()
