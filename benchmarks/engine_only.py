@@ -10,7 +10,14 @@ numbers of rounds under `perf stat` and divide the difference by the extra runs 
     perf stat -e instructions -x, .venv/bin/python -m benchmarks.engine_only --db sqlite --rounds 2
     perf stat -e instructions -x, .venv/bin/python -m benchmarks.engine_only --db sqlite --rounds 8
 
-That is how docs/performance.md's "instructions per run" were measured.
+That is how docs/performance.md's "instructions per run" were measured. Where perf cannot count (it prints
+`<not supported>`), callgrind can, about 50 times slower; it counts user-space instructions only, so its
+numbers compare with each other, not with perf's:
+
+    PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null .venv/bin/python \\
+        -m benchmarks.engine_only --db sqlite --runs 200 --rounds 1   # then --rounds 3
+
+(the difference divided by 2 × 200 runs).
 """
 
 from __future__ import annotations
