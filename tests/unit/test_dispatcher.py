@@ -1,15 +1,24 @@
-"""Reading step answers: bodies and Retry-After."""
+"""Reading step answers: bodies and Retry-After; what a failed call leaves behind."""
 
 from __future__ import annotations
 
+import gc
+import socket
+import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from email.utils import format_datetime
+from typing import Any
 
 import orjson
 import pytest
 
+from aetr.domain.runs import Node, Work
+from aetr.domain.steps import StepConfig
 from aetr.engine.coordinator import utcnow
-from aetr.engine.dispatcher import parse_body, parse_retry_after
+from aetr.engine.dispatcher import Dispatcher, parse_body, parse_retry_after
+from aetr.engine.tokens import TokenSigner
+from aetr.store.sql import ClaimedWork
 
 
 def test_retry_after_in_seconds_or_as_a_date() -> None:
@@ -28,3 +37,58 @@ def test_bodies_are_json_when_they_are_json_and_text_otherwise() -> None:
     assert parse_body(b"", "application/json") is None
     with pytest.raises(orjson.JSONDecodeError):
         parse_body(b"{truncated", "application/json")
+
+
+class FailuresKept:
+    """Stands in for the coordinator: keeps the failures the dispatcher reports."""
+
+    def __init__(self) -> None:
+        self.failed: list[tuple[Any, ...]] = []
+
+    async def attempt_failed(self, *args: Any, **kwargs: Any) -> None:
+        self.failed.append(args)
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections: bound, never listening."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def collector_paused() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+async def test_a_call_to_a_step_that_is_down_does_not_leave_its_input_to_the_cycle_collector(
+        closed_port: int, collector_paused: None) -> None:
+    # A step that is down is called again and again; its inputs must go when each call has failed, not at the
+    # server's next (rare) collection.
+    size = 2_000_000
+    kept = FailuresKept()
+    dispatcher = Dispatcher(kept, TokenSigner("secret"), "http://127.0.0.1:9", 4)  # type: ignore[arg-type]
+    await dispatcher.start()
+    try:
+        node_id = str(uuid.uuid4())
+        node = Node(id=node_id, root_id=node_id, parent_id=None, position=0, mapper=None, n_children=0,
+                    step=StepConfig(name="down", kind="api", url=f"http://127.0.0.1:{closed_port}/step"),
+                    created_at=utcnow(), state="executing", input={"blob": "x" * size}, attempt=1)
+        await dispatcher.dispatch(ClaimedWork(Work("dispatch", node_id, node_id, 1, utcnow()), node))
+        assert len(kept.failed) == 1 and "failed" in kept.failed[0][2], kept.failed
+        del node
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection would free stays in gc.garbage, to be looked at
+        gc.collect()
+        holding = [type(o).__name__ for o in gc.garbage for r in gc.get_referents(o)
+                   if isinstance(r, bytes | str) and len(r) >= size]
+        assert holding == [], f"unreachable objects still hold the call's input: {holding}"
+    finally:
+        await dispatcher.close()

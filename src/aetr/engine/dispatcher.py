@@ -7,6 +7,7 @@ import io
 import logging
 import random
 import time
+import traceback
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -129,6 +130,10 @@ class Dispatcher:
                 status, content_type = resp.status, resp.headers.get("Content-Type")
                 retry_after = resp.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # aiohttp's failed call leaves its exception in a reference cycle through the frames it unwound, and
+            # those frames hold the request's body: a step that is down would keep every input sent to it until
+            # the next collection (aetr serve collects rarely: see settle_heap). Cleared, the cycle is gone.
+            traceback.clear_frames(exc.__traceback__)
             metrics.CALLS.labels("unreachable").inc()
             # The driver's text may quote the URL called, whose `aetr=` parameter holds the callback token.
             reason = f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else redact(str(exc))
