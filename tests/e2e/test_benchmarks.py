@@ -1,0 +1,46 @@
+"""The benchmark suite's documented command works from a checkout: its smoke run (`--quick`) on each database.
+
+Numbers are not judged here (they come from full runs on a quiet machine, docs/performance.md); what is
+checked is that every scenario ran to the end against the real server and reported what it measured.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.e2e.conftest import PG_ADMIN_URL
+
+ROOT = Path(__file__).resolve().parents[2]
+DEADLINE_S = 300  # the whole smoke run; it takes about 10 s per database here
+
+
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_the_quick_benchmark_runs_every_scenario_to_the_end(db: str, tmp_path: Path) -> None:
+    env = {**os.environ, "AETR_BENCH_POSTGRES_URL": PG_ADMIN_URL}
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--db", db, "--workdir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=DEADLINE_S, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines: list[dict[str, Any]] = [orjson.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    assert [(line["scenario"], line["db"]) for line in lines] == [
+        ("chain", db), ("throughput", db), ("fanout", db), ("fanout", db), ("load", db), ("sandbox", db)]
+    assert all(line["quick"] is True and line["met"] is None for line in lines), "quick sizes are never judged"
+    chain, throughput, fan_small, fan_large, load, sandbox = lines
+
+    assert chain["runs_not_complete"] == 0
+    assert chain["gaps"] == chain["runs"] * (chain["steps"] - 1) and chain["p50_ms"] > 0
+    assert throughput["runs_started"] == throughput["runs_complete"] == throughput["runs"]
+    assert throughput["start_errors"] == [] and throughput["transitions_per_s"] > 0
+    for fan in (fan_small, fan_large):
+        assert fan["root_state"] == "complete" and fan["output_len"] == fan["children"], fan
+        assert fan["peak_rss_mb"] > 0 and fan["root_complete_s"] >= fan["all_called_s"] > 0
+    assert (fan_small["children"], fan_large["children"]) == (20, 100)
+    assert load["run_round_trips"] == 1 and load["tree_round_trips"] == 1, load
+    assert load["run_nodes"] == 100 and load["run_bytes"] > 0
+    assert sandbox["calls"] == 200 and 0 < sandbox["p50_ms"] <= sandbox["p99_ms"]
