@@ -7,7 +7,6 @@ import io
 import logging
 import random
 import time
-import traceback
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -63,6 +62,23 @@ def parse_retry_after(value: str | None) -> float | None:
 def _span_id() -> str:
     # A trace's span id only has to differ from its siblings': no system call for secure randomness per call.
     return f"{random.getrandbits(64) or 1:016x}"
+
+
+def _forget_frames(exc: BaseException) -> None:
+    """Drop the tracebacks of a failed call's exception chain.
+
+    aiohttp leaves a failed call's exception in a reference cycle through the frames it unwound, and those
+    frames hold the request's body: a step that is down would keep every input sent to it until the next
+    collection, and `aetr serve` collects rarely (see settle_heap). Only the message is kept of the failure.
+    (The frames themselves are not cleared: in Python before 3.13 that would close a suspended coroutine whose
+    frame a traceback happened to hold.)
+    """
+    seen: set[int] = set()
+    chained: BaseException | None = exc
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__
 
 
 @functools.lru_cache(maxsize=1024)
@@ -130,10 +146,7 @@ class Dispatcher:
                 status, content_type = resp.status, resp.headers.get("Content-Type")
                 retry_after = resp.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            # aiohttp's failed call leaves its exception in a reference cycle through the frames it unwound, and
-            # those frames hold the request's body: a step that is down would keep every input sent to it until
-            # the next collection (aetr serve collects rarely: see settle_heap). Cleared, the cycle is gone.
-            traceback.clear_frames(exc.__traceback__)
+            _forget_frames(exc)
             metrics.CALLS.labels("unreachable").inc()
             # The driver's text may quote the URL called, whose `aetr=` parameter holds the callback token.
             reason = f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else redact(str(exc))
