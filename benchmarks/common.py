@@ -67,6 +67,9 @@ class Sizes:
                      mapper_chain_steps=5, mapper_chain_runs=1)
 
 
+GC_METRIC = 'python_gc_collections_total{generation="'  # prometheus_client's own collector, in /metrics
+
+
 @dataclass
 class Phase:
     """What a measured phase used: wall time, CPU seconds per process, and (PostgreSQL) what sessions did."""
@@ -76,6 +79,8 @@ class Phase:
     pg_sessions: dict[str, float] = field(default_factory=dict)
     # Millions of instructions the AETR processes retired (perf stat), when perf can count them here.
     instructions_m: float | None = None
+    # Collections of each generation by Python's cycle collector in the server (one process only).
+    gc_collections: list[int] | None = None
 
 
 class InstructionCount:
@@ -185,6 +190,23 @@ class Context:
         return {pid: used for pid in children_of(os.getpid())
                 if pid not in mine and (used := cpu_seconds(pid)) is not None}
 
+    async def _gc_collections(self) -> list[int] | None:
+        """The server's cycle collections so far, per generation, from its /metrics; None when it serves from
+        several processes (each answer would be one worker's) or the numbers cannot be read."""
+        if len(self.server.aetr_pids()) != 1:
+            return None
+        counts: dict[int, int] = {}
+        try:
+            async with self.http.get(self.server.url + "/metrics") as response:
+                text = await response.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        for line in text.splitlines():
+            if line.startswith(GC_METRIC):
+                generation, _, value = line[len(GC_METRIC):].partition('"} ')
+                counts[int(generation)] = int(float(value))
+        return [counts[g] for g in range(3)] if sorted(counts) == [0, 1, 2] else None
+
     @property
     def other_load_pct(self) -> float:
         """The largest share of the machine that other work took during any measured phase, in percent."""
@@ -222,6 +244,7 @@ class Context:
         workers_before = self._sandbox_worker_cpu()
         helpers_before = self._own_helper_cpu()
         busy_before = machine_busy_seconds()
+        gc_before = await self._gc_collections()
         phase = Phase()
         stop = asyncio.Event()
         sampler = (asyncio.create_task(sample_sessions(self.database_url, stop, phase))
@@ -257,6 +280,9 @@ class Context:
             phase.cpu_s["machine_busy_pct"] = round(100 * busy / capacity, 1) if capacity else 0.0
             phase.cpu_s["loadavg_1m"] = load_average()
             phase.instructions_m = await counter.stop()
+            gc_after = await self._gc_collections()
+            if gc_before is not None and gc_after is not None:
+                phase.gc_collections = [after - before for before, after in zip(gc_before, gc_after, strict=True)]
             self.server.sample_children()
             self.phases[name] = phase
             if profiler is not None:

@@ -77,10 +77,13 @@ class Case:
 
 
 def pg(phase: Phase) -> Metrics:
-    """The PostgreSQL session counts of a phase when there are any, and the AETR processes' instructions."""
+    """The PostgreSQL session counts of a phase when there are any, the AETR processes' instructions, and the
+    server's cycle collections per generation."""
     out: Metrics = {"pg_sessions": phase.pg_sessions} if phase.pg_sessions else {}
     if phase.instructions_m is not None:
         out["aetr_instructions_m"] = phase.instructions_m
+    if phase.gc_collections is not None:
+        out["aetr_gc_collections"] = phase.gc_collections
     return out
 
 

@@ -44,3 +44,9 @@ def test_the_quick_benchmark_runs_every_scenario_to_the_end(db: str, tmp_path: P
     assert load["run_round_trips"] == 1 and load["tree_round_trips"] == 1, load
     assert load["run_nodes"] == 100 and load["run_bytes"] > 0
     assert sandbox["calls"] == 200 and 0 < sandbox["p50_ms"] <= sandbox["p99_ms"]
+    for line in (chain, throughput, fan_small, fan_large):  # the server's cycle collections, read from /metrics
+        collections = line["aetr_gc_collections"]
+        assert len(collections) == 3 and all(isinstance(n, int) and n >= 0 for n in collections), line
+    # `aetr serve` tunes its collector once started (settle_heap): at Python's defaults the fan-out of 100 alone
+    # makes about 20 young and 2 middle-aged collections; tuned, none or hardly any.
+    assert sum(fan_large["aetr_gc_collections"]) <= 3, fan_large["aetr_gc_collections"]
