@@ -235,6 +235,7 @@ class Context:
             await asyncio.sleep(PROFILER_ATTACH_S)
             self.profiled = True
         pids = {"stepsvc": self.svc.pid}
+        gc_before = await self._gc_collections()  # before the counts start: serving /metrics is not the phase's
         counter = InstructionCount(self.server.aetr_pids())
         await counter.start()
         aetr_before = self._aetr_cpu()
@@ -244,7 +245,6 @@ class Context:
         workers_before = self._sandbox_worker_cpu()
         helpers_before = self._own_helper_cpu()
         busy_before = machine_busy_seconds()
-        gc_before = await self._gc_collections()
         phase = Phase()
         stop = asyncio.Event()
         sampler = (asyncio.create_task(sample_sessions(self.database_url, stop, phase))

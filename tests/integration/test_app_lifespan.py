@@ -15,9 +15,9 @@ DEADLINE_S = 30.0
 
 
 async def test_on_started_runs_once_the_engine_has_started_and_before_startup_completes(tmp_path: Path) -> None:
+    seen: list[Engine] = []
     app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'aetr.db'}"),
                      on_started=lambda: seen.append(app.state.engine))
-    seen: list[Engine] = []
     inbox: asyncio.Queue[Message] = asyncio.Queue()
     outbox: asyncio.Queue[Message] = asyncio.Queue()
 
