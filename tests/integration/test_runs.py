@@ -249,6 +249,19 @@ async def test_empty_parents_complete_with_their_input_or_reducer(aetr: Server) 
     assert run["state"] == "complete" and run["output"] == []
 
 
+async def test_a_parallel_of_parents_that_complete_as_they_start_reduces_over_their_outputs(aetr: Server) -> None:
+    await aetr.put_step({"name": "inner", "kind": "parallel", "children": []})
+    await aetr.put_step({"name": "eseq", "kind": "sequential", "children": []})
+    await aetr.put_step({"name": "outer", "kind": "parallel", "children": [{"step": "inner"}, {"step": "inner"}]})
+    await aetr.put_step({"name": "p5", "kind": "parallel", "children": [
+        {"step": "eseq"}, {"step": "eseq", "mapper": "(x) => x.k + 1"}]})
+    await aetr.put_step({"name": "counted", "kind": "parallel", "reducer": "(outs) => ({n: outs.length})",
+                         "children": [{"step": "eseq"}, {"step": "inner"}]})
+    for name, expected in (("outer", [[], []]), ("p5", [{"k": 1}, 2]), ("counted", {"n": 2})):
+        run = await aetr.wait_run(await aetr.start(name, {"k": 1}))
+        assert (run["state"], run["output"]) == ("complete", expected), name
+
+
 async def test_list_runs_filters_and_pages(aetr: Server) -> None:
     await aetr.put_step({"name": "e1", "kind": "sequential"})
     await aetr.put_step({"name": "e2", "kind": "sequential"})

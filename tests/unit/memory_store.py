@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,12 +34,11 @@ class MemoryStore:
     def start(self, tree: StepTree, run_input: Any) -> str:
         """Create and start a run; return its id."""
         nodes = build_run_nodes(tree, run_input, self.now, self._new_id)
-        for n in nodes:
-            self.nodes[n.id] = n
-        plan = Plan(now=self.now)
+        # As in the engine, the new run's nodes are written by the start event's commit, not before it.
+        plan = Plan(now=self.now, new_run=True)
         plan.absorb(nodes, children_of=[n.id for n in nodes])
         plan.whole_run = True
-        self._drive(plan, decide.start_run(plan, nodes[0].id))
+        self._drive(plan, decide.start_run(plan, nodes[0].id), new=nodes)
         return nodes[0].id
 
     def event(self, node_id: str, handler: Callable[[Plan], Generator[Any, Any, Any]]) -> Any:
@@ -64,7 +63,7 @@ class MemoryStore:
             out.extend(self._subtree(kid.id))
         return out
 
-    def _drive(self, plan: Plan, gen: Generator[Any, Any, Any]) -> Any:
+    def _drive(self, plan: Plan, gen: Generator[Any, Any, Any], new: Sequence[Node] = ()) -> Any:
         pending_done: dict[str, int] = {}
         answer: Any = None
         while True:
@@ -92,7 +91,9 @@ class MemoryStore:
                     answer = decide.ScriptResult(error=str(exc))
             else:  # pragma: no cover - a new request type must be taught here
                 raise AssertionError(req)
-        # Commit: optimistic versions must match what is stored.
+        # Commit: a new run's nodes are inserted; optimistic versions must match what is stored.
+        for node in new:
+            self.nodes[node.id] = node
         for node in plan.changed:
             assert self.nodes[node.id].version == plan.loaded_versions[node.id], "lost update"
             self.nodes[node.id] = node

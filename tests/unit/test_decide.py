@@ -76,11 +76,13 @@ def trees(draw: st.DrawFn) -> StepTree:
     counter = iter(range(10_000))
 
     def build(depth: int) -> StepTree:
-        kind = draw(st.sampled_from(["api", "api", "sequential", "parallel"] if depth < 3 else ["api"]))
+        # Parents at every depth, the deepest ones empty: empty parents complete as they start, inside their
+        # own parent's start, which is where a parallel parent once reduced over no outputs at all.
+        kind = draw(st.sampled_from(["api", "api", "sequential", "parallel"]))
         if kind == "api":
             return api(f"a{next(counter)}")
         kids = tuple((draw(st.sampled_from([None, None, "wrap"])), build(depth + 1))
-                     for _ in range(draw(st.integers(0, 4))))
+                     for _ in range(draw(st.integers(0, 4 if depth < 3 else 0))))
         if kind == "sequential":
             return StepTree(StepConfig(name=f"s{next(counter)}", kind="sequential"), kids)
         reducer = draw(st.sampled_from(["array", "last", "merge", "count"]))
@@ -137,6 +139,16 @@ def test_empty_parents_complete_at_once() -> None:
     assert store.nodes[root].state == "complete"
     assert store.nodes[root].output == {}
     assert store.nodes[by_name(store, "e2")].output == []
+
+
+def test_a_parallel_parent_whose_children_complete_as_they_start_reduces_over_their_outputs() -> None:
+    store = MemoryStore({"plus1": lambda args: args[0]["k"] + 1, "count": lambda args: {"n": len(args[0])}})
+    outer = store.start(par("outer", par("inner1"), par("inner2")), {"k": 1})
+    assert store.nodes[outer].output == [[], []]
+    p5 = store.start(par("p5", seq("e1"), ("plus1", seq("e2"))), {"k": 1})
+    assert store.nodes[p5].output == [{"k": 1}, 2]
+    counted = store.start(par("c", seq("e3"), seq("e4"), reducer="count"), {"k": 1})
+    assert store.nodes[counted].output == {"n": 2}
 
 
 def test_duplicate_callback_is_reported_and_changes_nothing() -> None:

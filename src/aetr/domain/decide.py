@@ -343,8 +343,10 @@ def _after_complete(plan: Plan, node: Node) -> Step:
     done: int = yield BumpDone(parent.id)
     if done < parent.n_children:
         return
-    # Every child is done. Read them afresh: siblings may have completed in other transactions.
-    plan.children.pop(parent.id, None)
+    if not plan.new_run:
+        # Every child is done. Read them afresh: siblings may have completed in other transactions. A run being
+        # started has no other transactions, and nothing written yet to read: its children are in the plan.
+        plan.children.pop(parent.id, None)
     kids = yield from _children(plan, parent)
     yield from _complete_parent(plan, parent, [k.output for k in kids])
 

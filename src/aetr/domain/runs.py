@@ -128,6 +128,9 @@ class Plan:
     # counter inside the event: on PostgreSQL the bump holds the counter's row lock until the commit, and a
     # wide parallel parent's siblings then finish one at a time.
     count_later: bool = False
+    # The run is being started: its nodes are all in this plan and none is in the database yet, so the plan,
+    # not a read, is the truth about them (a read of a new parent's children finds none).
+    new_run: bool = False
 
     def absorb(self, rows: Iterable[Node], *, children_of: Iterable[str] = ()) -> None:
         """Add freshly read nodes; nodes this plan already changed keep the plan's version of them.

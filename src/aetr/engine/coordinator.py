@@ -156,7 +156,7 @@ class Coordinator:
             return Outcome(decide.Verdict("unknown", f"no step named (or with id) '{step}'"), created=False)
         nodes = build_run_nodes(tree, run_input, utcnow(), time_ordered_ids().__next__)
         root_id = nodes[0].id
-        plan = Plan(now=nodes[0].created_at)
+        plan = Plan(now=nodes[0].created_at, new_run=True)
         plan.absorb(nodes, children_of=[n.id for n in nodes])
         plan.whole_run = True
         done: dict[str, int] = {}
