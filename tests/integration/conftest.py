@@ -127,7 +127,7 @@ def free_port() -> int:
 async def running_server(database_url: str, **settings: Any) -> AsyncIterator[Server]:
     """Start AETR on a free loopback port (uvicorn, in this event loop) and stop it afterwards."""
     port = free_port()
-    config = Settings(database_url=database_url, port=port, poll_s=0.2, lease_s=5.0, **settings)
+    config = Settings(**{"database_url": database_url, "port": port, "poll_s": 0.2, "lease_s": 5.0, **settings})
     engine = Engine(config)
     if engine.store.dialect == "postgresql":
         await upgrade_engine(engine.store.engine)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -260,6 +261,21 @@ async def test_a_parallel_of_parents_that_complete_as_they_start_reduces_over_th
     for name, expected in (("outer", [[], []]), ("p5", [{"k": 1}, 2]), ("counted", {"n": 2})):
         run = await aetr.wait_run(await aetr.start(name, {"k": 1}))
         assert (run["state"], run["output"]) == ("complete", expected), name
+
+
+async def test_a_long_poll_answers_as_soon_as_the_run_ends(database_url: str, steps_service: StepService) -> None:
+    # A long poll re-reads every poll interval anyway: make that long, so that only being woken is fast.
+    async with running_server(database_url, poll_s=5.0) as aetr:
+        steps_service.route("/inc", sync(lambda x: x + 1))
+        await aetr.put_step({"name": "chain", "kind": "sequential", "children": [
+            {"step": api(steps_service, "inc", mode="sync")}, {"step": "inc"}, {"step": "inc"}]})
+        late = []
+        for i in range(30):
+            status, run = await aetr.call("GET", f"/api/v1/runs/{await aetr.start('chain', i)}?wait=10")
+            answered = datetime.now(UTC)
+            assert status == 200 and run["output"] == i + 3, run
+            late.append((answered - datetime.fromisoformat(run["completed_at"])).total_seconds())
+        assert max(late) < 0.5, sorted(late)[-5:]
 
 
 async def test_list_runs_filters_and_pages(aetr: Server) -> None:

@@ -81,11 +81,14 @@ async def get_run(
             raise HTTPException(404, f"no run with id '{run_id}'")
         root_id, state = found
         deadline = time.monotonic() + wait
-        while state not in TERMINAL and (left := deadline - time.monotonic()) > 0:
-            # Woken by this process's commits at once; re-read at least every poll interval so a run
-            # advanced by another process sharing the database is seen too.
-            await engine.wait_for_change(root_id, min(left, engine.settings.poll_s))
-            state = (await engine.store.get_run_state(root_id) or (root_id, state))[1]
+        with engine.watching(root_id) as changed:
+            if state not in TERMINAL:  # it may have ended before the watch began
+                state = (await engine.store.get_run_state(root_id) or (root_id, state))[1]
+            while state not in TERMINAL and (left := deadline - time.monotonic()) > 0:
+                # Woken by this process's commits at once; re-read at least every poll interval so a run
+                # advanced by another process sharing the database is seen too.
+                await changed.changed(min(left, engine.settings.poll_s))
+                state = (await engine.store.get_run_state(root_id) or (root_id, state))[1]
     body = await engine.store.get_run_json(node_id)
     if body is None:
         raise HTTPException(404, f"no run with id '{run_id}'")

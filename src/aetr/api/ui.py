@@ -17,6 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 from aetr.api.app import engine_of, require_token
 from aetr.api.render import nest
 from aetr.domain.runs import TERMINAL
+from aetr.engine.runtime import RunWatch
 from aetr.ui import static_file
 
 log = logging.getLogger("aetr.api.ui")
@@ -91,7 +92,13 @@ async def stream_run(
     poll_s = engine.settings.poll_s
 
     async def messages() -> AsyncIterator[bytes]:
+        with engine.watching(root_id) as watch:
+            async for message in _stream(watch):
+                yield message
+
+    async def _stream(watch: RunWatch) -> AsyncIterator[bytes]:
         tree = nest(first)
+        watch.event.set()  # the first read came before the watch: read once more after it
         sent = b""
         started = last_write = read_at = time.monotonic()
         read_s = 0.0
@@ -111,7 +118,7 @@ async def stream_run(
             if now - started >= STREAM_MAX_S or await request.is_disconnected():
                 return
             # Woken at once by this process's commits; every poll_s anyway, for changes made by another process.
-            await engine.wait_for_change(root_id, poll_s)
+            await watch.changed(poll_s)
             if (pause := read_at + max(REFRESH_MIN_S, REFRESH_COST_FACTOR * read_s) - time.monotonic()) > 0:
                 await asyncio.sleep(pause)  # a rate limit: the changes made meanwhile are in the next read
             read_at = time.monotonic()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 from aetr.config import MIB, Settings
@@ -22,6 +24,25 @@ LISTEN_WAIT_S = 30.0  # seconds to wait for our own port to accept connections b
 LISTEN_POLL_S = 0.02  # seconds between looks at it
 
 log = logging.getLogger("aetr.engine")
+
+
+class RunWatch:
+    """Wakes a reader of a run when this process commits a change to it.
+
+    Start watching before reading the run, and wait between reads: a commit that lands while a read is under
+    way (a reader thread can return a state already out of date) then still wakes the next wait. Waiting
+    only after a read had left such a waiter asleep for a whole poll interval after its run ended.
+    """
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    async def changed(self, seconds: float) -> None:
+        """Return once a change was committed since the last return, or after `seconds`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.event.wait()
+        self.event.clear()
 
 
 class Engine:
@@ -91,19 +112,17 @@ class Engine:
         await self.store.close()
         self.sandbox.close()
 
-    async def wait_for_change(self, root_id: str, seconds: float) -> None:
-        """Return when this process commits a change to the run, or after `seconds`."""
-        event = asyncio.Event()
-        self._run_waiters[root_id].add(event)
+    @contextlib.contextmanager
+    def watching(self, root_id: str) -> Iterator[RunWatch]:
+        """Watch this process's commits to a run for as long as the block runs; see RunWatch."""
+        watch = RunWatch()
+        self._run_waiters[root_id].add(watch.event)
         try:
-            async with asyncio.timeout(seconds):
-                await event.wait()
-        except TimeoutError:
-            pass
+            yield watch
         finally:
             waiters = self._run_waiters.get(root_id)
             if waiters is not None:
-                waiters.discard(event)
+                waiters.discard(watch.event)
                 if not waiters:
                     del self._run_waiters[root_id]
 
