@@ -184,3 +184,36 @@ async def test_a_server_killed_mid_flight_and_restarted_completes_every_run_exac
     # The step service saw each step of each run at least once, and only steps of these runs.
     assert {c.node_id for c in svc.calls()} == api_node_ids
     assert svc.errors == [], svc.errors
+
+
+UNMADE_RUNS = 100
+UNMADE_LEASE_S = 60  # the default lease: waiting it out would take longer than the test allows
+UNMADE_FINISH_S = 30.0  # seconds after the restart for every run to end: well under the lease
+
+
+async def test_calls_committed_but_not_made_when_killed_are_made_at_once_after_a_restart(
+        launcher: Launcher, database_url: str, http: aiohttp.ClientSession) -> None:
+    async def inc(request: StepRequest) -> web.StreamResponse:
+        await asyncio.sleep(0.05)  # the step's own work: calls queue behind the few in flight
+        return web.json_response(request.input + 1)
+
+    async with StepService() as svc:
+        svc.route("/inc", inc)
+        # Four calls at a time: when the server is killed most calls it committed are still waiting to be made.
+        aetr = await launcher.serve(database_url, env={"AETR_LEASE_S": str(UNMADE_LEASE_S), "AETR_MAX_IN_FLIGHT": "4"})
+        api = Api(http, aetr.url)
+        # A deadline shorter than the restart: it must count from the call, which the dead server never made.
+        await api.put_step({"name": "inc", "kind": "api", "url": svc.url("/inc"), "mode": "sync", "timeout_s": 1,
+                            "retry": {"max_attempts": 1}})
+        await api.put_step({"name": "chain", "kind": "sequential", "children": [{"step": "inc"}] * 3})
+        run_ids = await asyncio.gather(*(api.start_run("chain", k) for k in range(UNMADE_RUNS)))
+        await svc.wait_for_calls("/inc", 20, timeout=WAIT_S)
+        aetr.kill()
+        made_before_kill = len(svc.calls("/inc"))
+        await aetr.start_ready()
+        runs = await asyncio.gather(*(api.wait_run(run_id, UNMADE_FINISH_S) for run_id in run_ids))
+
+    assert made_before_kill < UNMADE_RUNS, "the kill came after every first call was made: nothing was tested"
+    ended = Counter((run["state"], (run["error"] or {}).get("kind")) for run in runs)
+    assert ended == {("complete", None): UNMADE_RUNS}, ended
+    assert [run["output"] for run in runs] == [k + 3 for k in range(UNMADE_RUNS)]

@@ -8,10 +8,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from aetr.api.render import nest
 from aetr.store.store import count_round_trips
-from aetr.testing import StepService, callback, callback_before_answer, fail, never, sequence, status, sync
+from aetr.testing import StepRequest, StepService, callback, callback_before_answer, fail, never, sequence, status, sync
 from tests.integration.conftest import Server, running_server
 
 
@@ -209,6 +210,31 @@ async def test_a_step_that_never_calls_back_times_out(aetr: Server, steps_servic
     await aetr.put_step(api(steps_service, "mute", timeout_s=0.3, retry={"max_attempts": 1}))
     run = await aetr.wait_run(await aetr.start("mute"))
     assert run["state"] == "error" and run["error"]["kind"] == "timeout"
+
+
+async def test_a_deadline_counts_from_the_call_not_from_the_wait_for_a_connection(
+        database_url: str, steps_service: StepService) -> None:
+    release = asyncio.Event()
+
+    async def held(request: StepRequest) -> web.StreamResponse:
+        await release.wait()
+        return web.json_response(request.input)
+
+    steps_service.route("/held", held)
+    steps_service.route("/quick", sync(lambda x: x + 1))
+    async with running_server(database_url, max_in_flight=1) as aetr:  # one call at a time
+        await aetr.put_step(api(steps_service, "held", mode="sync"))
+        await aetr.put_step(api(steps_service, "quick", mode="sync", timeout_s=0.3, retry={"max_attempts": 1}))
+        await aetr.start("held", 0)
+        await steps_service.wait_for_calls("/held", 1)
+        queued = await aetr.start("quick", 1)
+        # The clock is what is tested here: three deadlines pass while the call waits for the only slot.
+        await asyncio.sleep(1.0)
+        status, run = await aetr.call("GET", f"/api/v1/runs/{queued}")
+        assert (status, run["state"], steps_service.calls("/quick")) == (200, "executing", []), run
+        release.set()
+        run = await aetr.wait_run(queued)
+    assert (run["state"], run["output"], run["attempt"]) == ("complete", 2, 1), run
 
 
 async def test_branches_advance_independently(aetr: Server, steps_service: StepService) -> None:

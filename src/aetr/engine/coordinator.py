@@ -29,6 +29,8 @@ from aetr.store.sql import (
     Lease,
     LoadChain,
     LoadTree,
+    PendingCall,
+    Postpone,
     Program,
     single,
 )
@@ -181,7 +183,12 @@ class Coordinator:
             source, attempt)
 
     async def deadline_passed(self, node_id: str, attempt: int, heartbeat: bool = False) -> decide.Verdict:
-        """An attempt's deadline, or its heartbeat deadline, passed; its work row goes in the same transaction."""
+        """An attempt's deadline, or its heartbeat deadline, passed; its work row goes in the same transaction.
+
+        A deadline counts from the call: while the attempt's call is still to be made (a process died after
+        committing it, or calls queue for a connection), the deadline moves on instead of failing an attempt
+        that never reached the step.
+        """
         row = FinishCall(node_id, attempt, "heartbeat" if heartbeat else "deadline")
         return await self._event(
             node_id, lambda plan: decide.deadline_passed(plan, node_id, attempt, heartbeat), None, attempt, row)
@@ -273,6 +280,11 @@ class Coordinator:
         if not chain.nodes:
             return Outcome(decide.Verdict("unknown", "no such node"))
         plan.absorb(chain.nodes)
+        deadline = next((c for c in answered if c.kind in ("deadline", "heartbeat")), None)
+        if deadline is not None and not any(c.kind == "dispatch" for c in answered):
+            postponed = yield from _postpone_unsent(plan, plan.nodes[node_id], deadline)
+            if postponed:
+                return Outcome(decide.Verdict("refused", "the attempt's call was not made yet"))
         verdict: decide.Verdict = yield from _answering(handler(plan), _sibling_reader(chain.following))
         if source is not None:
             data: dict[str, Any] = {"attempt": attempt, "outcome": verdict.outcome}
@@ -327,6 +339,21 @@ class Coordinator:
 
 
 LocalAnswer = Callable[[decide.Request], tuple[bool, Any]]  # (answered here, the answer)
+
+
+def _postpone_unsent(plan: Plan, node: Node, deadline: FinishCall) -> Program:
+    """Move a deadline on when its attempt's call is still to be made; True when it did."""
+    if node.state != "executing" or node.attempt != deadline.attempt or node.step.kind != "api":
+        return False
+    made_by: datetime | None = yield PendingCall(node.id, deadline.attempt)
+    if made_by is None:
+        return False
+    limit = node.step.heartbeat_s if deadline.kind == "heartbeat" else node.step.timeout_s
+    if limit is None:
+        return False
+    due = max(plan.now, made_by) + timedelta(seconds=limit)
+    yield Postpone(deadline.kind, node.id, deadline.attempt, due)
+    return True
 
 
 def _key(w: Work) -> tuple[str, str, int]:

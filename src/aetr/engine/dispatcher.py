@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import logging
@@ -100,6 +101,9 @@ class Dispatcher:
         self.signer = signer
         self.callback_base = callback_base
         self._max_connections = max_connections
+        # Calls wait for a slot here, before their time-out starts: aiohttp counts the wait for a pooled
+        # connection against the request's time-out, which failed calls that had never been sent.
+        self._slots = asyncio.Semaphore(max_connections)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -135,23 +139,27 @@ class Dispatcher:
         raw = orjson.dumps(node.input)
         # aiohttp streams file-like bodies instead of writing a large one in one go
         payload: bytes | io.BytesIO = io.BytesIO(raw) if len(raw) > STREAM_OVER_BYTES else raw
-        started = time.monotonic()
         assert self._session is not None
-        try:
-            # Redirects are not followed: they would carry the input and the callback token to wherever
-            # Location points (and a 301/302 turns the POST into a GET without its body).
-            async with self._session.request(step.method, url, data=payload, headers=headers, allow_redirects=False,
-                                             timeout=_timeout(timeout_s)) as resp:
-                body = await resp.read()
-                status, content_type = resp.status, resp.headers.get("Content-Type")
-                retry_after = resp.headers.get("Retry-After")
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            _forget_frames(exc)
+        failure: BaseException | None = None
+        async with self._slots:  # calls wait for a slot before their time-out starts (see __init__)
+            started = time.monotonic()
+            try:
+                # Redirects are not followed: they would carry the input and the callback token to wherever
+                # Location points (and a 301/302 turns the POST into a GET without its body).
+                async with self._session.request(step.method, url, data=payload, headers=headers,
+                                                 allow_redirects=False, timeout=_timeout(timeout_s)) as resp:
+                    body = await resp.read()
+                    status, content_type = resp.status, resp.headers.get("Content-Type")
+                    retry_after = resp.headers.get("Retry-After")
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                failure = exc
+        if failure is not None:
+            _forget_frames(failure)
             metrics.CALLS.labels("unreachable").inc()
             # The driver's text may quote the URL called, whose `aetr=` parameter holds the callback token.
-            reason = f"no answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else redact(str(exc))
+            reason = f"no answer within {timeout_s:g} s" if isinstance(failure, TimeoutError) else redact(str(failure))
             await self.coordinator.attempt_failed(
-                node.id, node.attempt, f"{step.method} {step.url} failed: {reason or type(exc).__name__}", "http",
+                node.id, node.attempt, f"{step.method} {step.url} failed: {reason or type(failure).__name__}", "http",
                 retryable=True, source="dispatch")
             return
         ms = round((time.monotonic() - started) * 1000, 1)

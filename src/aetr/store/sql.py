@@ -26,6 +26,7 @@ from sqlalchemy import (
     func,
     insert,
     literal_column,
+    null,
     or_,
     select,
     text,
@@ -362,6 +363,12 @@ class Statements:
             work.c.kind == literal_column("'dispatch'"), work.c.lease_owner == _p("owner")))
             .values(lease_until=_p("until")))
         self.claim = alone(_claim_stmt(dialect))
+        self.pending_call = read(select(work.c.due_at, work.c.lease_until).where(and_(
+            work.c.node_id == _p("node_id"), work.c.attempt == _p("attempt"),
+            work.c.kind == literal_column("'dispatch'"))))
+        self.postpone = alone(update(work).where(and_(
+            work.c.node_id == _p("node_id"), work.c.attempt == _p("attempt"), work.c.kind == _p("kind")))
+            .values(due_at=_p("due_at"), lease_owner=null(), lease_until=null()))
         # The nodes of the calls just claimed: one statement on PostgreSQL, one cheap lookup each on SQLite.
         self.nodes_by_id = read(select(*NODE_COLUMNS).where(
             run_nodes.c.id == func.any(_p("ids")) if dialect == "postgresql" else run_nodes.c.id == _p("ids")))
@@ -688,6 +695,26 @@ class RenewLease:
 
 
 @dataclass(frozen=True)
+class PendingCall:
+    """Request: whether an attempt's call is still to be answered — its dispatch row is there — and when it will
+    be made at the latest: when it is due, or when the lease of a process that may be making it ends (answer:
+    that time, or None when the row is gone)."""
+
+    node_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Postpone:
+    """Request: move a work row to a later due time, and let go of its lease."""
+
+    kind: str
+    node_id: str
+    attempt: int
+    due_at: datetime
+
+
+@dataclass(frozen=True)
 class CountChild:
     """Request: count a parent's finished child once, deleting its `count` work row in the same statement.
 
@@ -791,6 +818,16 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
         return None
     if isinstance(req, Claim):
         return (yield from _claim(req, st))
+    if isinstance(req, PendingCall):
+        rows = yield Fetch(st.pending_call, {"node_id": req.node_id, "attempt": req.attempt})
+        if not rows:
+            return None
+        times = [t for t in map(st.time_out, rows[0]) if t is not None]  # due_at, and lease_until when leased
+        return max(times)
+    if isinstance(req, Postpone):
+        yield Exec(st.postpone, {"node_id": req.node_id, "attempt": req.attempt, "kind": req.kind,
+                                 "due_at": st.time_in(req.due_at)})
+        return None
     if isinstance(req, CountChild):
         values = {"parent_id": req.parent_id, "position": req.position, "now": st.time_in(req.now),
                   "owner": req.owner, "until": st.time_in(req.until)}

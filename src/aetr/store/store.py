@@ -38,7 +38,7 @@ from aetr.store.sql import (
     nest_json,
     tree_from_rows,
 )
-from aetr.store.tables import UTCDateTime, events, run_nodes, settings, step_children, steps
+from aetr.store.tables import UTCDateTime, events, run_nodes, settings, step_children, steps, work
 
 ScriptCall = Callable[[RunScript], Coroutine[Any, Any, ScriptResult]]  # how an event's program reaches the sandbox
 AfterCommit = Callable[[Any], None]  # told an event's result once it is committed, whoever still awaits it
@@ -286,6 +286,20 @@ class Store:
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(events).where(events.c.root_id == root_id).order_by(events.c.id))
             return [_plain(r._mapping) for r in rows]
+
+    async def lease_holders(self, prefix: str) -> list[str]:
+        """The owners, named starting with `prefix`, of the work leases that have not ended yet."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(work.c.lease_owner).distinct().where(
+                work.c.lease_owner.startswith(prefix, autoescape=True)))
+            return [str(owner) for (owner,) in rows]
+
+    async def release_leases(self, owner: str) -> int:
+        """End every lease `owner` holds, so that its work can be claimed at once; how many rows it held."""
+        async with self._write_connection() as conn:
+            done = await conn.execute(update(work).where(work.c.lease_owner == owner)
+                                      .values(lease_owner=None, lease_until=None))
+            return int(done.rowcount)
 
     async def setting(self, key: str, default: str) -> str:
         """The stored value of `key`, storing `default` first when there is none (first writer wins)."""
