@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="small sizes: a smoke test that finishes in under a minute (targets are not judged)")
     parser.add_argument("--workers", type=int, default=1,
                         help="AETR_WORKERS of the server: processes serving the port (default 1)")
+    parser.add_argument("--set", action="append", default=[], metavar="AETR_NAME=VALUE", dest="settings",
+                        help="a setting of the server under test (repeatable), e.g. AETR_SQLITE_SYNCHRONOUS=normal")
     parser.add_argument("--standin", action="store_true",
                         help="measure the floor: benchmarks/standin.py (in memory, no database) in aetr's place; "
                              "chain and throughput only")
@@ -160,8 +162,9 @@ async def run_case(case: Case, db: str, args: argparse.Namespace, sizes: Sizes, 
     """One case on a fresh database, a fresh server and a fresh step service; its metrics (or its error)."""
     async with fresh_database(db, workdir, case.label, args.postgres_url) as url:
         tag = f"{case.label}-{db}-{time.strftime('%H%M%S')}"
-        server = AetrServer(url, workdir / f"{tag}-aetr.log", {**SERVER_SETTINGS, "AETR_WORKERS": str(args.workers)},
-                            standin=args.standin)
+        settings = {**SERVER_SETTINGS, "AETR_WORKERS": str(args.workers),
+                    **dict(kv.split("=", 1) for kv in args.settings)}
+        server = AetrServer(url, workdir / f"{tag}-aetr.log", settings, standin=args.standin)
         svc = StepServiceProcess(workdir / f"{tag}-stepsvc.log")
         ctx = Context(db=db, database_url=url, server=server, svc=svc, http=http, sizes=sizes, quick=args.quick,
                       timeout_factor=args.timeout_factor, label=case.label, profile_dir=args.profile,

@@ -28,6 +28,14 @@ def _number(env: Mapping[str, str], key: str, default: float) -> float:
     return value
 
 
+def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (case-insensitive), the first being the default."""
+    raw = env.get(key) or choices[0]
+    if raw.lower() not in choices:
+        raise ConfigError(f"{key}={raw!r}: use one of {', '.join(choices)}")
+    return raw.lower()
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `aetr serve` can be told; see the configuration table in README.md."""
@@ -45,6 +53,7 @@ class Settings:
     sandbox_memory_mb: float = 64.0
     max_in_flight: int = 256
     db_pool_size: int = DEFAULT_POOL_SIZE
+    sqlite_synchronous: str = "full"
 
     @property
     def callback_base(self) -> str:
@@ -67,6 +76,7 @@ class Settings:
             "sandbox_memory_mb": _number(env, "AETR_SANDBOX_MEMORY_MB", 64.0),
             "max_in_flight": int(_number(env, "AETR_MAX_IN_FLIGHT", 256)),
             "db_pool_size": int(_number(env, "AETR_DB_POOL_SIZE", DEFAULT_POOL_SIZE)),
+            "sqlite_synchronous": _choice(env, "AETR_SQLITE_SYNCHRONOUS", ("full", "normal")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**values)  # type: ignore[arg-type]

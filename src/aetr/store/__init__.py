@@ -25,12 +25,13 @@ DEFAULT_POOL_SIZE = 20
 POOL_TIMEOUT_S = 60.0  # seconds a task may wait for a free connection before its work is retried later
 
 
-def open_store(url: str, pool_size: int = DEFAULT_POOL_SIZE) -> Store:
+def open_store(url: str, pool_size: int = DEFAULT_POOL_SIZE, sqlite_synchronous: str = "full") -> Store:
     """A Store for the database at `url` (the schema is not touched: see aetr.store.migrate).
 
     A process opens at most `pool_size` connections: several processes sharing one PostgreSQL must stay within
     its max_connections together. On PostgreSQL a quarter of them (at least 2) serve the colder SQLAlchemy
     paths and the rest the events; on SQLite events have one writing connection of their own.
+    `sqlite_synchronous`: "full" (a commit survives a power loss) or "normal" (it survives a killed process).
     """
     full = async_url(url)
     if full.startswith("sqlite"):
@@ -38,7 +39,7 @@ def open_store(url: str, pool_size: int = DEFAULT_POOL_SIZE) -> Store:
 
         kept = max(1, pool_size // 2)
         return SqliteStore(create_async_engine(full, pool_size=kept, max_overflow=max(0, pool_size - kept),
-                                               pool_timeout=POOL_TIMEOUT_S))
+                                               pool_timeout=POOL_TIMEOUT_S), sqlite_synchronous)
     from aetr.store.postgres import PostgresStore
 
     cold = max(2, pool_size // 4)

@@ -22,8 +22,13 @@ MAX_GROUP = 256  # events committed together at most: bounds how long one COMMIT
 # temp_store=MEMORY: each event runs in a SAVEPOINT, and SQLite keeps the pages a savepoint may have to restore
 # in a statement journal, a temporary file by default: 40 pwrite() calls per event here, 87 % of all the
 # writer's system calls, for a journal that is thrown away at every RELEASE.
-PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA foreign_keys=ON",
-           f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}", "PRAGMA temp_store=MEMORY")
+PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA foreign_keys=ON", f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
+           "PRAGMA temp_store=MEMORY")
+# FULL: a commit is on the disk (one fsync of the WAL per group commit) before any caller hears of it, so a
+# callback answered {"accepted": true} survives a power loss. NORMAL survives a killed process but may lose
+# the last commits when the machine itself goes down; it is faster only where fsync is slow.
+SYNCHRONOUS = ("full", "normal")
+DEFAULT_SYNCHRONOUS = "full"
 
 
 class _Job:
@@ -51,10 +56,10 @@ class Writer:
     for the file lock inside the driver (that would stop the loop): a busy database is retried from here.
     """
 
-    def __init__(self, path: str, statements: Statements) -> None:
+    def __init__(self, path: str, statements: Statements, pragmas: tuple[str, ...]) -> None:
         self.st = statements
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        for pragma in PRAGMAS:
+        for pragma in pragmas:
             self.conn.execute(pragma)
         self.conn.execute("PRAGMA busy_timeout=0")
         self._jobs: list[_Job] = []
@@ -161,8 +166,12 @@ class SqliteStore(Store):
 
     dialect = "sqlite"
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, synchronous: str = DEFAULT_SYNCHRONOUS) -> None:
         super().__init__(engine, Statements("sqlite"))
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"SQLite synchronous={synchronous!r}: use one of {', '.join(SYNCHRONOUS)}")
+        self.pragmas = (*PRAGMAS, f"PRAGMA synchronous={synchronous.upper()}")
+        pragmas = self.pragmas
         self._write_lock = asyncio.Lock()
         self._writer: Writer | None = None
         self._readers = threading.local()  # each reading thread's own connection
@@ -177,7 +186,7 @@ class SqliteStore(Store):
             # Take transaction control from the driver so that we choose BEGIN IMMEDIATE for writers.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            for pragma in PRAGMAS:
+            for pragma in pragmas:
                 cur.execute(pragma)
             cur.close()
 
@@ -191,7 +200,7 @@ class SqliteStore(Store):
     async def run(self, program: Program, scripts: ScriptCall | None = None,
                   after_commit: Callable[[Any], None] | None = None) -> Any:
         if self._writer is None:
-            self._writer = Writer(self.path, self.statements)
+            self._writer = Writer(self.path, self.statements, self.pragmas)
         return await self._writer.submit(program, scripts, after_commit)
 
     async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
