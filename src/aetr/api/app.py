@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,11 +24,10 @@ from aetr.api.answers import ERRORS, Health
 from aetr.api.schemas import PATTERN_HINTS
 from aetr.config import Settings
 from aetr.domain.jsonvalue import MAX_JSON_DEPTH
+from aetr.engine.outage import OUTAGE, is_outage
 from aetr.engine.runtime import Engine
 from aetr.engine.tokens import redact
 from aetr.store import Unavailable
-from aetr.store.sql import is_outage_sqlstate
-from aetr.store.store import sqlstate
 
 log = logging.getLogger("aetr.api")
 
@@ -69,19 +68,9 @@ def token_ok(expected: str | None, authorization: str) -> bool:
 
 def unavailable_answer(method: str, path: str, cause: str) -> Response:
     """503 with Retry-After for a database outage (logged without any callback token)."""
-    log.warning("database unavailable for %s %s: %s", method, redact(path), cause)
+    OUTAGE.failed(f"{method} {redact(path)}", cause, request=True)
     return JSON({"detail": "the database is unavailable or out of connections; try again shortly"},
                 status_code=503, headers={"Retry-After": "1"})
-
-
-def is_outage(exc: BaseException) -> bool:
-    """Whether an exception means the database is unavailable (503) rather than a bug (500)."""
-    if isinstance(exc, Unavailable):
-        return True
-    if not isinstance(exc, DBAPIError):
-        return False
-    return (exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
-            or is_outage_sqlstate(sqlstate(exc)))
 
 
 async def read_body(receive: Receive) -> bytes | None:
@@ -297,8 +286,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
             async with engine_of(request).store.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
         except Exception as exc:  # any database failure means "not healthy", never a 500
+            OUTAGE.failed("GET /healthz", type(exc).__name__, request=True)
             return JSON({"status": "unavailable", "detail": f"database unreachable: {type(exc).__name__}"},
                         status_code=503)
+        OUTAGE.reached()
         return JSON({"status": "ok"})
 
     @app.get("/metrics", tags=["operations"], response_class=Response,

@@ -17,6 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 from aetr.api.app import engine_of, require_token
 from aetr.api.render import nest
 from aetr.domain.runs import TERMINAL
+from aetr.engine.outage import OUTAGE, is_outage
 from aetr.engine.runtime import RunWatch
 from aetr.ui import static_file
 
@@ -125,8 +126,11 @@ async def stream_run(
             try:
                 tree = nest(await engine.store.get_run_view(root_id))
                 read_s = time.monotonic() - read_at
-            except Exception:  # the database went away: end this stream, the page reconnects
-                log.warning("run stream %s: cannot load the run; closing the stream", root_id, exc_info=True)
+            except Exception as exc:  # the database went away: end this stream, the page reconnects
+                if is_outage(exc):
+                    OUTAGE.failed(f"the live view of run {root_id}", str(exc), request=True)
+                else:
+                    log.warning("run stream %s: cannot load the run; closing the stream", root_id, exc_info=True)
                 yield _message("error", orjson.dumps({"detail": "the server could not load the run; reconnecting"}))
                 return
 

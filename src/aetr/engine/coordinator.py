@@ -17,6 +17,7 @@ from aetr.domain.decide import ACCEPTED
 from aetr.domain.jsonvalue import check_json
 from aetr.domain.runs import Node, Plan, Work, build_run_nodes
 from aetr.engine import metrics
+from aetr.engine.outage import OUTAGE, is_outage
 from aetr.store import ClaimedWork, Conflict, Store
 from aetr.store.sql import (
     Apply,
@@ -244,8 +245,11 @@ class Coordinator:
                 return
             except Conflict:
                 continue
-            except Exception:  # the rows' leases expire and the calls are made again: at least once, never lost
-                log.exception("recording %d dispatch answers failed", len(calls))
+            except Exception as exc:  # the rows' leases expire and the calls are made again: at least once, never lost
+                if is_outage(exc):
+                    OUTAGE.failed(f"recording {len(calls)} dispatch answers", str(exc))
+                else:
+                    log.exception("recording %d dispatch answers failed", len(calls))
                 return
         log.error("recording %d dispatch answers lost %d races in a row", len(calls), MAX_CONFLICT_RETRIES)
 

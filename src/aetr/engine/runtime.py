@@ -13,6 +13,7 @@ from typing import Any
 from aetr.config import MIB, Settings
 from aetr.engine.coordinator import Coordinator
 from aetr.engine.dispatcher import Dispatcher
+from aetr.engine.outage import QuietDriverDuringOutage
 from aetr.engine.tokens import TokenSigner
 from aetr.engine.worker import Worker
 from aetr.sandbox import Sandbox, SandboxLimits, ScriptError
@@ -50,7 +51,7 @@ class Engine:
 
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
-        self.store = store or open_store(settings.database_url, settings.db_pool_size)
+        self.store = store or open_store(settings.database_url, settings.db_pool_size, settings.sqlite_synchronous)
         self.sandbox = Sandbox(SandboxLimits(time_limit_s=settings.sandbox_time_limit_s,
                                              memory_limit_bytes=int(settings.sandbox_memory_mb * MIB)))
         self.coordinator = Coordinator(self.store, self.sandbox, ScriptError)
@@ -62,6 +63,9 @@ class Engine:
 
     async def start(self) -> None:
         """Migrate the schema, load the signing key, start calling steps."""
+        driver_log = logging.getLogger("asyncpg.pool")  # it logs a traceback for each connection it cannot restore
+        if not any(isinstance(f, QuietDriverDuringOutage) for f in driver_log.filters):
+            driver_log.addFilter(QuietDriverDuringOutage())
         await upgrade_engine(self.store.engine)
         secret = self.settings.secret or await self.store.setting(SECRET_SETTING, secrets.token_urlsafe(32))
         self.signer = TokenSigner(secret)

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 
 from aetr.engine.coordinator import Coordinator, utcnow
 from aetr.engine.dispatcher import Dispatcher
+from aetr.engine.outage import OUTAGE, is_outage
 from aetr.store import ClaimedWork, Store
 from aetr.store.sql import Claim, ClaimResult, RenewLease, single
 
@@ -114,10 +115,14 @@ class Worker:
             result = ClaimResult([])
             try:
                 result = await self.store.run(single(Claim(self.owner, utcnow(), free, self.lease_s)))
-            except Exception:  # the database may be briefly unreachable: keep the loop alive
-                log.exception("claiming work failed; retrying in %s s", ERROR_BACKOFF_S)
+            except Exception as exc:  # the database may be briefly unreachable: keep the loop alive
+                if is_outage(exc):
+                    OUTAGE.failed("claiming work", str(exc))
+                else:
+                    log.exception("claiming work failed; retrying in %s s", ERROR_BACKOFF_S)
                 await asyncio.sleep(ERROR_BACKOFF_S)
                 continue
+            OUTAGE.reached()
             for item in result.claimed:
                 self._spawn(item)
             if result.claimed and len(result.claimed) == free:
@@ -154,8 +159,11 @@ class Worker:
                 await self._with_lease(item)
         except asyncio.CancelledError:
             raise
-        except Exception:  # one bad item must not stop the others; its lease expires and it is tried again
-            log.exception("performing %s for node %s failed", item.work.kind, item.work.node_id)
+        except Exception as exc:  # one bad item must not stop the others; its lease expires and it is tried again
+            if is_outage(exc):
+                OUTAGE.failed(f"performing {item.work.kind}", str(exc))
+            else:
+                log.exception("performing %s for node %s failed", item.work.kind, item.work.node_id)
 
     async def _with_lease(self, item: ClaimedWork) -> None:
         """Dispatch, renewing the lease while a slow call is still running so no other process repeats it."""
