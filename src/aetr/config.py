@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from aetr.domain.hosts import SETTING as ALLOWED_HOSTS_SETTING
+from aetr.domain.hosts import AllowedHosts
 from aetr.store import DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE
 
 MIB = 1024 * 1024
@@ -28,6 +30,16 @@ def _number(env: Mapping[str, str], key: str, default: float) -> float:
     return value
 
 
+def _allowed_hosts(env: Mapping[str, str]) -> AllowedHosts | None:
+    raw = env.get(ALLOWED_HOSTS_SETTING)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return AllowedHosts.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{ALLOWED_HOSTS_SETTING}={raw!r}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `aetr serve` can be told; see the configuration table in README.md."""
@@ -45,6 +57,7 @@ class Settings:
     sandbox_memory_mb: float = 64.0
     max_in_flight: int = 256
     db_pool_size: int = DEFAULT_POOL_SIZE
+    allowed_step_hosts: AllowedHosts | None = None  # None: steps may call any host
 
     @property
     def callback_base(self) -> str:
@@ -67,6 +80,7 @@ class Settings:
             "sandbox_memory_mb": _number(env, "AETR_SANDBOX_MEMORY_MB", 64.0),
             "max_in_flight": int(_number(env, "AETR_MAX_IN_FLIGHT", 256)),
             "db_pool_size": int(_number(env, "AETR_DB_POOL_SIZE", DEFAULT_POOL_SIZE)),
+            "allowed_step_hosts": _allowed_hosts(env),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**values)  # type: ignore[arg-type]

@@ -15,6 +15,9 @@ ORJSON_MAX_DEPTH: Final = 254
 MAX_TREE_DEPTH: Final = 64
 MAX_JSON_DEPTH: Final = 100
 _INT_RANGE: Final = (-(2**63), 2**64 - 1)  # the integers orjson encodes
+# Every digit as "0", anything else as a space: a text's long runs of digits show as runs of "0".
+_DIGITS_AS_ZERO: Final = bytes(0x30 if 0x30 <= c <= 0x39 else 0x20 for c in range(256))
+_LONG_DIGIT_RUN: Final = b"0" * 19  # the shortest an integer beyond 64 bits can be (-9223372036854775809)
 
 
 def check_json(value: Any, parsed: bool = False) -> Any:
@@ -26,6 +29,19 @@ def check_json(value: Any, parsed: bool = False) -> Any:
     if _encodes(value, parsed):
         return value
     raise ValueError(_json_problem(value) or "is not a JSON value")
+
+
+def check_parsed(value: Any, text: bytes) -> Any:
+    """`value`, which orjson.loads read from `text`, if AETR can store it exactly; ValueError saying why otherwise.
+
+    orjson reads an integer beyond 64 bits as a float, silently. Only a text with a run of 19 or more digits
+    can hold one, so only such a text is read again, by Python's parser, which keeps integers exact. The first
+    check bounds the depth, so that parser cannot recurse too deep.
+    """
+    check_json(value, parsed=True)
+    if _LONG_DIGIT_RUN in text.translate(_DIGITS_AS_ZERO):
+        check_json(json.loads(text))
+    return value
 
 
 def _encodes(value: Any, parsed: bool = False) -> bool:
