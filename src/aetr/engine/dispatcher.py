@@ -18,6 +18,7 @@ import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from aetr.config import MIB
 from aetr.domain.hosts import AllowedHosts, address_of
 from aetr.domain.jsonvalue import check_parsed
 from aetr.domain.runs import EventRecord, Node
@@ -162,7 +163,7 @@ class Dispatcher:
     """Makes step calls with one shared aiohttp session (it holds up under concurrency where httpx does not)."""
 
     def __init__(self, coordinator: Coordinator, signer: TokenSigner, callback_base: str,
-                 max_connections: int, max_payload_bytes: int = 16 * 1024 * 1024,
+                 max_connections: int, max_payload_bytes: int = 16 * MIB,
                  allowed_hosts: AllowedHosts | None = None) -> None:
         self.coordinator = coordinator
         self.signer = signer
