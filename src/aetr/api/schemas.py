@@ -51,10 +51,14 @@ class StepBase(Strict):
 
 class ApiStepIn(StepBase):
     kind: Literal["api"]
-    url: str = Field(max_length=4096)
+    url: str = Field(max_length=4096, description="http:// or https://; with AETR_ALLOWED_STEP_HOSTS set, its host "
+                                                  "must be allowed (422 otherwise)")
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     headers: dict[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")],
-                  Annotated[str, Field(max_length=8192, pattern=HEADER_VALUE_PATTERN)]] = Field(default_factory=dict)
+                  Annotated[str, Field(max_length=8192, pattern=HEADER_VALUE_PATTERN)]] = Field(
+        default_factory=dict, description="sent with each call; framing and hop-by-hop headers (Content-Length, "
+                                          "Transfer-Encoding, Connection, Keep-Alive, Upgrade, TE, Trailer, Host) "
+                                          "are refused")
     mode: Literal["callback", "sync"] = "callback"
     timeout_s: float = Field(3600.0, gt=0, le=MAX_TIMEOUT_S)
     heartbeat_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
