@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from aetr.domain.hosts import SETTING as ALLOWED_HOSTS_SETTING
+from aetr.domain.hosts import AllowedHosts
 from aetr.store import DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE
 
 MIB = 1024 * 1024
@@ -36,6 +38,16 @@ def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...]) -> str:
     return raw.lower()
 
 
+def _allowed_hosts(env: Mapping[str, str]) -> AllowedHosts | None:
+    raw = env.get(ALLOWED_HOSTS_SETTING)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return AllowedHosts.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{ALLOWED_HOSTS_SETTING}={raw!r}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `aetr serve` can be told; see the configuration table in README.md."""
@@ -54,6 +66,7 @@ class Settings:
     max_in_flight: int = 256
     db_pool_size: int = DEFAULT_POOL_SIZE
     sqlite_synchronous: str = "full"
+    allowed_step_hosts: AllowedHosts | None = None  # None: steps may call any host
 
     @property
     def callback_base(self) -> str:
@@ -77,6 +90,7 @@ class Settings:
             "max_in_flight": int(_number(env, "AETR_MAX_IN_FLIGHT", 256)),
             "db_pool_size": int(_number(env, "AETR_DB_POOL_SIZE", DEFAULT_POOL_SIZE)),
             "sqlite_synchronous": _choice(env, "AETR_SQLITE_SYNCHRONOUS", ("full", "normal")),
+            "allowed_step_hosts": _allowed_hosts(env),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**values)  # type: ignore[arg-type]

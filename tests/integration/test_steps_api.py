@@ -126,6 +126,12 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("zero attempts", {"name": "s", "kind": "api", "url": "http://h/x", "retry": {"max_attempts": 0}}, "max_attempts"),
     ("header with newline", {"name": "s", "kind": "api", "url": "http://h/x", "headers": {"X": "a\nb"}}, "headers"),
     ("not an object", [1, 2], "body"),
+    ("framing header", {"name": "s", "kind": "api", "url": "http://h/x", "headers": {"content-length": "5"}},
+     "content-length may not be set"),
+    ("hop-by-hop headers", {"name": "s", "kind": "api", "url": "http://h/x",
+                            "headers": {"X-Ok": "1", "Transfer-Encoding": "chunked", "HOST": "h"}},
+     "Transfer-Encoding, HOST may not be set"),
+    ("url host that cannot be encoded", {"name": "s", "kind": "api", "url": "http://ü" + "a" * 70 + "/x"}, "url"),
 ]
 
 

@@ -39,6 +39,15 @@ def test_bodies_are_json_when_they_are_json_and_text_otherwise() -> None:
         parse_body(b"{truncated", "application/json")
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", None])
+def test_a_body_with_an_integer_beyond_64_bits_is_refused_whatever_its_content_type(content_type: str | None) -> None:
+    # orjson would read it as 1.2345678901234568e+29; a refusal is not a malformed body (400) but a 422 value
+    with pytest.raises(ValueError, match=r'\["id"\] does not fit in 64 bits') as refused:
+        parse_body(b'{"id": 123456789012345678901234567890}', content_type)
+    assert not isinstance(refused.value, orjson.JSONDecodeError)
+    assert parse_body(b'{"id": 18446744073709551615}', content_type) == {"id": 2**64 - 1}
+
+
 class FailuresKept:
     """Stands in for the coordinator: keeps the failures the dispatcher reports."""
 

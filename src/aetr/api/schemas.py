@@ -7,9 +7,10 @@ from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from yarl import URL
 
 from aetr.domain.jsonvalue import MAX_TREE_DEPTH, check_json
-from aetr.domain.steps import BUILTIN_REDUCERS, Link, RetryPolicy, StepConfig, StepDef
+from aetr.domain.steps import BUILTIN_REDUCERS, Link, RetryPolicy, StepConfig, StepDef, framing_headers
 
 NAME_PATTERN: Final = r"^[A-Za-z0-9_.\-]{1,200}$"
 NO_NUL_PATTERN: Final = r"^[^\x00]*$"
@@ -50,10 +51,14 @@ class StepBase(Strict):
 
 class ApiStepIn(StepBase):
     kind: Literal["api"]
-    url: str = Field(max_length=4096)
+    url: str = Field(max_length=4096, description="http:// or https://; with AETR_ALLOWED_STEP_HOSTS set, its host "
+                                                  "must be allowed (422 otherwise)")
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     headers: dict[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")],
-                  Annotated[str, Field(max_length=8192, pattern=HEADER_VALUE_PATTERN)]] = Field(default_factory=dict)
+                  Annotated[str, Field(max_length=8192, pattern=HEADER_VALUE_PATTERN)]] = Field(
+        default_factory=dict, description="sent with each call; framing and hop-by-hop headers (Content-Length, "
+                                          "Transfer-Encoding, Connection, Keep-Alive, Upgrade, TE, Trailer, Host) "
+                                          "are refused")
     mode: Literal["callback", "sync"] = "callback"
     timeout_s: float = Field(3600.0, gt=0, le=MAX_TIMEOUT_S)
     heartbeat_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
@@ -71,6 +76,20 @@ class ApiStepIn(StepBase):
             raise ValueError("url must be an absolute http:// or https:// URL with a host")
         if any(c.isspace() or not c.isprintable() for c in value):
             raise ValueError("url must not contain spaces, control or invisible characters: percent-encode them")
+        try:
+            URL(value)  # what calls it: a host it cannot encode (an over-long label, say) would fail every call
+        except ValueError as exc:
+            raise ValueError(f"url is not a valid URL: {exc}") from None
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _no_framing_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        refused = framing_headers(value)
+        if refused:
+            raise ValueError(f"{', '.join(refused)} may not be set: AETR's HTTP client frames each request and "
+                             "manages its connection itself (Content-Length, Transfer-Encoding, Connection, "
+                             "Keep-Alive, Upgrade, TE, Trailer and Host are refused): remove them")
         return value
 
 

@@ -14,16 +14,18 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from aetr.config import ConfigError, Settings
+from aetr.domain.urls import redact_userinfo
 from aetr.engine.tokens import redact
 
 
 class RedactCallbackTokens(logging.Filter):
-    """Blanks out callback tokens in log lines: whoever reads a token can report that step's result."""
+    """Blanks out callback tokens and URLs' passwords in log lines: whoever reads a token can report that step's
+    result, and a step URL's `user:password@` is shown only in the step's definition."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         # Arguments are redacted one by one, not merged into the message: uvicorn's access formatter reads them.
         if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
+            record.msg = _redact(record.msg)
         if isinstance(record.args, tuple):
             record.args = tuple(_redact_arg(a) for a in record.args)
         elif isinstance(record.args, dict):
@@ -31,20 +33,24 @@ class RedactCallbackTokens(logging.Filter):
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = redact(record.exc_text)
+            record.exc_text = _redact(record.exc_text)
         if record.stack_info:
-            record.stack_info = redact(record.stack_info)
+            record.stack_info = _redact(record.stack_info)
         return True
 
 
 def _redact_arg(value: Any) -> Any:
     if isinstance(value, int | float | bool) or value is None:
         return value  # keeps %d and %f formatting working
-    return redact(value if isinstance(value, str) else str(value))
+    return _redact(value if isinstance(value, str) else str(value))
+
+
+def _redact(text: str) -> str:
+    return redact_userinfo(redact(text))
 
 
 def log_config() -> dict[str, Any]:
-    """uvicorn's logging configuration, with callback tokens blanked out of every line its handlers write."""
+    """uvicorn's logging configuration, with callback tokens and URLs' passwords blanked out of every line."""
     config = copy.deepcopy(LOGGING_CONFIG)
     config["filters"] = {"redact": {"()": RedactCallbackTokens}}
     for handler in config["handlers"].values():
@@ -106,7 +112,7 @@ def worker_count() -> int:
 
 
 def configure_logging() -> None:
-    """Log lines to stderr, with callback tokens blanked out (also in each worker process)."""
+    """Log lines to stderr, with callback tokens and URLs' passwords blanked out (also in each worker process)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactCallbackTokens())

@@ -7,6 +7,7 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, HTTPException, Path, Request, Response
+from yarl import URL
 
 from aetr.api.answers import StepOut, StepSummary
 from aetr.api.app import JSON, engine_of
@@ -44,6 +45,11 @@ async def put_step(
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
     engine = engine_of(request)
+    if (allowed := engine.settings.allowed_step_hosts) is not None:
+        for d in defs:
+            if d.config.url is not None and (problem := allowed.url_host_problem(URL(d.config.url).raw_host or "")):
+                raise HTTPException(422, f"step '{d.config.name}', url: {problem}: use a host it allows, or have "
+                                         "the server's operator add this one")
     for where, source in scripts_of(defs):
         try:
             await asyncio.to_thread(engine.sandbox.check, source)  # up to the time limit: off the event loop

@@ -11,6 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
+from aetr.domain.urls import redact_userinfo
+
 __all__ = [
     "duration",
     "events_table",
@@ -120,7 +122,8 @@ def _step_label(step: dict[str, Any], mapper: Any = None) -> str:
         parts.append(f"[dim]v{escape(str(step['version']))}[/]")
     if step.get("kind") == "api":
         method = str(step.get("method") or "POST")
-        parts.append(escape(f"{method} {step.get('url', '?')} ({step.get('mode') or 'callback'})"))
+        url = redact_userinfo(str(step.get("url", "?")))  # a drawn tree ends up in terminals and pastes
+        parts.append(escape(f"{method} {url} ({step.get('mode') or 'callback'})"))
     if step.get("kind") == "parallel":
         parts.append(f"reducer {escape(one_line(step.get('reducer') or 'array', 60))}")
     if mapper:

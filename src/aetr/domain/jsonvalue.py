@@ -15,6 +15,12 @@ ORJSON_MAX_DEPTH: Final = 254
 MAX_TREE_DEPTH: Final = 64
 MAX_JSON_DEPTH: Final = 100
 _INT_RANGE: Final = (-(2**63), 2**64 - 1)  # the integers orjson encodes
+# Every digit as "0", "-" as itself, anything else as a space: a text's long runs of digits show as runs of "0".
+_DIGITS_AS_ZERO: Final = bytes(0x30 if 0x30 <= c <= 0x39 else c if c == 0x2D else 0x20 for c in range(256))
+# The shortest integers beyond 64 bits: 20 digits (18446744073709551616), or "-" and 19 (-9223372036854775809).
+# Every 19-digit positive integer fits, so the nanosecond timestamps of today (19 digits) are read once only.
+_LONG_POSITIVE: Final = b"0" * 20
+_LONG_NEGATIVE: Final = b"-" + b"0" * 19
 
 
 def check_json(value: Any, parsed: bool = False) -> Any:
@@ -26,6 +32,20 @@ def check_json(value: Any, parsed: bool = False) -> Any:
     if _encodes(value, parsed):
         return value
     raise ValueError(_json_problem(value) or "is not a JSON value")
+
+
+def check_parsed(value: Any, text: bytes) -> Any:
+    """`value`, which orjson.loads read from `text`, if AETR can store it exactly; ValueError saying why otherwise.
+
+    orjson reads an integer beyond 64 bits as a float, silently. Only a text with a run of 20 digits, or of a
+    minus sign and 19, can hold one, so only such a text is read again, by Python's parser, which keeps
+    integers exact. The first check bounds the depth, so that parser cannot recurse too deep.
+    """
+    check_json(value, parsed=True)
+    shapes = text.translate(_DIGITS_AS_ZERO)
+    if _LONG_POSITIVE in shapes or _LONG_NEGATIVE in shapes:
+        check_json(json.loads(text))
+    return value
 
 
 def _encodes(value: Any, parsed: bool = False) -> bool:

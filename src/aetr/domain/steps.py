@@ -14,6 +14,15 @@ StepKind = Literal["api", "sequential", "parallel"]
 BUILTIN_REDUCERS = ("array", "last", "merge")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 DEFAULT_TIMEOUT_S = 3600.0
+# Headers a step may not set: they frame the request or belong to one connection, which AETR's HTTP client
+# manages (a Content-Length of the step's own made the step read a truncated body).
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te",
+                             "trailer", "host"})
+
+
+def framing_headers(headers: Mapping[str, str]) -> list[str]:
+    """The names among `headers` that a step may not set (framing and hop-by-hop headers), as written."""
+    return [name for name in headers if name.lower() in FRAMING_HEADERS]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import functools
 import io
 import logging
 import random
+import socket
 import time
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -15,10 +16,15 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
+from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from aetr.domain.jsonvalue import check_json
+from aetr.config import MIB
+from aetr.domain.hosts import AllowedHosts, address_of
+from aetr.domain.jsonvalue import check_parsed
 from aetr.domain.runs import EventRecord, Node
+from aetr.domain.steps import framing_headers
+from aetr.domain.urls import redact_userinfo
 from aetr.engine import metrics
 from aetr.engine.coordinator import Coordinator, utcnow
 from aetr.engine.tokens import TokenSigner, redact
@@ -33,15 +39,21 @@ BODY_EXCERPT = 300  # characters of an error answer kept in the node's error mes
 
 
 def parse_body(body: bytes, content_type: str | None) -> Any:
-    """A step's output from an HTTP body: JSON when it is JSON, else the text (spec §4)."""
+    """A step's output from an HTTP body: JSON when it is JSON, else the text (spec §4).
+
+    Raises orjson.JSONDecodeError for a body that says it is JSON and is not, and ValueError (saying why) for
+    JSON that AETR cannot store exactly, such as an integer beyond 64 bits.
+    """
     if not body:
         return None
     if content_type and "json" in content_type:
-        return orjson.loads(body)  # the caller turns a JSONDecodeError into a clear answer
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body.decode("utf-8", errors="replace")
+        value = orjson.loads(body)  # the caller turns a JSONDecodeError into a clear answer
+    else:
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body.decode("utf-8", errors="replace")
+    return check_parsed(value, body)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -92,33 +104,105 @@ def _timeout(seconds: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=seconds)
 
 
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int, keep: int) -> tuple[bytes, bool]:
+    """The first `keep` bytes of an answer's body, and whether the body is over `limit` bytes.
+
+    The body is never read past `limit` (nor at all when its Content-Length is over it), and only what is kept
+    is held: a step answering gigabytes costs no more memory than the limit.
+    """
+    if resp.content_length is not None and resp.content_length > limit:
+        return b"", True
+    chunks: list[bytes] = []
+    kept = seen = 0
+    async for chunk in resp.content.iter_any():
+        seen += len(chunk)
+        if seen > limit:
+            return b"".join(chunks), True
+        if kept < keep:
+            chunks.append(chunk if kept + len(chunk) <= keep else chunk[:keep - kept])
+            kept += len(chunks[-1])
+    return b"".join(chunks), False
+
+
+class HostRefused(Exception):
+    """A step's host is outside AETR_ALLOWED_STEP_HOSTS (an OSError would be taken for a retryable DNS failure)."""
+
+
+class AllowListResolver(AbstractResolver):
+    """Resolves names as aiohttp does, keeping only the addresses the allow-list covers (all, for a listed name).
+
+    aiohttp connects to nothing but what its resolver returns, so a name that resolves (or is made to resolve)
+    to a forbidden address is refused after resolution, not merely by its spelling.
+    """
+
+    def __init__(self, allowed: AllowedHosts) -> None:
+        self._allowed = allowed
+        self._inner = aiohttp.DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        """The addresses of `host` that steps may be called on; HostRefused when there are none."""
+        results = await self._inner.resolve(host, port, family)
+        if self._allowed.lists_name(host):
+            return results
+        kept = [r for r in results if (a := address_of(r["host"])) is not None and self._allowed.covers(a)]
+        if not kept:
+            raise HostRefused(self._allowed.refusal(host, dict.fromkeys(r["host"] for r in results)))
+        return kept
+
+    async def close(self) -> None:
+        """Release the resolver underneath."""
+        await self._inner.close()
+
+
+def _shown(text: str) -> str:
+    """A message as the run shows it: no callback token, no password of a step's URL."""
+    return redact_userinfo(redact(text))
+
+
 class Dispatcher:
     """Makes step calls with one shared aiohttp session (it holds up under concurrency where httpx does not)."""
 
     def __init__(self, coordinator: Coordinator, signer: TokenSigner, callback_base: str,
-                 max_connections: int) -> None:
+                 max_connections: int, max_payload_bytes: int = 16 * MIB,
+                 allowed_hosts: AllowedHosts | None = None) -> None:
         self.coordinator = coordinator
         self.signer = signer
         self.callback_base = callback_base
+        self.max_payload_bytes = max_payload_bytes
+        self.allowed_hosts = allowed_hosts
         self._max_connections = max_connections
         # Calls wait for a slot here, before their time-out starts: aiohttp counts the wait for a pooled
         # connection against the request's time-out, which failed calls that had never been sent.
         self._slots = asyncio.Semaphore(max_connections)
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: AllowListResolver | None = None
+        # Why a URL's host may not be called, judged once per host: None when allowed or to be judged once resolved.
+        self._host_problem = functools.lru_cache(maxsize=1024)(
+            allowed_hosts.url_host_problem if allowed_hosts is not None else lambda host: None)
 
     async def start(self) -> None:
         """Open the HTTP session."""
-        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300)
+        if self.allowed_hosts is not None:
+            self._resolver = AllowListResolver(self.allowed_hosts)
+        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300,
+                                         resolver=self._resolver)
         self._session = aiohttp.ClientSession(connector=connector, json_serialize=lambda v: orjson.dumps(v).decode())
 
     async def close(self) -> None:
         """Close the HTTP session."""
         if self._session is not None:
             await self._session.close()
+        if self._resolver is not None:
+            await self._resolver.close()
 
     def callback_url(self, node: Node) -> str:
         """Where this attempt of the node reports back."""
         return f"{self.callback_base}/api/v1/callbacks/{self.signer.sign(node.id, node.attempt)}"
+
+    async def _fail(self, node: Node, message: str, retryable: bool, retry_after_s: float | None = None) -> None:
+        await self.coordinator.attempt_failed(node.id, node.attempt, _shown(message), "http", retryable,
+                                              source="dispatch", retry_after_s=retry_after_s)
 
     async def dispatch(self, claimed: ClaimedWork) -> None:
         """Call the step for a leased dispatch row (with its node as committed), unless the attempt is over."""
@@ -128,10 +212,18 @@ class Dispatcher:
             return
         step = node.step
         assert step.url is not None
+        target = f"{step.method} {step.url}"
+        if framing := framing_headers(step.headers):  # stored before such headers were refused
+            await self._fail(node, f"{target} not called: the step sets {', '.join(framing)}, which AETR manages "
+                                   "itself; PUT the step again without them", retryable=False)
+            return
         callback = self.callback_url(node)
         # The step's URL as yarl encodes it, once; the query added to it is encoded here.
         url = URL(f"{_encoded(step.url)}{'&' if '?' in step.url else '?'}aetr={quote(callback, safe='')}",
                   encoded=True)
+        if (problem := self._host_problem(url.raw_host or "")) is not None:
+            await self._fail(node, f"{target} not called: {problem}", retryable=False)
+            return
         headers = {**step.headers, "Content-Type": "application/json", "AETR-Callback": callback,
                    "AETR-Run-Id": node.root_id, "AETR-Node-Id": node.id, "AETR-Attempt": str(node.attempt),
                    "traceparent": f"00-{node.root_id.replace('-', '')}-{_span_id()}-01"}
@@ -139,6 +231,7 @@ class Dispatcher:
         raw = orjson.dumps(node.input)
         # aiohttp streams file-like bodies instead of writing a large one in one go
         payload: bytes | io.BytesIO = io.BytesIO(raw) if len(raw) > STREAM_OVER_BYTES else raw
+        limit = self.max_payload_bytes
         assert self._session is not None
         failure: BaseException | None = None
         async with self._slots:  # calls wait for a slot before their time-out starts (see __init__)
@@ -148,50 +241,62 @@ class Dispatcher:
                 # Location points (and a 301/302 turns the POST into a GET without its body).
                 async with self._session.request(step.method, url, data=payload, headers=headers,
                                                  allow_redirects=False, timeout=_timeout(timeout_s)) as resp:
-                    body = await resp.read()
                     status, content_type = resp.status, resp.headers.get("Content-Type")
-                    retry_after = resp.headers.get("Retry-After")
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    retry_after, location = resp.headers.get("Retry-After"), resp.headers.get("Location")
+                    # Only a sync step's output is needed whole; of any other answer, the start of an error's text.
+                    keep = limit if step.mode == "sync" and 200 <= status < 300 else BODY_EXCERPT
+                    body, over = await read_bounded(resp, limit, keep)
+                    if over:
+                        resp.close()  # the rest is never read: drop the connection rather than drain it
+            except (aiohttp.ClientError, TimeoutError, OSError, HostRefused) as exc:
                 failure = exc
         if failure is not None:
             _forget_frames(failure)
+            if isinstance(failure, HostRefused):
+                metrics.CALLS.labels("refused").inc()
+                await self._fail(node, f"{target} not called: {failure}", retryable=False)
+                return
             metrics.CALLS.labels("unreachable").inc()
             # The driver's text may quote the URL called, whose `aetr=` parameter holds the callback token.
-            reason = f"no answer within {timeout_s:g} s" if isinstance(failure, TimeoutError) else redact(str(failure))
-            await self.coordinator.attempt_failed(
-                node.id, node.attempt, f"{step.method} {step.url} failed: {reason or type(failure).__name__}", "http",
-                retryable=True, source="dispatch")
+            reason = f"no answer within {timeout_s:g} s" if isinstance(failure, TimeoutError) else str(failure)
+            await self._fail(node, f"{target} failed: {reason or type(failure).__name__}", retryable=True)
             return
         ms = round((time.monotonic() - started) * 1000, 1)
         metrics.CALLS.labels(f"{status // 100}xx").inc()
-        answer = {"attempt": node.attempt, "status": status, "ms": ms}
+        too_big = (f"a body over the payload limit of {limit} bytes (AETR_MAX_PAYLOAD_BYTES), not read past "
+                   "the limit")
         if 200 <= status < 300:
+            if over:
+                # Calling again would bring the same answer: the attempt fails for good.
+                await self._fail(node, f"{target} answered {status} with {too_big}: make the answer smaller "
+                                       "(answer with where the data is) or raise the limit", retryable=False)
+                return
             if step.mode == "callback":
+                answer = {"attempt": node.attempt, "status": status, "ms": ms}
                 record = EventRecord(node.root_id, node.id, "dispatch", answer, utcnow())
                 self.coordinator.call_answered(FinishCall(node.id, node.attempt, record=record))
                 return
             try:
-                output = check_json(parse_body(body, content_type), parsed=True)
+                output = parse_body(body, content_type)
             except orjson.JSONDecodeError:
-                await self.coordinator.attempt_failed(
-                    node.id, node.attempt, f"{step.url} answered {status} with a body that is not valid JSON",
-                    "http", retryable=False, source="dispatch")
+                await self._fail(node, f"{target} answered {status} with a body that is not valid JSON",
+                                 retryable=False)
                 return
             except ValueError as exc:
-                await self.coordinator.attempt_failed(
-                    node.id, node.attempt, f"{step.url} answered {status} with a body AETR cannot store: it {exc}",
-                    "http", retryable=False, source="dispatch")
+                await self._fail(node, f"{target} answered {status} with a body AETR cannot store exactly: {exc}",
+                                 retryable=False)
                 return
             await self.coordinator.step_succeeded(node.id, node.attempt, output, source="dispatch")
             return
         excerpt = body[:BODY_EXCERPT].decode("utf-8", errors="replace")
-        message = f"{step.method} {step.url} answered HTTP {status}: {excerpt}".rstrip(": ")
+        message = f"{target} answered HTTP {status}"
+        if over:
+            message += f" with {too_big}"
+        message = f"{message}: {excerpt}".rstrip(": ")
         if retry_after:
             message += f" (Retry-After: {retry_after})"
         if 300 <= status < 400:
-            message += (f" (a redirect to {resp.headers.get('Location', 'nowhere')!r}: AETR does not follow "
+            message += (f" (a redirect to {location or 'nowhere'!r}: AETR does not follow "
                         "redirects; set the step's url to the final address)")
-        retryable = status >= 500 or status == 429
-        await self.coordinator.attempt_failed(node.id, node.attempt, message, "http", retryable, source="dispatch",
-                                              retry_after_s=parse_retry_after(retry_after))
-
+        await self._fail(node, message, retryable=status >= 500 or status == 429,
+                         retry_after_s=parse_retry_after(retry_after))

@@ -70,7 +70,8 @@ class Engine:
         secret = self.settings.secret or await self.store.setting(SECRET_SETTING, secrets.token_urlsafe(32))
         self.signer = TokenSigner(secret)
         self.dispatcher = Dispatcher(self.coordinator, self.signer, self.settings.callback_base,
-                                     self.settings.max_in_flight)
+                                     self.settings.max_in_flight, self.settings.max_payload_bytes,
+                                     self.settings.allowed_step_hosts)
         await self.dispatcher.start()
         self.worker = Worker(self.store, self.coordinator, self.dispatcher, lease_s=self.settings.lease_s,
                              poll_s=self.settings.poll_s, max_in_flight=self.settings.max_in_flight)

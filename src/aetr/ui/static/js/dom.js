@@ -71,6 +71,11 @@ export function jsonBlock(value, label) {
   return h('pre', {class: 'json', tabindex: '0', 'aria-label': label}, value === undefined ? '' : pretty(value));
 }
 
+/** A URL as drawn outside the step's editor: its user-info (`user:password@`) shown as `***@`, as the server does. */
+export function withoutUserinfo(url) {
+  return String(url).replace(/([A-Za-z][A-Za-z0-9+.-]*:\/\/)[^/?#\s]*@/g, '$1***@');
+}
+
 export function shortId(id) {
   return String(id || '').slice(0, 8);
 }

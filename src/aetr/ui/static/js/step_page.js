@@ -1,6 +1,6 @@
 // #/steps/NAME and #/steps/new/KIND: a step's tree, its parents, deleting it, starting a run, and its editor.
 import {ApiError, api} from './api.js';
-import {announce, fmtTime, h, kindBadge, notice, replace, stepLink, toast} from './dom.js';
+import {announce, fmtTime, h, kindBadge, notice, replace, stepLink, toast, withoutUserinfo} from './dom.js';
 import {modelFromTree, newModel, specFromModel} from './model.js';
 import {stepForm} from './step_form.js';
 import {startRunForm} from './runs_list.js';
@@ -43,7 +43,7 @@ function treeNode(step, mapper, reuse, depth) {
   ];
   const label = [kindBadge(step.kind), ' ', depth > 0 ? stepLink(step.name, {class: 'strong'}) : h('span', {class: 'strong'}, step.name), ...badges];
   if (step.kind === 'api' || step.ref) {
-    const what = step.ref ? ' an existing step' : ` ${step.method} ${step.url}`;
+    const what = step.ref ? ' an existing step' : ` ${step.method} ${withoutUserinfo(step.url)}`;
     return h('li', {class: 'tree-leaf'}, h('div', {class: 'tree-label'}, label,
       h('span', {class: `muted clip small-text${step.ref ? '' : ' mono'}`}, what)));
   }
