@@ -28,6 +28,15 @@ def _number(env: Mapping[str, str], key: str, default: float) -> float:
     return value
 
 
+def _whole(env: Mapping[str, str], key: str, default: int) -> int:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ConfigError(f"{key}={raw!r} must be a whole number of at least 1")
+    return int(raw)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `aetr serve` can be told; see the configuration table in README.md."""
@@ -45,6 +54,10 @@ class Settings:
     sandbox_memory_mb: float = 64.0
     max_in_flight: int = 256
     db_pool_size: int = DEFAULT_POOL_SIZE
+    keep_alive_s: float = 75.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 1000
 
     @property
     def callback_base(self) -> str:
@@ -67,6 +80,10 @@ class Settings:
             "sandbox_memory_mb": _number(env, "AETR_SANDBOX_MEMORY_MB", 64.0),
             "max_in_flight": int(_number(env, "AETR_MAX_IN_FLIGHT", 256)),
             "db_pool_size": int(_number(env, "AETR_DB_POOL_SIZE", DEFAULT_POOL_SIZE)),
+            "keep_alive_s": _number(env, "AETR_KEEP_ALIVE_S", 75.0),
+            "header_timeout_s": _number(env, "AETR_HEADER_TIMEOUT_S", 10.0),
+            "body_timeout_s": _number(env, "AETR_BODY_TIMEOUT_S", 60.0),
+            "max_connections": _whole(env, "AETR_MAX_CONNECTIONS", 1000),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**values)  # type: ignore[arg-type]
