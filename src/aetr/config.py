@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ def _number(env: Mapping[str, str], key: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{key}={raw!r} is not a number") from None
-    if value <= 0:
-        raise ConfigError(f"{key}={raw!r} must be greater than 0")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key}={raw!r} must be a finite number greater than 0")
     return value
 
 

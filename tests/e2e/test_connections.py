@@ -7,6 +7,7 @@ import time
 
 import aiohttp
 
+from aetr.api.server import FILES_RESERVED
 from tests.e2e.harness import Launcher
 
 OPEN_FILES = 256  # the server's `ulimit -n`, soft and hard (the server had 1,024)
@@ -18,7 +19,8 @@ async def test_idle_sockets_beyond_the_open_file_limit_do_not_stop_healthz(launc
     # A header timeout longer than the test: only the connection cap can make room here.
     env = {"AETR_MAX_IN_FLIGHT": "16", "AETR_DB_POOL_SIZE": "4", "AETR_HEADER_TIMEOUT_S": "600"}
     server = await launcher.serve(database_url, env=env, open_files=OPEN_FILES)
-    assert "AETR_MAX_CONNECTIONS=1000 lowered to 136" in server.log()  # 256 - 4 - 16 - 100 kept for the rest
+    cap = OPEN_FILES - 4 - 16 - FILES_RESERVED  # the rest is kept for the pool, the step calls and other files
+    assert f"AETR_MAX_CONNECTIONS=1000 lowered to {cap}" in server.log()
     host, port = "127.0.0.1", server.port
     sockets = [await asyncio.open_connection(host, port) for _ in range(SOCKETS)]
     try:

@@ -21,9 +21,10 @@ def test_the_http_limits_are_read_from_the_environment() -> None:
             settings.max_connections) == (120.0, 2.5, 30.0, 50)
 
 
-@pytest.mark.parametrize(("key", "raw"), [("AETR_KEEP_ALIVE_S", "0"), ("AETR_HEADER_TIMEOUT_S", "-1"),
-                                          ("AETR_BODY_TIMEOUT_S", "soon"), ("AETR_MAX_CONNECTIONS", "0"),
-                                          ("AETR_MAX_CONNECTIONS", "0.5"), ("AETR_MAX_CONNECTIONS", "many")])
+@pytest.mark.parametrize(("key", "raw"), [
+    ("AETR_KEEP_ALIVE_S", "0"), ("AETR_KEEP_ALIVE_S", "nan"), ("AETR_HEADER_TIMEOUT_S", "-1"),
+    ("AETR_BODY_TIMEOUT_S", "soon"), ("AETR_BODY_TIMEOUT_S", "inf"),
+    ("AETR_MAX_CONNECTIONS", "0"), ("AETR_MAX_CONNECTIONS", "0.5"), ("AETR_MAX_CONNECTIONS", "many")])
 def test_a_bad_http_limit_is_refused_with_its_name(key: str, raw: str) -> None:
     with pytest.raises(ConfigError, match=key):
         Settings.from_env({key: raw})
