@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import h11
@@ -46,25 +45,26 @@ class ServerConfig(uvicorn.Config):
         self.limits = limits
 
 
-class Phase(Enum):
-    """What a connection is waiting for from its client."""
-
-    HEADERS = "headers"
-    BODY = "body"
+# What a connection waits for from its client; plain strings, not an Enum: they are set on every request.
+HEADERS = "headers"
+BODY = "body"
 
 
 class Watch:
     """One connection's deadline and the timer that enforces it."""
 
-    __slots__ = ("deadline", "interval", "limits", "loop", "opened_at", "phase", "served", "timer", "transport")
+    __slots__ = ("body_s", "deadline", "header_s", "interval", "limits", "loop", "opened_at", "phase", "served",
+                 "timer", "transport")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limits: ConnectionLimits) -> None:
         self.loop = loop
         self.limits = limits
+        self.header_s = limits.header_timeout_s
+        self.body_s = limits.body_timeout_s
         # The timer fires at least this often, so a deadline set later is never missed (none is shorter).
-        self.interval = min(limits.header_timeout_s, limits.body_timeout_s)
+        self.interval = min(self.header_s, self.body_s)
         self.transport: asyncio.BaseTransport | None = None
-        self.phase: Phase | None = None
+        self.phase: str | None = None
         self.deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.opened_at = 0.0
@@ -74,21 +74,25 @@ class Watch:
         """The connection is open: its first request's headers are due."""
         self.transport = transport
         self.opened_at = self.loop.time()
-        self.enter(Phase.HEADERS)
+        self.headers_due()
         self._arm(self.opened_at)
 
-    def enter(self, phase: Phase | None) -> None:
-        """The connection now waits for `phase` (None: for nothing this module limits)."""
-        if phase is self.phase:
-            return
-        self.phase = phase
-        if phase is None:
-            self.deadline = None
-            return
-        if phase is Phase.BODY:
+    def headers_due(self) -> None:
+        """A request has begun (or the connection opened): its headers are due within the header timeout."""
+        if self.phase is not HEADERS:
+            self.phase = HEADERS
+            self.deadline = self.loop.time() + self.header_s
+
+    def body_due(self) -> None:
+        """A request's headers have arrived: its body is due within the body timeout."""
+        if self.phase is not BODY:
+            self.phase = BODY
             self.served = True
-        timeout = self.limits.header_timeout_s if phase is Phase.HEADERS else self.limits.body_timeout_s
-        self.deadline = self.loop.time() + timeout
+            self.deadline = self.loop.time() + self.body_s
+
+    def received(self) -> None:
+        """A request has arrived whole: nothing is due until the next one begins."""
+        self.phase = self.deadline = None
 
     def closed(self) -> None:
         """The connection is gone: stop its timer."""
@@ -152,16 +156,16 @@ class H11Limited(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE:
-            self.watch.enter(Phase.HEADERS)  # the first bytes of a request (or of more partial headers)
+            self.watch.headers_due()  # the first bytes of a request (or of more partial headers)
         super().data_received(data)
 
     def handle_events(self) -> None:
         super().handle_events()
         state = self.conn.their_state
         if state is h11.SEND_BODY:
-            self.watch.enter(Phase.BODY)
+            self.watch.body_due()
         elif state is not h11.IDLE:
-            self.watch.enter(None)
+            self.watch.received()
 
 
 try:
@@ -189,14 +193,14 @@ else:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self.watch.enter(Phase.HEADERS)
+            self.watch.headers_due()
 
         def on_headers_complete(self) -> None:
-            self.watch.enter(Phase.BODY)
+            self.watch.body_due()
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
-            self.watch.enter(None)
+            self.watch.received()
             super().on_message_complete()
 
     HttpToolsLimited = _HttpToolsLimited
