@@ -3,8 +3,8 @@
 uvicorn bounds only the idle time between two requests (its keep-alive timeout). A socket that sends nothing,
 sends its headers a byte at a time, or trickles its body was held for as long as the client liked, and enough
 of them used up the process's file descriptors. Here every connection has one timer that checks a deadline:
-complete headers within the header timeout (counted from the connection's first byte, or from the first byte
-of the next request on a kept-alive connection), the whole body within the body timeout (counted from the
+complete headers within the header timeout (counted from the connection's opening, or from the first byte of
+the next request on a kept-alive connection), the whole body within the body timeout (counted from the
 headers). The time a route takes to answer is not limited (`?wait=` holds a request open on purpose).
 
 At the connection cap, a new connection closes the oldest one that has no request in progress, preferring
