@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ def _number(env: Mapping[str, str], key: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{key}={raw!r} is not a number") from None
-    if value <= 0:
-        raise ConfigError(f"{key}={raw!r} must be greater than 0")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key}={raw!r} must be a finite number greater than 0")
     return value
 
 
@@ -48,6 +49,15 @@ def _allowed_hosts(env: Mapping[str, str]) -> AllowedHosts | None:
         raise ConfigError(f"{ALLOWED_HOSTS_SETTING}={raw!r}: {exc}") from None
 
 
+def _whole(env: Mapping[str, str], key: str, default: int) -> int:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ConfigError(f"{key}={raw!r} must be a whole number of at least 1")
+    return int(raw)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `aetr serve` can be told; see the configuration table in README.md."""
@@ -67,6 +77,10 @@ class Settings:
     db_pool_size: int = DEFAULT_POOL_SIZE
     sqlite_synchronous: str = "full"
     allowed_step_hosts: AllowedHosts | None = None  # None: steps may call any host
+    keep_alive_s: float = 75.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 1000
 
     @property
     def callback_base(self) -> str:
@@ -91,6 +105,10 @@ class Settings:
             "db_pool_size": int(_number(env, "AETR_DB_POOL_SIZE", DEFAULT_POOL_SIZE)),
             "sqlite_synchronous": _choice(env, "AETR_SQLITE_SYNCHRONOUS", ("full", "normal")),
             "allowed_step_hosts": _allowed_hosts(env),
+            "keep_alive_s": _number(env, "AETR_KEEP_ALIVE_S", 75.0),
+            "header_timeout_s": _number(env, "AETR_HEADER_TIMEOUT_S", 10.0),
+            "body_timeout_s": _number(env, "AETR_BODY_TIMEOUT_S", 60.0),
+            "max_connections": _whole(env, "AETR_MAX_CONNECTIONS", 1000),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**values)  # type: ignore[arg-type]

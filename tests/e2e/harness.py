@@ -70,11 +70,13 @@ async def wait_listening(port: int, timeout: float = READY_TIMEOUT_S) -> None:  
 class Process:
     """One long-running `aetr` subprocess; stdout and stderr go to a log file that a failing test shows."""
 
-    def __init__(self, args: list[str], env: Mapping[str, str], log_path: Path, cwd: Path) -> None:
+    def __init__(self, args: list[str], env: Mapping[str, str], log_path: Path, cwd: Path,
+                 open_files: int | None = None) -> None:
         self.args = args
         self.env = dict(env)
         self.log_path = log_path
         self.cwd = cwd
+        self.open_files = open_files  # the process's limit on open files (soft and hard), as `ulimit -n` sets it
         self._popen: subprocess.Popen[bytes] | None = None
 
     def __str__(self) -> str:
@@ -88,7 +90,14 @@ class Process:
             log.flush()
             self._popen = subprocess.Popen(
                 [*aetr_command(), *self.args], env=self.env, cwd=self.cwd,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._limit_files)
+
+    def _limit_files(self) -> None:
+        """In the child, before `aetr` starts: apply `open_files`."""
+        if self.open_files is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     @property
     def pid(self) -> int:
@@ -140,9 +149,10 @@ class AetrServer(Process):
     """`aetr serve` on a loopback port, on one database, with short leases and a short poll interval."""
 
     def __init__(self, port: int, database_url: str, log_path: Path, cwd: Path,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, open_files: int | None = None) -> None:
         settings = {"AETR_DATABASE_URL": database_url, "AETR_LEASE_S": str(LEASE_S), "AETR_POLL_S": str(POLL_S)}
-        super().__init__(["serve", "--port", str(port)], clean_env({**settings, **(env or {})}), log_path, cwd)
+        super().__init__(["serve", "--port", str(port)], clean_env({**settings, **(env or {})}), log_path, cwd,
+                         open_files)
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
 
@@ -192,10 +202,11 @@ class Launcher:
         process.start()
         return process
 
-    async def serve(self, database_url: str, *, port: int | None = None,
-                    env: Mapping[str, str] | None = None) -> AetrServer:
+    async def serve(self, database_url: str, *, port: int | None = None, env: Mapping[str, str] | None = None,
+                    open_files: int | None = None) -> AetrServer:
         """Start `aetr serve` on a free loopback port and wait until it is healthy."""
-        server = AetrServer(port or free_port(), database_url, self._log_path("serve"), self.workdir, env)
+        server = AetrServer(port or free_port(), database_url, self._log_path("serve"), self.workdir, env,
+                            open_files)
         self.processes.append(server)
         await server.start_ready()
         return server

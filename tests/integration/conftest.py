@@ -18,6 +18,8 @@ import pytest
 import uvicorn
 
 from aetr.api.app import create_app
+from aetr.api.connections import DEFAULT_PROTOCOL
+from aetr.api.server import server_config
 from aetr.config import Settings
 from aetr.engine.runtime import Engine
 from aetr.store import Store, open_store
@@ -78,10 +80,12 @@ async def store(database_url: str) -> AsyncIterator[Store]:
 class Server:
     """A real AETR server on a loopback port, with an HTTP client pointed at it."""
 
-    def __init__(self, engine: Any, base_url: str, session: aiohttp.ClientSession) -> None:
+    def __init__(self, engine: Any, base_url: str, session: aiohttp.ClientSession,
+                 uvicorn_server: uvicorn.Server | None = None) -> None:
         self.engine = engine
         self.base_url = base_url
         self.http = session
+        self.uvicorn = uvicorn_server
 
     async def call(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
         """(status, parsed JSON or None) of one API request."""
@@ -124,8 +128,9 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def running_server(database_url: str, **settings: Any) -> AsyncIterator[Server]:
-    """Start AETR on a free loopback port (uvicorn, in this event loop) and stop it afterwards."""
+async def running_server(database_url: str, protocol: str = DEFAULT_PROTOCOL, **settings: Any) -> AsyncIterator[Server]:
+    """Start AETR on a free loopback port (uvicorn configured as `aetr serve` does, in this event loop) and stop
+    it afterwards."""
     port = free_port()
     config = Settings(**{"database_url": database_url, "port": port, "poll_s": 0.2, "lease_s": 5.0, **settings})
     engine = Engine(config)
@@ -133,8 +138,8 @@ async def running_server(database_url: str, **settings: Any) -> AsyncIterator[Se
         await upgrade_engine(engine.store.engine)
         async with engine.store.engine.begin() as conn:
             await conn.exec_driver_sql(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
-    server = uvicorn.Server(uvicorn.Config(create_app(engine=engine), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
+    server = uvicorn.Server(server_config(config, create_app(engine=engine), protocol=protocol,
+                                          log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve())
     deadline = asyncio.get_running_loop().time() + 15
     while not server.started:
@@ -143,7 +148,7 @@ async def running_server(database_url: str, **settings: Any) -> AsyncIterator[Se
         await asyncio.sleep(0.01)  # uvicorn offers no start event; poll its flag with a deadline
     try:
         async with aiohttp.ClientSession() as session:
-            yield Server(engine, f"http://127.0.0.1:{port}", session)
+            yield Server(engine, f"http://127.0.0.1:{port}", session, server)
     finally:
         server.should_exit = True
         await task

@@ -100,7 +100,13 @@ async def answer_below_routing(scope: Scope, receive: Receive, send: Send, answe
 
 
 class PayloadLimit:
-    """Answers 413 to any request body over the limit, before a route reads it, counting streamed bodies too."""
+    """Answers 413 to any request body over the limit, before any route sees the request.
+
+    A body with a Content-Length is refused by its header alone: the server never hands a route more than
+    that. A chunked body, whose length is known only at its end, is read here to its end (up to the limit)
+    before the route runs: a route that does not read its body (cancel, retry, heartbeat) must not act on a
+    request it should refuse.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -110,32 +116,34 @@ class PayloadLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
+        length = chunked = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = value
         if length is not None and length.isdigit() and int(length) > self.limit:
             await self._refuse(send)
             return
+        if chunked is None:
+            await self.app(scope, receive, send)
+            return
+        chunks = []
         seen = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                # The server discards the rest of the body as it arrives, within its body time limit.
                 await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, replay(b"".join(chunks), receive), send)
 
     async def _refuse(self, send: Send) -> None:
         body = orjson.dumps({"detail": f"request body is larger than {self.limit} bytes "
@@ -145,8 +153,18 @@ class PayloadLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands over a body already read, then goes on to the connection's own."""
+    sent = False
+
+    async def again() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return again
 
 
 def describe_validation(exc: RequestValidationError) -> str:

@@ -10,10 +10,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Request, Response
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aetr.api.answers import EventOut, RunPage, RunTreeOut
-from aetr.api.app import JSON, answer_below_routing, engine_of, read_body, token_ok
+from aetr.api.app import JSON, answer_below_routing, engine_of, read_body, replay, token_ok
 from aetr.api.render import nest, node_json, run_tree_json
 from aetr.api.schemas import Name, RunIn
 from aetr.domain.decide import Verdict
@@ -188,20 +188,6 @@ class FastStarts:
             except ValidationError:
                 run_in = None
         if run_in is None:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay(body, receive), send)
             return
         await answer_below_routing(scope, receive, send, _start(engine, run_in, None))
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive that hands over a body already read, then goes on to the connection's own."""
-    sent = False
-
-    async def again() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return again

@@ -6,16 +6,22 @@ import copy
 import gc
 import ipaddress
 import logging
+import math
 import os
 import sys
+from dataclasses import replace
 from typing import Any
 
 import uvicorn
-from uvicorn.config import LOGGING_CONFIG
+from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
+from aetr.api.connections import DEFAULT_PROTOCOL, PROTOCOLS, ConnectionLimits, ServerConfig
 from aetr.config import ConfigError, Settings
 from aetr.domain.urls import redact_userinfo
 from aetr.engine.tokens import redact
+
+log = logging.getLogger("aetr.api")
 
 
 class RedactCallbackTokens(logging.Filter):
@@ -88,19 +94,91 @@ def serve(host: str = "127.0.0.1", port: int = 9999, insecure: bool = False, wor
         sys.exit(f"aetr: refusing to listen on {host} without AETR_API_TOKEN: anyone who can reach it could "
                  "start runs. Set AETR_API_TOKEN, or pass --insecure if the network is trusted.")
     configure_logging()
+    try:
+        # Worker processes inherit the raised limit.
+        settings = fit_connections(settings, raise_open_file_limit())
+    except ConfigError as exc:
+        sys.exit(f"aetr: {exc}")
+    logs: dict[str, Any] = {"log_level": "info", "access_log": False, "log_config": log_config()}
     if workers == 1:
         from aetr.api.app import create_app
 
-        uvicorn.run(create_app(settings, on_started=settle_heap), host=host, port=port, log_level="info",
-                    access_log=False, log_config=log_config())
+        run(server_config(settings, create_app(settings, on_started=settle_heap), **logs))
         return
     # The schema is brought up to date once, here, before the workers start (each would otherwise race to).
     from aetr.store.migrate import upgrade
 
     upgrade(settings.database_url)
     os.environ[WORKER_HOST_ENV], os.environ[WORKER_PORT_ENV] = host, str(port)
-    uvicorn.run("aetr.api.server:worker_app", factory=True, workers=workers, host=host, port=port,
-                log_level="info", access_log=False, log_config=log_config())
+    run(server_config(settings, "aetr.api.server:worker_app", factory=True, workers=workers, **logs))
+
+
+def server_config(settings: Settings, app: Any, protocol: str = DEFAULT_PROTOCOL, **options: Any) -> ServerConfig:
+    """uvicorn's configuration for `app` under these settings: `aetr serve` and the tests' servers use it.
+
+    The HTTP protocol is uvicorn's own (httptools when installed, else h11) with AETR's limits on reading a
+    request and on open connections; idle connections are kept AETR_KEEP_ALIVE_S.
+    """
+    limits = ConnectionLimits(header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s,
+                              max_connections=settings.max_connections)
+    return ServerConfig(app, limits=limits, http=PROTOCOLS[protocol], host=settings.host, port=settings.port,
+                        timeout_keep_alive=math.ceil(settings.keep_alive_s), **options)
+
+
+def run(config: ServerConfig) -> None:
+    """Serve `config` in the foreground, in `config.workers` processes; exit with an error when it cannot start."""
+    server = uvicorn.Server(config)
+    try:
+        if config.workers > 1:
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+        else:
+            server.run()
+    except KeyboardInterrupt:
+        pass
+    if config.workers == 1 and not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+FILES_RESERVED = 100  # open files a process needs besides connections and pools: logs, sandbox pipes, SQLite's
+MIN_CONNECTIONS = 16  # fewer than this left under the open-file limit: refuse to start
+NOFILE_CEILING = 1 << 20  # the open-file limit asked for when the hard limit is unlimited
+
+
+def raise_open_file_limit() -> int | None:
+    """Raise this process's soft limit on open files to its hard limit; the limit now in force (None: unknown)."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):  # the system caps it lower (e.g. fs.nr_open): keep the soft limit
+            pass
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def fit_connections(settings: Settings, open_files: int | None) -> Settings:
+    """The settings with AETR_MAX_CONNECTIONS lowered, if needed, so that the connections, the database pool
+    and the step calls fit under the process's open-file limit: the process keeps accepting (and /healthz
+    keeps answering) however many sockets clients open."""
+    if open_files is None:
+        return settings
+    room = open_files - settings.db_pool_size - settings.max_in_flight - FILES_RESERVED
+    if room >= settings.max_connections:
+        return settings
+    if room < MIN_CONNECTIONS:
+        raise ConfigError(
+            f"this process may open only {open_files} files (ulimit -n), too few for AETR_DB_POOL_SIZE="
+            f"{settings.db_pool_size}, AETR_MAX_IN_FLIGHT={settings.max_in_flight} and {MIN_CONNECTIONS} client "
+            f"connections: raise the limit (ulimit -n, or LimitNOFILE= under systemd) or lower those settings")
+    log.warning("AETR_MAX_CONNECTIONS=%d lowered to %d: this process may open %d files (ulimit -n) and keeps %d "
+                "of them for its database pool, step calls and own files; raise the limit to allow more",
+                settings.max_connections, room, open_files, open_files - room)
+    return replace(settings, max_connections=room)
 
 
 def worker_count() -> int:
