@@ -39,7 +39,8 @@ ABUSE: dict[str, tuple[str, tuple[str, ...]]] = {
     "process-exit": ("(x) => process.exit(1)", ("ReferenceError: process is not defined",)),
     "fetch": ("(x) => fetch('http://127.0.0.1')", ("ReferenceError: fetch is not defined",)),
     "function-constructor": ("(x) => globalThis.constructor.constructor('return process')().exit(1)",
-                             ("ReferenceError: process is not defined",)),
+                             ("EvalError: Function() is not available in the sandbox: code generation from strings "
+                              "is disabled",)),
     "dynamic-import": ("(x) => import('fs')", ("no import(): modules cannot load here",)),
 }
 AT_START = "endless-loop-at-start"  # the same endless loop on the first link: it runs inside POST /runs
@@ -135,3 +136,47 @@ async def test_hostile_mappers_fail_their_own_node_while_ordinary_runs_complete_
     assert svc.errors == [], svc.errors
     assert len(health.answers) >= 3, health.answers  # the endless scripts alone keep the runs going ≥ 0.5 s
     assert {status for status, _ in health.answers} == {200}, health.answers
+
+
+async def evaluate(aetr: Server, source: str, run_input: Any = None) -> dict[str, Any]:
+    """`POST /sandbox/evaluate`'s answer, which is 200 whether the script succeeded or not."""
+    status, answer = await aetr.call("POST", "/api/v1/sandbox/evaluate", {"source": source, "input": run_input})
+    assert status == 200, answer
+    result: dict[str, Any] = answer
+    return result
+
+
+async def test_an_evaluate_call_sees_nothing_that_an_earlier_caller_left(aetr: Server) -> None:
+    # One caller after another, so the server's sandbox hands each the worker the previous one used.
+    secret = "first caller secret 1729"
+    register = """(input) => {
+      try { __aetr.compile('persist', '() => (' + JSON.stringify(input) + ')', ''); } catch (e) {}
+      return 1;
+    }"""
+    assert await evaluate(aetr, register, secret) == {"ok": True, "output": 1}
+    steal = "() => { try { return __aetr.run('persist', '[null]'); } catch (e) { return String(e); } }"
+    assert secret not in str(await evaluate(aetr, steal))
+
+    victim = r"(input) => /^([^@]+)@/.exec(input)[1].length"
+    assert (await evaluate(aetr, victim, "alice.secret@example.com"))["output"] == len("alice.secret")
+    read_last_match = "() => [RegExp.$1, RegExp.input, RegExp.lastMatch].map(String)"
+    assert "secret" not in str(await evaluate(aetr, read_last_match))
+
+    set_global = await evaluate(aetr, "(x) => { globalThis.leak = x; return 1 }", secret)
+    assert set_global["ok"] is False and set_global["error"]["kind"] == "threw", set_global
+    assert (await evaluate(aetr, "() => typeof globalThis.leak"))["output"] == "undefined"
+    for pollute in ["(x) => { Object.prototype.x = x; return 1 }",
+                    "() => { Array.prototype.map = () => []; return 1 }"]:
+        assert (await evaluate(aetr, pollute, secret))["error"]["kind"] == "threw"
+    assert (await evaluate(aetr, "(a) => [typeof ({}).x, a.map((n) => n + 1)]", [1]))["output"] == ["undefined", [2]]
+
+    fill = """(k) => {
+      for (let i = 0; i < 200; i++) {
+        try { __aetr.compile('fill-' + k + '-' + i, "() => '" + 'x'.repeat(20000) + "'", ''); }
+        catch (e) { return String(e); }
+      }
+      return 'filled';
+    }"""
+    for k in range(16):
+        assert (await evaluate(aetr, fill, k))["output"] == "ReferenceError: __aetr is not defined"
+    assert await evaluate(aetr, "(i) => ({ ok: i })", 7) == {"ok": True, "output": {"ok": 7}}
