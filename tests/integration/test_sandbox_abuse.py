@@ -180,3 +180,50 @@ async def test_an_evaluate_call_sees_nothing_that_an_earlier_caller_left(aetr: S
     for k in range(16):
         assert (await evaluate(aetr, fill, k))["output"] == "ReferenceError: __aetr is not defined"
     assert await evaluate(aetr, "(i) => ({ ok: i })", 7) == {"ok": True, "output": {"ok": 7}}
+
+
+class WatchedScripts:
+    """The server's sandbox, telling the test when a script has started."""
+
+    def __init__(self, scripts: Any) -> None:
+        self.scripts = scripts
+        self.started = asyncio.Event()
+
+    async def acall(self, source: str, args: list[Any]) -> Any:
+        self.started.set()
+        return await self.scripts.acall(source, args)
+
+
+LOOPING_RUNS = 4
+LOOP_LIMIT_S = 1.0  # AETR_SANDBOX_TIME_LIMIT_S here: LOOPING_RUNS seconds of looping, if they ran one by one
+QUICK_START_S = 0.5  # an unrelated POST /runs answers in tens of milliseconds; well under one loop's limit
+
+
+async def test_a_looping_mapper_holds_up_no_other_run_s_writes(database_url: str, steps_service: StepService) -> None:
+    svc = steps_service
+    svc.route("/ok", callback(lambda x: {"done": x}))
+    svc.route("/target", callback(lambda x: {"should never": "be called"}))
+    async with running_server(database_url, sandbox_time_limit_s=LOOP_LIMIT_S) as aetr:
+        await aetr.put_step({"name": "unrelated", "kind": "api", "url": svc.url("/ok")})
+        await aetr.put_step({"name": "target", "kind": "api", "url": svc.url("/target")})
+        await aetr.put_step({"name": "looping", "kind": "sequential", "children": [
+            {"step": "target", "mapper": "(x) => { while (true) {} }"}]})
+        watched = WatchedScripts(aetr.engine.coordinator.scripts)
+        aetr.engine.coordinator.scripts = watched
+        looping = [asyncio.create_task(aetr.start("looping", n)) for n in range(LOOPING_RUNS)]
+        await asyncio.wait_for(watched.started.wait(), 10.0)
+
+        sent = time.monotonic()
+        unrelated = await aetr.start("unrelated", "meanwhile")
+        answered_s = time.monotonic() - sent
+        looping_ids = await asyncio.gather(*looping)
+        looped = await asyncio.gather(*(aetr.wait_run(run_id, RUN_TIMEOUT_S) for run_id in looping_ids))
+        assert (await aetr.wait_run(unrelated))["output"] == {"done": "meanwhile"}
+
+    print(f"unrelated POST /runs answered in {answered_s:.3f} s")
+    assert answered_s < QUICK_START_S, f"POST /runs took {answered_s:.2f} s while mappers looped"
+    message = f"script exceeded the time limit of {LOOP_LIMIT_S} s (raise it with AETR_SANDBOX_TIME_LIMIT_S)"
+    for run in looped:
+        assert run["state"] == "error", run
+        assert (run["error"]["kind"], run["error"]["message"], run["error"]["step"]) == ("mapper", message, "target")
+    assert svc.calls("/target") == []
