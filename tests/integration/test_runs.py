@@ -304,6 +304,29 @@ async def test_a_long_poll_answers_as_soon_as_the_run_ends(database_url: str, st
         assert max(late) < 0.5, sorted(late)[-5:]
 
 
+async def test_scripts_that_wait_for_other_scripts_in_one_event_see_their_results(
+        aetr: Server, steps_service: StepService) -> None:
+    # The start alone runs eleven mappers: the one above the parallel parent, then each box's, then each
+    # leaf's, which reads what its box's returned; the last callback runs the reducer. (On SQLite an event
+    # runs again once per level of scripts, see sqlite.Writer.)
+    steps_service.route("/leaf", callback(lambda x: x))
+    await aetr.put_step(api(steps_service, "leaf"))
+    boxes = [{"step": {"name": f"box-{i}", "kind": "sequential", "children": [
+                  {"step": "leaf", "mapper": "(x) => ({ ...x, w: x.v + 1 })"}]},
+              "mapper": "(x, ctx) => ({ v: x.n * 10 + ctx.index, run: ctx.run.id })"} for i in range(5)]
+    await aetr.put_step({"name": "levels", "kind": "sequential", "children": [
+        {"step": {"name": "fan", "kind": "parallel", "children": boxes,
+                  "reducer": "(outs, ctx) => ({ w: outs.map((o) => o.w), index: ctx.index })"},
+         "mapper": "(x) => ({ n: x.n + 1 })"}]})
+    run_id = await aetr.start("levels", {"n": 1})
+    run = await aetr.wait_run(run_id)
+    assert run["state"] == "complete", run
+    assert run["output"] == {"w": [21, 22, 23, 24, 25], "index": 0}
+    assert [box["output"] for box in run["children"][0]["children"]] == [
+        {"v": 20 + i, "run": run_id, "w": 21 + i} for i in range(5)]
+    assert sorted(c.json["v"] for c in steps_service.calls("/leaf")) == [20 + i for i in range(5)]
+
+
 async def test_list_runs_filters_and_pages(aetr: Server) -> None:
     await aetr.put_step({"name": "e1", "kind": "sequential"})
     await aetr.put_step({"name": "e2", "kind": "sequential"})

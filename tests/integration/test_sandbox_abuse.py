@@ -39,7 +39,8 @@ ABUSE: dict[str, tuple[str, tuple[str, ...]]] = {
     "process-exit": ("(x) => process.exit(1)", ("ReferenceError: process is not defined",)),
     "fetch": ("(x) => fetch('http://127.0.0.1')", ("ReferenceError: fetch is not defined",)),
     "function-constructor": ("(x) => globalThis.constructor.constructor('return process')().exit(1)",
-                             ("ReferenceError: process is not defined",)),
+                             ("EvalError: Function() is not available in the sandbox: code generation from strings "
+                              "is disabled",)),
     "dynamic-import": ("(x) => import('fs')", ("no import(): modules cannot load here",)),
 }
 AT_START = "endless-loop-at-start"  # the same endless loop on the first link: it runs inside POST /runs
@@ -135,3 +136,94 @@ async def test_hostile_mappers_fail_their_own_node_while_ordinary_runs_complete_
     assert svc.errors == [], svc.errors
     assert len(health.answers) >= 3, health.answers  # the endless scripts alone keep the runs going ≥ 0.5 s
     assert {status for status, _ in health.answers} == {200}, health.answers
+
+
+async def evaluate(aetr: Server, source: str, run_input: Any = None) -> dict[str, Any]:
+    """`POST /sandbox/evaluate`'s answer, which is 200 whether the script succeeded or not."""
+    status, answer = await aetr.call("POST", "/api/v1/sandbox/evaluate", {"source": source, "input": run_input})
+    assert status == 200, answer
+    result: dict[str, Any] = answer
+    return result
+
+
+async def test_an_evaluate_call_sees_nothing_that_an_earlier_caller_left(aetr: Server) -> None:
+    # One caller after another, so the server's sandbox hands each the worker the previous one used.
+    secret = "first caller secret 1729"
+    register = """(input) => {
+      try { __aetr.compile('persist', '() => (' + JSON.stringify(input) + ')', ''); } catch (e) {}
+      return 1;
+    }"""
+    assert await evaluate(aetr, register, secret) == {"ok": True, "output": 1}
+    steal = "() => { try { return __aetr.run('persist', '[null]'); } catch (e) { return String(e); } }"
+    assert secret not in str(await evaluate(aetr, steal))
+
+    victim = r"(input) => /^([^@]+)@/.exec(input)[1].length"
+    assert (await evaluate(aetr, victim, "alice.secret@example.com"))["output"] == len("alice.secret")
+    read_last_match = "() => [RegExp.$1, RegExp.input, RegExp.lastMatch].map(String)"
+    assert "secret" not in str(await evaluate(aetr, read_last_match))
+
+    set_global = await evaluate(aetr, "(x) => { globalThis.leak = x; return 1 }", secret)
+    assert set_global["ok"] is False and set_global["error"]["kind"] == "threw", set_global
+    assert (await evaluate(aetr, "() => typeof globalThis.leak"))["output"] == "undefined"
+    for pollute in ["(x) => { Object.prototype.x = x; return 1 }",
+                    "() => { Array.prototype.map = () => []; return 1 }"]:
+        assert (await evaluate(aetr, pollute, secret))["error"]["kind"] == "threw"
+    assert (await evaluate(aetr, "(a) => [typeof ({}).x, a.map((n) => n + 1)]", [1]))["output"] == ["undefined", [2]]
+
+    fill = """(k) => {
+      for (let i = 0; i < 200; i++) {
+        try { __aetr.compile('fill-' + k + '-' + i, "() => '" + 'x'.repeat(20000) + "'", ''); }
+        catch (e) { return String(e); }
+      }
+      return 'filled';
+    }"""
+    for k in range(16):
+        assert (await evaluate(aetr, fill, k))["output"] == "ReferenceError: __aetr is not defined"
+    assert await evaluate(aetr, "(i) => ({ ok: i })", 7) == {"ok": True, "output": {"ok": 7}}
+
+
+class WatchedScripts:
+    """The server's sandbox, telling the test when a script has started."""
+
+    def __init__(self, scripts: Any) -> None:
+        self.scripts = scripts
+        self.started = asyncio.Event()
+
+    async def acall(self, source: str, args: list[Any]) -> Any:
+        self.started.set()
+        return await self.scripts.acall(source, args)
+
+
+LOOPING_RUNS = 4
+LOOP_LIMIT_S = 1.0  # AETR_SANDBOX_TIME_LIMIT_S here: LOOPING_RUNS seconds of looping, if they ran one by one
+QUICK_START_S = 0.5  # an unrelated POST /runs answers in tens of milliseconds; well under one loop's limit
+
+
+async def test_a_looping_mapper_holds_up_no_other_run_s_writes(database_url: str, steps_service: StepService) -> None:
+    svc = steps_service
+    svc.route("/ok", callback(lambda x: {"done": x}))
+    svc.route("/target", callback(lambda x: {"should never": "be called"}))
+    async with running_server(database_url, sandbox_time_limit_s=LOOP_LIMIT_S) as aetr:
+        await aetr.put_step({"name": "unrelated", "kind": "api", "url": svc.url("/ok")})
+        await aetr.put_step({"name": "target", "kind": "api", "url": svc.url("/target")})
+        await aetr.put_step({"name": "looping", "kind": "sequential", "children": [
+            {"step": "target", "mapper": "(x) => { while (true) {} }"}]})
+        watched = WatchedScripts(aetr.engine.coordinator.scripts)
+        aetr.engine.coordinator.scripts = watched
+        looping = [asyncio.create_task(aetr.start("looping", n)) for n in range(LOOPING_RUNS)]
+        await asyncio.wait_for(watched.started.wait(), 10.0)
+
+        sent = time.monotonic()
+        unrelated = await aetr.start("unrelated", "meanwhile")
+        answered_s = time.monotonic() - sent
+        looping_ids = await asyncio.gather(*looping)
+        looped = await asyncio.gather(*(aetr.wait_run(run_id, RUN_TIMEOUT_S) for run_id in looping_ids))
+        assert (await aetr.wait_run(unrelated))["output"] == {"done": "meanwhile"}
+
+    print(f"unrelated POST /runs answered in {answered_s:.3f} s")
+    assert answered_s < QUICK_START_S, f"POST /runs took {answered_s:.2f} s while mappers looped"
+    message = f"script exceeded the time limit of {LOOP_LIMIT_S} s (raise it with AETR_SANDBOX_TIME_LIMIT_S)"
+    for run in looped:
+        assert run["state"] == "error", run
+        assert (run["error"]["kind"], run["error"]["message"], run["error"]["step"]) == ("mapper", message, "target")
+    assert svc.calls("/target") == []

@@ -87,16 +87,99 @@ def test_a_global_set_by_one_script_is_invisible_to_another(sandbox: Sandbox) ->
     assert sandbox.call("() => typeof leak", []) == "undefined"
 
 
+def test_a_script_s_input_put_on_the_global_object_is_not_seen_by_the_next(sandbox: Sandbox) -> None:
+    assert script_error(sandbox, "(x) => { globalThis.leak = x; return 1 }", ["first caller's input"]).kind == "threw"
+    assert sandbox.call("() => typeof globalThis.leak", []) == "undefined"
+
+
 def test_a_prototype_patched_by_one_script_is_untouched_for_another(sandbox: Sandbox) -> None:
     for patch in [
         "() => { Array.prototype.evil = 1; return 1; }",
         "() => { Object.prototype.toJSON = () => 'pwned'; return 1; }",
         "() => { JSON.stringify = () => 'pwned'; return 1; }",
         "() => { Object.getPrototypeOf(function* () {}).evil = 1; return 1; }",
+        "(x) => { Object.prototype.x = x; return 1; }",
+        "() => { Array.prototype.map = function () { return ['pwned']; }; return 1; }",
     ]:
         assert script_error(sandbox, patch).kind == "threw"
-    assert sandbox.call("() => [[].evil, Object.getPrototypeOf(function* () {}).evil]", []) == [None, None]
+    assert sandbox.call("() => [[].evil, Object.getPrototypeOf(function* () {}).evil, ({}).x]", []) == [None] * 3
+    assert sandbox.call("(a) => a.map((n) => n * 2)", [[1, 2]]) == [2, 4]
     assert sandbox.call("() => ({ a: 1 })", []) == {"a": 1}
+
+
+def test_a_script_cannot_run_code_that_an_earlier_script_registered(sandbox: Sandbox) -> None:
+    # The attack of the issue: the runner was a global, so one call stored a function holding its caller's
+    # input and a later, different script ran it.
+    register = """(input) => {
+      try { __aetr.compile('persist', '() => (' + JSON.stringify(input) + ')', ''); } catch (e) {}
+      return 1;
+    }"""
+    assert sandbox.call(register, ["first caller's secret"]) == 1
+    steal = "() => { try { return __aetr.run('persist', '[null]'); } catch (e) { return String(e); } }"
+    assert "secret" not in str(sandbox.call(steal, []))
+    assert sandbox.call("() => typeof __aetr", []) == "undefined"
+
+
+def test_no_script_can_hook_or_read_the_input_of_a_later_script(sandbox: Sandbox) -> None:
+    spy = """() => {
+      const attempts = [
+        () => { globalThis.__aetr = { run: () => 'R1' }; },
+        () => { Object.defineProperty(globalThis, '__aetr', { value: {} }); },
+        () => { JSON.parse = (text) => { globalThis.seen = text; return []; }; },
+        () => { Reflect.apply = () => 1; },
+        () => { Function.prototype.apply = () => 1; },
+        () => { Map.prototype.get = () => () => () => 1; },
+      ];
+      return attempts.filter((attempt) => { try { attempt(); return true; } catch (e) { return false; } }).length;
+    }"""
+    assert sandbox.call(spy, []) == 0
+    victim = r"(input) => /^([^@]+)@/.exec(input.email)[1].length"
+    assert sandbox.call(victim, [{"email": "alice.secret@example.com"}]) == len("alice.secret")
+    read = """() => [typeof seen, typeof __aetr, RegExp.$1, RegExp.input, RegExp.lastMatch, RegExp.leftContext,
+                     RegExp['$_'], RegExp['$&']].map(String)"""
+    assert not [seen for seen in sandbox.call(read, []) if "secret" in seen or "alice" in seen]
+
+
+@pytest.mark.parametrize(
+    ("register", "refusal"),
+    [
+        ("__aetr.compile(`fill-${k}-${i}`, `() => '${big}'`, '')", "ReferenceError: __aetr is not defined"),
+        ("new Function(`return '${big}'`)", "code generation from strings is disabled"),
+        ("(0, eval)(`'${big}'`)", "code generation from strings is disabled"),
+    ],
+)
+def test_scripts_cannot_leave_compiled_code_that_fills_the_heap_for_later_ones(register: str, refusal: str) -> None:
+    # The issue's attack: 16 calls each registering 200 functions of 20 KB. V8 also keeps code compiled from
+    # strings after the call that made it, so `new Function` and `eval` could fill the heap the same way.
+    fill = f"""(k) => {{
+      for (let i = 0; i < 200; i++) {{
+        const big = String(k) + '-' + i + 'x'.repeat(20000);
+        try {{ {register}; }} catch (e) {{ return String(e); }}
+      }}
+      return 'filled';
+    }}"""
+    with Sandbox(pool_size=1) as sandbox:
+        for k in range(16):
+            assert refusal in sandbox.call(fill, [k])
+        assert sandbox.call("(i) => ({ ok: i })", [7]) == {"ok": 7}
+
+
+def test_many_large_sources_do_not_fill_the_heap_that_later_scripts_need() -> None:
+    with Sandbox(pool_size=1) as sandbox:
+        for i in range(300):
+            assert sandbox.call(f"(x) => x + {i} /* {'z' * 60_000} */", [1]) == i + 1
+        needs_half = "() => { const a = []; for (let i = 0; i < 32; i++) a.push('y'.repeat(2 ** 20) + i); return 1 }"
+        assert sandbox.call(needs_half, []) == 1
+
+
+def test_code_generation_from_strings_is_refused_with_a_clear_error(sandbox: Sandbox) -> None:
+    for source in ["() => eval('1')", "() => new Function('return 1')()", "() => Function('return 1')()",
+                   "() => (function* () {}).constructor('yield 1')", "() => (async () => {}).constructor('1')"]:
+        error = script_error(sandbox, source)
+        assert error.kind == "threw"
+        assert "code generation from strings is disabled" in error.message
+    assert sandbox.call("() => [(() => 1) instanceof Function, typeof eval, Function.name]", []) == [
+        True, "function", "Function"]
 
 
 def test_scripts_can_still_assign_inherited_names_on_their_own_objects(sandbox: Sandbox) -> None:

@@ -14,11 +14,11 @@ from typing import Any, Protocol
 
 from aetr.domain import decide
 from aetr.domain.decide import ACCEPTED
-from aetr.domain.jsonvalue import check_json
+from aetr.domain.jsonvalue import MAX_TREE_DEPTH, check_json
 from aetr.domain.runs import Node, Plan, Work, build_run_nodes
 from aetr.engine import metrics
 from aetr.engine.outage import OUTAGE, is_outage
-from aetr.store import ClaimedWork, Conflict, Store
+from aetr.store import ClaimedWork, Conflict, NeedsScripts, Store
 from aetr.store.sql import (
     Apply,
     Chain,
@@ -35,11 +35,14 @@ from aetr.store.sql import (
     Program,
     single,
 )
-from aetr.store.store import is_integrity_error
+from aetr.store.store import ScriptAnswers, is_integrity_error
 
 log = logging.getLogger("aetr.engine")
 
 MAX_CONFLICT_RETRIES = 50  # an event that loses this many races in a row is a bug, not contention
+# Each pass of an event that stops for scripts runs at least one more of them, and a script waits only for the
+# ones above it in the tree: more passes than the deepest tree allows is a bug.
+MAX_SCRIPT_PASSES = MAX_TREE_DEPTH + 16
 
 Handler = Callable[[Plan], Generator[decide.Request, Any, Any]]
 
@@ -85,6 +88,20 @@ def time_ordered_ids() -> Iterator[str]:
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)
+
+
+def replaying(drawn: list[str], source: Iterator[str]) -> Callable[[], str]:
+    """New ids from `source`, recorded in `drawn`: a program run again draws the same ids in the same order."""
+    position = 0
+
+    def next_id() -> str:
+        nonlocal position
+        if position == len(drawn):
+            drawn.append(next(source))
+        position += 1
+        return drawn[position - 1]
+
+    return next_id
 
 
 @dataclass(frozen=True)
@@ -134,9 +151,14 @@ class Coordinator:
 
         A known idempotency key answers with its run (not created); an unknown step with no run at all.
         """
+        # The run's ids and time are drawn once: a program run again (for its scripts) builds the same run,
+        # so its mappers are asked the same (`ctx.run.id`) and their answers serve.
+        ids: list[str] = []
+        source, now = time_ordered_ids(), utcnow()
         try:
-            out: Outcome = await self.store.run(self._start_program(step, run_input, idempotency_key),
-                                                self._script, self._committed)
+            out: Outcome = await self._run_with_scripts(
+                lambda: self._start_program(step, run_input, idempotency_key, now, replaying(ids, source)),
+                ScriptAnswers(self._script))
         except Exception as exc:
             # Two requests with one new key raced: the loser answers with the winner's run.
             if idempotency_key is None or not is_integrity_error(exc):
@@ -149,7 +171,8 @@ class Coordinator:
             metrics.RUNS_STARTED.inc()
         return Started(out.created, out.run_id, out.plan)
 
-    def _start_program(self, step: str, run_input: Any, key: str | None) -> Program:
+    def _start_program(self, step: str, run_input: Any, key: str | None, now: datetime,
+                       new_id: Callable[[], str]) -> Program:
         if key is not None:
             existing = yield FindRunByKey(key)
             if existing is not None:
@@ -157,7 +180,7 @@ class Coordinator:
         tree = yield LoadTree(step)
         if tree is None:
             return Outcome(decide.Verdict("unknown", f"no step named (or with id) '{step}'"), created=False)
-        nodes = build_run_nodes(tree, run_input, utcnow(), time_ordered_ids().__next__)
+        nodes = build_run_nodes(tree, run_input, now, new_id)
         root_id = nodes[0].id
         plan = Plan(now=nodes[0].created_at, new_run=True)
         plan.absorb(nodes, children_of=[n.id for n in nodes])
@@ -264,10 +287,11 @@ class Coordinator:
     async def _event(self, node_id: str, handler: Handler, source: str | None, attempt: int,
                      done: FinishCall | None = None) -> decide.Verdict:
         answered = [c for c in (self._answered.pop(node_id, None), done) if c is not None]
+        answers = ScriptAnswers(self._script)  # kept across lost races: a script's answer depends on its args only
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
-                out: Outcome = await self.store.run(self._program(node_id, handler, source, attempt, answered),
-                                                    self._script, self._committed)
+                out: Outcome = await self._run_with_scripts(
+                    lambda: self._program(node_id, handler, source, attempt, answered), answers)
             except Conflict:
                 self.conflicts += 1
                 metrics.CONFLICTS.inc()
@@ -276,6 +300,16 @@ class Coordinator:
                 metrics.REPORTS.labels(source, out.verdict.outcome).inc()
             return out.verdict
         raise RuntimeError(f"node {node_id}: gave up after {MAX_CONFLICT_RETRIES} conflicting updates")
+
+    async def _run_with_scripts(self, program: Callable[[], Program], answers: ScriptAnswers) -> Any:
+        """Run an event's program; when the store stops it for scripts (SQLite's writer runs none), run them
+        here, outside any transaction, and the event again from the start, new program, same answers."""
+        for _ in range(MAX_SCRIPT_PASSES):
+            try:
+                return await self.store.run(program(), answers, self._committed)
+            except NeedsScripts as need:
+                await answers.run_all(need.requests)
+        raise RuntimeError(f"an event still asked for new scripts after {MAX_SCRIPT_PASSES} passes")
 
     def _program(self, node_id: str, handler: Handler, source: str | None, attempt: int,
                  answered: list[FinishCall]) -> Program:

@@ -7,23 +7,28 @@ Isolation model (see `prelude.py` for the JavaScript side):
 - The global object and all intrinsics are deep-frozen and scripts run in strict mode, so a script can
   neither define globals nor patch prototypes for the next script; each call re-runs the script's
   factory, so even one script's own top-level state starts fresh every call.
+- The runner and the compiled scripts are reachable only through this object's handle on the runner
+  function: no global names them, so a script can neither run, read nor replace another's code.
+- What the isolate keeps of the scripts it compiled is bounded in number and in size (`COMPILED_PER_ISOLATE`,
+  `compiled_chars`), so that many large sources cannot fill the heap that later scripts need.
 - A call is complete only once the microtasks (promise callbacks) it queued have run: mini-racer runs them
   between tasks, outside any evaluation, so `Promise.resolve().then(() => { for (;;); })` would otherwise
   return at once and then hang the isolate for the next caller. `_fence` waits for them.
 - Nothing here enforces the time limit: the parent process kills the worker when a call overruns,
   which also stops V8 builtins that ignore TerminateExecution.
 
-Speed: mini-racer's public `eval(timeout_sec=...)` hops through an asyncio loop thread (~0.6 ms per call
-here). This class submits evaluations to the context directly and reads mini-racer's in-order result
-queue, which needs mini-racer 0.14 internals; `__init__` checks that they are there.
+Speed: mini-racer's public `eval(timeout_sec=...)` and function calls hop through an asyncio loop thread
+(~0.6 ms per call here). This class submits calls of the runner to the context directly and reads
+mini-racer's in-order result queue, which needs mini-racer 0.14 internals; `__init__` checks that they
+are there.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 import re
-import secrets
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Final, cast, get_args
 
@@ -35,16 +40,17 @@ from aetr.sandbox.limits import MIB, SandboxLimits
 from aetr.sandbox.prelude import PRELUDE_JS, REMOVED_GLOBALS, SCRIPT_NAME
 
 if TYPE_CHECKING:
-    from py_mini_racer import JSObject, PythonJSConvertedTypes
+    from py_mini_racer import JSArray, JSFunction, PythonJSConvertedTypes
 
 COMPILED_PER_ISOLATE: Final = 256  # most recently used sources kept compiled in one isolate
+COMPILED_SHARE: Final = 16  # their sources may take at most 1/16 of the memory limit, counted in characters
 _IN_ORDER_CALLBACK_ID: Final = 0  # mini-racer queues the results for this callback id in submission order
 _LOCATED_MESSAGE = re.compile(r"[^\n]*?:(\d+): ([^\n]*)")  # "<script>:<line>: SyntaxError: ..."
 _KINDS: Final = frozenset(get_args(ScriptErrorKind))
 
 
 def _js_string(text: str) -> str:
-    """Quote `text` as a JavaScript string literal (JSON strings are valid ones since ES2019)."""
+    """Quote `text` as a JSON string."""
     try:
         return orjson.dumps(text).decode()
     except TypeError:
@@ -64,6 +70,9 @@ class Isolate:
     def __init__(self, limits: SandboxLimits) -> None:
         self._limits = limits
         self._compiled: OrderedDict[str, str] = OrderedDict()  # source -> id of its compiled factory
+        self._compiled_chars = 0
+        self.compiled_chars = limits.memory_limit_bytes // COMPILED_SHARE
+        self._ids = itertools.count()
         self.exhausted = False  # the heap went over the limit: the isolate must not run anything else
         self._racer = MiniRacer()
         try:
@@ -74,6 +83,7 @@ class Isolate:
                 self._results: queue.Queue[Any] = ctx._non_cancelable_mr_task_results_queue
                 self._to_handle: Any = ctx._python_to_value_handle
                 self._to_python: Any = ctx._value_handle_to_python
+                self._dll.mr_call_function  # noqa: B018 -- present in 0.14, checked before it is needed
             except AttributeError as e:
                 raise RuntimeError(
                     "this mini-racer version is not supported: the AETR sandbox relies on mini-racer 0.14 "
@@ -85,32 +95,35 @@ class Isolate:
                 "removedGlobals": REMOVED_GLOBALS,
                 "maxResultChars": limits.memory_limit_bytes,
             }
-            self._line_offset = int(cast("int", self._racer.eval(f"{PRELUDE_JS}({orjson.dumps(config).decode()})")))
-            self._runner = cast("JSObject", self._racer.eval("__aetr"))
+            prepared = cast("JSArray", self._racer.eval(f"{PRELUDE_JS}({orjson.dumps(config).decode()})"))
+            self._runner = cast("JSFunction", prepared[0])
+            self._line_offset = int(cast("int", prepared[1]))
+            # Handles held for every call: the runner, and the empty argument list it is called with.
+            self._runner_handle = self._to_handle(self._runner)
+            self._no_args_handle = self._to_handle(self._racer.eval("[]"))
         except BaseException:
             self._racer.close()
             raise
 
     def call(self, source: str, args_json: str) -> str:
         """Run `source` on the JSON array `args_json` and return its result as JSON text."""
-        return self._evaluate(source, "run", _js_string(args_json))
+        return self._unwrap(self._invoke(f"r{self._compilation(source)}:{args_json}"), source)
 
     def check(self, source: str) -> None:
         """Raise ScriptError unless `source` compiles and evaluates to a function."""
-        self._evaluate(source, "check", None)
+        self._unwrap(self._invoke(f"k{self._compilation(source)}:"), source)
 
     def close(self) -> None:
         """Free the isolate."""
         self._racer.close()
 
-    def _evaluate(self, source: str, method: str, argument: str | None) -> str:
-        """Compile `source` if needed, invoke the runner's `method` on it and return the JSON text."""
+    def _invoke(self, request: str) -> PythonJSConvertedTypes | JSEvalException:
+        """Call the runner with `request` as `this`; return its answer, or the exception it let through."""
         if self.exhausted:
             raise RuntimeError("this isolate went over its memory limit; start a new one")
-        prefix, script_id = self._compilation(source)
-        call_args = f'"{script_id}"' if argument is None else f'"{script_id}",{argument}'
-        handle = self._to_handle(f"{prefix}__aetr.{method}({call_args})")
-        self._dll.mr_eval(self._raw_ctx, handle.raw, _IN_ORDER_CALLBACK_ID)
+        request_handle = self._to_handle(request)
+        self._dll.mr_call_function(self._raw_ctx, self._runner_handle.raw, request_handle.raw,
+                                   self._no_args_handle.raw, _IN_ORDER_CALLBACK_ID)
         self._fence()
         outcome: PythonJSConvertedTypes | JSEvalException
         try:
@@ -120,10 +133,12 @@ class Isolate:
         if isinstance(outcome, JSOOMException) or self._racer.was_hard_memory_limit_reached():
             self.exhausted = True
             raise ScriptError(self._limits.memory_message(), kind="memory") from None
+        return outcome
+
+    def _unwrap(self, outcome: PythonJSConvertedTypes | JSEvalException, source: str) -> str:
+        """Return the JSON text of a runner's answer, or raise the ScriptError it describes."""
         if isinstance(outcome, JSEvalException):
-            # The runner catches everything a script throws, so this is the Function constructor's.
-            raise self._compile_error(outcome, source) from None
-        self._compiled[source] = script_id
+            raise RuntimeError(f"the sandbox runner failed: {outcome}")
         if not isinstance(outcome, str) or not outcome:
             raise RuntimeError(f"the sandbox runner returned {outcome!r}; expected a tagged string")
         if outcome[0] == "R":
@@ -131,27 +146,32 @@ class Isolate:
         raise self._script_error(outcome[1:], source)
 
     def _fence(self) -> None:
-        """Wait until the isolate has finished the submitted evaluation and the microtasks it queued."""
+        """Wait until the isolate has finished the submitted call and the microtasks it queued."""
         # An identity-hash lookup is a synchronous task on the isolate's thread: it runs only after the
-        # evaluation and the microtask checkpoint that follows it, and it runs no JavaScript itself.
+        # call and the microtask checkpoint that follows it, and it runs no JavaScript itself.
         hash(self._runner)
 
-    def _compilation(self, source: str) -> tuple[str, str]:
-        """Return the code that compiles `source` (empty if already compiled) and its id."""
+    def _compilation(self, source: str) -> str:
+        """Return the id of `source`'s compiled factory, compiling it first if needed."""
         script_id = self._compiled.get(source)
         if script_id is not None:
             self._compiled.move_to_end(source)
-            return "", script_id
-        # Random ids: a script calling `__aetr.run` cannot guess another script's id.
-        script_id = secrets.token_hex(8)
-        prefix = ""
-        if len(self._compiled) >= COMPILED_PER_ISOLATE:
-            _, evicted = self._compiled.popitem(last=False)
-            prefix = f'__aetr.forget("{evicted}"),'
-        # `x => x;` is a statement; as an expression it must lose its semicolon.
-        expression = source.rstrip().rstrip(";")
-        compile_code = f'__aetr.compile("{script_id}",{_js_string(expression)},{_js_string(source)}),'
-        return prefix + compile_code, script_id
+            return script_id
+        while self._compiled and (len(self._compiled) >= COMPILED_PER_ISOLATE
+                                  or self._compiled_chars + len(source) > self.compiled_chars):
+            evicted, evicted_id = self._compiled.popitem(last=False)
+            self._compiled_chars -= len(evicted)
+            self._unwrap(self._invoke(f"f{evicted_id}:"), evicted)
+        script_id = str(next(self._ids))
+        # As a JSON string: mini-racer passes strings as UTF-8, which has no lone surrogates; JSON escapes them.
+        outcome = self._invoke(f"c{script_id}:{_js_string(source)}")
+        if isinstance(outcome, JSEvalException):
+            # The runner catches everything a script throws, so this is the Function constructor's.
+            raise self._compile_error(outcome, source) from None
+        self._unwrap(outcome, source)
+        self._compiled[source] = script_id
+        self._compiled_chars += len(source)
+        return script_id
 
     def _compile_error(self, error: JSEvalException, source: str) -> ScriptError:
         """Turn mini-racer's report of a compile failure into a ScriptError with the user's line."""

@@ -1,23 +1,29 @@
-"""The JavaScript that hardens a fresh V8 isolate and installs the runner AETR calls into.
+"""The JavaScript that hardens a fresh V8 isolate and returns the runner AETR calls into.
 
 Evaluated once per isolate, it
 
 1. removes every global that reaches memory outside the V8 heap or work that outlives a call
    (ArrayBuffer and typed arrays, SharedArrayBuffer, Atomics, WebAssembly, FinalizationRegistry,
-   WeakRef, mini-racer's setTimeout);
+   WeakRef, mini-racer's setTimeout), RegExp's legacy static properties (`RegExp.$1`, `RegExp.input`,
+   ...: the last match of whichever script ran before), and code generation from strings (`eval`,
+   `Function` and its generator and async variants), whose compiled code V8 keeps beyond the call;
 2. turns the data properties that scripts commonly assign on their own objects (`toString`,
    `constructor`, an error's `name` and `message`, ...) into accessors, so that freezing the prototypes
    they inherit from does not make those assignments fail (the "override mistake");
 3. deep-freezes the global object and every intrinsic reachable from it or from syntax
    (generator, async and iterator prototypes), so no script can leave state behind for another one;
-4. defines the frozen, non-enumerable global `__aetr` with `compile`, `run`, `check` and `forget`.
+4. returns the runner, a function that lives only in this closure and in the host's handle: no global
+   names it, so no script can call it, read its compiled scripts or replace it.
 
 User sources are compiled with the `Function` constructor, never spliced into a top-level script: V8
 parses the body on its own, so a source cannot close the wrapper early and declare globals. Each call
 runs the compiled factory again, so top-level `let`s and closures of a script start fresh every call.
 
-Results travel as one string: `R` + the JSON text of the result, or `E` + a JSON
-`{"kind", "message", "line"}` describing a script error.
+The host calls the runner with one string as `this`: an operation letter, the script's id, `:`, then the
+operation's text (`c`: compile the source that follows, as a JSON string, since mini-racer passes strings as
+UTF-8, which cannot carry a lone surrogate; `r`: run on the JSON array of arguments that follows; `k`:
+check that it evaluates to a function; `f`: forget it). Results travel as one string: `R` + the JSON text
+of the result, or `E` + a JSON `{"kind", "message", "line"}` describing a script error.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ PRELUDE_JS: Final = r"""
   const { apply, ownKeys } = Reflect;
   const FunctionCtor = Function;
   const ErrorCtor = Error;
+  const EvalErrorCtor = EvalError;
   const PromiseCtor = Promise;
   const parse = JSON.parse;
   const stringify = JSON.stringify;
@@ -67,6 +74,32 @@ PRELUDE_JS: Final = r"""
     if (d.configurable) delete g[name];
     else g[name] = undefined;
   }
+  // RegExp's legacy statics are the realm's last match: any later script could read another's input there.
+  for (const name of ownKeys(RegExp)) {
+    if (name !== "length" && name !== "name" && name !== "prototype" && name !== "escape" &&
+        name !== Symbol.species) {
+      delete RegExp[name];
+    }
+  }
+  // V8 keeps code compiled from strings after the call that made it (only a low-memory GC drops it), so a
+  // script could fill the heap for the next ones. The runner keeps the real Function constructor.
+  function refuser(name, prototype) {
+    const refuse = function () {
+      throw new EvalErrorCtor(name + "() is not available in the sandbox: code generation from strings is " +
+        "disabled; write the code in the script itself");
+    };
+    defineProperty(refuse, "name", { value: name });
+    if (prototype !== undefined) {
+      defineProperty(refuse, "prototype", { value: prototype });
+      defineProperty(prototype, "constructor", { value: refuse });
+    }
+    return refuse;
+  }
+  defineProperty(g, "Function", { value: refuser("Function", FunctionCtor.prototype) });
+  refuser("GeneratorFunction", getPrototypeOf(function* () {}));
+  refuser("AsyncFunction", getPrototypeOf(async function () {}));
+  refuser("AsyncGeneratorFunction", getPrototypeOf(async function* () {}));
+  defineProperty(g, "eval", { value: refuser("eval", undefined) });
 
   // 2. Keep `obj.toString = ...` and `this.name = ...` working once the prototypes are frozen.
   function tameOverride(proto, key) {
@@ -95,7 +128,7 @@ PRELUDE_JS: Final = r"""
     for (const key of ["name", "message", "toString"]) tameOverride(g[name].prototype, key);
   }
 
-  // 4 (before 3, since a frozen global takes no new property).
+  // 4. The runner and the compiled scripts, reachable from this closure only.
   const registry = new Map();
   class NotCallable {
     constructor(what) { this.what = what; }
@@ -125,8 +158,11 @@ PRELUDE_JS: Final = r"""
     }
   }
 
-  function compile(id, expression, script) {
-    if (registry.has(id)) return 0;
+  function compile(id, script) {
+    // `x => x;` is a statement; as an expression it must lose its trailing semicolons.
+    let end = script.trimEnd().length;
+    while (end > 0 && script.charCodeAt(end - 1) === 59) end -= 1;
+    const expression = script.slice(0, end);
     let factory;
     try {
       factory = new FunctionCtor('"use strict"; return (\n' + expression + "\n);" + SOURCE_URL);
@@ -138,7 +174,7 @@ PRELUDE_JS: Final = r"""
         '\n;return typeof apply === "function" ? apply : undefined;' + SOURCE_URL);
     }
     registry.set(id, factory);
-    return 0;
+    return "R0";
   }
 
   function instantiate(id) {
@@ -193,19 +229,26 @@ PRELUDE_JS: Final = r"""
     return "R" + text;
   }
 
-  function forget(id) {
-    registry.delete(id);
-    return 0;
+  function runner() {
+    const request = this;
+    const colon = request.indexOf(":");
+    const id = request.slice(1, colon);
+    const text = request.slice(colon + 1);
+    switch (request[0]) {
+      case "r": return run(id, text);
+      case "c": return compile(id, parse(text));
+      case "k": return check(id);
+      case "f": registry.delete(id); return "R0";
+      default: throw new ErrorCtor("unknown sandbox operation " + request[0]);
+    }
   }
 
-  defineProperty(g, "__aetr", { value: freeze({ compile, run, check, forget }) });
-
   // Line numbers in stack traces count the lines the Function constructor adds; measure them.
-  compile("probe", "() => { throw new Error() }", "");
+  compile("probe", "() => { throw new Error() }");
   lineOffset = Number(LINE_RE.exec(String((() => {
     try { registry.get("probe")()(); } catch (e) { return e.stack; }
   })()))[1]) - 1;
-  forget("probe");
+  registry.delete("probe");
 
   // 3. Deep-freeze everything a script can reach, including intrinsics reachable only through syntax.
   const roots = [
@@ -237,6 +280,6 @@ PRELUDE_JS: Final = r"""
       else stack.push(d.get, d.set);
     }
   }
-  return lineOffset;
+  return [runner, lineOffset];
 })
 """

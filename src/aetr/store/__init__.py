@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from aetr.store.sql import ClaimedWork, Conflict, Duplicate, Unavailable
+from aetr.store.sql import ClaimedWork, Conflict, Duplicate, NeedsScripts, Unavailable
 from aetr.store.store import RunPage, StepsRefused, Store
 
 DEFAULT_DATABASE_URL = "sqlite:///./aetr.db"
@@ -49,5 +49,5 @@ def open_store(url: str, pool_size: int = DEFAULT_POOL_SIZE, sqlite_synchronous:
     return PostgresStore(engine, max(2, pool_size - cold))
 
 
-__all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_POOL_SIZE", "ClaimedWork", "Conflict", "Duplicate", "RunPage",
-           "StepsRefused", "Store", "Unavailable", "async_url", "open_store"]
+__all__ = ["DEFAULT_DATABASE_URL", "DEFAULT_POOL_SIZE", "ClaimedWork", "Conflict", "Duplicate", "NeedsScripts",
+           "RunPage", "StepsRefused", "Store", "Unavailable", "async_url", "open_store"]

@@ -35,7 +35,7 @@ from aetr.store.sql import (
     is_outage_sqlstate,
     lower,
 )
-from aetr.store.store import AfterCommit, ScriptCall, Store, _round_trips
+from aetr.store.store import AfterCommit, ScriptAnswers, Store, _round_trips
 
 CONNECT_TIMEOUT_S = 10.0
 # The events' statements are indexed lookups of a few rows (a wide parent's children at most), whose best plan
@@ -93,7 +93,7 @@ class _Member:
     """One program in a batch: its operations, its next one, and the future its caller awaits."""
 
     ops: OpStream
-    scripts: ScriptCall | None
+    scripts: ScriptAnswers | None
     after_commit: AfterCommit | None
     seen: list[str] | None
     done: asyncio.Future[Any]
@@ -200,7 +200,7 @@ class PostgresStore(Store):
                         timeout=CONNECT_TIMEOUT_S, server_settings=EVENTS_SESSION)
         return self._pool
 
-    async def run(self, program: Program, scripts: ScriptCall | None = None,
+    async def run(self, program: Program, scripts: ScriptAnswers | None = None,
                   after_commit: Callable[[Any], None] | None = None) -> Any:
         # Shielded: a caller that goes away (a client hanging up) must not cut an event between its
         # statements, nor skip what follows its commit (calling the steps it started).

@@ -49,6 +49,14 @@ class Conflict(Exception):
     """Another transaction changed a node this one read: the event must be handled again."""
 
 
+class NeedsScripts(Exception):
+    """An event's program asked for scripts while the database was held: run them, then the event again."""
+
+    def __init__(self, requests: list[decide.RunScript]) -> None:
+        super().__init__(f"{len(requests)} script(s) to run before the event")
+        self.requests = requests
+
+
 class Duplicate(Exception):
     """A unique key was taken by another transaction (two starts with one idempotency key)."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,8 +13,9 @@ from sqlalchemy import event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from aetr.store.sql import Duplicate, Exec, Fetch, Op, Program, Statements, Unavailable, lower
-from aetr.store.store import AfterCommit, ScriptCall, Store, _round_trips
+from aetr.domain.decide import RunScript, ScriptResult
+from aetr.store.sql import Duplicate, Exec, Fetch, NeedsScripts, Op, Program, Statements, Unavailable, lower
+from aetr.store.store import AfterCommit, ScriptAnswers, Store, _round_trips
 
 BUSY_TIMEOUT_MS = 30_000  # milliseconds another process may hold the write lock before we give up
 BUSY_POLL_S = 0.002  # seconds between attempts to take the write lock while another connection holds it
@@ -31,10 +32,23 @@ SYNCHRONOUS = ("full", "normal")
 DEFAULT_SYNCHRONOUS = "full"
 
 
+class _Guess:
+    """Stands in for the value of a script not run yet, while the writer looks for the event's other scripts."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<the value of a script not run yet>"
+
+
+GUESS = _Guess()
+GUESSED = ScriptResult(value=GUESS)
+
+
 class _Job:
     __slots__ = ("after_commit", "error", "future", "program", "result", "scripts", "seen")
 
-    def __init__(self, program: Program, scripts: ScriptCall | None, after_commit: AfterCommit | None,
+    def __init__(self, program: Program, scripts: ScriptAnswers | None, after_commit: AfterCommit | None,
                  future: asyncio.Future[Any]) -> None:
         self.program = program
         self.scripts = scripts
@@ -54,6 +68,11 @@ class Writer:
     load. The events that queue up while one group commits are committed together, each inside its own
     SAVEPOINT so that one failing event (a lost race, a bug) is rolled back alone. The connection never waits
     for the file lock inside the driver (that would stop the loop): a busy database is retried from here.
+
+    No script runs here: a mapper that loops until its time limit would hold every other event's write for
+    that long. An event whose program asks for a script not answered yet is rolled back and fails with
+    NeedsScripts, naming every script it asked for (see `_run_job`); its caller runs them outside and submits
+    the event again, and the program then finds their answers in its ScriptAnswers.
     """
 
     def __init__(self, path: str, statements: Statements, pragmas: tuple[str, ...]) -> None:
@@ -67,7 +86,7 @@ class Writer:
         self._closing = False
         self._task = asyncio.create_task(self._main(), name="aetr-sqlite-writer")
 
-    def submit(self, program: Program, scripts: ScriptCall | None,
+    def submit(self, program: Program, scripts: ScriptAnswers | None,
                after_commit: AfterCommit | None) -> asyncio.Future[Any]:
         """Queue an event; the future resolves once its transaction committed (or failed)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -107,13 +126,12 @@ class Writer:
 
     async def _commit(self, group: list[_Job]) -> None:
         cur = self.conn.cursor()
-        execute = self._executor(cur)
         try:
             await self._begin()
             for job in group:
                 cur.execute("SAVEPOINT event")
                 try:
-                    job.result = await Store._drive(lower(job.program, self.st), job.scripts, job.seen, execute)
+                    job.result = self._run_job(job, cur)
                 except Exception as exc:
                     job.error = exc
                     cur.execute("ROLLBACK TO event")
@@ -126,24 +144,78 @@ class Writer:
             for job in group:
                 job.error = job.error or failure
 
-    @staticmethod
-    def _executor(cur: sqlite3.Cursor) -> Callable[[Op], Awaitable[Any]]:
-        async def execute(op: Op) -> Any:  # synchronous inside: a statement takes tens of microseconds
-            try:
-                if isinstance(op, Fetch):
-                    return cur.execute(op.sql.text, op.sql.args(op.values)).fetchall()
-                if isinstance(op, Exec):
-                    return cur.execute(op.sql.text, op.sql.args(op.values)).rowcount
-                cur.executemany(op.sql.text, [op.sql.args(v) for v in op.values])
-                return None
-            except sqlite3.IntegrityError as exc:
-                if "UNIQUE" in str(exc):
-                    raise Duplicate(str(exc)) from exc
-                raise
-            except sqlite3.OperationalError as exc:  # disk I/O, a read-only file
-                raise Unavailable(f"SQLite: {exc}") from exc
+    def _run_job(self, job: _Job, cur: sqlite3.Cursor) -> Any:
+        """Run a job's program to its end and return its result, or raise NeedsScripts.
 
-        return execute
+        A script whose answer is not known yet is answered with a stand-in value and the program goes on, so
+        that one pass finds every script the event needs (a parallel parent's mappers, say) rather than one
+        per pass. Scripts whose arguments hold a stand-in are not collected: their real arguments are known
+        only once the scripts before them have run, in a later pass. Whatever the stand-ins lead to is rolled
+        back, and so is an error they may have caused.
+        """
+        ops = lower(job.program, self.st)
+        missing: list[RunScript] = []
+        answer: Any = None
+        try:
+            while True:
+                try:
+                    op = ops.send(answer)
+                except StopIteration as stop:
+                    if missing:
+                        raise NeedsScripts(missing) from None
+                    return stop.value
+                if isinstance(op, RunScript):
+                    assert job.scripts is not None, "this event runs no scripts"
+                    if missing and _holds_guess(op.args):
+                        answer = GUESSED
+                    else:
+                        answer = job.scripts.known(op)
+                        if answer is None:
+                            missing.append(op)
+                            answer = GUESSED
+                else:
+                    if job.seen is not None:
+                        job.seen.append(op.sql.text)
+                    answer = _execute(cur, op)
+        except NeedsScripts:
+            raise
+        except Exception as exc:
+            if missing:
+                raise NeedsScripts(missing) from exc
+            raise
+        finally:
+            ops.close()
+
+
+def _execute(cur: sqlite3.Cursor, op: Op) -> Any:
+    """Run one statement; a statement takes tens of microseconds, so the loop's thread runs it."""
+    try:
+        if isinstance(op, Fetch):
+            return cur.execute(op.sql.text, op.sql.args(op.values)).fetchall()
+        if isinstance(op, Exec):
+            return cur.execute(op.sql.text, op.sql.args(op.values)).rowcount
+        cur.executemany(op.sql.text, [op.sql.args(v) for v in op.values])
+        return None
+    except sqlite3.IntegrityError as exc:
+        if "UNIQUE" in str(exc):
+            raise Duplicate(str(exc)) from exc
+        raise
+    except sqlite3.OperationalError as exc:  # disk I/O, a read-only file
+        raise Unavailable(f"SQLite: {exc}") from exc
+
+
+def _holds_guess(value: Any) -> bool:
+    """Whether a stand-in for a script's value is anywhere inside `value`."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v is GUESS:
+            return True
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list | tuple):
+            stack.extend(v)
+    return False
 
 
 def _deliver(group: list[_Job]) -> None:
@@ -197,7 +269,7 @@ class SqliteStore(Store):
             if conn.get_execution_options().get("aetr_write"):
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
-    async def run(self, program: Program, scripts: ScriptCall | None = None,
+    async def run(self, program: Program, scripts: ScriptAnswers | None = None,
                   after_commit: Callable[[Any], None] | None = None) -> Any:
         if self._writer is None:
             self._writer = Writer(self.path, self.statements, self.pragmas)

@@ -6,7 +6,9 @@ trees, listings and the other colder reads and writes go through SQLAlchemy Core
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -41,6 +43,45 @@ from aetr.store.sql import (
 from aetr.store.tables import UTCDateTime, events, run_nodes, settings, step_children, steps, work
 
 ScriptCall = Callable[[RunScript], Coroutine[Any, Any, ScriptResult]]  # how an event's program reaches the sandbox
+
+
+class ScriptAnswers:
+    """How an event's program reaches the sandbox, and the answers it got, kept across the runs of the event.
+
+    Scripts are pure functions of their source and arguments, so an answer serves every later run of the event
+    that asks the same: a store that must not wait for the sandbox inside a transaction (SQLite's single
+    writer) raises NeedsScripts instead, and the event runs again once they are answered here.
+    """
+
+    def __init__(self, call: ScriptCall) -> None:
+        self._call = call
+        self._known: dict[tuple[str, str], ScriptResult] = {}
+
+    def known(self, req: RunScript) -> ScriptResult | None:
+        """The answer to `req`, if a script with that source was already run on those arguments."""
+        return self._known.get(_script_key(req))
+
+    async def __call__(self, req: RunScript) -> ScriptResult:
+        """Run `req` in the sandbox (unless it is known) and keep its answer."""
+        key = _script_key(req)
+        answer = self._known.get(key)
+        if answer is None:
+            answer = self._known[key] = await self._call(req)
+        return answer
+
+    async def run_all(self, requests: Sequence[RunScript]) -> None:
+        """Run every request not yet known, side by side (the sandbox has a pool of workers)."""
+        unknown = {_script_key(r): r for r in requests if self.known(r) is None}
+        await asyncio.gather(*(self(r) for r in unknown.values()))
+
+
+def _script_key(req: RunScript) -> tuple[str, str]:
+    """A script request's source and arguments, as a dict key."""
+    try:
+        args = orjson.dumps(req.args).decode()
+    except TypeError:  # integers beyond 64 bits, nesting beyond 254 levels: json takes them
+        args = json.dumps(req.args, separators=(",", ":"))
+    return req.source, args
 AfterCommit = Callable[[Any], None]  # told an event's result once it is committed, whoever still awaits it
 
 CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
@@ -119,7 +160,7 @@ class Store:
 
     # ---- events -------------------------------------------------------------------------------------
 
-    async def run(self, program: Program, scripts: ScriptCall | None = None,
+    async def run(self, program: Program, scripts: ScriptAnswers | None = None,
                   after_commit: AfterCommit | None = None) -> Any:
         """Run an event's program in one transaction and return its result once committed.
 
@@ -129,7 +170,9 @@ class Store:
         `after_commit` is told the result right after the commit, on the event loop, even when the caller was
         cancelled meanwhile. A lost optimistic-lock race raises Conflict (handle the event again); so does a
         deadlock or serialisation failure the database resolved by aborting us. A unique key taken by another
-        transaction raises Duplicate.
+        transaction raises Duplicate. A store that runs no script while it holds the database (SQLite) raises
+        NeedsScripts when the program asks for one that `scripts` does not know yet: answer them
+        (`scripts.run_all`) and run the event again with a new program.
         """
         raise NotImplementedError
 
@@ -174,12 +217,12 @@ class Store:
         raise NotImplementedError
 
     @staticmethod
-    async def _drive(ops: OpStream, scripts: ScriptCall | None, seen: list[str] | None,
+    async def _drive(ops: OpStream, scripts: ScriptAnswers | None, seen: list[str] | None,
                      execute: Callable[[Op], Awaitable[Any]], pending: Op | RunScript | None = None,
                      answer: Any = None) -> Any:
         """Run a lowered program's operations in order (from `pending`, its next one, when given): statements
         through the backend's `execute`, scripts in the sandbox (the transaction, if one is open, waits for
-        them: a mapper's result decides what is written)."""
+        them: a mapper's result decides what is written; PostgreSQL opens one only at the first write)."""
         op = pending
         while True:
             if op is None:
