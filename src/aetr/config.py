@@ -1,4 +1,4 @@
-"""Settings read from the environment (spec §7), with their defaults."""
+"""Settings read from the environment, with their defaults."""
 
 from __future__ import annotations
 

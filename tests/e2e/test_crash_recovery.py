@@ -1,4 +1,4 @@
-"""A server killed with SIGKILL mid-flight loses nothing (spec §7): restarted, it finishes every run exactly once."""
+"""A server killed with SIGKILL mid-flight loses nothing: restarted, it finishes every run exactly once."""
 
 from __future__ import annotations
 

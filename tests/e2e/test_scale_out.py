@@ -1,4 +1,4 @@
-"""Several `aetr serve` processes share one PostgreSQL database (spec §7).
+"""Several `aetr serve` processes share one PostgreSQL database.
 
 Three processes, each with its own AETR_PUBLIC_URL, run 200 runs together. A "load balancer" in front of
 them (played by the fake step service) posts each callback to any of the three, whichever minted it. One

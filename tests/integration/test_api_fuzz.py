@@ -1,4 +1,4 @@
-"""Every bad request gets 4xx and a `detail`, never a 500 (spec §5): schemathesis over the whole API, then the
+"""Every bad request gets 4xx and a `detail`, never a 500: schemathesis over the whole API, then the
 bad-input classes a fuzzer rarely reaches, each checked to leave stored steps and runs as they were."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A 429 with `Retry-After` is retried no sooner than the step asked, whatever its own backoff says (spec §4)."""
+"""A 429 with `Retry-After` is retried no sooner than the step asked, whatever its own backoff says."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Runs end to end over real HTTP: AETR calls step services on loopback and they call back (spec §2–§5)."""
+"""Runs end to end over real HTTP: AETR calls step services on loopback and they call back."""
 
 from __future__ import annotations
 

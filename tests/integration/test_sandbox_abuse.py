@@ -1,4 +1,4 @@
-"""Hostile mappers, stored and run over HTTP next to ordinary runs, fail only their own node (spec §3)."""
+"""Hostile mappers, stored and run over HTTP next to ordinary runs, fail only their own node."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """What AETR sends to a step and what it takes back: values it cannot store, oversized answers, headers, the
-passwords of step URLs, and the hosts steps may call (spec §1, §4, §6)."""
+passwords of step URLs, and the hosts steps may call."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Step trees over HTTP (spec §1), on SQLite and PostgreSQL."""
+"""Step trees over HTTP, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 

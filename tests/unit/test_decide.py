@@ -1,4 +1,4 @@
-"""The decide handlers: spec §3 data flow and §5 errors, checked without any I/O."""
+"""The decide handlers: the data flow and error rules, checked without any I/O."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def step_output(name: str, value: Any) -> Any:
 
 
 def model(tree: StepTree, value: Any, index: int = 0) -> Any:
-    """A plain reading of spec §3: what the root of `tree` outputs for input `value`."""
+    """A plain reading of the data-flow rules: what the root of `tree` outputs for input `value`."""
     c = tree.config
     if c.kind == "api":
         return step_output(c.name, value)

@@ -1,4 +1,4 @@
-"""Callback routes (spec §4): authenticated by their signed token alone."""
+"""Callback routes: authenticated by their signed token alone."""
 
 from __future__ import annotations
 

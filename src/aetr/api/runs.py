@@ -1,4 +1,4 @@
-"""Routes for runs (spec §2)."""
+"""Routes for runs."""
 
 from __future__ import annotations
 

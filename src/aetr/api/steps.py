@@ -1,4 +1,4 @@
-"""Routes for step trees (spec §1)."""
+"""Routes for step trees."""
 
 from __future__ import annotations
 

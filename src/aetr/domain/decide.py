@@ -1,4 +1,4 @@
-"""The decide function: how one event moves a run tree (spec §3–§5), with no I/O.
+"""The decide function: how one event moves a run tree, with no I/O.
 
 Each handler is a generator over a `Plan`. When it needs data it does not hold it yields a request
 (`LoadChildren`, `LoadSubtree`, `BumpDone`, `RunScript`) and the driver sends back the answer, so the
@@ -387,7 +387,7 @@ def _complete_parent(plan: Plan, parent: Node, outputs: list[Any]) -> Step:
 
 
 def builtin_reduce(name: str, outputs: list[Any]) -> Any:
-    """The built-in reducers of spec §1: array, last, merge."""
+    """The built-in reducers: array, last, merge."""
     if name == "array":
         return list(outputs)
     if name == "last":

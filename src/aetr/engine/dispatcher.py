@@ -39,7 +39,7 @@ BODY_EXCERPT = 300  # characters of an error answer kept in the node's error mes
 
 
 def parse_body(body: bytes, content_type: str | None) -> Any:
-    """A step's output from an HTTP body: JSON when it is JSON, else the text (spec §4).
+    """A step's output from an HTTP body: JSON when it is JSON, else the text.
 
     Raises orjson.JSONDecodeError for a body that says it is JSON and is not, and ValueError (saying why) for
     JSON that AETR cannot store exactly, such as an integer beyond 64 bits.
