@@ -12,8 +12,18 @@ import orjson
 
 StepKind = Literal["api", "sequential", "parallel"]
 BUILTIN_REDUCERS = ("array", "last", "merge")
-NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 DEFAULT_TIMEOUT_S = 3600.0
+# A step's name: 1-200 letters, digits, '-', '_' or '.', not dots alone ('.' and '..' are path segments that
+# URLs resolve away, so no link could name such a step). Written without look-arounds, which pydantic's regular
+# expressions lack; the length is checked apart.
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]*[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$"
+NAME_RE = re.compile(NAME_PATTERN)
+MAX_NAME_LENGTH = 200
+
+
+def is_step_name(name: str) -> bool:
+    """Whether `name` may name a new step."""
+    return len(name) <= MAX_NAME_LENGTH and NAME_RE.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
