@@ -154,6 +154,15 @@ async def test_bad_path_names_are_refused(aetr: Server) -> None:
     assert (await aetr.call("GET", "/api/v1/steps/nope/parents"))[0] == 404
 
 
+async def test_if_match_on_a_step_that_does_not_exist_says_so_and_creates_nothing(aetr: Server) -> None:
+    status, body = await aetr.call("PUT", "/api/v1/steps/new", api("new"), headers={"If-Match": "1"})
+    assert status == 412, body
+    assert "'new' does not exist" in body["detail"] and "without If-Match" in body["detail"]
+    assert (await aetr.call("GET", "/api/v1/steps/new"))[0] == 404
+    status, body = await aetr.call("PUT", "/api/v1/steps/new", api("new"))
+    assert status == 201 and body["version"] == 1
+
+
 # ---- step names --------------------------------------------------------------------------------------------
 
 

@@ -343,6 +343,10 @@ async def _put_steps(conn: AsyncConnection, defs: Sequence[StepDef], if_match: i
         raise StepsRefused(422, "children refer to steps that do not exist: " + ", ".join(missing)
                            + "; create them first or define them inline")
     current = existing.get(root, (None, None))[1]
+    if if_match is not None and current is None:
+        # RFC 9110 13.1.1: no current representation, so no version can match; PUT creates only unconditionally.
+        raise StepsRefused(412, f"step '{root}' does not exist, so it has no version {if_match}: to create it, "
+                                "send the request without If-Match")
     if if_match is not None and current != if_match:
         raise StepsRefused(412, f"step '{root}' is at version {current}, not {if_match}: "
                                 "reload it and apply your change again")
