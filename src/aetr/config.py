@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from aetr.domain.steps import DEFAULT_MAX_TREE_NODES
 from aetr.store import DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE
 
 MIB = 1024 * 1024
@@ -45,6 +46,7 @@ class Settings:
     sandbox_memory_mb: float = 64.0
     max_in_flight: int = 256
     db_pool_size: int = DEFAULT_POOL_SIZE
+    max_tree_nodes: int = DEFAULT_MAX_TREE_NODES
 
     @property
     def callback_base(self) -> str:
@@ -67,6 +69,7 @@ class Settings:
             "sandbox_memory_mb": _number(env, "AETR_SANDBOX_MEMORY_MB", 64.0),
             "max_in_flight": int(_number(env, "AETR_MAX_IN_FLIGHT", 256)),
             "db_pool_size": int(_number(env, "AETR_DB_POOL_SIZE", DEFAULT_POOL_SIZE)),
+            "max_tree_nodes": int(_number(env, "AETR_MAX_TREE_NODES", DEFAULT_MAX_TREE_NODES)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**values)  # type: ignore[arg-type]

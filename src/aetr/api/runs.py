@@ -56,6 +56,8 @@ async def start_run(
 
 async def _start(engine: Engine, body: RunIn, idempotency_key: str | None) -> Response:
     started = await engine.coordinator.start_run(body.step, body.input, idempotency_key)
+    if started.refused:
+        raise HTTPException(422, f"step: {started.refused}")
     if not started.run_id:
         raise HTTPException(422, f"step: no step named (or with id) '{body.step}'; create it with PUT /api/v1/steps")
     if started.plan is None:  # an earlier run with this key

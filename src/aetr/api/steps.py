@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, Header, HTTPException, Path, Request, Respo
 from aetr.api.answers import StepOut, StepSummary
 from aetr.api.app import JSON, engine_of
 from aetr.api.schemas import ApiStepIn, Name, ParallelIn, SequentialIn, StepIn, StepRef, flatten, scripts_of
-from aetr.domain.steps import CycleError
+from aetr.domain.steps import CycleError, TreeTooBig
 from aetr.engine.coordinator import utcnow
 from aetr.sandbox import ScriptError
 from aetr.store import StepsRefused
@@ -51,8 +51,8 @@ async def put_step(
             line = f" (line {exc.line})" if exc.line else ""
             raise HTTPException(422, f"{where} does not compile{line}: {exc.message}") from None
     try:
-        created, tree = await engine.store.put_steps(defs, expected, utcnow())
-    except CycleError as exc:
+        created, tree = await engine.store.put_steps(defs, expected, utcnow(), engine.settings.max_tree_nodes)
+    except (CycleError, TreeTooBig) as exc:
         raise HTTPException(422, str(exc)) from None
     except StepsRefused as exc:
         raise HTTPException(exc.status, exc.detail) from None
