@@ -10,7 +10,6 @@ import pytest
 import yarl
 
 from aetr.api.schemas import ParallelIn, flatten
-from aetr.config import Settings
 from aetr.domain.steps import Link, StepConfig, StepDef
 from aetr.store import Store, open_store
 from aetr.store.store import count_round_trips
@@ -282,10 +281,21 @@ async def test_a_tree_over_a_limit_lowered_since_it_was_stored_does_not_start(sm
 
 
 async def test_the_default_limit_takes_a_parallel_step_of_100_000_children(store: Store) -> None:
-    assert Settings().max_tree_nodes == Settings.from_env({}).max_tree_nodes == 200_000
     now = datetime.now(UTC)
     leaf = StepDef(StepConfig(name="leaf", kind="api", url="http://127.0.0.1:1/x"))
     await store.put_steps([leaf], None, now)
     wide = StepDef(StepConfig(name="wide", kind="parallel"), (Link("leaf"),) * 100_000)
     created, tree = await store.put_steps([wide], None, now + timedelta(seconds=1))
     assert created and tree.node_count == 100_001
+
+
+async def test_a_few_kilobytes_resolving_to_ten_million_nodes_are_refused_under_the_default_limit(
+        aetr: Server) -> None:
+    await aetr.put_step(api("leaf"))
+    await aetr.put_step(fan("b1", "leaf", 1000))  # 1001 nodes
+    status, _ = await aetr.call("PUT", "/api/v1/steps/b2", fan("b2", "b1", 100))  # 100,101 nodes
+    assert status == 201
+    status, answer = await aetr.call("PUT", "/api/v1/steps/b3", fan("b3", "b2", 100))
+    assert status == 422, answer
+    assert "10010101 nodes" in answer["detail"] and "at most 200000" in answer["detail"], answer
+    assert (await aetr.call("GET", "/api/v1/steps/b3"))[0] == 404
