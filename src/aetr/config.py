@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from aetr.domain.hosts import SETTING as ALLOWED_HOSTS_SETTING
 from aetr.domain.hosts import AllowedHosts
+from aetr.domain.steps import DEFAULT_MAX_TREE_NODES
 from aetr.store import DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE
 
 MIB = 1024 * 1024
@@ -81,6 +82,7 @@ class Settings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     max_connections: int = 1000
+    max_tree_nodes: int = DEFAULT_MAX_TREE_NODES
 
     @property
     def callback_base(self) -> str:
@@ -109,6 +111,7 @@ class Settings:
             "header_timeout_s": _number(env, "AETR_HEADER_TIMEOUT_S", 10.0),
             "body_timeout_s": _number(env, "AETR_BODY_TIMEOUT_S", 60.0),
             "max_connections": _whole(env, "AETR_MAX_CONNECTIONS", 1000),
+            "max_tree_nodes": _whole(env, "AETR_MAX_TREE_NODES", DEFAULT_MAX_TREE_NODES),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**values)  # type: ignore[arg-type]

@@ -167,6 +167,32 @@ async def test_duplicate_late_and_forged_callbacks(aetr: Server, steps_service: 
     assert outcomes == ["accepted", "duplicate", "refused"]
 
 
+async def test_a_misspelt_callback_token_is_unknown_and_changes_nothing(
+        aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/a", never())
+    await aetr.put_step(api(steps_service, "a"))
+    run_id = await aetr.start("a")
+    (call,) = await steps_service.wait_for_calls("/a", 1)
+    path = call.headers["AETR-Callback"].removeprefix(aetr.base_url)
+    prefix, token = path.rsplit("/", 1)
+    letter = next(i for i, c in enumerate(token) if c.isalpha())
+    # Each spelling decoded to the genuine token before: Python's base64 decoder skips '!' and takes '+' for '-'.
+    variants = [token[:10] + "!" + token[10:], token + "=", token + "==", token + "A",
+                token[:letter] + token[letter].swapcase() + token[letter + 1:],
+                token.replace("-", "+").replace("_", "/") if "-" in token or "_" in token else token + "+"]
+    _, before = await aetr.call("GET", f"/api/v1/runs/{run_id}")
+    for variant in variants:
+        for suffix, body in (("", {"v": "forged"}), ("/fail", {"error": "x", "retryable": False}),
+                             ("/heartbeat", None)):
+            status, answer = await aetr.call("POST", f"{prefix}/{variant}{suffix}", body)
+            assert status == 404, (variant, suffix, status, answer)
+    assert (await aetr.call("GET", f"/api/v1/runs/{run_id}"))[1] == before
+    _, events = await aetr.call("GET", f"/api/v1/runs/{run_id}/events")
+    assert not [e for e in events if e["kind"].startswith("callback")]
+    assert (await aetr.call("POST", path, {"v": 1})) == (200, {"accepted": True})
+    assert (await aetr.wait_run(run_id))["output"] == {"v": 1}
+
+
 async def test_a_failure_callback_fails_the_run_and_cancels_unfinished_siblings(
         aetr: Server, steps_service: StepService) -> None:
     steps_service.route("/bad", fail("sku 9 is malformed", retryable=False))

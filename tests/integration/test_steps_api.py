@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import yarl
 
+from aetr.api.schemas import ParallelIn, flatten
+from aetr.domain.steps import Link, StepConfig, StepDef
+from aetr.store import Store, open_store
 from aetr.store.store import count_round_trips
-from tests.integration.conftest import Server
+from tests.integration.conftest import Server, running_server
 
 API = {"kind": "api", "url": "http://127.0.0.1:1/x"}
 
@@ -155,3 +161,147 @@ async def test_bad_path_names_are_refused(aetr: Server) -> None:
     assert status == 422 and "name" in body["detail"]
     assert (await aetr.call("GET", "/api/v1/steps/nope"))[0] == 404
     assert (await aetr.call("GET", "/api/v1/steps/nope/parents"))[0] == 404
+
+
+async def test_if_match_on_a_step_that_does_not_exist_says_so_and_creates_nothing(aetr: Server) -> None:
+    status, body = await aetr.call("PUT", "/api/v1/steps/new", api("new"), headers={"If-Match": "1"})
+    assert status == 412, body
+    assert "'new' does not exist" in body["detail"] and "without If-Match" in body["detail"]
+    assert (await aetr.call("GET", "/api/v1/steps/new"))[0] == 404
+    status, body = await aetr.call("PUT", "/api/v1/steps/new", api("new"))
+    assert status == 201 and body["version"] == 1
+
+
+# ---- step names --------------------------------------------------------------------------------------------
+
+
+async def call_raw_path(aetr: Server, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """(status, JSON) of a request whose path is sent as written: '..' and '%2E' are not resolved away."""
+    kw: dict[str, Any] = {"json": body} if body is not None else {}
+    async with aetr.http.request(method, yarl.URL(aetr.base_url + path, encoded=True), **kw) as resp:
+        return resp.status, await resp.json() if resp.content_type == "application/json" else None
+
+
+@pytest.mark.parametrize("name", [".", "..", "...", "." * 200])
+async def test_a_name_made_of_dots_alone_is_refused_wherever_it_is_given(aetr: Server, name: str) -> None:
+    await aetr.put_step(api("leaf"))
+    rule = "not dots alone"
+    for path in (f"/api/v1/steps/{name}", f"/api/v1/steps/{name.replace('.', '%2E')}"):
+        status, answer = await call_raw_path(aetr, "PUT", path, api(name))
+        assert status == 422 and rule in answer["detail"], (path, answer)
+    status, answer = await aetr.call("PUT", "/api/v1/steps/p", {"name": "p", "kind": "sequential", "children": [
+        {"step": "leaf"}, {"step": api(name)}]})
+    assert status == 422 and "children.1.step" in answer["detail"] and rule in answer["detail"], answer
+    status, answer = await aetr.call("PUT", "/api/v1/steps/p", {"name": "p", "kind": "parallel", "children": [
+        {"step": name}]})
+    assert status == 422 and "children.0.step" in answer["detail"] and rule in answer["detail"], answer
+    _, steps = await aetr.call("GET", "/api/v1/steps")
+    assert [s["name"] for s in steps] == ["leaf"]
+
+
+async def test_names_with_dots_and_something_else_are_accepted(aetr: Server) -> None:
+    for name in (".a", "a.", "..a..", "-", "_", "v1.2.3"):
+        status, body = await aetr.call("PUT", f"/api/v1/steps/{name}", api(name))
+        assert status == 201 and body["name"] == name, body
+        assert (await aetr.call("GET", f"/api/v1/steps/{name}"))[1]["name"] == name
+
+
+async def test_a_step_stored_under_a_dots_only_name_before_the_rule_can_still_be_read_and_deleted(
+        aetr: Server) -> None:
+    # As an earlier version stored it: the store itself takes any name the API let through.
+    await aetr.engine.store.put_steps([StepDef(StepConfig(name="..", kind="api", url="http://127.0.0.1:1/x"))],
+                                      None, datetime.now(UTC))
+    status, body = await call_raw_path(aetr, "GET", "/api/v1/steps/%2E%2E")
+    assert status == 200 and body["name"] == "..", body
+    assert (await call_raw_path(aetr, "DELETE", "/api/v1/steps/%2E%2E"))[0] == 204
+    assert (await aetr.call("GET", "/api/v1/steps"))[1] == []
+
+
+# ---- how many nodes a tree resolves to ----------------------------------------------------------------------
+
+SMALL_LIMIT = 1000  # AETR_MAX_TREE_NODES for these tests: the trees stay small enough to answer quickly
+
+
+def fan(name: str, child: str, times: int) -> dict[str, Any]:
+    """A parallel step of `times` links to `child`."""
+    return {"name": name, "kind": "parallel", "children": [{"step": child}] * times}
+
+
+@pytest.fixture
+async def small(database_url: str) -> AsyncIterator[Server]:
+    """A running server whose trees may resolve to SMALL_LIMIT nodes at most."""
+    async with running_server(database_url, max_tree_nodes=SMALL_LIMIT) as server:
+        await server.put_step(api("leaf"))
+        yield server
+
+
+async def test_a_tree_resolving_to_more_nodes_than_the_limit_is_refused_with_the_count_and_not_kept(
+        small: Server) -> None:
+    await small.put_step(fan("b1", "leaf", 10))  # 11 nodes
+    status, b2 = await small.call("PUT", "/api/v1/steps/b2", fan("b2", "b1", 10))  # 1 + 10 × 11 = 111 nodes
+    assert status == 201, b2
+    _, before = await small.call("GET", "/api/v1/steps")
+    status, answer = await small.call("PUT", "/api/v1/steps/b3", fan("b3", "b2", 10))  # 1 + 10 × 111 = 1111 nodes
+    assert status == 422, answer
+    assert "'b3' would resolve to 1111 nodes" in answer["detail"] and "at most 1000" in answer["detail"]
+    assert "AETR_MAX_TREE_NODES" in answer["detail"]
+    assert (await small.call("GET", "/api/v1/steps/b3"))[0] == 404
+    assert (await small.call("GET", "/api/v1/steps"))[1] == before
+    # Inline children count as much as stored ones, and nothing of a refused body is kept.
+    status, answer = await small.call("PUT", "/api/v1/steps/b3", {"name": "b3", "kind": "sequential", "children": [
+        {"step": fan("new-fan", "b2", 9)}, {"step": "b2"}]})  # 1 + (1 + 9 × 111) + 111 = 1112
+    assert status == 422 and "1112 nodes" in answer["detail"], answer
+    assert (await small.call("GET", "/api/v1/steps"))[1] == before
+
+
+async def test_growing_a_reused_tree_is_refused_when_a_tree_reusing_it_would_pass_the_limit(small: Server) -> None:
+    await small.put_step(fan("b1", "leaf", 10))
+    await small.put_step(fan("b2", "b1", 10))
+    await small.put_step(fan("b3", "b2", 5))  # 1 + 5 × 111 = 556 nodes
+    # b1 × 20 resolves to 21 nodes itself, but makes b2 211 and b3 1 + 5 × 211 = 1056.
+    status, answer = await small.call("PUT", "/api/v1/steps/b1", fan("b1", "leaf", 20))
+    assert status == 422, answer
+    assert "'b3' would resolve to 1056 nodes" in answer["detail"] and "at most 1000" in answer["detail"]
+    _, b1 = await small.call("GET", "/api/v1/steps/b1")
+    assert b1["version"] == 1 and len(b1["children"]) == 10
+    # Within the limit, the same kind of change goes through: b3 becomes 1 + 5 × (1 + 10 × 18) = 906.
+    status, b1 = await small.call("PUT", "/api/v1/steps/b1", fan("b1", "leaf", 17))
+    assert status == 200 and len(b1["children"]) == 17, b1
+
+
+async def test_a_tree_over_a_limit_lowered_since_it_was_stored_does_not_start(small: Server, database_url: str) -> None:
+    # Stored by a process allowed bigger trees (or before the limit was lowered).
+    other = open_store(database_url)
+    try:
+        for body in (fan("b1", "leaf", 10), fan("b2", "b1", 10), fan("b3", "b2", 10)):
+            await other.put_steps(flatten(ParallelIn.model_validate(body)), None, datetime.now(UTC), 2000)
+    finally:
+        await other.close()
+    for headers in ({}, {"Idempotency-Key": "k1"}):  # the plain start is served below FastAPI's routing
+        status, answer = await small.call("POST", "/api/v1/runs", {"step": "b3"}, headers=headers)
+        assert status == 422, answer
+        assert "'b3' resolves to 1111 nodes" in answer["detail"] and "at most 1000" in answer["detail"], answer
+    assert (await small.call("GET", "/api/v1/runs"))[1]["runs"] == []
+    status, run = await small.call("POST", "/api/v1/runs", {"step": "b2"})
+    assert status == 201 and len(run["children"]) == 10, run
+
+
+async def test_the_default_limit_takes_a_parallel_step_of_100_000_children(store: Store) -> None:
+    now = datetime.now(UTC)
+    leaf = StepDef(StepConfig(name="leaf", kind="api", url="http://127.0.0.1:1/x"))
+    await store.put_steps([leaf], None, now)
+    wide = StepDef(StepConfig(name="wide", kind="parallel"), (Link("leaf"),) * 100_000)
+    created, tree = await store.put_steps([wide], None, now + timedelta(seconds=1))
+    assert created and tree.node_count == 100_001
+
+
+async def test_a_few_kilobytes_resolving_to_ten_million_nodes_are_refused_under_the_default_limit(
+        aetr: Server) -> None:
+    await aetr.put_step(api("leaf"))
+    await aetr.put_step(fan("b1", "leaf", 1000))  # 1001 nodes
+    status, _ = await aetr.call("PUT", "/api/v1/steps/b2", fan("b2", "b1", 100))  # 100,101 nodes
+    assert status == 201
+    status, answer = await aetr.call("PUT", "/api/v1/steps/b3", fan("b3", "b2", 100))
+    assert status == 422, answer
+    assert "10010101 nodes" in answer["detail"] and "at most 200000" in answer["detail"], answer
+    assert (await aetr.call("GET", "/api/v1/steps/b3"))[0] == 404

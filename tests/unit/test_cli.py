@@ -82,6 +82,11 @@ def test_a_json_file_may_hold_one_step_or_a_list(tmp_path: Path) -> None:
         ("- name: a\n- kind: api\n", "l.yaml", r'l.yaml, item 2: a step definition needs a "name"'),
         ("name: a\n---\nname: 5\n", "m.yaml", r'm.yaml, document 2: a step definition needs a "name"'),
         ("---\n", "empty.yaml", r"empty.yaml: no step definitions found"),
+        ("name: a\n---\nname: '..'\nkind: sequential\n", "d.yaml",
+         r"d.yaml, document 2: the name '\.\.' must be 1–200 letters, digits, '-', '_' or '\.', and not dots alone"),
+        ('[{"name": "."}]', "d.json", r"d.json, item 1: the name '\.' must be .* not dots alone"),
+        ("name: a b\n", "s.yaml", r"s.yaml: the name 'a b' must be 1–200 letters"),
+        (f"name: {'a' * 201}\n", "l.yaml", r"l.yaml: the name 'a{60}' must be 1–200 letters"),
     ],
 )
 def test_a_bad_file_is_refused_with_where_and_what(text: str, source: str, message: str) -> None:

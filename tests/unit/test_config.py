@@ -1,4 +1,5 @@
-"""Settings from the environment: the HTTP server's limits, and how the connection cap fits the open-file limit."""
+"""Settings from the environment: the HTTP server's limits, how the connection cap fits the open-file limit, and
+the tree node limit."""
 
 from __future__ import annotations
 
@@ -40,3 +41,11 @@ def test_the_connection_cap_is_lowered_to_fit_the_open_file_limit() -> None:
 def test_too_few_open_files_for_the_pools_and_any_connection_is_refused() -> None:
     with pytest.raises(ConfigError, match="ulimit -n"):
         fit_connections(Settings(db_pool_size=20, max_in_flight=256), 300)
+
+
+def test_the_tree_node_limit_defaults_to_200_000_and_is_read_from_aetr_max_tree_nodes() -> None:
+    assert Settings().max_tree_nodes == Settings.from_env({}).max_tree_nodes == 200_000
+    assert Settings.from_env({"AETR_MAX_TREE_NODES": "1000"}).max_tree_nodes == 1000
+    for bad in ("0", "0.5", "many"):
+        with pytest.raises(ConfigError, match="AETR_MAX_TREE_NODES"):
+            Settings.from_env({"AETR_MAX_TREE_NODES": bad})

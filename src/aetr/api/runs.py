@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from aetr.api.answers import EventOut, RunPage, RunTreeOut
 from aetr.api.app import JSON, answer_below_routing, engine_of, read_body, replay, token_ok
 from aetr.api.render import nest, node_json, run_tree_json
-from aetr.api.schemas import Name, RunIn
+from aetr.api.schemas import RunIn, StepRef
 from aetr.domain.decide import Verdict
 from aetr.domain.runs import TERMINAL
 from aetr.engine.runtime import Engine
@@ -56,6 +56,8 @@ async def start_run(
 
 async def _start(engine: Engine, body: RunIn, idempotency_key: str | None) -> Response:
     started = await engine.coordinator.start_run(body.step, body.input, idempotency_key)
+    if started.refused:
+        raise HTTPException(422, f"step: {started.refused}")
     if not started.run_id:
         raise HTTPException(422, f"step: no step named (or with id) '{body.step}'; create it with PUT /api/v1/steps")
     if started.plan is None:  # an earlier run with this key
@@ -99,7 +101,7 @@ async def get_run(
 async def list_runs(
     request: Request,
     state: Literal["pending", "executing", "complete", "error", "cancelled"] | None = None,
-    step: Annotated[Name | None, Query(description="only runs of the step with this name")] = None,
+    step: Annotated[StepRef | None, Query(description="only runs of the step with this name")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> Response:

@@ -10,20 +10,25 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from yarl import URL
 
 from aetr.domain.jsonvalue import MAX_TREE_DEPTH, check_json
-from aetr.domain.steps import BUILTIN_REDUCERS, Link, RetryPolicy, StepConfig, StepDef, framing_headers
+from aetr.domain.steps import BUILTIN_REDUCERS, NAME_PATTERN, Link, RetryPolicy, StepConfig, StepDef, framing_headers
 
-NAME_PATTERN: Final = r"^[A-Za-z0-9_.\-]{1,200}$"
+# Looking a step up accepts every name a step could ever be stored under, dots alone included (refused for new
+# steps since), so that such a step can still be read and deleted.
+LOOKUP_PATTERN: Final = r"^[A-Za-z0-9_.\-]{1,200}$"
 NO_NUL_PATTERN: Final = r"^[^\x00]*$"
 HEADER_VALUE_PATTERN: Final = r"^[^\x00-\x08\x0a-\x1f\x7f]*$"
 # What each pattern asks for, in words: a 422 says this instead of the regular expression.
 PATTERN_HINTS: Final = {
-    NAME_PATTERN: "must be 1–200 letters, digits, '-', '_' or '.'",
+    NAME_PATTERN: "must be 1–200 letters, digits, '-', '_' or '.', and not dots alone (such as '.' or '..')",
+    LOOKUP_PATTERN: "must be 1–200 letters, digits, '-', '_' or '.'",
     NO_NUL_PATTERN: "must not contain NUL characters (\\u0000)",
     HEADER_VALUE_PATTERN: "must not contain control characters such as line breaks or NUL",
 }
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=200,
-                            description="1–200 letters, digits, '-', '_' or '.'")]
+                            description="1–200 letters, digits, '-', '_' or '.'; not dots alone")]
+StepRef = Annotated[str, Field(pattern=LOOKUP_PATTERN, min_length=1, max_length=200,
+                               description="a stored step's name, or its id")]
 Script = Annotated[str, Field(min_length=1, max_length=65_536, pattern=NO_NUL_PATTERN)]
 MAX_TIMEOUT_S = 30 * 86_400.0  # a step may take up to 30 days
 
@@ -114,7 +119,7 @@ ChildIn.model_rebuild()
 
 
 class RunIn(Strict):
-    step: Annotated[Name, Field(description="a step's name or id")]
+    step: Annotated[StepRef, Field(description="a step's name or id")]
     input: JsonValue = None
 
 

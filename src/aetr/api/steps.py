@@ -11,14 +11,14 @@ from yarl import URL
 
 from aetr.api.answers import StepOut, StepSummary
 from aetr.api.app import JSON, engine_of
-from aetr.api.schemas import ApiStepIn, Name, ParallelIn, SequentialIn, StepIn, flatten, scripts_of
-from aetr.domain.steps import CycleError
+from aetr.api.schemas import ApiStepIn, Name, ParallelIn, SequentialIn, StepIn, StepRef, flatten, scripts_of
+from aetr.domain.steps import CycleError, TreeTooBig
 from aetr.engine.coordinator import utcnow
 from aetr.sandbox import ScriptError
 from aetr.store import StepsRefused
 
 router = APIRouter(tags=["steps"])
-StepKey = Annotated[Name, Path(description="a step's name, or its id")]
+StepKey = Annotated[StepRef, Path(description="a step's name, or its id")]
 VERSION_TAG = re.compile(r'(?:W/)?"?([0-9]{1,18})"?')  # If-Match: 3, "3" or W/"3"
 
 
@@ -57,8 +57,8 @@ async def put_step(
             line = f" (line {exc.line})" if exc.line else ""
             raise HTTPException(422, f"{where} does not compile{line}: {exc.message}") from None
     try:
-        created, tree = await engine.store.put_steps(defs, expected, utcnow())
-    except CycleError as exc:
+        created, tree = await engine.store.put_steps(defs, expected, utcnow(), engine.settings.max_tree_nodes)
+    except (CycleError, TreeTooBig) as exc:
         raise HTTPException(422, str(exc)) from None
     except StepsRefused as exc:
         raise HTTPException(exc.status, exc.detail) from None
@@ -81,7 +81,7 @@ async def get_step(request: Request, key: StepKey) -> Response:
 
 
 @router.get("/steps/{name}/parents", responses={200: {"model": list[str]}})
-async def step_parents(request: Request, name: Annotated[Name, Path()]) -> Response:
+async def step_parents(request: Request, name: Annotated[StepRef, Path()]) -> Response:
     """The names of the steps that have this one as a child."""
     parents = await engine_of(request).store.step_parents(name)
     if parents is None:
@@ -90,7 +90,7 @@ async def step_parents(request: Request, name: Annotated[Name, Path()]) -> Respo
 
 
 @router.delete("/steps/{name}", status_code=204)
-async def delete_step(request: Request, name: Annotated[Name, Path()]) -> Response:
+async def delete_step(request: Request, name: Annotated[StepRef, Path()]) -> Response:
     """Delete a step that no parent uses (409 with the parents' names otherwise)."""
     try:
         deleted = await engine_of(request).store.delete_step(name)

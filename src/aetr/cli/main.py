@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from aetr.cli import render
 from aetr.client import DEFAULT_URL, AetrConnectionError, AetrError, Client
+from aetr.domain.steps import is_step_name
 
 __all__ = ["StepFileError", "app", "load_step_definitions", "parse_step_definitions"]
 
@@ -152,6 +153,11 @@ def parse_step_definitions(text: str, source: str = "<input>") -> list[dict[str,
             name = entry.get("name")
             if not isinstance(name, str) or not name:
                 raise StepFileError(f'{at}: a step definition needs a "name" (a non-empty string)')
+            if not is_step_name(name):
+                # Checked before any step is applied: the name is also the URL's last segment, where '..' would
+                # name another route.
+                raise StepFileError(f"{at}: the name {name[:60]!r} must be 1–200 letters, digits, '-', '_' or '.', "
+                                    "and not dots alone")
             definitions.append(entry)
     if not definitions:
         raise StepFileError(f"{source}: no step definitions found")

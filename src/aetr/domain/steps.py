@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -12,8 +12,21 @@ import orjson
 
 StepKind = Literal["api", "sequential", "parallel"]
 BUILTIN_REDUCERS = ("array", "last", "merge")
-NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 DEFAULT_TIMEOUT_S = 3600.0
+DEFAULT_MAX_TREE_NODES = 200_000  # run nodes a stored tree may resolve to (AETR_MAX_TREE_NODES)
+# A step's name: 1-200 letters, digits, '-', '_' or '.', not dots alone ('.' and '..' are path segments that
+# URLs resolve away, so no link could name such a step). Written without look-arounds, which pydantic's regular
+# expressions lack; the length is checked apart.
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]*[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$"
+NAME_RE = re.compile(NAME_PATTERN)
+MAX_NAME_LENGTH = 200
+
+
+def is_step_name(name: str) -> bool:
+    """Whether `name` may name a new step."""
+    return len(name) <= MAX_NAME_LENGTH and NAME_RE.fullmatch(name) is not None
+
+
 # Headers a step may not set: they frame the request or belong to one connection, which AETR's HTTP client
 # manages (a Content-Length of the step's own made the step read a truncated body).
 FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te",
@@ -123,9 +136,14 @@ class StepTree:
         children = tuple((c.get("mapper"), StepTree.from_json(c["step"])) for c in data.get("children", ()))
         return StepTree(config, children)
 
-    def size(self) -> int:
-        """How many run nodes a run of this tree has."""
-        return 1 + sum(child.size() for _, child in self.children)
+    @functools.cached_property
+    def node_count(self) -> int:
+        """How many run nodes a run of this tree has, counted once per shared subtree, without expanding it.
+
+        A tree read from the store shares one StepTree per reused step, so this costs one addition per link
+        however many nodes the links resolve to.
+        """
+        return 1 + sum(child.node_count for _, child in self.children)
 
 
 class CycleError(ValueError):
@@ -134,6 +152,44 @@ class CycleError(ValueError):
     def __init__(self, path: Sequence[str]) -> None:
         self.path = list(path)
         super().__init__("a step tree may not contain itself: " + " → ".join(path))
+
+
+class TreeTooBig(ValueError):
+    """A step tree resolves to more run nodes than the limit allows."""
+
+    def __init__(self, name: str, count: int, limit: int, *, changed: bool) -> None:
+        self.name, self.count, self.limit = name, count, limit
+        verb = "would resolve to" if changed else "resolves to"
+        fix = "reuse fewer or smaller trees in it" if changed else "make it smaller"
+        super().__init__(f"step tree '{name}' {verb} {count} nodes, counted through the trees it reuses, and a tree "
+                         f"may resolve to at most {limit} (AETR_MAX_TREE_NODES): {fix}, or raise the limit")
+
+
+def first_oversized(links: Mapping[str, Sequence[tuple[str | None, int]]], steps: Iterable[str],
+                    limit: int) -> tuple[str, int] | None:
+    """The first of `steps` whose tree resolves to more than `limit` nodes, and its count; None when all fit.
+
+    `links` maps a step to its children, each with the number of links to it (None for a child without children
+    of its own). Each step's size is computed once, children first, so a tree resolving to billions of nodes
+    costs what its links cost; the first step found too big has no step of `steps` too big below it.
+    """
+    checked = set(steps)
+    size: dict[str, int] = {}
+    for top in sorted(checked):  # sorted: the same change is refused naming the same tree every time
+        stack: list[tuple[str, bool]] = [(top, False)]
+        while stack:  # iterative, like find_cycle: no recursion limit to mind
+            step, expanded = stack.pop()
+            if step in size:
+                continue
+            kids = links.get(step, ())
+            if not expanded:
+                stack.append((step, True))
+                stack.extend((child, False) for child, _ in kids if child is not None and child not in size)
+                continue
+            size[step] = total = 1 + sum(n if child is None else n * size[child] for child, n in kids)
+            if total > limit and step in checked:
+                return step, total
+    return None
 
 
 def find_cycle(graph: Mapping[str, Sequence[str]], start: str) -> list[str] | None:

@@ -16,6 +16,7 @@ from aetr.domain import decide
 from aetr.domain.decide import ACCEPTED
 from aetr.domain.jsonvalue import MAX_TREE_DEPTH, check_json
 from aetr.domain.runs import Node, Plan, Work, build_run_nodes
+from aetr.domain.steps import DEFAULT_MAX_TREE_NODES, TreeTooBig
 from aetr.engine import metrics
 from aetr.engine.outage import OUTAGE, is_outage
 from aetr.store import ClaimedWork, Conflict, NeedsScripts, Store
@@ -107,11 +108,13 @@ def replaying(drawn: list[str], source: Iterator[str]) -> Callable[[], str]:
 @dataclass(frozen=True)
 class Started:
     """What starting a run did: `created` false for a known idempotency key (and for an unknown step, where
-    `run_id` is empty); `plan` holds every node of a created run as committed."""
+    `run_id` is empty, or a refused one, with `refused` saying why); `plan` holds every node of a created run as
+    committed."""
 
     created: bool
     run_id: str
     plan: Plan | None = None
+    refused: str = ""
 
 
 @dataclass
@@ -133,8 +136,10 @@ class Coordinator:
     worker right after the commit, with no claim round trip.
     """
 
-    def __init__(self, store: Store, scripts: ScriptRunner, script_error: type[Exception]) -> None:
+    def __init__(self, store: Store, scripts: ScriptRunner, script_error: type[Exception],
+                 max_tree_nodes: int = DEFAULT_MAX_TREE_NODES) -> None:
         self.store = store
+        self.max_tree_nodes = max_tree_nodes
         self.scripts = scripts
         self.script_error = script_error
         self.conflicts = 0  # optimistic-lock retries so far: the contention test reads it
@@ -169,7 +174,8 @@ class Coordinator:
             return Started(False, existing)
         if out.created and out.plan is not None:
             metrics.RUNS_STARTED.inc()
-        return Started(out.created, out.run_id, out.plan)
+        refused = out.verdict.reason if out.verdict.outcome == "refused" else ""
+        return Started(out.created, out.run_id, out.plan, refused)
 
     def _start_program(self, step: str, run_input: Any, key: str | None, now: datetime,
                        new_id: Callable[[], str]) -> Program:
@@ -180,6 +186,11 @@ class Coordinator:
         tree = yield LoadTree(step)
         if tree is None:
             return Outcome(decide.Verdict("unknown", f"no step named (or with id) '{step}'"), created=False)
+        if tree.node_count > self.max_tree_nodes:
+            # Stored under a higher limit (lowered since, or another process's): counted on the tree as read,
+            # whose reused subtrees are shared, so nothing is built to refuse it.
+            too_big = TreeTooBig(tree.config.name, tree.node_count, self.max_tree_nodes, changed=False)
+            return Outcome(decide.Verdict("refused", str(too_big)), created=False)
         nodes = build_run_nodes(tree, run_input, now, new_id)
         root_id = nodes[0].id
         plan = Plan(now=nodes[0].created_at, new_run=True)

@@ -54,7 +54,7 @@ class Engine:
         self.store = store or open_store(settings.database_url, settings.db_pool_size, settings.sqlite_synchronous)
         self.sandbox = Sandbox(SandboxLimits(time_limit_s=settings.sandbox_time_limit_s,
                                              memory_limit_bytes=int(settings.sandbox_memory_mb * MIB)))
-        self.coordinator = Coordinator(self.store, self.sandbox, ScriptError)
+        self.coordinator = Coordinator(self.store, self.sandbox, ScriptError, settings.max_tree_nodes)
         self.signer: TokenSigner | None = None
         self.dispatcher: Dispatcher | None = None
         self.worker: Worker | None = None

@@ -10,6 +10,11 @@ import uuid
 from dataclasses import dataclass
 
 MAC_BYTES = 16  # 128-bit truncated HMAC-SHA256: unforgeable without the key, short enough for a URL
+TOKEN_BYTES = 16 + 4 + MAC_BYTES  # node uuid, attempt, MAC: a multiple of 3, so base64 needs no padding
+# The one spelling of a token: unpadded base64url, 48 characters with no spare bits, so each such text decodes
+# to one token and every other text is refused. Python's decoder alone is lenient: it skips characters outside
+# the alphabet and takes '+' and '/' for '-' and '_'.
+CANONICAL_TOKEN = re.compile(f"[A-Za-z0-9_-]{{{TOKEN_BYTES // 3 * 4}}}")
 
 
 @dataclass(frozen=True)
@@ -38,20 +43,19 @@ class TokenSigner:
 
     def verify(self, token: str) -> Attempt | None:
         """The attempt a token names, or None when it is not one we signed (compared in constant time)."""
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except ValueError:
+        if CANONICAL_TOKEN.fullmatch(token) is None:
             return None
-        if len(raw) != 20 + MAC_BYTES:
-            return None
+        raw = base64.urlsafe_b64decode(token)
         body, mac = raw[:20], raw[20:]
         if not hmac.compare_digest(mac, self._mac(body)):
             return None
         return Attempt(str(uuid.UUID(bytes=body[:16])), int.from_bytes(body[16:], "big"))
 
 
-# A callback token in a path (`/callbacks/<token>`) or percent-encoded in a step URL's `aetr=` parameter.
-CALLBACK_TOKEN = re.compile(r"(callbacks(?:/|%2F))[A-Za-z0-9_-]+=*", re.IGNORECASE)
+# Whatever follows `callbacks/` in a path (`/callbacks/<token>/fail`), or `callbacks%2F` in a step URL's
+# percent-encoded `aetr=` parameter, up to the next separator: a canonical token, and any misspelling of one
+# (a character inserted, '+' for '-', padding), which would otherwise show most of a real token.
+CALLBACK_TOKEN = re.compile(r"(callbacks(?:/|%2F))[^/?#&\s\"'<>\\]+", re.IGNORECASE)
 REDACTED = "<token>"
 
 

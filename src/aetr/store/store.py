@@ -25,7 +25,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from aetr.domain.decide import RunScript, ScriptResult
 from aetr.domain.jsonvalue import MAX_TREE_DEPTH
 from aetr.domain.runs import Node
-from aetr.domain.steps import CycleError, StepDef, StepTree, find_cycle
+from aetr.domain.steps import (
+    DEFAULT_MAX_TREE_NODES,
+    CycleError,
+    StepDef,
+    StepTree,
+    TreeTooBig,
+    find_cycle,
+    first_oversized,
+)
 from aetr.store import codec
 from aetr.store.sql import (
     TREE_SQL,
@@ -272,11 +280,15 @@ class Store:
                 return None
             return await _parent_names(conn, step_id)
 
-    async def put_steps(self, defs: Sequence[StepDef], if_match: int | None,
-                        now: datetime) -> tuple[bool, StepTree]:
-        """Create or replace `defs[0]` and its inline children in one transaction; (created, resolved tree)."""
+    async def put_steps(self, defs: Sequence[StepDef], if_match: int | None, now: datetime,
+                        max_nodes: int = DEFAULT_MAX_TREE_NODES) -> tuple[bool, StepTree]:
+        """Create or replace `defs[0]` and its inline children in one transaction; (created, resolved tree).
+
+        Refused, with nothing kept: StepsRefused, CycleError, and TreeTooBig when a stored tree containing a
+        changed step would resolve to more than `max_nodes` nodes.
+        """
         async with self._transaction() as conn:
-            return await _put_steps(conn, defs, if_match, now)
+            return await _put_steps(conn, defs, if_match, now, max_nodes)
 
     async def delete_step(self, name: str) -> bool:
         """Delete a step no parent uses; False when there is none; StepsRefused(409) while one does."""
@@ -385,7 +397,7 @@ async def _parent_names(conn: AsyncConnection, step_id: str) -> list[str]:
 
 
 async def _put_steps(conn: AsyncConnection, defs: Sequence[StepDef], if_match: int | None,
-                     now: datetime) -> tuple[bool, StepTree]:
+                     now: datetime, max_nodes: int) -> tuple[bool, StepTree]:
     root = defs[0].config.name
     defined = {d.config.name: d for d in defs}
     referenced = {link.step for d in defs for link in d.links} - set(defined)
@@ -400,6 +412,10 @@ async def _put_steps(conn: AsyncConnection, defs: Sequence[StepDef], if_match: i
         raise StepsRefused(422, "children refer to steps that do not exist: " + ", ".join(missing)
                            + "; create them first or define them inline")
     current = existing.get(root, (None, None))[1]
+    if if_match is not None and current is None:
+        # RFC 9110 13.1.1: no current representation, so no version can match; PUT creates only unconditionally.
+        raise StepsRefused(412, f"step '{root}' does not exist, so it has no version {if_match}: to create it, "
+                                "send the request without If-Match")
     if if_match is not None and current != if_match:
         raise StepsRefused(412, f"step '{root}' is at version {current}, not {if_match}: "
                                 "reload it and apply your change again")
@@ -428,6 +444,7 @@ async def _put_steps(conn: AsyncConnection, defs: Sequence[StepDef], if_match: i
         # Raised inside the transaction: nothing of this change is kept.
         raise StepsRefused(422, f"step trees may nest at most {MAX_TREE_DEPTH} levels, and with this change a "
                                 f"tree containing '{root}' would nest more; flatten it or split it")
+    await _check_sizes(conn, now, max_nodes)
     tree = await _load_tree(conn, ids[root])
     assert tree is not None
     return root not in existing, tree
@@ -445,6 +462,42 @@ _DEPTH_SQL = text(
     " WHERE down.d <= :limit)"
     " SELECT max(d) FROM down"
 ).bindparams(bindparam("now", type_=UTCDateTime()))
+
+
+# The links below every stored tree containing a step changed at `now` (seeded as _DEPTH_SQL is), for counting
+# the trees' nodes: (parent, child, number of links) grouped, the child NULL when it has no children of its own
+# (a parallel parent of 100,000 api steps is one row); and a row (step, NULL, 0) for each such tree.
+_SIZES_SQL = text(
+    "WITH RECURSIVE up(id) AS ("
+    " SELECT id FROM steps WHERE updated_at = :now"
+    " UNION SELECT sc.parent_id FROM step_children sc JOIN up ON sc.child_id = up.id),"
+    " down(id) AS (SELECT id FROM up"
+    " UNION SELECT sc.child_id FROM step_children sc JOIN down ON sc.parent_id = down.id),"
+    " links(parent_id, child_id) AS (SELECT sc.parent_id, CASE WHEN EXISTS"
+    " (SELECT 1 FROM step_children k WHERE k.parent_id = sc.child_id) THEN sc.child_id END"
+    " FROM step_children sc JOIN down ON sc.parent_id = down.id)"
+    " SELECT id, NULL, 0 FROM up"
+    " UNION ALL SELECT parent_id, child_id, count(*) FROM links GROUP BY parent_id, child_id"
+).bindparams(bindparam("now", type_=UTCDateTime()))
+
+
+async def _check_sizes(conn: AsyncConnection, now: datetime, max_nodes: int) -> None:
+    """TreeTooBig when a stored tree containing a step changed at `now` resolves to more than `max_nodes` nodes.
+
+    Counted from the links, once per step (never by building the tree), inside the change's transaction.
+    """
+    trees: list[str] = []
+    links: dict[str, list[tuple[str | None, int]]] = {}
+    for parent, child, n in await conn.execute(_SIZES_SQL, {"now": now}):
+        if n:
+            links.setdefault(parent, []).append((child, n))
+        else:
+            trees.append(parent)
+    found = first_oversized(links, trees, max_nodes)
+    if found is not None:
+        step_id, count = found
+        name = await conn.scalar(select(steps.c.name).where(steps.c.id == step_id))
+        raise TreeTooBig(str(name), count, max_nodes, changed=True)  # inside the transaction: nothing is kept
 
 
 async def _stored_graph(conn: AsyncConnection, start_ids: list[str]) -> dict[str, list[str]]:

@@ -155,7 +155,8 @@ export function isTyping(event) {
   return t.isContentEditable || ['INPUT', 'TEXTAREA', 'SELECT'].includes(t.tagName);
 }
 
-export const STEP_NAME = /^[A-Za-z0-9._-]{1,200}$/;
+// Not dots alone: '.' and '..' are URL path segments, so no link (#/steps/..) could open such a step.
+export const STEP_NAME = /^(?!\.+$)[A-Za-z0-9._-]{1,200}$/;
 
 /** A link to a step's page. */
 export function stepLink(name, props = {}) {

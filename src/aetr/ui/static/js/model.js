@@ -64,7 +64,7 @@ function number(value, what, {integer = false, optional = false} = {}) {
 /** The PUT body of a model; throws Error naming the field when something is missing. */
 export function specFromModel(model, where = 'the step') {
   const name = model.name.trim();
-  if (!STEP_NAME.test(name)) throw new Error(`${where}: the name must be 1–200 letters, digits, “-”, “_” or “.”`);
+  if (!STEP_NAME.test(name)) throw new Error(`${where}: the name must be 1–200 letters, digits, “-”, “_” or “.”, and not dots alone`);
   const spec = {name, kind: model.kind};
   if (model.kind === 'api') {
     if (!model.url.trim()) throw new Error(`${name}: enter the URL of the step's HTTP service`);

@@ -18,8 +18,8 @@ function bound(input, model, key, env) {
 
 function nameField(model, env) {
   const input = h('input', {type: 'text', required: true, autocomplete: 'off', spellcheck: false,
-    pattern: '[A-Za-z0-9._\\-]{1,200}', maxlength: '200', placeholder: 'e.g. ingest', 'data-field': 'name'});
-  const {wrap} = field('Name', bound(input, model, 'name', env), 'Letters, digits, “-”, “_” and “.”; unique.');
+    pattern: '(?!\\.+$)[A-Za-z0-9._\\-]{1,200}', maxlength: '200', placeholder: 'e.g. ingest', 'data-field': 'name'});
+  const {wrap} = field('Name', bound(input, model, 'name', env), 'Letters, digits, “-”, “_” and “.” (not dots alone); unique.');
   const warning = h('span', {class: 'hint warn', 'aria-live': 'polite'});
   const check = () => {
     const taken = env.allSteps().some((s) => s.name === input.value.trim());
