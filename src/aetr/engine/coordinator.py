@@ -40,6 +40,9 @@ from aetr.store.store import ScriptAnswers, is_integrity_error
 
 log = logging.getLogger("aetr.engine")
 
+# A generator of the engine's own, not the random module's shared one: an application (or a test) that embeds
+# AETR keeps its random sequence whatever AETR draws meanwhile.
+_RANDOM = random.Random()
 MAX_CONFLICT_RETRIES = 50  # an event that loses this many races in a row is a bug, not contention
 # Each pass of an event that stops for scripts runs at least one more of them, and a script waits only for the
 # ones above it in the tree: more passes than the deepest tree allows is a bug.
@@ -324,7 +327,7 @@ class Coordinator:
 
     def _program(self, node_id: str, handler: Handler, source: str | None, attempt: int,
                  answered: list[FinishCall]) -> Program:
-        plan = Plan(now=utcnow(), jitter=random.random(), count_later=self.count_later)
+        plan = Plan(now=utcnow(), jitter=_RANDOM.random(), count_later=self.count_later)
         chain: Chain = yield LoadChain(node_id)
         if not chain.nodes:
             return Outcome(decide.Verdict("unknown", "no such node"))

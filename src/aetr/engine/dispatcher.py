@@ -72,9 +72,12 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - utcnow()).total_seconds())
 
 
+_RANDOM = random.Random()  # the dispatcher's own: drawing from it leaves the random module's sequence alone
+
+
 def _span_id() -> str:
     # A trace's span id only has to differ from its siblings': no system call for secure randomness per call.
-    return f"{random.getrandbits(64) or 1:016x}"
+    return f"{_RANDOM.getrandbits(64) or 1:016x}"
 
 
 def _forget_frames(exc: BaseException) -> None:
