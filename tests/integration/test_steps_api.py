@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -170,6 +171,20 @@ async def test_if_match_on_a_step_that_does_not_exist_says_so_and_creates_nothin
     assert (await aetr.call("GET", "/api/v1/steps/new"))[0] == 404
     status, body = await aetr.call("PUT", "/api/v1/steps/new", api("new"))
     assert status == 201 and body["version"] == 1
+
+
+async def test_two_changes_made_at_once_never_store_a_cycle_between_them(aetr: Server) -> None:
+    # Each change alone is fine; together they would make a cycle. Whichever comes second must see the first.
+    for i in range(10):
+        a, b = f"a{i}", f"b{i}"
+        await aetr.put_step(api(a))
+        await aetr.put_step(api(b))
+        answers = await asyncio.gather(
+            aetr.call("PUT", f"/api/v1/steps/{a}", {"name": a, "kind": "sequential", "children": [{"step": b}]}),
+            aetr.call("PUT", f"/api/v1/steps/{b}", {"name": b, "kind": "sequential", "children": [{"step": a}]}))
+        assert sorted(status for status, _ in answers) == [200, 422], answers
+        refused = next(body for status, body in answers if status == 422)
+        assert "may not contain itself" in refused["detail"], refused
 
 
 # ---- step names --------------------------------------------------------------------------------------------

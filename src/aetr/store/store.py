@@ -92,6 +92,7 @@ def _script_key(req: RunScript) -> tuple[str, str]:
     return req.source, args
 AfterCommit = Callable[[Any], None]  # told an event's result once it is committed, whoever still awaits it
 
+STEP_CHANGES_LOCK = 0x4145_5452_5354_4550  # PostgreSQL advisory lock key serialising step-tree changes
 CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
 RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
 
@@ -289,6 +290,10 @@ class Store:
         """
         async with self._transaction() as conn:
             if self.dialect == "postgresql":
+                # One change of step trees at a time, across processes: the cycle, depth and size checks read the
+                # stored trees, and two changes checked side by side (READ COMMITTED) could each pass while
+                # together they make a cycle or pass a limit. SQLite has one writer already.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": STEP_CHANGES_LOCK})
                 # The recursive queries' row estimates are far too high, so PostgreSQL would compile them (JIT):
                 # 300-400 ms per query for a 100,000-child parallel, more than running them takes.
                 await conn.execute(text("SET LOCAL jit = off"))
