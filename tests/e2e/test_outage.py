@@ -10,7 +10,7 @@ import pytest
 
 from aetr.testing import StepService, never
 from tests.e2e.harness import Api, Launcher
-from tests.e2e.test_security import own_role, pg_admin, wait_no_connections
+from tests.e2e.postgres import database_down, own_role
 
 RUNS = 10
 OUTAGE_LOG_TIMEOUT_S = 10.0  # seconds for the server to notice the outage (its claim loop polls every 0.2 s)
@@ -36,20 +36,13 @@ async def test_an_outage_is_logged_once_when_it_begins_and_once_when_it_ends(
                 await api.put_step({"name": "hold", "kind": "api", "url": svc.url("/hold")})
                 run_ids = [await api.start_run("hold", k) for k in range(RUNS)]
                 calls = await svc.wait_for_calls("/hold", RUNS)
-                try:
-                    # PostgreSQL drops the server's connections and refuses new ones, as while it restarts.
-                    await pg_admin(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
-                    await pg_admin(f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                   f"WHERE usename = '{role}'")
-                    await wait_no_connections(role)
+                async with database_down(role):
                     during = [await api.call("POST", "/api/v1/runs", {"step": "hold", "input": 0}),
                               await api.call("GET", f"/api/v1/runs/{run_ids[0]}")]
                     for call in calls:
                         async with http.post(call.callback_url or "", json=call.json + 1) as response:
                             during.append((response.status, None))
                     await _wait_for_log(aetr, "the database is unavailable")
-                finally:
-                    await pg_admin(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
                 await aetr.wait_healthy()
                 await _wait_for_log(aetr, "the database is back")
                 # The steps call back again, as they were told to (503 with Retry-After), and nothing was lost.

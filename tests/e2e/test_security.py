@@ -5,22 +5,17 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import orjson
 import pytest
 from aiohttp import web
-from sqlalchemy.engine import make_url
 
 from aetr.testing import StepRequest, StepService, callback, fail, never, status
-from tests.e2e.conftest import PG_ADMIN_URL
 from tests.e2e.harness import Api, Launcher, cli, free_port
+from tests.e2e.postgres import database_down, own_role
 
 REFUSAL_TIMEOUT_S = 15.0  # seconds: refusing must not wait for anything (it takes the CLI's start-up time)
 
@@ -223,15 +218,8 @@ async def test_a_callback_refused_while_the_database_is_down_is_logged_without_i
                 assert call.callback_url is not None
                 path = call.callback_url.removeprefix(aetr.url)
                 # The outage: PostgreSQL drops the server's connections and refuses new ones (too many connections).
-                try:
-                    await pg_admin(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
-                    await pg_admin(f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                   f"WHERE usename = '{role}'")
-                    await wait_no_connections(role)
-                    async with http.post(call.callback_url, json={"done": True}) as response:
-                        refused = (response.status, response.headers.get("Retry-After"), await response.text())
-                finally:
-                    await pg_admin(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
+                async with database_down(role), http.post(call.callback_url, json={"done": True}) as response:
+                    refused = (response.status, response.headers.get("Retry-After"), await response.text())
                 # The step is told to try again shortly; when it does, nothing was lost.
                 assert refused[:2] == (503, "1") and "database is unavailable" in refused[2], refused
                 assert await api.call("POST", path, {"done": True}) == (200, {"accepted": True})
@@ -243,44 +231,3 @@ async def test_a_callback_refused_while_the_database_is_down_is_logged_without_i
     log = aetr.log()
     assert "the database is unavailable" in log, log
     assert_nowhere({"the callback token": path.rsplit("/", 1)[1]}, {"the server's output": log})
-
-
-DB_DRAIN_S = 10.0  # seconds for PostgreSQL to end the backends it was told to terminate
-
-
-async def pg_admin(sql: str, database: str | None = None) -> Any:
-    """Run one statement as the PostgreSQL administrator (on `database`, else the admin one); its first value."""
-    url = PG_ADMIN_URL if database is None else f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{database}"
-    conn = await asyncpg.connect(url, timeout=5)
-    try:
-        return await conn.fetchval(sql)
-    finally:
-        await conn.close()
-
-
-@asynccontextmanager
-async def own_role(database_url: str) -> AsyncIterator[tuple[str, str]]:
-    """A login role that is not a superuser, for the server to use the test's database with: (role, its URL).
-
-    PostgreSQL lets a superuser past every connection limit; an outage must reach the server.
-    """
-    url = make_url(database_url)
-    assert url.database is not None
-    role, password = f"aetr_e2e_{secrets.token_hex(6)}", secrets.token_hex(16)
-    await pg_admin(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'")
-    try:
-        await pg_admin(f'GRANT ALL ON SCHEMA public TO "{role}"', url.database)
-        yield role, url.set(username=role, password=password).render_as_string(hide_password=False)
-    finally:
-        # The role owns the tables the server made: they go with the database, then the role can go.
-        await pg_admin(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
-        await pg_admin(f'DROP ROLE IF EXISTS "{role}"')
-
-
-async def wait_no_connections(role: str) -> None:
-    """Wait until `role` has no backend left (pg_terminate_backend only asks them to end)."""
-    deadline = time.monotonic() + DB_DRAIN_S
-    query = f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'"
-    while (left := await pg_admin(query)) > 0:
-        assert time.monotonic() < deadline, f"{left} connection(s) of {role} still open after {DB_DRAIN_S} s"
-        await asyncio.sleep(0.05)

@@ -96,6 +96,13 @@ class Server:
             raw = await resp.read()
             return resp.status, (orjson.loads(raw) if raw and "json" in resp.content_type else raw or None)
 
+    async def events(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's history, oldest first."""
+        status, events = await self.call("GET", f"/api/v1/runs/{run_id}/events")
+        assert status == 200, events
+        result: list[dict[str, Any]] = events
+        return result
+
     async def put_step(self, spec: dict[str, Any]) -> dict[str, Any]:
         status, body = await self.call("PUT", f"/api/v1/steps/{spec['name']}", spec)
         assert status in (200, 201), body

@@ -34,13 +34,6 @@ def step(svc: StepService, name: str) -> dict[str, Any]:
     return {"name": name, "kind": "api", "url": svc.url(f"/{name}"), "timeout_s": 30, "retry": RETRY}
 
 
-async def events_of(aetr: Server, run_id: str) -> list[dict[str, Any]]:
-    status, events = await aetr.call("GET", f"/api/v1/runs/{run_id}/events")
-    assert status == 200, events
-    result: list[dict[str, Any]] = events
-    return result
-
-
 async def test_a_429_with_retry_after_seconds_is_retried_no_sooner_and_the_history_shows_it(
         aetr: Server, steps_service: StepService) -> None:
     steps_service.route("/busy", sequence(busy(lambda: "1"), callback(lambda x: {"done": x})))
@@ -54,7 +47,7 @@ async def test_a_429_with_retry_after_seconds_is_retried_no_sooner_and_the_histo
     assert [first.attempt, second.attempt] == [1, 2]
     waited = second.received_at - first.received_at
     assert waited >= 1.0 - CLOCK_SLACK_S, f"the retry came {waited:.3f} s after the 429 asking for 1 s"
-    events = await events_of(aetr, run_id)
+    events = await aetr.events(run_id)
     (retry,) = [e for e in events if e["kind"] == "retry"]
     assert retry["node_id"] == run_id
     assert retry["data"]["attempt"] == 1 and retry["data"]["next_attempt"] == 2
@@ -96,7 +89,7 @@ async def test_a_429_with_a_retry_after_date_is_retried_no_sooner_than_that_date
     assert [c.attempt for c in steps_service.calls("/dated")] == [1, 2]
     (deadline,), (came,) = not_before, seen_at
     assert came >= deadline - CLOCK_SLACK_S, f"the retry came {deadline - came:.3f} s before the Retry-After date"
-    (retry,) = [e for e in await events_of(aetr, run["id"]) if e["kind"] == "retry"]
+    (retry,) = [e for e in await aetr.events(run["id"]) if e["kind"] == "retry"]
     assert "HTTP 429" in retry["data"]["error"] and "GMT" in retry["data"]["error"], retry
 
 

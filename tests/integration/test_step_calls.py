@@ -53,13 +53,6 @@ def streamed(code: int, seconds: float = 20.0) -> Any:
     return behaviour
 
 
-async def events_of(aetr: Server, run_id: str) -> list[dict[str, Any]]:
-    status_code, events = await aetr.call("GET", f"/api/v1/runs/{run_id}/events")
-    assert status_code == 200, events
-    result: list[dict[str, Any]] = events
-    return result
-
-
 # --- values AETR cannot store exactly --------------------------------------------------------------------------
 
 
@@ -77,7 +70,7 @@ async def test_a_callback_holding_an_integer_beyond_64_bits_is_refused_and_chang
         assert '["id"]' in detail and "64 bits" in detail and "as a string" in detail, detail
     _, run = await aetr.call("GET", f"/api/v1/runs/{run_id}")
     assert run["state"] == "executing" and run["output"] is None
-    assert [e for e in await events_of(aetr, run_id) if e["kind"].startswith("callback")] == []
+    assert [e for e in await aetr.events(run_id) if e["kind"].startswith("callback")] == []
     # Sent as the refusal says, and with the largest integer that fits, it is stored exactly.
     exact = b'{"id": "' + BIG_INTEGER + b'", "max": 18446744073709551615}'
     async with aetr.http.post(call.headers["AETR-Callback"], data=exact,
@@ -166,7 +159,7 @@ async def test_a_password_in_a_step_url_is_not_shown_in_runs_events_or_logs(
     with caplog.at_level(logging.DEBUG):
         runs = [await aetr.wait_run(await aetr.start(name)) for name in ("down", "echo")]
         shown = [orjson.dumps(run) for run in runs]
-        shown += [orjson.dumps(await events_of(aetr, run["id"])) for run in runs]
+        shown += [orjson.dumps(await aetr.events(run["id"])) for run in runs]
         _, listed = await aetr.call("GET", "/api/v1/runs")
         shown.append(orjson.dumps(listed))
     assert all(run["state"] == "error" for run in runs), runs

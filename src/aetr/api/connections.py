@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import h11
 import uvicorn
@@ -137,22 +137,32 @@ def limits_of(config: uvicorn.Config) -> ConnectionLimits:
     return config.limits if isinstance(config, ServerConfig) else ConnectionLimits()
 
 
-class H11Limited(H11Protocol):
-    """uvicorn's h11 protocol with AETR's time limits and connection cap."""
+class _Watched:
+    """What both protocols add to uvicorn's: a watch on each connection, and the cap applied as one opens.
+
+    Listed before the uvicorn protocol class it extends, whose methods `super()` reaches.
+    """
+
+    loop: asyncio.AbstractEventLoop
+    connections: set[Any]
 
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
-        super().__init__(config, *args, **kwargs)
+        super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]  # the uvicorn protocol's
         self.watch = Watch(self.loop, limits_of(config))
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.watch.opened(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]  # the uvicorn protocol's
+        self.watch.opened(cast(asyncio.Transport, transport))  # a TCP connection's, which uvicorn serves
         if len(self.connections) > self.watch.limits.max_connections:
             _make_room(self, self.connections, self.watch.limits)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.watch.closed()
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]  # the uvicorn protocol's
+
+
+class H11Limited(_Watched, H11Protocol):
+    """uvicorn's h11 protocol with AETR's time limits and connection cap."""
 
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE:
@@ -174,22 +184,8 @@ except ImportError:  # httptools is not installed: uvicorn itself falls back to 
     HttpToolsLimited: type[asyncio.Protocol] | None = None
 else:
 
-    class _HttpToolsLimited(HttpToolsProtocol):
+    class _HttpToolsLimited(_Watched, HttpToolsProtocol):
         """uvicorn's httptools protocol with AETR's time limits and connection cap."""
-
-        def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
-            super().__init__(config, *args, **kwargs)
-            self.watch = Watch(self.loop, limits_of(config))
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self.watch.opened(transport)
-            if len(self.connections) > self.watch.limits.max_connections:
-                _make_room(self, self.connections, self.watch.limits)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.watch.closed()
-            super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
