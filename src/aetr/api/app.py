@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import inspect
-import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -28,8 +27,6 @@ from aetr.engine.outage import OUTAGE, is_outage
 from aetr.engine.runtime import Engine
 from aetr.engine.tokens import redact
 from aetr.store import Unavailable
-
-log = logging.getLogger("aetr.api")
 
 
 class JSON(JSONResponse):
