@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from aetr.domain.hosts import AllowedHosts
+from aetr.domain.kinds import ApiSpec
 from aetr.domain.steps import StepConfig, StepDef
 from aetr.engine.coordinator import utcnow
 from aetr.testing import StepService, never, status
@@ -128,7 +129,7 @@ async def test_an_answer_over_the_payload_limit_fails_the_attempt_at_once_withou
 async def test_a_step_stored_with_a_framing_header_before_they_were_refused_is_not_called(
         aetr: Server, steps_service: StepService) -> None:
     steps_service.route("/old", never())
-    old = StepConfig(name="old", kind="api", url=steps_service.url("/old"), headers={"Content-Length": "3"})
+    old = StepConfig(name="old", spec=ApiSpec(url=steps_service.url("/old"), headers={"Content-Length": "3"}))
     await aetr.engine.store.put_steps([StepDef(old)], None, utcnow())
     run = await aetr.wait_run(await aetr.start("old", {"a": 1}))
     assert run["state"] == "error" and "Content-Length" in run["error"]["message"], run
@@ -220,7 +221,7 @@ async def test_a_step_stored_before_its_host_was_disallowed_is_not_called(
         database_url: str, steps_service: StepService) -> None:
     steps_service.route("/a", status(200, {"ok": True}))
     async with running_server(database_url, allowed_step_hosts=AllowedHosts.parse("127.0.0.2/32")) as aetr:
-        stored = StepConfig(name="a", kind="api", url=steps_service.url("/a"), mode="sync")
+        stored = StepConfig(name="a", spec=ApiSpec(url=steps_service.url("/a"), mode="sync"))
         await aetr.engine.store.put_steps([StepDef(stored)], None, utcnow())
         run = await aetr.wait_run(await aetr.start("a"))
         assert run["state"] == "error" and run["attempt"] == 1, run

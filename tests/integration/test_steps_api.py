@@ -11,6 +11,7 @@ import pytest
 import yarl
 
 from aetr.api.schemas import ParallelIn, flatten
+from aetr.domain.kinds import ApiSpec, ParallelSpec
 from aetr.domain.steps import Link, StepConfig, StepDef
 from aetr.store import Store, open_store
 from aetr.store.store import count_round_trips
@@ -224,7 +225,7 @@ async def test_names_with_dots_and_something_else_are_accepted(aetr: Server) -> 
 async def test_a_step_stored_under_a_dots_only_name_before_the_rule_can_still_be_read_and_deleted(
         aetr: Server) -> None:
     # As an earlier version stored it: the store itself takes any name the API let through.
-    await aetr.engine.store.put_steps([StepDef(StepConfig(name="..", kind="api", url="http://127.0.0.1:1/x"))],
+    await aetr.engine.store.put_steps([StepDef(StepConfig(name="..", spec=ApiSpec(url="http://127.0.0.1:1/x")))],
                                       None, datetime.now(UTC))
     status, body = await call_raw_path(aetr, "GET", "/api/v1/steps/%2E%2E")
     assert status == 200 and body["name"] == "..", body
@@ -303,9 +304,9 @@ async def test_a_tree_over_a_limit_lowered_since_it_was_stored_does_not_start(sm
 
 async def test_the_default_limit_takes_a_parallel_step_of_100_000_children(store: Store) -> None:
     now = datetime.now(UTC)
-    leaf = StepDef(StepConfig(name="leaf", kind="api", url="http://127.0.0.1:1/x"))
+    leaf = StepDef(StepConfig(name="leaf", spec=ApiSpec(url="http://127.0.0.1:1/x")))
     await store.put_steps([leaf], None, now)
-    wide = StepDef(StepConfig(name="wide", kind="parallel"), (Link("leaf"),) * 100_000)
+    wide = StepDef(StepConfig(name="wide", spec=ParallelSpec()), (Link("leaf"),) * 100_000)
     created, tree = await store.put_steps([wide], None, now + timedelta(seconds=1))
     assert created and tree.node_count == 100_001
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aetr.domain import decide
-from aetr.domain.runs import Node, Plan, Work, build_run_nodes
+from aetr.domain.flow import build_run_nodes, insert
+from aetr.domain.runs import Node, Plan, Work
 from aetr.domain.steps import StepTree
 
 Script = Callable[[list[Any]], Any]
@@ -23,6 +24,8 @@ class MemoryStore:
         self.defer_counts = defer_counts  # counts wait for count_pending(), as when the process is slow or dies
         self.nodes: dict[str, Node] = {}
         self.done: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+        self.next_item: dict[str, int] = {}
         self.work: list[Work] = []
         self.scripts = scripts or {}
         self.now = datetime(2026, 1, 1, tzinfo=UTC)
@@ -35,16 +38,16 @@ class MemoryStore:
         """Create and start a run; return its id."""
         nodes = build_run_nodes(tree, run_input, self.now, self._new_id)
         # As in the engine, the new run's nodes are written by the start event's commit, not before it.
-        plan = Plan(now=self.now, new_run=True)
-        plan.absorb(nodes, children_of=[n.id for n in nodes])
+        plan = Plan(now=self.now, new_run=True, new_id=self._new_id)
+        insert(plan, nodes)
         plan.whole_run = True
-        self._drive(plan, decide.start_run(plan, nodes[0].id), new=nodes)
+        self._drive(plan, decide.start_run(plan, nodes[0].id))
         return nodes[0].id
 
     def event(self, node_id: str, handler: Callable[[Plan], Generator[Any, Any, Any]]) -> Any:
         """Run one event handler on a plan seeded with the node and its ancestors."""
         self.now += timedelta(milliseconds=1)
-        plan = Plan(now=self.now, count_later=self.count_later)
+        plan = Plan(now=self.now, count_later=self.count_later, new_id=self._new_id)
         chain = []
         cur: str | None = node_id
         while cur is not None:
@@ -63,8 +66,10 @@ class MemoryStore:
             out.extend(self._subtree(kid.id))
         return out
 
-    def _drive(self, plan: Plan, gen: Generator[Any, Any, Any], new: Sequence[Node] = ()) -> Any:
+    def _drive(self, plan: Plan, gen: Generator[Any, Any, Any]) -> Any:
         pending_done: dict[str, int] = {}
+        pending_failed: dict[str, int] = {}
+        pending_next: dict[str, int] = {}
         answer: Any = None
         while True:
             try:
@@ -81,8 +86,17 @@ class MemoryStore:
             elif isinstance(req, decide.BumpDone):
                 pending_done[req.parent_id] = pending_done.get(req.parent_id, self.done.get(req.parent_id, 0)) + 1
                 answer = pending_done[req.parent_id]
+            elif isinstance(req, decide.BumpFailed):
+                pending_failed[req.parent_id] = pending_failed.get(req.parent_id,
+                                                                   self.failed.get(req.parent_id, 0)) + 1
+                answer = pending_failed[req.parent_id]
+            elif isinstance(req, decide.NextItem):
+                answer = pending_next.get(req.parent_id, self.next_item.get(req.parent_id, 0))
+                pending_next[req.parent_id] = answer + 1
             elif isinstance(req, decide.SetDone):
                 pending_done[req.parent_id] = req.value
+                pending_failed[req.parent_id] = req.failed
+                pending_next[req.parent_id] = req.next_item
                 answer = None
             elif isinstance(req, decide.RunScript):
                 try:
@@ -91,13 +105,18 @@ class MemoryStore:
                     answer = decide.ScriptResult(error=str(exc))
             else:  # pragma: no cover - a new request type must be taught here
                 raise AssertionError(req)
-        # Commit: a new run's nodes are inserted; optimistic versions must match what is stored.
-        for node in new:
+        # Commit: new nodes are inserted; optimistic versions must match what is stored.
+        for node in plan.created:
+            assert node.id not in self.nodes
             self.nodes[node.id] = node
         for node in plan.changed:
             assert self.nodes[node.id].version == plan.loaded_versions[node.id], "lost update"
             self.nodes[node.id] = node
+        for node_id, c in plan.counters.items():
+            self.done[node_id], self.failed[node_id], self.next_item[node_id] = c.done, c.failed, c.next_item
         self.done.update(pending_done)
+        self.failed.update(pending_failed)
+        self.next_item.update(pending_next)
         self.work = [w for w in self.work if w.node_id not in plan.drop_work_for
                      and not (w.kind == "heartbeat" and w.node_id in plan.drop_heartbeats_for)] + plan.work
         if not self.defer_counts:

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aetr.domain import decide
+from aetr.domain.kinds import ApiSpec, ParallelSpec, SequentialSpec
 from aetr.domain.runs import Plan
 from aetr.domain.steps import RetryPolicy, StepConfig, StepTree
 from tests.unit.memory_store import MemoryStore
@@ -21,15 +22,15 @@ SCRIPTS = {
 
 
 def api(name: str, **kw: Any) -> StepTree:
-    return StepTree(StepConfig(name=name, kind="api", url=f"http://127.0.0.1:1/{name}", **kw))
+    return StepTree(StepConfig(name=name, spec=ApiSpec(url=f"http://127.0.0.1:1/{name}", **kw)))
 
 
 def seq(name: str, *kids: StepTree | tuple[str | None, StepTree]) -> StepTree:
-    return StepTree(StepConfig(name=name, kind="sequential"), tuple(_link(k) for k in kids))
+    return StepTree(StepConfig(name=name, spec=SequentialSpec()), tuple(_link(k) for k in kids))
 
 
 def par(name: str, *kids: StepTree | tuple[str | None, StepTree], reducer: str = "array") -> StepTree:
-    return StepTree(StepConfig(name=name, kind="parallel", reducer=reducer), tuple(_link(k) for k in kids))
+    return StepTree(StepConfig(name=name, spec=ParallelSpec(reducer=reducer)), tuple(_link(k) for k in kids))
 
 
 def _link(k: StepTree | tuple[str | None, StepTree]) -> tuple[str | None, StepTree]:
@@ -51,7 +52,8 @@ def model(tree: StepTree, value: Any, index: int = 0) -> Any:
             value = model(child, mapped(m, value, k))
         return value
     outs = [model(child, mapped(m, value, k)) for k, (m, child) in enumerate(tree.children)]
-    return decide.builtin_reduce(c.reducer, outs) if c.reducer != "count" else len(outs)
+    reducer = c.spec.reducer if isinstance(c.spec, ParallelSpec) else "array"
+    return decide.builtin_reduce(reducer, outs) if reducer != "count" else len(outs)
 
 
 def dispatched(store: MemoryStore) -> list[str]:
@@ -84,9 +86,9 @@ def trees(draw: st.DrawFn) -> StepTree:
         kids = tuple((draw(st.sampled_from([None, None, "wrap"])), build(depth + 1))
                      for _ in range(draw(st.integers(0, 4 if depth < 3 else 0))))
         if kind == "sequential":
-            return StepTree(StepConfig(name=f"s{next(counter)}", kind="sequential"), kids)
+            return StepTree(StepConfig(name=f"s{next(counter)}", spec=SequentialSpec()), kids)
         reducer = draw(st.sampled_from(["array", "last", "merge", "count"]))
-        return StepTree(StepConfig(name=f"p{next(counter)}", kind="parallel", reducer=reducer), kids)
+        return StepTree(StepConfig(name=f"p{next(counter)}", spec=ParallelSpec(reducer=reducer)), kids)
 
     return build(0)
 

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
+from aetr.domain.kinds import ApiSpec
 from aetr.domain.runs import Node, Work
 from aetr.domain.steps import StepConfig
 from aetr.engine.coordinator import utcnow
@@ -89,7 +90,7 @@ async def test_a_call_to_a_step_that_is_down_does_not_leave_its_input_to_the_cyc
     try:
         node_id = str(uuid.uuid4())
         node = Node(id=node_id, root_id=node_id, parent_id=None, position=0, mapper=None, n_children=0,
-                    step=StepConfig(name="down", kind="api", url=f"http://127.0.0.1:{closed_port}/step"),
+                    step=StepConfig(name="down", spec=ApiSpec(url=f"http://127.0.0.1:{closed_port}/step")),
                     created_at=utcnow(), state="executing", input={"blob": "x" * size}, attempt=1)
         await dispatcher.dispatch(ClaimedWork(Work("dispatch", node_id, node_id, 1, utcnow()), node))
         assert len(kept.failed) == 1 and "failed" in kept.failed[0][2], kept.failed

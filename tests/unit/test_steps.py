@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from aetr.domain.kinds import ApiSpec, ParallelSpec
 from aetr.domain.steps import StepConfig, StepTree, first_oversized
 
 
 def test_a_tree_sharing_its_subtrees_is_counted_once_per_step_not_once_per_node() -> None:
-    tree = StepTree(StepConfig(name="leaf", kind="api", url="http://h/x"))
+    tree = StepTree(StepConfig(name="leaf", spec=ApiSpec(url="http://h/x")))
     for level in range(64):  # each level links the one below twice: 2**65 - 1 nodes in all
-        tree = StepTree(StepConfig(name=f"l{level}", kind="parallel"), ((None, tree), (None, tree)))
+        tree = StepTree(StepConfig(name=f"l{level}", spec=ParallelSpec()), ((None, tree), (None, tree)))
     assert tree.node_count == 2**65 - 1
 
 

@@ -49,11 +49,16 @@ class ApiStepOut(BaseModel):
     timeout_s: float
     heartbeat_s: float | None
     retry: RetryOut
+    max_concurrency: int | None = Field(None, description="present when set")
 
 
 class LinkOut(BaseModel):
     mapper: str | None
     step: StepOut
+
+
+class ChoiceLinkOut(LinkOut):
+    when: str | None = Field(description="the condition; null on the default (last) link")
 
 
 class SequentialStepOut(BaseModel):
@@ -73,8 +78,41 @@ class ParallelStepOut(BaseModel):
     children: list[LinkOut]
 
 
-StepOut = Annotated[ApiStepOut | SequentialStepOut | ParallelStepOut, Field(discriminator="kind")]
+class MapStepOut(BaseModel):
+    id: str
+    name: str
+    kind: Literal["map"]
+    version: int
+    items: str | None
+    child: LinkOut
+    max_concurrency: int | None
+    tolerated_failures: int | str
+    reducer: str
+
+
+class ChoiceStepOut(BaseModel):
+    id: str
+    name: str
+    kind: Literal["choice"]
+    version: int
+    children: list[ChoiceLinkOut]
+
+
+class WaitStepOut(BaseModel):
+    id: str
+    name: str
+    kind: Literal["wait"]
+    version: int
+    seconds: float | None = Field(None, description="a timed wait: how long")
+    until: str | None = Field(None, description="a timed wait: the script giving its end")
+    signal: bool | None = Field(None, description="true for a signal wait")
+    timeout_s: float | None = Field(None, description="a signal wait: how long until it fails as a timeout")
+
+
+StepOut = Annotated[ApiStepOut | SequentialStepOut | ParallelStepOut | MapStepOut | ChoiceStepOut | WaitStepOut,
+                    Field(discriminator="kind")]
 LinkOut.model_rebuild()
+ChoiceLinkOut.model_rebuild()
 
 
 class NodeStep(BaseModel):
@@ -86,7 +124,7 @@ class NodeStep(BaseModel):
 
 class NodeError(BaseModel):
     message: str
-    kind: str = Field(description="http | timeout | callback | mapper | reducer | cancelled")
+    kind: str = Field(description="http | timeout | callback | mapper | reducer | cancelled | signal")
     node_id: str = Field(description="the node where the error started")
     step: str
 

@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from yarl import URL
 
 from aetr.domain.jsonvalue import MAX_TREE_DEPTH, check_json
+from aetr.domain.kinds import ApiSpec, ChoiceSpec, MapSpec, ParallelSpec, SequentialSpec, Spec, WaitSpec, choice, wait
 from aetr.domain.steps import BUILTIN_REDUCERS, NAME_PATTERN, Link, RetryPolicy, StepConfig, StepDef, framing_headers
 
 # Looking a step up accepts every name a step could ever be stored under, dots alone included (refused for new
@@ -17,12 +18,15 @@ from aetr.domain.steps import BUILTIN_REDUCERS, NAME_PATTERN, Link, RetryPolicy,
 LOOKUP_PATTERN: Final = r"^[A-Za-z0-9_.\-]{1,200}$"
 NO_NUL_PATTERN: Final = r"^[^\x00]*$"
 HEADER_VALUE_PATTERN: Final = r"^[^\x00-\x08\x0a-\x1f\x7f]*$"
+# A share of a map's items: "10%", "2.5%", "100%".
+PERCENT_PATTERN: Final = r"^[0-9]{1,3}(\.[0-9]{1,4})?%$"
 # What each pattern asks for, in words: a 422 says this instead of the regular expression.
 PATTERN_HINTS: Final = {
     NAME_PATTERN: "must be 1–200 letters, digits, '-', '_' or '.', and not dots alone (such as '.' or '..')",
     LOOKUP_PATTERN: "must be 1–200 letters, digits, '-', '_' or '.'",
     NO_NUL_PATTERN: "must not contain NUL characters (\\u0000)",
     HEADER_VALUE_PATTERN: "must not contain control characters such as line breaks or NUL",
+    PERCENT_PATTERN: "must be a whole count of items, or a percentage of them such as \"10%\"",
 }
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=200,
@@ -31,6 +35,8 @@ StepRef = Annotated[str, Field(pattern=LOOKUP_PATTERN, min_length=1, max_length=
                                description="a stored step's name, or its id")]
 Script = Annotated[str, Field(min_length=1, max_length=65_536, pattern=NO_NUL_PATTERN)]
 MAX_TIMEOUT_S = 30 * 86_400.0  # a step may take up to 30 days
+MAX_WAIT_S = 366 * 86_400.0  # a wait may last up to a year
+MAX_CHILDREN = 100_000
 
 JsonValue = Annotated[Any, AfterValidator(check_json)]
 
@@ -68,6 +74,9 @@ class ApiStepIn(StepBase):
     timeout_s: float = Field(3600.0, gt=0, le=MAX_TIMEOUT_S)
     heartbeat_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
     retry: RetryIn = Field(default_factory=lambda: RetryIn())
+    max_concurrency: int | None = Field(None, ge=1, le=1_000_000,
+                                        description="attempts of this step in flight at most, across all runs "
+                                                    "and processes; more wait as pending, in due order")
 
     @field_validator("url")
     @classmethod
@@ -105,17 +114,78 @@ class ChildIn(Strict):
 
 class SequentialIn(StepBase):
     kind: Literal["sequential"]
-    children: list[ChildIn] = Field(default_factory=list, max_length=100_000)
+    children: list[ChildIn] = Field(default_factory=list, max_length=MAX_CHILDREN)
 
 
 class ParallelIn(StepBase):
     kind: Literal["parallel"]
-    children: list[ChildIn] = Field(default_factory=list, max_length=100_000)
+    children: list[ChildIn] = Field(default_factory=list, max_length=MAX_CHILDREN)
     reducer: Script = Field("array", description="array | last | merge | JavaScript (outputs, ctx) => value")
 
 
-StepIn = Annotated[ApiStepIn | SequentialIn | ParallelIn, Field(discriminator="kind")]
+class MapIn(StepBase):
+    kind: Literal["map"]
+    items: Script | None = Field(None, description="JavaScript (input, ctx) => array; without it the map's input "
+                                                   "must be the array")
+    child: ChildIn = Field(description="the step run once per item; its mapper gets (item, ctx), ctx.index = i")
+    max_concurrency: int | None = Field(None, ge=1, le=1_000_000,
+                                        description="item subtrees unfinished at once, at most; the next starts, "
+                                                    "in item order, as one finishes")
+    tolerated_failures: Annotated[int, Field(ge=0, le=1_000_000_000)] | Annotated[str, Field(
+        pattern=PERCENT_PATTERN)] = Field(0, description="items that may fail without failing the map: a count, "
+                                                         "or a percentage of the items such as \"10%\"")
+    reducer: Script = Field("array", description="array | last | merge | JavaScript (outputs, ctx) => value, "
+                                                 "over the item outputs in item order")
+
+    @field_validator("tolerated_failures")
+    @classmethod
+    def _at_most_all(cls, value: int | str) -> int | str:
+        if isinstance(value, str) and float(value[:-1]) > 100:
+            raise ValueError("tolerated_failures may be at most 100%")
+        return value
+
+
+class ChoiceChildIn(ChildIn):
+    when: Script | None = Field(None, description="JavaScript (input, ctx) => true | false; without it the link "
+                                                  "always matches, and may only be the last one")
+
+
+class ChoiceIn(StepBase):
+    kind: Literal["choice"]
+    children: list[ChoiceChildIn] = Field(default_factory=list, max_length=MAX_CHILDREN)
+
+    @model_validator(mode="after")
+    def _default_last(self) -> ChoiceIn:
+        problem = choice.check([c.when for c in self.children])
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+class WaitIn(StepBase):
+    kind: Literal["wait"]
+    seconds: float | None = Field(None, ge=0, le=MAX_WAIT_S, description="wait this long")
+    until: Script | None = Field(None, description="JavaScript (input, ctx) => ISO 8601 time or epoch seconds")
+    signal: bool | None = Field(None, description="true: wait until someone answers "
+                                                  "POST /api/v1/runs/{run_id}/nodes/{node_id}/signal")
+    timeout_s: float | None = Field(None, gt=0, le=MAX_WAIT_S, description="a signal wait fails as `timeout` "
+                                                                           "after this long (default 3600)")
+
+    @model_validator(mode="after")
+    def _one_way_to_wait(self) -> WaitIn:
+        problem = wait.check(self.seconds, self.until, self.signal)
+        if problem:
+            raise ValueError(problem)
+        if self.timeout_s is not None and not self.signal:
+            raise ValueError("timeout_s applies to a signal wait only: a timed wait ends on its own")
+        return self
+
+
+StepInModel = ApiStepIn | SequentialIn | ParallelIn | MapIn | ChoiceIn | WaitIn
+StepIn = Annotated[StepInModel, Field(discriminator="kind")]
 ChildIn.model_rebuild()
+ChoiceChildIn.model_rebuild()
+MapIn.model_rebuild()
 
 
 class RunIn(Strict):
@@ -141,11 +211,11 @@ class EvaluateIn(Strict):
         return self
 
 
-def flatten(root: ApiStepIn | SequentialIn | ParallelIn) -> list[StepDef]:
+def flatten(root: StepInModel) -> list[StepDef]:
     """The body's steps, root first, each inline child replaced by a link to its name."""
     defs: list[StepDef] = []
-    seen: dict[str, ApiStepIn | SequentialIn | ParallelIn] = {}
-    queue: deque[tuple[ApiStepIn | SequentialIn | ParallelIn, int]] = deque([(root, 1)])
+    seen: dict[str, StepInModel] = {}
+    queue: deque[tuple[StepInModel, int]] = deque([(root, 1)])
     while queue:
         step, level = queue.popleft()
         if level > MAX_TREE_DEPTH:
@@ -158,30 +228,59 @@ def flatten(root: ApiStepIn | SequentialIn | ParallelIn) -> list[StepDef]:
             continue
         seen[step.name] = step
         links: list[Link] = []
-        if isinstance(step, ApiStepIn):
-            config = StepConfig(name=step.name, kind="api", url=step.url, method=step.method,
-                                headers=dict(step.headers), mode=step.mode, timeout_s=step.timeout_s,
-                                heartbeat_s=step.heartbeat_s, retry=RetryPolicy(**step.retry.model_dump()))
-        else:
-            reducer = step.reducer if isinstance(step, ParallelIn) else "array"
-            config = StepConfig(name=step.name, kind=step.kind, reducer=reducer)
-            for child in step.children:
-                if isinstance(child.step, str):
-                    links.append(Link(child.step, child.mapper))
-                else:
-                    links.append(Link(child.step.name, child.mapper))
-                    queue.append((child.step, level + 1))
-        defs.append(StepDef(config, tuple(links)))
+        for child in _links_of(step):
+            if isinstance(child.step, str):
+                links.append(Link(child.step, child.mapper))
+            else:
+                links.append(Link(child.step.name, child.mapper))
+                queue.append((child.step, level + 1))
+        defs.append(StepDef(StepConfig(name=step.name, spec=_spec_of(step)), tuple(links)))
     return defs
+
+
+def _links_of(step: StepInModel) -> list[ChildIn]:
+    if isinstance(step, SequentialIn | ParallelIn | ChoiceIn):
+        return list(step.children)
+    if isinstance(step, MapIn):
+        return [step.child]
+    return []
+
+
+def _spec_of(step: StepInModel) -> Spec:
+    """A step's kind-specific fields as the domain holds them."""
+    if isinstance(step, ApiStepIn):
+        return ApiSpec(url=step.url, method=step.method, headers=dict(step.headers), mode=step.mode,
+                       timeout_s=step.timeout_s, heartbeat_s=step.heartbeat_s,
+                       retry=RetryPolicy(**step.retry.model_dump()), max_concurrency=step.max_concurrency)
+    if isinstance(step, SequentialIn):
+        return SequentialSpec()
+    if isinstance(step, ParallelIn):
+        return ParallelSpec(reducer=step.reducer)
+    if isinstance(step, MapIn):
+        return MapSpec(items=step.items, max_concurrency=step.max_concurrency,
+                       tolerated_failures=step.tolerated_failures, reducer=step.reducer)
+    if isinstance(step, ChoiceIn):
+        return ChoiceSpec(conditions=tuple(c.when for c in step.children))
+    return WaitSpec(seconds=step.seconds, until=step.until, signal=bool(step.signal),
+                    timeout_s=step.timeout_s if step.timeout_s is not None else wait.DEFAULT_SIGNAL_TIMEOUT_S)
 
 
 def scripts_of(defs: list[StepDef]) -> list[tuple[str, str]]:
     """Every JavaScript source in the definitions, with where it sits (for checking at save time)."""
     out: list[tuple[str, str]] = []
     for d in defs:
+        name = d.config.name
         for pos, link in enumerate(d.links):
             if link.mapper is not None:
-                out.append((f"step '{d.config.name}', child {pos} ('{link.step}') mapper", link.mapper))
-        if d.config.kind == "parallel" and d.config.reducer not in BUILTIN_REDUCERS:
-            out.append((f"step '{d.config.name}' reducer", d.config.reducer))
+                out.append((f"step '{name}', child {pos} ('{link.step}') mapper", link.mapper))
+        spec = d.config.spec
+        if isinstance(spec, ParallelSpec | MapSpec) and spec.reducer not in BUILTIN_REDUCERS:
+            out.append((f"step '{name}' reducer", spec.reducer))
+        if isinstance(spec, MapSpec) and spec.items is not None:
+            out.append((f"step '{name}' items", spec.items))
+        if isinstance(spec, ChoiceSpec):
+            out.extend((f"step '{name}', child {pos} ('{d.links[pos].step}') when", when)
+                       for pos, when in enumerate(spec.conditions) if when is not None)
+        if isinstance(spec, WaitSpec) and spec.until is not None:
+            out.append((f"step '{name}' until", spec.until))
     return out

@@ -11,7 +11,8 @@ from yarl import URL
 
 from aetr.api.answers import StepOut, StepSummary
 from aetr.api.app import JSON, engine_of
-from aetr.api.schemas import ApiStepIn, Name, ParallelIn, SequentialIn, StepIn, StepRef, flatten, scripts_of
+from aetr.api.schemas import Name, StepIn, StepInModel, StepRef, flatten, scripts_of
+from aetr.domain.kinds import ApiSpec
 from aetr.domain.steps import CycleError, TreeTooBig
 from aetr.engine.coordinator import utcnow
 from aetr.sandbox import ScriptError
@@ -31,7 +32,7 @@ async def put_step(
     if_match: Annotated[str | None, Header(description="the version the change is based on")] = None,
 ) -> Response:
     """Create or replace a step and every inline child, in one transaction."""
-    step: ApiStepIn | SequentialIn | ParallelIn = body
+    step: StepInModel = body
     if step.name != name:
         raise HTTPException(422, f"name: '{step.name}' in the body differs from '{name}' in the path")
     expected: int | None = None
@@ -47,7 +48,8 @@ async def put_step(
     engine = engine_of(request)
     if (allowed := engine.settings.allowed_step_hosts) is not None:
         for d in defs:
-            if d.config.url is not None and (problem := allowed.url_host_problem(URL(d.config.url).raw_host or "")):
+            spec = d.config.spec
+            if isinstance(spec, ApiSpec) and (problem := allowed.url_host_problem(URL(spec.url).raw_host or "")):
                 raise HTTPException(422, f"step '{d.config.name}', url: {problem}: use a host it allows, or have "
                                          "the server's operator add this one")
     for where, source in scripts_of(defs):

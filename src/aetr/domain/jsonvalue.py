@@ -142,3 +142,18 @@ def _label(key: str) -> str:
     """A key as a JSON string, ASCII only and cut short, safe to quote in an error message."""
     text = json.dumps(key if len(key) <= 40 else key[:40] + "...")
     return text.encode("ascii", "backslashreplace").decode()
+
+
+def json_type(value: Any) -> str:
+    """A JSON value's type, in words, for an error message ("an array", "null"...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

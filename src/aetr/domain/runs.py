@@ -6,13 +6,15 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from aetr.domain.steps import StepConfig, StepTree
+if TYPE_CHECKING:
+    from aetr.domain.steps import StepConfig
 
-NodeState = Literal["pending", "executing", "complete", "error", "cancelled"]
-TERMINAL: frozenset[str] = frozenset({"complete", "error", "cancelled"})
-ErrorKind = Literal["http", "timeout", "callback", "mapper", "reducer", "cancelled"]
+NodeState = Literal["pending", "executing", "complete", "error", "cancelled", "skipped"]
+TERMINAL: frozenset[str] = frozenset({"complete", "error", "cancelled", "skipped"})
+ErrorKind = Literal["http", "timeout", "callback", "mapper", "reducer", "cancelled", "signal"]
+DEFAULT_MAX_TREE_NODES = 200_000  # run nodes a stored tree (or a map's items) may resolve to (AETR_MAX_TREE_NODES)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class Node:
     version: int = 0
     started_at: datetime | None = None
     completed_at: datetime | None = None
+    wait_until: datetime | None = None  # when a timed wait ends
+    awaits_signal: bool = False  # a signal wait, waiting for its answer while executing
 
     @property
     def terminal(self) -> bool:
@@ -68,7 +72,7 @@ def evolve(node: Node, changes: dict[str, Any]) -> Node:
 class Work:
     """Something to do later, stored with the state change that implies it (the outbox)."""
 
-    kind: Literal["dispatch", "deadline", "heartbeat", "count", "complete"]
+    kind: Literal["dispatch", "deadline", "heartbeat", "count", "complete", "timer"]
     node_id: str  # a `count` row names the parent whose counter it bumps
     root_id: str
     attempt: int  # a `count` row holds the finished child's position: one row per child
@@ -86,22 +90,13 @@ class EventRecord:
     at: datetime
 
 
-def build_run_nodes(tree: StepTree, run_input: Any, now: datetime,
-                    new_id: Callable[[], str]) -> list[Node]:
-    """Every node of a new run of `tree`, all pending, parents before children."""
-    root_id = new_id()
-    nodes: list[Node] = []
-    # (tree, id, parent_id, position, mapper), walked depth-first so parents come first.
-    stack: list[tuple[StepTree, str, str | None, int, str | None]] = [(tree, root_id, None, 0, None)]
-    while stack:
-        sub, node_id, parent_id, position, mapper = stack.pop()
-        nodes.append(Node(id=node_id, root_id=root_id, parent_id=parent_id, position=position,
-                          step=sub.config, mapper=mapper, n_children=len(sub.children), created_at=now,
-                          input=run_input if parent_id is None else None))
-        for pos in range(len(sub.children) - 1, -1, -1):
-            child_mapper, child = sub.children[pos]
-            stack.append((child, new_id(), node_id, pos, child_mapper))
-    return nodes
+@dataclass
+class Counters:
+    """The counters of a counting parent created by the event at hand (stored ones are counted by the store)."""
+
+    done: int = 0  # children finished
+    failed: int = 0  # a map's failed items
+    next_item: int = 0  # the next item position a map with max_concurrency may start
 
 
 @dataclass
@@ -128,9 +123,16 @@ class Plan:
     # counter inside the event: on PostgreSQL the bump holds the counter's row lock until the commit, and a
     # wide parallel parent's siblings then finish one at a time.
     count_later: bool = False
-    # The run is being started: its nodes are all in this plan and none is in the database yet, so the plan,
-    # not a read, is the truth about them (a read of a new parent's children finds none).
+    # The run is being started: its nodes are all in this plan and none is in the database yet.
     new_run: bool = False
+    # Nodes this event creates (a new run's, a map's items), written in their final state at its commit; the
+    # plan, not a read, is the truth about them. `counters` are the counting parents' among them, `grown` the
+    # stored parents that got new children (a read of their children would not find those).
+    inserted: dict[str, None] = field(default_factory=dict)
+    counters: dict[str, Counters] = field(default_factory=dict)
+    grown: set[str] = field(default_factory=set)
+    new_id: Callable[[], str] | None = None  # where new node ids come from, when this event may create nodes
+    max_nodes: int = DEFAULT_MAX_TREE_NODES  # a map may not create more nodes than this at once
 
     def absorb(self, rows: Iterable[Node], *, children_of: Iterable[str] = ()) -> None:
         """Add freshly read nodes; nodes this plan already changed keep the plan's version of them.
@@ -143,7 +145,7 @@ class Plan:
                 self.nodes[node.id] = node
         if not children_of:  # an event's chain: no child lists
             return
-        complete = set(children_of)
+        complete = set(children_of) - self.grown - self.counters.keys()
         lists: dict[str, list[Node]] = {p: [] for p in complete}
         for node in rows:
             if node.parent_id in complete:
@@ -174,5 +176,10 @@ class Plan:
 
     @property
     def changed(self) -> list[Node]:
-        """The nodes this plan changed, in the order they were first changed."""
-        return [self.nodes[i] for i in self.loaded_versions]
+        """The stored nodes this plan changed, in the order they were first changed."""
+        return [self.nodes[i] for i in self.loaded_versions if i not in self.inserted]
+
+    @property
+    def created(self) -> list[Node]:
+        """The nodes this plan creates, in their final state, parents before children."""
+        return [self.nodes[i] for i in self.inserted]

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
-StepKind = Literal["api", "sequential", "parallel"]
-BUILTIN_REDUCERS = ("array", "last", "merge")
-DEFAULT_TIMEOUT_S = 3600.0
-DEFAULT_MAX_TREE_NODES = 200_000  # run nodes a stored tree may resolve to (AETR_MAX_TREE_NODES)
+from aetr.domain.kinds import ChoiceSpec, MapSpec, Spec, StepKind, has_children, spec_from_json
+from aetr.domain.kinds.api import DEFAULT_TIMEOUT_S, RetryPolicy
+from aetr.domain.kinds.parallel import BUILTIN_REDUCERS
+from aetr.domain.runs import DEFAULT_MAX_TREE_NODES
+
+__all__ = ["BUILTIN_REDUCERS", "DEFAULT_MAX_TREE_NODES", "DEFAULT_TIMEOUT_S", "RetryPolicy", "StepKind"]
+
 # A step's name: 1-200 letters, digits, '-', '_' or '.', not dots alone ('.' and '..' are path segments that
 # URLs resolve away, so no link could name such a step). Written without look-arounds, which pydantic's regular
 # expressions lack; the length is checked apart.
@@ -39,45 +43,23 @@ def framing_headers(headers: Mapping[str, str]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
-    """How often, and how far apart, a failed attempt of an api step is tried again."""
-
-    max_attempts: int = 3
-    backoff_s: float = 1.0
-    max_backoff_s: float = 60.0
-
-    def to_json(self) -> dict[str, Any]:
-        """The policy as the API shows it."""
-        return {"max_attempts": self.max_attempts, "backoff_s": self.backoff_s,
-                "max_backoff_s": self.max_backoff_s}
-
-
-@dataclass(frozen=True)
 class StepConfig:
-    """A step's own fields, without its children: what a run node is frozen with."""
+    """A step's own fields, without its children: what a run node is frozen with. `spec` holds the fields of
+    its kind (aetr.domain.kinds)."""
 
     name: str
-    kind: StepKind
+    spec: Spec
     id: str = ""
     version: int = 0
-    url: str | None = None
-    method: str = "POST"
-    headers: Mapping[str, str] = field(default_factory=dict)
-    mode: Literal["callback", "sync"] = "callback"
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    heartbeat_s: float | None = None
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    reducer: str = "array"
+
+    @property
+    def kind(self) -> StepKind:
+        """The step's kind."""
+        return self.spec.KIND
 
     def fields_json(self) -> dict[str, Any]:
-        """The kind-specific fields, as stored and as the API shows them."""
-        if self.kind == "api":
-            return {"url": self.url, "method": self.method, "headers": dict(self.headers),
-                    "mode": self.mode, "timeout_s": self.timeout_s, "heartbeat_s": self.heartbeat_s,
-                    "retry": self.retry.to_json()}
-        if self.kind == "parallel":
-            return {"reducer": self.reducer}
-        return {}
+        """The kind-specific fields, as stored."""
+        return self.spec.to_json()
 
     @functools.cached_property
     def fields_text(self) -> str:
@@ -85,18 +67,10 @@ class StepConfig:
         return orjson.dumps(self.fields_json()).decode()
 
     @staticmethod
-    def from_json(name: str, kind: StepKind, fields: Mapping[str, Any], *, id: str = "",
+    def from_json(name: str, kind: str, fields: Mapping[str, Any], *, id: str = "",
                   version: int = 0) -> StepConfig:
         """Rebuild a config from stored fields (already validated when written)."""
-        retry = fields.get("retry") or {}
-        return StepConfig(
-            name=name, kind=kind, id=id, version=version, url=fields.get("url"),
-            method=fields.get("method", "POST"), headers=dict(fields.get("headers") or {}),
-            mode=fields.get("mode", "callback"), timeout_s=float(fields.get("timeout_s", DEFAULT_TIMEOUT_S)),
-            heartbeat_s=fields.get("heartbeat_s"),
-            retry=RetryPolicy(**retry) if retry else RetryPolicy(),
-            reducer=fields.get("reducer", "array"),
-        )
+        return StepConfig(name=name, spec=spec_from_json(kind, fields), id=id, version=version)
 
 
 @dataclass(frozen=True)
@@ -118,9 +92,22 @@ class StepTree:
         """The nested form the API answers with and runs freeze as their snapshot."""
         c = self.config
         out: dict[str, Any] = {"id": c.id, "name": c.name, "kind": c.kind, "version": c.version}
-        out.update(c.fields_json())
-        if c.kind != "api":
-            out["children"] = [{"mapper": m, "step": child.to_json()} for m, child in self.children]
+        spec = c.spec
+        match spec:
+            case ChoiceSpec():  # each condition shows on its link, as `when`
+                conditions = spec.conditions
+                out["children"] = [{"mapper": m, "when": conditions[i] if i < len(conditions) else None,
+                                    "step": child.to_json()} for i, (m, child) in enumerate(self.children)]
+            case MapSpec():
+                out.update(spec.to_json())
+                out.pop("template", None)
+                if self.children:
+                    mapper, child = self.children[0]
+                    out["child"] = {"mapper": mapper, "step": child.to_json()}
+            case _:
+                out.update(c.fields_json())
+                if has_children(spec):
+                    out["children"] = [{"mapper": m, "step": child.to_json()} for m, child in self.children]
         return out
 
     @functools.cached_property
@@ -131,10 +118,23 @@ class StepTree:
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> StepTree:
         """Rebuild a tree from its `to_json` form (a run's snapshot)."""
-        config = StepConfig.from_json(data["name"], data["kind"], data, id=data.get("id", ""),
+        links = data.get("children") or ([data["child"]] if data.get("child") else [])
+        fields = dict(data)
+        if data["kind"] == "choice":
+            fields["conditions"] = [link.get("when") for link in links]
+        config = StepConfig.from_json(data["name"], data["kind"], fields, id=data.get("id", ""),
                                       version=int(data.get("version", 0)))
-        children = tuple((c.get("mapper"), StepTree.from_json(c["step"])) for c in data.get("children", ()))
+        children = tuple((c.get("mapper"), StepTree.from_json(c["step"])) for c in links)
         return StepTree(config, children)
+
+    @functools.cached_property
+    def run_config(self) -> StepConfig:
+        """The config its run nodes are frozen with: a map's carries its child's subtree, which it makes one
+        copy of per item when it starts."""
+        spec = self.config.spec
+        if isinstance(spec, MapSpec) and self.children:
+            return dataclasses.replace(self.config, spec=dataclasses.replace(spec, template=self.children[0]))
+        return self.config
 
     @functools.cached_property
     def node_count(self) -> int:

@@ -14,8 +14,10 @@ from typing import Any, Protocol
 
 from aetr.domain import decide
 from aetr.domain.decide import ACCEPTED
+from aetr.domain.flow import build_run_nodes, insert
 from aetr.domain.jsonvalue import MAX_TREE_DEPTH, check_json
-from aetr.domain.runs import Node, Plan, Work, build_run_nodes
+from aetr.domain.kinds import api
+from aetr.domain.runs import Node, Plan, Work
 from aetr.domain.steps import DEFAULT_MAX_TREE_NODES, TreeTooBig
 from aetr.engine import metrics
 from aetr.engine.outage import OUTAGE, is_outage
@@ -196,14 +198,14 @@ class Coordinator:
             return Outcome(decide.Verdict("refused", str(too_big)), created=False)
         nodes = build_run_nodes(tree, run_input, now, new_id)
         root_id = nodes[0].id
-        plan = Plan(now=nodes[0].created_at, new_run=True)
-        plan.absorb(nodes, children_of=[n.id for n in nodes])
+        plan = Plan(now=nodes[0].created_at, new_run=True, new_id=new_id, max_nodes=self.max_tree_nodes)
+        insert(plan, nodes)
         plan.whole_run = True
-        done: dict[str, int] = {}
-        yield from _answering(decide.start_run(plan, root_id), _counting_in_memory(done))
+        yield from decide.start_run(plan, root_id)
         # The nodes are new: write them once, in their started state, not insert-then-update.
         lease, calls = self._lease(plan)
-        new_run = InsertRun([plan.nodes[n.id] for n in nodes], tree.snapshot_text, key, done)
+        new_run = InsertRun(plan.created, tree.snapshot_text, key,
+                            {node_id: c.done for node_id, c in plan.counters.items()})
         yield Apply(plan, lease=lease, new_run=new_run)
         return Outcome(ACCEPTED, plan, calls, run_id=root_id)
 
@@ -302,10 +304,14 @@ class Coordinator:
                      done: FinishCall | None = None) -> decide.Verdict:
         answered = [c for c in (self._answered.pop(node_id, None), done) if c is not None]
         answers = ScriptAnswers(self._script)  # kept across lost races: a script's answer depends on its args only
+        # Ids for the nodes the event may create (a map's items), drawn the same on every pass of the event.
+        ids: list[str] = []
+        source_ids = time_ordered_ids()
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
                 out: Outcome = await self._run_with_scripts(
-                    lambda: self._program(node_id, handler, source, attempt, answered), answers)
+                    lambda: self._program(node_id, handler, source, attempt, answered, replaying(ids, source_ids)),
+                    answers)
             except Conflict:
                 self.conflicts += 1
                 metrics.CONFLICTS.inc()
@@ -326,8 +332,9 @@ class Coordinator:
         raise RuntimeError(f"an event still asked for new scripts after {MAX_SCRIPT_PASSES} passes")
 
     def _program(self, node_id: str, handler: Handler, source: str | None, attempt: int,
-                 answered: list[FinishCall]) -> Program:
-        plan = Plan(now=utcnow(), jitter=_RANDOM.random(), count_later=self.count_later)
+                 answered: list[FinishCall], new_id: Callable[[], str]) -> Program:
+        plan = Plan(now=utcnow(), jitter=_RANDOM.random(), count_later=self.count_later, new_id=new_id,
+                    max_nodes=self.max_tree_nodes)
         chain: Chain = yield LoadChain(node_id)
         if not chain.nodes:
             return Outcome(decide.Verdict("unknown", "no such node"))
@@ -400,7 +407,8 @@ def _postpone_unsent(plan: Plan, node: Node, deadline: FinishCall) -> Program:
     made_by: datetime | None = yield PendingCall(node.id, deadline.attempt)
     if made_by is None:
         return False
-    limit = node.step.heartbeat_s if deadline.kind == "heartbeat" else node.step.timeout_s
+    spec = api.spec_of(node)
+    limit = spec.heartbeat_s if deadline.kind == "heartbeat" else spec.timeout_s
     if limit is None:
         return False
     due = max(plan.now, made_by) + timedelta(seconds=limit)
@@ -423,18 +431,6 @@ def _answering(gen: Generator[decide.Request, Any, Any], local: LocalAnswer) -> 
         known, answer = local(req)
         if not known:
             answer = yield req
-
-
-def _counting_in_memory(done: dict[str, int]) -> LocalAnswer:
-    """For a run that is not written yet: its parents' finished-children counters live in `done`."""
-
-    def local(req: decide.Request) -> tuple[bool, Any]:
-        if isinstance(req, decide.BumpDone):
-            done[req.parent_id] = done.get(req.parent_id, 0) + 1
-            return True, done[req.parent_id]
-        return False, None
-
-    return local
 
 
 def _sibling_reader(following: Node | None) -> LocalAnswer:

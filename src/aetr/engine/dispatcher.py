@@ -22,6 +22,7 @@ from yarl import URL
 from aetr.config import MIB
 from aetr.domain.hosts import AllowedHosts, address_of
 from aetr.domain.jsonvalue import check_parsed
+from aetr.domain.kinds import api
 from aetr.domain.runs import EventRecord, Node
 from aetr.domain.steps import framing_headers
 from aetr.domain.urls import redact_userinfo
@@ -213,8 +214,7 @@ class Dispatcher:
         if node is None or node.state != "executing" or node.attempt != w.attempt:
             self.coordinator.call_answered(FinishCall(w.node_id, w.attempt))
             return
-        step = node.step
-        assert step.url is not None
+        step = api.spec_of(node)
         target = f"{step.method} {step.url}"
         if framing := framing_headers(step.headers):  # stored before such headers were refused
             await self._fail(node, f"{target} not called: the step sets {', '.join(framing)}, which AETR manages "

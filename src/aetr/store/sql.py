@@ -516,7 +516,7 @@ def _json_out(value: str | None) -> Any:
 @functools.lru_cache(maxsize=4096)
 def _step(name: str, kind: str, config: str, step_id: str, version: int) -> StepConfig:
     # Siblings of a wide parallel parent share one step: parse its config once, not once per child.
-    return StepConfig.from_json(name, kind, orjson.loads(config), id=step_id, version=version)  # type: ignore[arg-type]
+    return StepConfig.from_json(name, kind, orjson.loads(config), id=step_id, version=version)
 
 
 # ---- step trees ----------------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""What the decide code asks of its driver (the store, or a dict in tests), and what it answers an event with.
+
+Each handler is a generator over a `Plan`: when it needs data it does not hold it yields one of these requests
+and the driver sends back the answer, so the same code runs against the database and against a dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class LoadChildren:
+    """Request: the children of `parent_id`, freshly read (answer: list[Node])."""
+
+    parent_id: str
+
+
+@dataclass(frozen=True)
+class LoadChild:
+    """Request: the child of `parent_id` at `position` (answer: Node)."""
+
+    parent_id: str
+    position: int
+
+
+@dataclass(frozen=True)
+class LoadSubtree:
+    """Request: `node_id` and all its descendants (answer: list[Node])."""
+
+    node_id: str
+
+
+@dataclass(frozen=True)
+class BumpDone:
+    """Request: atomically add one to the parent's count of finished children (answer: the new count)."""
+
+    parent_id: str
+
+
+@dataclass(frozen=True)
+class BumpFailed:
+    """Request: atomically add one to a map's count of failed items (answer: the new count)."""
+
+    parent_id: str
+
+
+@dataclass(frozen=True)
+class NextItem:
+    """Request: atomically take the next position a map may start (answer: that position, from 0)."""
+
+    parent_id: str
+
+
+@dataclass(frozen=True)
+class SetDone:
+    """Request: set a parent's counters: finished children, failed items, next item to start (a redrive keeps
+    the children that completed)."""
+
+    parent_id: str
+    value: int
+    failed: int = 0
+    next_item: int = 0
+
+
+@dataclass(frozen=True)
+class RunScript:
+    """Request: call a user's JavaScript with JSON args in the sandbox (answer: ScriptResult)."""
+
+    source: str
+    args: list[Any]
+
+
+@dataclass(frozen=True)
+class ScriptResult:
+    """The answer to RunScript: a value, or the script's error message."""
+
+    value: Any = None
+    error: str | None = None
+
+
+Request = LoadChildren | LoadChild | LoadSubtree | BumpDone | BumpFailed | NextItem | SetDone | RunScript
+Step = Generator[Request, Any, None]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a callback (or another outside report) was told."""
+
+    outcome: Literal["accepted", "duplicate", "refused", "unknown"]
+    reason: str = ""
+
+
+ACCEPTED = Verdict("accepted")
