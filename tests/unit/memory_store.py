@@ -123,6 +123,17 @@ class MemoryStore:
             self.count_pending([w for w in plan.work if w.kind == "count"])  # right after the commit
         return result
 
+    def timers(self) -> list[Work]:
+        """Timed waits whose timer is armed."""
+        return [w for w in self.work if w.kind == "timer"]
+
+    def fire(self, timer: Work) -> decide.Verdict:
+        """A timer's time came (as the worker performs it once it is due)."""
+        self.work.remove(timer)
+        verdict: decide.Verdict = self.event(
+            timer.node_id, lambda plan: decide.timer_fired(plan, timer.node_id, timer.attempt))
+        return verdict
+
     def count_pending(self, rows: list[Work] | None = None) -> int:
         """Perform `count` work rows (all pending ones by default), as the engine does after a commit: each
         finished child is counted once, and the last one completes its parent in an event of its own."""
