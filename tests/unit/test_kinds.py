@@ -8,7 +8,7 @@ from aetr.domain import decide
 from aetr.domain.kinds import ChoiceSpec, MapSpec, WaitSpec
 from aetr.domain.steps import StepConfig, StepTree
 from tests.unit.memory_store import MemoryStore
-from tests.unit.test_decide import api, by_name, dispatched, fail_for_good, par, seq, step_output, succeed
+from tests.unit.test_decide import api, by_name, dispatched, par, seq, step_output, succeed
 
 SCRIPTS = {
     "products": lambda args: args[0]["products"],
@@ -170,7 +170,8 @@ def test_a_condition_that_is_not_strictly_boolean_fails_the_choice() -> None:
     store = MemoryStore(SCRIPTS)
     root = store.start(choice_("route", ("maybe", api("a")), (None, api("b"))), {})
     error = store.nodes[root].error
-    assert error is not None and error["kind"] == "mapper" and "returned a string, not true or false" in error["message"]
+    assert error is not None and error["kind"] == "mapper"
+    assert "returned a string, not true or false" in error["message"]
     assert store.nodes[by_name(store, "b")].state == "cancelled"
 
 
