@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from aetr.api.answers import EventOut, RunPage, RunTreeOut
 from aetr.api.app import JSON, answer_below_routing, engine_of, read_body, replay, token_ok
 from aetr.api.render import nest, node_json, run_tree_json
-from aetr.api.schemas import RunIn, StepRef
+from aetr.api.schemas import RunIn, SignalIn, StepRef
 from aetr.domain.decide import Verdict
 from aetr.domain.runs import TERMINAL
 from aetr.engine.runtime import Engine
@@ -144,6 +144,23 @@ async def _act(request: Request, run_id: str, verb: str,
     verdict = await action(engine, (await _view(engine, run_id))["root_id"])
     if verdict.outcome != "accepted":
         raise HTTPException(409, f"cannot {verb}: {verdict.reason}")
+    return JSON(await _view(engine, run_id))
+
+
+@router.post("/runs/{run_id}/nodes/{node_id}/signal", responses={200: {"model": RunTreeOut}})
+async def signal_node(request: Request, run_id: RunId, node_id: Annotated[str, Path(description="the wait's node id")],
+                      body: Annotated[SignalIn, Body()]) -> Response:
+    """Answer a signal wait: with `output` it completes with that output, with `error` it fails (kind `signal`).
+    The run tree afterwards; 409 when the node is not a wait awaiting its signal."""
+    engine = engine_of(request)
+    root_id = await engine.store.root_of(_uuid(node_id))
+    if root_id is None or root_id != await engine.store.root_of(_uuid(run_id)):
+        raise HTTPException(404, f"run '{run_id}' has no node '{node_id}'")
+    verdict = await engine.coordinator.signal(str(uuid.UUID(node_id)), body.output, body.error)
+    if verdict.outcome == "unknown":
+        raise HTTPException(404, f"run '{run_id}' has no node '{node_id}'")
+    if verdict.outcome != "accepted":
+        raise HTTPException(409, f"cannot signal node '{node_id}': {verdict.reason}")
     return JSON(await _view(engine, run_id))
 
 

@@ -193,6 +193,20 @@ class RunIn(Strict):
     input: JsonValue = None
 
 
+class SignalIn(Strict):
+    output: JsonValue = Field(None, description="completes the wait with this output")
+    error: Annotated[str, Field(min_length=1, max_length=65_536)] | None = Field(
+        None, description="fails the wait (error kind `signal`) with this message")
+
+    @model_validator(mode="after")
+    def _one_answer(self) -> SignalIn:
+        given = self.model_fields_set & {"output", "error"}
+        if len(given) != 1 or (given == {"error"} and self.error is None):
+            raise ValueError("send exactly one of `output` (any JSON: the wait completes with it) or `error` "
+                             "(a message: the wait fails)")
+        return self
+
+
 class FailIn(Strict):
     error: Annotated[str, Field(min_length=1, max_length=65_536)]
     retryable: bool = False

@@ -238,6 +238,15 @@ class Coordinator:
         return await self._event(node_id, lambda plan: decide.heartbeat(plan, node_id, attempt),
                                  "callback.heartbeat", attempt)
 
+    async def timer_fired(self, node_id: str, attempt: int) -> decide.Verdict:
+        """A wait's timer came due; its work row goes in the same transaction."""
+        return await self._event(node_id, lambda plan: decide.timer_fired(plan, node_id, attempt), None, attempt,
+                                 FinishCall(node_id, attempt, "timer"))
+
+    async def signal(self, node_id: str, output: Any, error: str | None) -> decide.Verdict:
+        """Someone answered a signal wait, with an output or an error."""
+        return await self._event(node_id, lambda plan: decide.signalled(plan, node_id, output, error), "signal", 0)
+
     async def cancel(self, root_id: str) -> decide.Verdict:
         """Cancel every unfinished node of a run."""
         return await self._event(root_id, lambda plan: decide.cancel_run(plan, root_id), None, 0)

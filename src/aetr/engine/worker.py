@@ -152,6 +152,8 @@ class Worker:
                     await self.coordinator.complete_parent(item.work.node_id)
             elif item.work.kind == "complete":  # a count whose process died before it completed the parent
                 await self.coordinator.complete_parent(item.work.node_id)
+            elif item.work.kind == "timer":
+                await self.coordinator.timer_fired(item.work.node_id, item.work.attempt)
             elif item.work.kind in ("deadline", "heartbeat"):
                 await self.coordinator.deadline_passed(item.work.node_id, item.work.attempt,
                                                        heartbeat=item.work.kind == "heartbeat")

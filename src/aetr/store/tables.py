@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    false,
     text,
 )
 
@@ -103,6 +105,8 @@ run_nodes = Table(
     Column("completed_at", UTCDateTime, nullable=True),
     Column("snapshot", JSONText, nullable=True),  # root only: the step tree frozen at start
     Column("idempotency_key", String(200), nullable=True, unique=True),  # root only
+    Column("wait_until", UTCDateTime, nullable=True),  # a timed wait: when it ends
+    Column("awaits_signal", Boolean, nullable=False, server_default=false()),  # a signal wait
     Index("ix_run_nodes_root", "root_id"),
     Index("ix_run_nodes_parent", "parent_id", "position"),
     # Runs newest first (GET /runs). Partial: an index that also began with parent_id was taken by PostgreSQL
@@ -118,6 +122,8 @@ run_counters = Table(
     "run_counters", metadata,
     Column("node_id", ID, primary_key=True),
     Column("done", Integer, nullable=False),
+    Column("failed", Integer, nullable=False, server_default="0"),  # a map's failed items
+    Column("next_item", Integer, nullable=False, server_default="0"),  # the next item a limited map may start
 )
 
 work = Table(

@@ -146,7 +146,6 @@ def signalled(plan: Plan, node_id: str, output: Any, error: str | None) -> Gener
     if reason:
         return Verdict("refused", reason)
     plan.drop_work_for.add(node.id)
-    plan.event(node, "signal", {"outcome": "error" if error is not None else "output"})
     if error is not None:
         yield from flow.fail(plan, node, error, "signal")
     else:
