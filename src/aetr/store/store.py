@@ -23,11 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from aetr.domain.decide import RunScript, ScriptResult
 from aetr.domain.runs import Node
-from aetr.domain.steps import (
-    DEFAULT_MAX_TREE_NODES,
-    StepDef,
-    StepTree,
-)
+from aetr.domain.steps import DEFAULT_MAX_TREE_NODES, StepDef, StepTree
 from aetr.store import codec, step_trees
 from aetr.store.errors import Conflict, Duplicate, StepsRefused
 from aetr.store.operations import Op, OpStream, Sql
