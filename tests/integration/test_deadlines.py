@@ -9,7 +9,7 @@ from sqlalchemy import select
 from aetr.domain.steps import DEFAULT_TIMEOUT_S
 from aetr.engine.coordinator import utcnow
 from aetr.store import Store
-from aetr.store.sql import FinishCall, FinishCalls, single
+from aetr.store.requests import FinishCall, FinishCalls, single
 from aetr.store.tables import run_nodes, work
 from aetr.testing.engine import coordinator_without_http
 

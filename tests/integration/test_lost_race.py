@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from aetr.domain.runs import Plan, Work
 from aetr.store import Conflict
-from aetr.store.sql import Apply, Chain, FinishCall, LoadChain, Program
+from aetr.store.requests import Apply, Chain, FinishCall, LoadChain, Program
 from aetr.store.store import count_round_trips
 from aetr.testing import StepService, never
 from tests.integration.conftest import Server

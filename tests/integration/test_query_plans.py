@@ -21,7 +21,7 @@ from aetr.engine.coordinator import Coordinator
 from aetr.store import open_store
 from aetr.store.migrate import upgrade_engine
 from aetr.store.postgres import EVENTS_SESSION
-from aetr.store.sql import COUNT_CHILDREN_PG, Statements
+from aetr.store.postgres_sql import COUNT_CHILDREN_PG, PostgresStatements
 from aetr.testing.engine import KeptCalls, coordinator_without_http
 from tests.integration.conftest import TABLES
 
@@ -69,7 +69,7 @@ async def test_the_batched_chain_query_planned_on_a_few_runs_reads_only_the_node
     await grow(co, calls, 5)
     conn = await asyncpg.connect(pg_url, server_settings=EVENTS_SESSION)
     try:
-        chains = Statements("postgresql").load_chains
+        chains = PostgresStatements().load_chains
         assert chains is not None
         await conn.execute(f"PREPARE chains(varchar[], integer, varchar) AS {chains.text}")
         ids = [r[0] for r in await conn.fetch("SELECT id FROM run_nodes WHERE parent_id IS NOT NULL LIMIT $1", ASKED)]

@@ -19,7 +19,7 @@ from aetr.domain.steps import StepConfig
 from aetr.engine.coordinator import utcnow
 from aetr.engine.dispatcher import Dispatcher, parse_body, parse_retry_after
 from aetr.engine.tokens import TokenSigner
-from aetr.store.sql import ClaimedWork
+from aetr.store.requests import ClaimedWork
 
 
 def test_retry_after_in_seconds_or_as_a_date() -> None:

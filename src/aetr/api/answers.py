@@ -144,6 +144,8 @@ class NodeOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
+    wait_until: datetime | None = Field(description="a timed wait: when it ends")
+    awaits_signal: bool = Field(description="a signal wait that waits for its answer")
 
 
 class RunTreeOut(NodeOut):

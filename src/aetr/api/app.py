@@ -2,98 +2,31 @@
 
 from __future__ import annotations
 
-import hmac
 import inspect
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from aetr.api import callbacks, runs, sandbox, steps, ui
 from aetr.api.answers import ERRORS, Health
+from aetr.api.http import JSON, engine_of, replay, require_token, safe_text, unavailable_answer
 from aetr.api.schemas import PATTERN_HINTS
 from aetr.config import Settings
 from aetr.domain.jsonvalue import MAX_JSON_DEPTH
 from aetr.engine.outage import OUTAGE, is_outage
 from aetr.engine.runtime import Engine
-from aetr.engine.tokens import redact
 from aetr.store import Unavailable
-
-
-class JSON(JSONResponse):
-    """A JSON answer encoded by orjson (datetimes become ISO 8601 strings).
-
-    A JSONResponse, so that the OpenAPI document gives routes a JSON body rather than a bare string.
-    """
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
-
-
-def engine_of(request: Request) -> Engine:
-    """The Engine this application serves."""
-    engine: Engine = request.app.state.engine
-    return engine
-
-
-async def require_token(request: Request) -> None:
-    """With AETR_API_TOKEN set, every /api/v1 route but the callbacks needs `Authorization: Bearer <token>`.
-
-    async: FastAPI runs a plain `def` dependency in a worker thread, a thread hop on every request.
-    """
-    if not token_ok(engine_of(request).settings.api_token, request.headers.get("authorization", "")):
-        raise HTTPException(401, "missing or wrong API token: send `Authorization: Bearer <AETR_API_TOKEN>`",
-                            headers={"WWW-Authenticate": "Bearer"})
-
-
-def token_ok(expected: str | None, authorization: str) -> bool:
-    """Whether an Authorization header value carries the API token (always, when none is set)."""
-    if expected is None:
-        return True
-    scheme, _, token = authorization.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
-
-
-def unavailable_answer(method: str, path: str, cause: str) -> Response:
-    """503 with Retry-After for a database outage (logged without any callback token)."""
-    OUTAGE.failed(f"{method} {redact(path)}", cause, request=True)
-    return JSON({"detail": "the database is unavailable or out of connections; try again shortly"},
-                status_code=503, headers={"Retry-After": "1"})
-
-
-async def read_body(receive: Receive) -> bytes | None:
-    """A request's whole body from ASGI messages; None when the client went away first."""
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def answer_below_routing(scope: Scope, receive: Receive, send: Send, answer: Awaitable[Response]) -> None:
-    """Send a fast route's answer as FastAPI would: its HTTPException as `{"detail"}`, an outage as 503."""
-    response: Response
-    try:
-        response = await answer
-    except HTTPException as exc:
-        response = JSON({"detail": safe_text(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-    except Exception as exc:
-        if not is_outage(exc):
-            raise
-        response = unavailable_answer(scope["method"], scope["path"], type(exc).__name__)
-    await response(scope, receive, send)
 
 
 class PayloadLimit:
@@ -150,20 +83,6 @@ class PayloadLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def replay(body: bytes, receive: Receive) -> Receive:
-    """A receive that hands over a body already read, then goes on to the connection's own."""
-    sent = False
-
-    async def again() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return again
-
-
 def describe_validation(exc: RequestValidationError) -> str:
     """One readable sentence per problem: where it is and what is wrong."""
     parts = []
@@ -201,13 +120,6 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-def safe_text(detail: Any) -> Any:
-    """Text that orjson can encode: a lone surrogate (from a request or a script) is written as its escape."""
-    if isinstance(detail, str):
-        return detail.encode("utf-8", "backslashreplace").decode()
-    return detail
-
-
 def _telemetry() -> dict[str, Any]:
     """FastAPI's OpenTelemetry support stays on when the environment configures OpenTelemetry (an OTEL_* or
     FASTAPI_OTEL_* variable). Otherwise it is switched off: it looks its providers up in os.environ on every
@@ -223,8 +135,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
                on_started: Callable[[], None] | None = None) -> FastAPI:
     """The ASGI application for these settings (or for an engine a test built); `on_started` runs once the
     engine has started, before the first request."""
-    from aetr.api import callbacks, runs, sandbox, steps
-
     settings = settings or (engine.settings if engine else Settings.from_env())
 
     @asynccontextmanager
@@ -289,9 +199,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     app.include_router(runs.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
     app.include_router(sandbox.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
     app.include_router(callbacks.router, prefix="/api/v1", responses=ERRORS)
-    from aetr.api import ui  # the web UI: its page at /, its files and the runs' live stream
-
-    app.include_router(ui.router)
+    app.include_router(ui.router)  # the web UI: its page at /, its files and the runs' live stream
 
     @app.get("/healthz", tags=["operations"],
              responses={200: {"model": Health}, 503: {"model": Health, "description": "the database is unreachable"}})

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aetr.api.answers import CallbackAnswer
-from aetr.api.app import JSON, answer_below_routing, engine_of, read_body
+from aetr.api.http import JSON, answer_below_routing, engine_of, read_body
 from aetr.api.schemas import FailIn
 from aetr.domain.decide import Verdict
 from aetr.engine.dispatcher import parse_body

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aetr.api.answers import EventOut, RunPage, RunTreeOut
-from aetr.api.app import JSON, answer_below_routing, engine_of, read_body, replay, token_ok
+from aetr.api.http import JSON, answer_below_routing, engine_of, read_body, replay, token_ok
 from aetr.api.render import nest, node_json, run_tree_json
 from aetr.api.schemas import RunIn, SignalIn, StepRef
 from aetr.domain.decide import Verdict

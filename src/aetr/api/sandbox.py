@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Request, Response
 
 from aetr.api.answers import Evaluation
-from aetr.api.app import JSON, engine_of, safe_text
+from aetr.api.http import JSON, engine_of, safe_text
 from aetr.api.schemas import EvaluateIn
 from aetr.domain.jsonvalue import check_json
 from aetr.sandbox import ScriptError

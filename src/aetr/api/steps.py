@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, Header, HTTPException, Path, Request, Respo
 from yarl import URL
 
 from aetr.api.answers import StepOut, StepSummary
-from aetr.api.app import JSON, engine_of
+from aetr.api.http import JSON, engine_of
 from aetr.api.schemas import Name, StepIn, StepInModel, StepRef, flatten, scripts_of
 from aetr.domain.kinds import ApiSpec
 from aetr.domain.steps import CycleError, TreeTooBig

@@ -14,7 +14,7 @@ import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.responses import Response, StreamingResponse
 
-from aetr.api.app import engine_of, require_token
+from aetr.api.http import engine_of, require_token
 from aetr.api.render import nest
 from aetr.domain.runs import TERMINAL
 from aetr.engine.outage import OUTAGE, is_outage

@@ -159,6 +159,8 @@ class Plan:
         if node.id not in self.loaded_versions:
             self.loaded_versions[node.id] = old.version
         changes["version"] = self.loaded_versions[node.id] + 1
+        if old.awaits_signal and changes.get("state", "executing") != "executing":
+            changes["awaits_signal"] = False  # answered, timed out or cancelled: it awaits nothing now
         new = evolve(old, changes)
         self.nodes[node.id] = new
         if new.state != old.state:

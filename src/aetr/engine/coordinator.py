@@ -204,8 +204,7 @@ class Coordinator:
         yield from decide.start_run(plan, root_id)
         # The nodes are new: write them once, in their started state, not insert-then-update.
         lease, calls = self._lease(plan)
-        new_run = InsertRun(plan.created, tree.snapshot_text, key,
-                            {node_id: c.done for node_id, c in plan.counters.items()})
+        new_run = InsertRun(tree.snapshot_text, key)
         yield Apply(plan, lease=lease, new_run=new_run)
         return Outcome(ACCEPTED, plan, calls, run_id=root_id)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from aetr.store.sql import ClaimedWork, Conflict, Duplicate, NeedsScripts, Unavailable
-from aetr.store.store import RunPage, StepsRefused, Store
+from aetr.store.errors import Conflict, Duplicate, NeedsScripts, StepsRefused, Unavailable
+from aetr.store.requests import ClaimedWork
+from aetr.store.store import RunPage, Store
 
 DEFAULT_DATABASE_URL = "sqlite:///./aetr.db"
 

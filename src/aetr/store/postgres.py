@@ -1,6 +1,6 @@
 """PostgreSQL: several processes share it; row locks and SKIP LOCKED do the coordination.
 
-Events run on a plain asyncpg pool with the statements prebuilt in aetr.store.sql (asyncpg prepares and
+Events run on a plain asyncpg pool with the statements prebuilt in aetr.store.postgres_sql (asyncpg prepares and
 caches each one per connection); SQLAlchemy's engine keeps the colder paths (step trees, listings,
 migrations) on a small pool of its own.
 """
@@ -17,25 +17,13 @@ import asyncpg
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from aetr.store.sql import (
-    FINISHED_FIELDS,
-    NODE_FIELDS,
-    WRITE_ALL_NAMES,
-    Conflict,
-    Duplicate,
-    Exec,
-    ExecMany,
-    Fetch,
-    Op,
-    OpStream,
-    Program,
-    Sql,
-    Statements,
-    Unavailable,
-    is_outage_sqlstate,
-    lower,
-)
+from aetr.store.errors import Conflict, Duplicate, Unavailable, is_outage_sqlstate
+from aetr.store.lowering import lower
+from aetr.store.operations import Exec, ExecMany, Fetch, Op, OpStream, Sql
+from aetr.store.postgres_sql import FINISHED_FIELDS, NODE_FIELDS, WRITE_ALL_NAMES, PostgresStatements
+from aetr.store.requests import Program
 from aetr.store.store import AfterCommit, ScriptAnswers, Store, _round_trips
+from aetr.store.views import view_of_row
 
 CONNECT_TIMEOUT_S = 10.0
 # The events' statements are indexed lookups of a few rows (a wide parent's children at most), whose best plan
@@ -181,7 +169,7 @@ class PostgresStore(Store):
     dialect = "postgresql"
 
     def __init__(self, engine: AsyncEngine, pool_size: int) -> None:
-        super().__init__(engine, Statements("postgresql"))
+        super().__init__(engine, PostgresStatements())
         self.dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
@@ -373,8 +361,7 @@ class PostgresStore(Store):
         m.finish(result)
 
     async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
-        view = self.statements.view
-        return [view(r) for r in await self._fetch_rows(text, args)]
+        return [view_of_row(r) for r in await self._fetch_rows(text, args)]
 
     async def _fetch_rows(self, text: str, args: tuple[Any, ...]) -> list[Any]:
         with _translated():

@@ -14,8 +14,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from aetr.domain.decide import RunScript, ScriptResult
-from aetr.store.sql import Duplicate, Exec, Fetch, NeedsScripts, Op, Program, Statements, Unavailable, lower
+from aetr.store.errors import Duplicate, NeedsScripts, Unavailable
+from aetr.store.lowering import lower
+from aetr.store.operations import Exec, Fetch, Op
+from aetr.store.requests import Program
+from aetr.store.sqlite_sql import SqliteStatements
+from aetr.store.statements import Statements
 from aetr.store.store import AfterCommit, ScriptAnswers, Store, _round_trips
+from aetr.store.views import view_of_row
 
 BUSY_TIMEOUT_MS = 30_000  # milliseconds another process may hold the write lock before we give up
 BUSY_POLL_S = 0.002  # seconds between attempts to take the write lock while another connection holds it
@@ -239,7 +245,7 @@ class SqliteStore(Store):
     dialect = "sqlite"
 
     def __init__(self, engine: AsyncEngine, synchronous: str = DEFAULT_SYNCHRONOUS) -> None:
-        super().__init__(engine, Statements("sqlite"))
+        super().__init__(engine, SqliteStatements())
         if synchronous not in SYNCHRONOUS:
             raise ValueError(f"SQLite synchronous={synchronous!r}: use one of {', '.join(SYNCHRONOUS)}")
         self.pragmas = (*PRAGMAS, f"PRAGMA synchronous={synchronous.upper()}")
@@ -278,7 +284,7 @@ class SqliteStore(Store):
     async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
         # In a thread, on a connection of that thread's own: a 10,000-node run is tens of milliseconds of
         # reading that the loop goes on without.
-        return await asyncio.to_thread(self._read_rows, text, args, self.statements.view)
+        return await asyncio.to_thread(self._read_rows, text, args, view_of_row)
 
     async def _fetch_rows(self, text: str, args: tuple[Any, ...]) -> list[Any]:
         return await asyncio.to_thread(self._read_rows, text, args, None)

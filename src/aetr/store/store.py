@@ -1,6 +1,6 @@
 """The Store: the only code that talks SQL.
 
-Events (`run`) go through the prebuilt statements of aetr.store.sql on each backend's fastest path; step
+Events (`run`) go through the prebuilt statements of aetr.store.statements on each backend's fastest path; step
 trees, listings and the other colder reads and writes go through SQLAlchemy Core here.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
@@ -18,37 +17,20 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, delete, event, insert, select, text, tuple_, update
+from sqlalchemy import delete, event, select, text, tuple_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from aetr.domain.decide import RunScript, ScriptResult
-from aetr.domain.jsonvalue import MAX_TREE_DEPTH
 from aetr.domain.runs import Node
-from aetr.domain.steps import (
-    DEFAULT_MAX_TREE_NODES,
-    CycleError,
-    StepDef,
-    StepTree,
-    TreeTooBig,
-    find_cycle,
-    first_oversized,
-)
-from aetr.store import codec
-from aetr.store.sql import (
-    TREE_SQL,
-    Conflict,
-    Duplicate,
-    Op,
-    OpStream,
-    Program,
-    Sql,
-    Statements,
-    nest,
-    nest_json,
-    tree_from_rows,
-)
-from aetr.store.tables import UTCDateTime, events, run_nodes, settings, step_children, steps, work
+from aetr.domain.steps import DEFAULT_MAX_TREE_NODES, StepDef, StepTree
+from aetr.store import codec, step_trees
+from aetr.store.errors import Conflict, Duplicate, StepsRefused
+from aetr.store.operations import Op, OpStream, Sql
+from aetr.store.requests import Program
+from aetr.store.statements import Statements
+from aetr.store.tables import events, run_nodes, settings, step_children, steps, work
+from aetr.store.views import nest, nest_json
 
 ScriptCall = Callable[[RunScript], Coroutine[Any, Any, ScriptResult]]  # how an event's program reaches the sandbox
 
@@ -93,7 +75,6 @@ def _script_key(req: RunScript) -> tuple[str, str]:
 AfterCommit = Callable[[Any], None]  # told an event's result once it is committed, whoever still awaits it
 
 STEP_CHANGES_LOCK = 0x4145_5452_5354_4550  # PostgreSQL advisory lock key serialising step-tree changes
-CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
 RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
 
 
@@ -104,15 +85,6 @@ def sqlstate(exc: DBAPIError) -> str | None:
         if isinstance(code, str):
             return code
     return None
-
-
-class StepsRefused(ValueError):
-    """A step change that cannot be stored as asked; `status` is the HTTP status it deserves."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -200,7 +172,7 @@ class Store:
     async def get_run_json(self, node_id: str) -> bytes | None:
         """`GET /runs/{id}`'s answer for the run `node_id` belongs to, in one query (None when unknown).
 
-        SQLite writes each node's JSON itself, only nested here (aetr.store.sql.nest_json); other databases
+        SQLite writes each node's JSON itself, only nested here (aetr.store.views.nest_json); other databases
         answer from get_run_view."""
         if self.statements.run_json is not None:
             rows = await self._read(self.statements.run_json, node_id)
@@ -264,7 +236,7 @@ class Store:
     async def get_step_tree(self, key: str) -> StepTree | None:
         """The resolved tree of the step named (or with id) `key`, in one recursive query."""
         async with self.engine.connect() as conn:
-            return await _load_tree(conn, key)
+            return await step_trees.load_tree(conn, key)
 
     async def list_steps(self) -> list[dict[str, Any]]:
         """Every step's summary, sorted by name."""
@@ -279,7 +251,7 @@ class Store:
             step_id = await conn.scalar(select(steps.c.id).where(steps.c.name == name))
             if step_id is None:
                 return None
-            return await _parent_names(conn, step_id)
+            return await step_trees.parent_names(conn, step_id)
 
     async def put_steps(self, defs: Sequence[StepDef], if_match: int | None, now: datetime,
                         max_nodes: int = DEFAULT_MAX_TREE_NODES) -> tuple[bool, StepTree]:
@@ -297,7 +269,7 @@ class Store:
                 # The recursive queries' row estimates are far too high, so PostgreSQL would compile them (JIT):
                 # 300-400 ms per query for a 100,000-child parallel, more than running them takes.
                 await conn.execute(text("SET LOCAL jit = off"))
-            return await _put_steps(conn, defs, if_match, now, max_nodes)
+            return await step_trees.put_steps(conn, defs, if_match, now, max_nodes)
 
     async def delete_step(self, name: str) -> bool:
         """Delete a step no parent uses; False when there is none; StepsRefused(409) while one does."""
@@ -305,7 +277,7 @@ class Store:
             step_id = await conn.scalar(select(steps.c.id).where(steps.c.name == name))
             if step_id is None:
                 return False
-            parents = await _parent_names(conn, step_id)
+            parents = await step_trees.parent_names(conn, step_id)
             if parents:
                 raise StepsRefused(409, f"step '{name}' is used by {', '.join(sorted(parents))}; "
                                         "remove it from them first")
@@ -390,152 +362,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         return datetime.fromisoformat(at), str(node_id)
     except Exception as exc:  # any malformed cursor is the caller's mistake, reported as such
         raise ValueError("cursor is not valid: pass the next_cursor of a previous page") from exc
-
-
-# ---- step trees -------------------------------------------------------------------------------------
-
-async def _load_tree(conn: AsyncConnection, key: str) -> StepTree | None:
-    return tree_from_rows((await conn.execute(TREE_SQL, {"key": key})).all(), key)
-
-
-async def _parent_names(conn: AsyncConnection, step_id: str) -> list[str]:
-    rows = await conn.execute(
-        select(steps.c.name).distinct().join(step_children, step_children.c.parent_id == steps.c.id)
-        .where(step_children.c.child_id == step_id).order_by(steps.c.name))
-    return [r.name for r in rows]
-
-
-async def _put_steps(conn: AsyncConnection, defs: Sequence[StepDef], if_match: int | None,
-                     now: datetime, max_nodes: int) -> tuple[bool, StepTree]:
-    root = defs[0].config.name
-    defined = {d.config.name: d for d in defs}
-    referenced = {link.step for d in defs for link in d.links} - set(defined)
-    names = sorted(set(defined) | referenced)
-    existing: dict[str, tuple[str, int]] = {}
-    for i in range(0, len(names), CHUNK):
-        rows = await conn.execute(select(steps.c.name, steps.c.id, steps.c.version)
-                                  .where(steps.c.name.in_(names[i:i + CHUNK])))
-        existing.update({r.name: (r.id, r.version) for r in rows})
-    missing = sorted(referenced - set(existing))
-    if missing:
-        raise StepsRefused(422, "children refer to steps that do not exist: " + ", ".join(missing)
-                           + "; create them first or define them inline")
-    current = existing.get(root, (None, None))[1]
-    if if_match is not None and current is None:
-        # RFC 9110 13.1.1: no current representation, so no version can match; PUT creates only unconditionally.
-        raise StepsRefused(412, f"step '{root}' does not exist, so it has no version {if_match}: to create it, "
-                                "send the request without If-Match")
-    if if_match is not None and current != if_match:
-        raise StepsRefused(412, f"step '{root}' is at version {current}, not {if_match}: "
-                                "reload it and apply your change again")
-    graph = await _stored_graph(conn, [existing[n][0] for n in referenced])
-    for name, d in defined.items():
-        graph[name] = [link.step for link in d.links]
-    cycle = find_cycle(graph, root)
-    if cycle:
-        raise CycleError(cycle)
-    ids = {n: v[0] for n, v in existing.items()}
-    for name, d in defined.items():
-        values = {"kind": d.config.kind, "config": d.config.fields_json(), "updated_at": now}
-        if name in existing:
-            await conn.execute(update(steps).where(steps.c.id == ids[name])
-                               .values(**values, version=steps.c.version + 1))
-            await conn.execute(delete(step_children).where(step_children.c.parent_id == ids[name]))
-        else:
-            ids[name] = str(uuid.uuid4())
-            await conn.execute(insert(steps).values(id=ids[name], name=name, version=1, created_at=now, **values))
-    links = [{"parent_id": ids[name], "position": pos, "child_id": ids[link.step], "mapper": link.mapper}
-             for name, d in defined.items() for pos, link in enumerate(d.links)]
-    for i in range(0, len(links), CHUNK):
-        await conn.execute(insert(step_children), links[i:i + CHUNK])
-    deepest = (await conn.execute(_DEPTH_SQL, {"now": now, "limit": MAX_TREE_DEPTH})).scalar()
-    if deepest is not None and deepest > MAX_TREE_DEPTH:
-        # Raised inside the transaction: nothing of this change is kept.
-        raise StepsRefused(422, f"step trees may nest at most {MAX_TREE_DEPTH} levels, and with this change a "
-                                f"tree containing '{root}' would nest more; flatten it or split it")
-    await _check_sizes(conn, now, max_nodes)
-    tree = await _load_tree(conn, ids[root])
-    assert tree is not None
-    return root not in existing, tree
-
-
-# How deep the deepest stored tree containing a step changed at `now` is (the steps just written carry
-# updated_at = now: seeding from that column avoids a bound parameter per step). Counting stops past `limit`.
-_DEPTH_SQL = text(
-    "WITH RECURSIVE up(id) AS ("
-    " SELECT id FROM steps WHERE updated_at = :now"
-    " UNION SELECT sc.parent_id FROM step_children sc JOIN up ON sc.child_id = up.id),"
-    " tops(id) AS (SELECT id FROM up WHERE id NOT IN (SELECT child_id FROM step_children)),"
-    " down(id, d) AS (SELECT id, 1 FROM tops"
-    " UNION SELECT sc.child_id, down.d + 1 FROM step_children sc JOIN down ON sc.parent_id = down.id"
-    " WHERE down.d <= :limit)"
-    " SELECT max(d) FROM down"
-).bindparams(bindparam("now", type_=UTCDateTime()))
-
-
-# What counting the nodes of every stored tree containing a step changed at `now` needs (seeded as _DEPTH_SQL
-# is), by the first column: 0, each such tree; 1, each step below them with children, and its number of links;
-# 2, the links from such a step to another step with children, grouped, with their number. Links to steps
-# without children are never read one by one (a parallel parent of 100,000 api steps is one count), and
-# nothing is looked up per link: a subquery per link made PostgreSQL scan the whole table once per link.
-_SIZES_SQL = text(
-    "WITH RECURSIVE up(id) AS ("
-    " SELECT id FROM steps WHERE updated_at = :now"
-    " UNION SELECT sc.parent_id FROM step_children sc JOIN up ON sc.child_id = up.id),"
-    " down(id) AS (SELECT id FROM up"
-    " UNION SELECT sc.child_id FROM step_children sc JOIN down ON sc.parent_id = down.id),"
-    " parents(id) AS (SELECT id FROM down WHERE EXISTS (SELECT 1 FROM step_children k WHERE k.parent_id = down.id))"
-    " SELECT 0, id, NULL, 0 FROM up"
-    " UNION ALL SELECT 1, sc.parent_id, NULL, count(*) FROM step_children sc JOIN parents p ON sc.parent_id = p.id"
-    " GROUP BY sc.parent_id"
-    " UNION ALL SELECT 2, sc.parent_id, sc.child_id, count(*) FROM step_children sc JOIN parents p"
-    " ON sc.parent_id = p.id WHERE sc.child_id IN (SELECT id FROM parents) GROUP BY sc.parent_id, sc.child_id"
-).bindparams(bindparam("now", type_=UTCDateTime()))
-
-
-async def _check_sizes(conn: AsyncConnection, now: datetime, max_nodes: int) -> None:
-    """TreeTooBig when a stored tree containing a step changed at `now` resolves to more than `max_nodes` nodes.
-
-    Counted from the links, once per step (never by building the tree), inside the change's transaction.
-    """
-    trees: list[str] = []
-    counts: dict[str, int] = {}
-    links: dict[str, list[tuple[str | None, int]]] = {}
-    for what, step, child, n in await conn.execute(_SIZES_SQL, {"now": now}):
-        if what == 0:
-            trees.append(step)
-        elif what == 1:
-            counts[step] = n
-        else:
-            links.setdefault(step, []).append((child, n))
-    for step, n in counts.items():
-        kids = links.setdefault(step, [])
-        if leaves := n - sum(k for _, k in kids):
-            kids.append((None, leaves))
-    found = first_oversized(links, trees, max_nodes)
-    if found is not None:
-        step_id, count = found
-        name = await conn.scalar(select(steps.c.name).where(steps.c.id == step_id))
-        raise TreeTooBig(str(name), count, max_nodes, changed=True)  # inside the transaction: nothing is kept
-
-
-async def _stored_graph(conn: AsyncConnection, start_ids: list[str]) -> dict[str, list[str]]:
-    """Name → child names for every stored step reachable from `start_ids`."""
-    if not start_ids:
-        return {}
-    params = {f"s{i}": sid for i, sid in enumerate(start_ids)}
-    anchors = ", ".join(f":s{i}" for i in range(len(start_ids)))
-    rows = await conn.execute(text(
-        f"WITH RECURSIVE reach(id) AS (SELECT id FROM steps WHERE id IN ({anchors})"
-        " UNION SELECT sc.child_id FROM step_children sc JOIN reach r ON sc.parent_id = r.id)"
-        " SELECT p.name AS parent, c.name AS child, sc.position FROM reach"
-        " JOIN step_children sc ON sc.parent_id = reach.id"
-        " JOIN steps p ON p.id = sc.parent_id JOIN steps c ON c.id = sc.child_id"
-        " ORDER BY p.name, sc.position"), params)
-    graph: dict[str, list[str]] = {}
-    for r in rows:
-        graph.setdefault(r.parent, []).append(r.child)
-    return graph
 
 
 def is_integrity_error(exc: BaseException) -> bool:

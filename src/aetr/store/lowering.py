@@ -1,0 +1,219 @@
+"""Lowering: an event's program — its requests — as operations on prebuilt statements.
+
+`lower` runs a program and turns each request it yields (the decide handlers' and aetr.store.requests') into
+`Fetch`, `Exec` and `ExecMany` of the backend's Statements, and the rows back into the request's answer. So
+the SQLite backend can run a whole event in its writer and the PostgreSQL backend on one asyncpg connection,
+with the same code deciding what to send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aetr.domain import decide
+from aetr.domain.runs import Node, Plan, Work
+from aetr.store.errors import Conflict
+from aetr.store.operations import Exec, ExecMany, Fetch, Op, OpStream
+from aetr.store.requests import (
+    Apply,
+    Chain,
+    Claim,
+    ClaimedWork,
+    ClaimResult,
+    CountChild,
+    FindRunByKey,
+    FinishCalls,
+    InsertRun,
+    LoadChain,
+    LoadTree,
+    PendingCall,
+    Postpone,
+    Program,
+    RenewLease,
+)
+from aetr.store.statements import Statements
+from aetr.store.step_trees import tree_from_rows
+
+
+def lower(program: Program, st: Statements) -> OpStream:
+    """A program's requests as operations; RunScript passes through to the backend, which calls the sandbox."""
+    answer: Any = None
+    while True:
+        try:
+            req = program.send(answer)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(req, decide.RunScript):
+            answer = yield req
+        else:
+            answer = yield from _ops(req, st)
+
+
+def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
+    if isinstance(req, LoadTree):
+        return tree_from_rows((yield Fetch(st.load_tree, {"key": req.key})), req.key)
+    if isinstance(req, LoadChain):
+        rows = yield Fetch(st.load_chain, {"node_id": req.node_id})
+        following = [st.node(r[1:]) for r in rows if r[0] == 1]
+        return Chain([st.node(r[1:]) for r in rows if r[0] == 0], following[0] if following else None)
+    if isinstance(req, decide.LoadChild):
+        (row,) = yield Fetch(st.load_child, {"parent_id": req.parent_id, "position": req.position})
+        return st.node(row)
+    if isinstance(req, decide.LoadChildren):
+        return [st.node(r) for r in (yield Fetch(st.load_children, {"parent_id": req.parent_id}))]
+    if isinstance(req, decide.LoadSubtree):
+        return [st.node(r) for r in (yield Fetch(st.load_subtree, {"node_id": req.node_id}))]
+    if isinstance(req, decide.BumpDone):
+        ((count,),) = yield Fetch(st.bump_done, {"parent_id": req.parent_id})
+        return count
+    if isinstance(req, decide.SetDone):
+        yield Exec(st.set_done, {"parent_id": req.parent_id, "value": req.value, "failed": req.failed,
+                                 "next_item": req.next_item})
+        return None
+    if isinstance(req, decide.BumpFailed):
+        ((failed,),) = yield Fetch(st.bump_failed, {"parent_id": req.parent_id})
+        return failed
+    if isinstance(req, decide.NextItem):
+        ((taken,),) = yield Fetch(st.next_item, {"parent_id": req.parent_id})
+        return taken - 1
+    if isinstance(req, Apply):
+        yield from _apply(req, st)
+        return None
+    if isinstance(req, FindRunByKey):
+        rows = yield Fetch(st.find_key, {"key": req.key})
+        return rows[0][0] if rows else None
+    if isinstance(req, FinishCalls):
+        if req.calls:
+            plan = Plan(now=datetime.now(UTC), events=[c.record for c in req.calls if c.record is not None])
+            yield from _apply(Apply(plan, finished=req.calls), st)
+        return None
+    if isinstance(req, RenewLease):
+        yield Exec(st.renew_lease, {"node_id": req.node_id, "attempt": req.attempt, "owner": req.owner,
+                                    "until": st.time_in(req.until)})
+        return None
+    if isinstance(req, Claim):
+        return (yield from _claim(req, st))
+    if isinstance(req, PendingCall):
+        rows = yield Fetch(st.pending_call, {"node_id": req.node_id, "attempt": req.attempt})
+        if not rows:
+            return None
+        times = [t for t in map(st.time_out, rows[0]) if t is not None]  # due_at, and lease_until when leased
+        return max(times)
+    if isinstance(req, Postpone):
+        yield Exec(st.postpone, {"node_id": req.node_id, "attempt": req.attempt, "kind": req.kind,
+                                 "due_at": st.time_in(req.due_at)})
+        return None
+    if isinstance(req, CountChild):
+        values = {"parent_id": req.parent_id, "position": req.position, "now": st.time_in(req.now),
+                  "owner": req.owner, "until": st.time_in(req.until)}
+        if st.count_children is not None:  # PostgreSQL: one statement (a batch merges several, see postgres.py)
+            rows = yield Fetch(st.count_children, {"parent_ids": [req.parent_id], "positions": [req.position],
+                                                   "now": values["now"], "owner": req.owner, "until": values["until"]})
+            return bool(rows)
+        if (yield Exec(st.drop_count, values)) != 1:
+            return False  # counted already
+        ((done, n_children, root_id),) = yield Fetch(st.bump_count, values)
+        if done != n_children:
+            return False
+        yield ExecMany(st.insert_work, [{"kind": "complete", "node_id": req.parent_id, "root_id": root_id,
+                                         "attempt": 0, "due_at": values["now"], "lease_owner": req.owner,
+                                         "lease_until": values["until"]}])
+        return True
+    raise TypeError(f"no SQL for request {req!r}")
+
+
+def _new_rows(plan: Plan, run: InsertRun | None, st: Statements,
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The run_nodes rows and run_counters rows of the nodes an event creates (a new run's, a map's items)."""
+    rows = []
+    for n in plan.created:
+        rows.append({"id": n.id, "root_id": n.root_id, "parent_id": n.parent_id, "position": n.position,
+                     "step_id": n.step.id, "step_name": n.step.name, "step_kind": n.step.kind,
+                     "step_version": n.step.version, "config": n.step.fields_text,
+                     "mapper": n.mapper, "n_children": n.n_children,
+                     "created_at": st.time_in(n.created_at), "snapshot": None, "idempotency_key": None,
+                     **st.state_values(n)})
+    if run is not None:
+        rows[0]["snapshot"] = run.snapshot
+        rows[0]["idempotency_key"] = run.idempotency_key
+    counters = [{"node_id": node_id, "done": c.done, "failed": c.failed, "next_item": c.next_item}
+                for node_id, c in plan.counters.items()]
+    return rows, counters
+
+
+def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
+    plan = req.plan
+    new_nodes, new_counters = _new_rows(plan, req.new_run, st) if plan.inserted else ([], [])
+    if new_nodes and st.write_all is None:
+        yield ExecMany(st.insert_node, new_nodes)
+        if new_counters:
+            yield ExecMany(st.insert_counter, new_counters)
+    # In id order, so that two events changing the same nodes lock them in the same order.
+    changed = sorted(plan.changed, key=lambda n: n.id)
+    node_rows = []
+    for node in changed:
+        values = st.state_values(node)
+        values["k_id"] = node.id
+        values["k_version"] = plan.loaded_versions[node.id]
+        node_rows.append(values)
+    if st.write_all is None:
+        for values in node_rows:
+            if (yield Exec(st.update_node, values)) != 1:
+                raise Conflict(values["k_id"])
+    drop = sorted(plan.drop_work_for)
+    beats = sorted(plan.drop_heartbeats_for - plan.drop_work_for)
+    # In node id order, like every other event's work rows: two transactions never wait on each other.
+    finished = [{"node_id": c.node_id, "attempt": c.attempt, "kind": c.kind}
+                for c in sorted(req.finished, key=lambda c: c.node_id) if c.node_id not in plan.drop_work_for]
+    lease = req.lease
+    work_rows = [st.work_values(w, lease.owner, lease.until)
+                 if lease is not None and (w.kind, w.node_id, w.attempt) in lease.keys
+                 else st.work_values(w) for w in plan.work]
+    event_rows = [st.event_values(e) for e in plan.events]
+    if st.write_all is not None:
+        # PostgreSQL: every change of the event in one statement, one round trip. The node UPDATE is what the
+        # statement's main query reads (it runs first, its rows locked in id order); the work and history
+        # changes run after it. A node changed meanwhile aborts the whole statement (SerializationError).
+        if node_rows or drop or beats or work_rows or event_rows or finished or new_nodes:
+            values = {"drop": drop, "beats": beats, "expected": len(node_rows)}
+            for group, rows in (("i_", new_nodes), ("c_", new_counters), ("n_", node_rows), ("w_", work_rows),
+                                ("e_", event_rows), ("f_", finished)):
+                if rows:
+                    for key, name in st.array_keys[group]:
+                        values[key] = [r[name] for r in rows]
+                else:  # most groups, most events: a new run's 23 columns are empty in every callback's write
+                    values.update(st.no_rows[group])
+            yield Fetch(st.write_all, values)
+        return
+    if drop:
+        yield ExecMany(st.drop_work, [{"node_id": i} for i in drop])
+    if beats:
+        yield ExecMany(st.drop_heartbeats, [{"node_id": i} for i in beats])
+    if work_rows:
+        yield ExecMany(st.insert_work, work_rows)
+    if event_rows:
+        yield ExecMany(st.insert_event, event_rows)
+    if finished:
+        yield ExecMany(st.finish_call, finished)
+
+
+def _claim(req: Claim, st: Statements) -> Generator[Op, Any, ClaimResult]:
+    until = req.now + timedelta(seconds=req.lease_s)
+    rows = yield Fetch(st.claim, {"now": st.time_in(req.now), "limit": req.limit, "owner": req.owner,
+                                  "until": st.time_in(until)})
+    nodes: dict[str, Node] = {}
+    calls = [node_id for kind, node_id, *_ in rows if kind == "dispatch"]
+    if calls and st.dialect == "postgresql":
+        nodes = {n.id: n for n in map(st.node, (yield Fetch(st.nodes_by_id, {"ids": calls})))}
+    else:
+        for node_id in calls:
+            nodes.update((n.id, n) for n in map(st.node, (yield Fetch(st.nodes_by_id, {"ids": node_id}))))
+    claimed = [ClaimedWork(Work(kind, node_id, root_id, attempt, st.time_out(due_at)),  # type: ignore[arg-type]
+                           nodes.get(node_id) if kind == "dispatch" else None)
+               for kind, node_id, root_id, attempt, due_at in rows]
+    if len(rows) == req.limit:
+        return ClaimResult(claimed)  # the worker claims again at once: when the next row is due can wait
+    ((due,),) = yield Fetch(st.next_due, {})
+    return ClaimResult(claimed, st.time_out(due))
