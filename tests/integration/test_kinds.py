@@ -169,7 +169,64 @@ async def test_a_signal_on_a_node_that_is_not_a_signal_wait_is_a_conflict(aetr: 
     assert status == 200
 
 
-async def test_an_api_step_limit_this_version_cannot_enforce_is_refused(aetr: Server,
-                                                                       steps_service: StepService) -> None:
-    status, body = await aetr.call("PUT", "/api/v1/steps/a", api(steps_service, "a", max_concurrency=5))
-    assert status == 422 and "max_concurrency on an api step is not supported yet" in body["detail"]
+async def test_an_api_step_max_concurrency_holds_across_runs_and_hands_slots_on_in_due_order(
+        aetr: Server, steps_service: StepService) -> None:
+    in_flight = 0
+    most = 0
+    order: list[int] = []
+
+    async def slow(body: Any) -> Any:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        order.append(body)
+        await asyncio.sleep(0.05)
+        in_flight -= 1
+        return {"done": body}
+
+    steps_service.route("/guarded", sync(slow))
+    await aetr.put_step(api(steps_service, "guarded", mode="sync", max_concurrency=3))
+    runs = [await aetr.start("guarded", i) for i in range(12)]
+    status, first = await aetr.call("GET", f"/api/v1/runs/{runs[-1]}")
+    assert status == 200 and first["state"] in ("pending", "executing", "complete")
+    ended = [await aetr.wait_run(run_id, timeout=30) for run_id in runs]
+    assert [r["output"] for r in ended] == [{"done": i} for i in range(12)]
+    assert most == 3
+
+    order.clear()
+    await aetr.put_step(api(steps_service, "guarded", mode="sync", max_concurrency=1))
+    runs = [await aetr.start("guarded", i) for i in range(6)]
+    ended = [await aetr.wait_run(run_id, timeout=30) for run_id in runs]
+    assert all(r["state"] == "complete" for r in ended)
+    assert order == list(range(6))  # one slot: each waiting attempt is called in the order it became due
+
+
+async def _until(condition: Any, what: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_a_slot_is_freed_by_a_cancel_and_by_a_failed_attempt(aetr: Server,
+                                                                   steps_service: StepService) -> None:
+    steps_service.route("/one", callback(lambda x: x, delay=30))
+    steps_service.route("/failing", fail("no", delay=0.2))
+    await aetr.put_step(api(steps_service, "one", max_concurrency=1, retry={"max_attempts": 1}))
+    holder = await aetr.start("one", 1)
+    await _until(lambda: len(steps_service.calls("/one")) == 1, "the first run was not called")
+    waiter = await aetr.start("one", 2)
+    status, body = await aetr.call("GET", f"/api/v1/runs/{waiter}")
+    assert status == 200 and body["state"] == "pending"  # waits for the one slot
+    status, _ = await aetr.call("POST", f"/api/v1/runs/{holder}/cancel")
+    assert status == 200
+    await _until(lambda: len(steps_service.calls("/one")) == 2, "the slot freed by a cancel was not handed on")
+    assert [c.json for c in steps_service.calls("/one")] == [1, 2]
+
+    await aetr.put_step(api(steps_service, "failing", max_concurrency=1, retry={"max_attempts": 1}))
+    first, second = await aetr.start("failing", 1), await aetr.start("failing", 2)
+    assert (await aetr.wait_run(first))["state"] == "error"
+    assert (await aetr.wait_run(second))["state"] == "error"  # called once the first attempt failed
+    assert [c.json for c in steps_service.calls("/failing")] == [1, 2]
+    status, _ = await aetr.call("POST", f"/api/v1/runs/{waiter}/cancel")
+    assert status == 200

@@ -245,3 +245,18 @@ def test_kinds_compose_under_a_parallel_parent() -> None:
     tree2 = par("p", wait_("w", seconds=0), choice_("c", ("big", api("a"))))
     ok = store.start(tree2, {"total": 1})
     assert store.nodes[ok].output == [{"total": 1}, {"total": 1}]
+
+
+def test_a_limited_map_whose_items_finish_as_they_start_runs_them_all_without_nesting_a_call_per_item() -> None:
+    store = MemoryStore(SCRIPTS)
+    root = store.start(map_("m", wait_("now", seconds=0), max_concurrency=2), list(range(3000)))
+    assert store.nodes[root].state == "complete"
+    assert store.nodes[root].output == list(range(3000))
+
+
+def test_a_long_sequence_of_children_that_finish_as_they_start_completes_without_nesting_a_call_per_child() -> None:
+    store = MemoryStore(SCRIPTS)
+    waits = store.start(seq("s", *[wait_(f"w{i}", seconds=0) for i in range(3000)]), {"k": 1})
+    assert store.nodes[waits].state == "complete" and store.nodes[waits].output == {"k": 1}
+    empty = store.start(seq("s", *[seq(f"e{i}") for i in range(3000)]), 2)
+    assert store.nodes[empty].state == "complete" and store.nodes[empty].output == 2

@@ -75,17 +75,9 @@ class ApiStepIn(StepBase):
     heartbeat_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
     retry: RetryIn = Field(default_factory=lambda: RetryIn())
     max_concurrency: int | None = Field(None, ge=1, le=1_000_000,
-                                        description="not supported yet: a step that sets it is refused")
-
-    @field_validator("max_concurrency")
-    @classmethod
-    def _not_yet(cls, value: int | None) -> int | None:
-        # Refused rather than stored and ignored: a limit that protects a service must hold when it is accepted.
-        if value is not None:
-            raise ValueError("max_concurrency on an api step is not supported yet: this version would not "
-                             "enforce it, so it refuses it; limit the items of a map with the map's own "
-                             "max_concurrency instead")
-        return value
+                                        description="attempts of this step in flight at most, across all runs "
+                                                    "and processes; more wait as pending, in the order they "
+                                                    "became due")
 
     @field_validator("url")
     @classmethod

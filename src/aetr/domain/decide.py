@@ -24,11 +24,13 @@ from aetr.domain.requests import (
     LoadChildren,
     LoadSubtree,
     NextItem,
+    Park,
     Request,
     RunScript,
     ScriptResult,
     SetDone,
     Step,
+    TakeSlot,
     Verdict,
 )
 from aetr.domain.runs import Plan
@@ -38,7 +40,8 @@ signalled = wait.signalled
 timer_fired = wait.timer_fired
 
 __all__ = ["ACCEPTED", "MAX_RETRY_AFTER_S", "BumpDone", "BumpFailed", "LoadChild", "LoadChildren", "LoadSubtree",
-           "NextItem", "Request", "RunScript", "ScriptResult", "SetDone", "Step", "Verdict", "attempt_failed",
+           "NextItem", "Park", "Request", "RunScript", "ScriptResult", "SetDone", "Step", "TakeSlot", "Verdict",
+           "attempt_failed",
            "builtin_reduce", "cancel_run", "children_done", "deadline_passed", "heartbeat", "redrive", "signalled",
            "start_run", "step_succeeded", "timer_fired"]
 

@@ -90,8 +90,11 @@ def ctx(plan: Plan, node: Node, index: int) -> dict[str, Any]:
 
 def start(plan: Plan, node: Node, value: Any) -> Step:
     """Start a node with its input, as its kind starts."""
-    node = plan.put(node, state="executing", input=value, started_at=plan.now, output=None, error=None)
     spec = node.step.spec
+    # A step with max_concurrency waits `pending` (its input recorded) until it holds one of its slots.
+    waits = isinstance(spec, kinds.ApiSpec) and spec.max_concurrency is not None
+    node = plan.put(node, state="pending" if waits else "executing", input=value, started_at=plan.now,
+                    output=None, error=None)
     match spec:
         case kinds.ApiSpec():
             yield from api.start(plan, node)

@@ -55,6 +55,23 @@ class NextItem:
 
 
 @dataclass(frozen=True)
+class TakeSlot:
+    """Request: hold one of a step's `limit` slots for an attempt (answer: True when one was free). The store
+    serialises the takers and releasers of one step, across processes."""
+
+    step_id: str
+    limit: int
+
+
+@dataclass(frozen=True)
+class Park:
+    """Request: set a queued attempt aside until a slot of its step frees (its row keeps its due time)."""
+
+    node_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
 class SetDone:
     """Request: set a parent's counters: finished children, failed items, next item to start (a redrive keeps
     the children that completed)."""
@@ -81,7 +98,8 @@ class ScriptResult:
     error: str | None = None
 
 
-Request = LoadChildren | LoadChild | LoadSubtree | BumpDone | BumpFailed | NextItem | SetDone | RunScript
+Request = (LoadChildren | LoadChild | LoadSubtree | BumpDone | BumpFailed | NextItem | SetDone | RunScript | TakeSlot
+           | Park)
 Step = Generator[Request, Any, None]
 
 

@@ -40,6 +40,7 @@ class Node:
     completed_at: datetime | None = None
     wait_until: datetime | None = None  # when a timed wait ends
     awaits_signal: bool = False  # a signal wait, waiting for its answer while executing
+    holds_slot: bool = False  # an api step with max_concurrency: its current attempt holds one of its slots
 
     @property
     def terminal(self) -> bool:
@@ -72,7 +73,7 @@ def evolve(node: Node, changes: dict[str, Any]) -> Node:
 class Work:
     """Something to do later, stored with the state change that implies it (the outbox)."""
 
-    kind: Literal["dispatch", "deadline", "heartbeat", "count", "complete", "timer"]
+    kind: Literal["dispatch", "deadline", "heartbeat", "count", "complete", "timer", "queued"]
     node_id: str  # a `count` row names the parent whose counter it bumps
     root_id: str
     attempt: int  # a `count` row holds the finished child's position: one row per child
@@ -133,6 +134,12 @@ class Plan:
     grown: set[str] = field(default_factory=set)
     new_id: Callable[[], str] | None = None  # where new node ids come from, when this event may create nodes
     max_nodes: int = DEFAULT_MAX_TREE_NODES  # a map may not create more nodes than this at once
+    # Steps one of whose slots this event frees (an attempt that held it ended): the next attempt waiting
+    # for one is woken in the same transaction. `forget`: work rows to delete, as (kind, node id, attempt).
+    released: list[str] = field(default_factory=list)
+    freed_slots: dict[str, int] = field(default_factory=dict)  # maps starting items in a loop: items to start
+    advancing: dict[str, Node | None] = field(default_factory=dict)  # sequences moving on in a loop: child ended
+    forget: list[tuple[str, str, int]] = field(default_factory=list)
 
     def absorb(self, rows: Iterable[Node], *, children_of: Iterable[str] = ()) -> None:
         """Add freshly read nodes; nodes this plan already changed keep the plan's version of them.
@@ -161,6 +168,11 @@ class Plan:
         changes["version"] = self.loaded_versions[node.id] + 1
         if old.awaits_signal and changes.get("state", "executing") != "executing":
             changes["awaits_signal"] = False  # answered, timed out or cancelled: it awaits nothing now
+        if old.holds_slot:
+            ended = changes.get("state", old.state) != "executing" or changes.get("attempt", old.attempt) != old.attempt
+            if ended or changes.get("holds_slot") is False:
+                changes["holds_slot"] = False  # the attempt that held it ended: the slot is free
+                self.released.append(old.step.id)
         new = evolve(old, changes)
         self.nodes[node.id] = new
         if new.state != old.state:

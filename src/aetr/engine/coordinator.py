@@ -36,6 +36,7 @@ from aetr.store.sql import (
     PendingCall,
     Postpone,
     Program,
+    WakeWaiting,
     single,
 )
 from aetr.store.store import ScriptAnswers, is_integrity_error
@@ -242,6 +243,10 @@ class Coordinator:
         return await self._event(node_id, lambda plan: decide.timer_fired(plan, node_id, attempt), None, attempt,
                                  FinishCall(node_id, attempt, "timer"))
 
+    async def offer_slot(self, node_id: str, attempt: int) -> decide.Verdict:
+        """A queued attempt of a step with max_concurrency came due: it takes a slot, or waits set aside."""
+        return await self._event(node_id, lambda plan: api.slot_offered(plan, node_id, attempt), None, attempt)
+
     async def signal(self, node_id: str, output: Any, error: str | None) -> decide.Verdict:
         """Someone answered a signal wait, with an output or an error."""
         return await self._event(node_id, lambda plan: decide.signalled(plan, node_id, output, error), "signal", 0)
@@ -361,8 +366,11 @@ class Coordinator:
         # The call's answer goes first in its history; its row goes last, after the nodes' rows are locked in
         # id order like every other event's (taking a work row's lock first could deadlock with them).
         plan.events[:0] = [c.record for c in answered if c.record is not None]
+        for step_id in plan.released:  # a slot was freed: the attempt waiting longest for one goes on
+            yield WakeWaiting(step_id)
+        forgotten = [FinishCall(node, attempt, kind) for kind, node, attempt in plan.forget]
         lease, calls = self._lease(plan)
-        yield Apply(plan, lease=lease, finished=answered)
+        yield Apply(plan, lease=lease, finished=[*answered, *forgotten])
         return Outcome(verdict, plan, calls)
 
     def _lease(self, plan: Plan) -> tuple[Lease | None, list[ClaimedWork]]:
@@ -387,6 +395,8 @@ class Coordinator:
                 self.sink.perform(out.calls)
             leased = {_key(c.work) for c in out.calls}
             later = [w.due_at for w in plan.work if _key(w) not in leased]
+            if plan.released:
+                later.append(plan.now)  # a waiting attempt was woken: claim it now
             if later:
                 self.sink.due(min(later))
         roots = {n.root_id for n in plan.changed}

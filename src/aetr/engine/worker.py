@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 import socket
 import uuid
+from collections.abc import Coroutine
 from datetime import datetime, timedelta
+from typing import Any
 
 from aetr.engine.coordinator import Coordinator, utcnow
 from aetr.engine.dispatcher import Dispatcher
@@ -46,6 +50,9 @@ class Worker:
         self._wake = asyncio.Event()
         self._wake_at: datetime | None = None  # when the sleeping claim loop looks again
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: list[tuple[datetime, int, ClaimedWork]] = []  # queued attempts, earliest due first
+        self._arrivals = itertools.count()  # ties on due_at keep their claim order
+        self._offering = False  # a task is offering slots to _waiting
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -79,9 +86,29 @@ class Worker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _spawn(self, item: ClaimedWork) -> None:
-        task = asyncio.create_task(self._perform(item))
+        self._spawn_task(self._perform(item))
+
+    def _spawn_task(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+
+    def _queue_for_slots(self, items: list[ClaimedWork]) -> None:
+        """Attempts waiting for a step's slot take them one after another, in the order they became due, whichever
+        claim brought them: one task offers them slots, earliest first."""
+        for item in items:
+            heapq.heappush(self._waiting, (item.work.due_at, next(self._arrivals), item))
+        if not self._offering:
+            self._offering = True
+            self._spawn_task(self._offer_in_order())
+
+    async def _offer_in_order(self) -> None:
+        try:
+            while self._waiting:
+                _, _, item = heapq.heappop(self._waiting)
+                await self._perform(item)
+        finally:
+            self._offering = False
 
     async def _take_over_the_dead(self) -> None:
         """Release the leases of this host's processes that are gone, so that their calls are made at once.
@@ -123,8 +150,12 @@ class Worker:
                 await asyncio.sleep(ERROR_BACKOFF_S)
                 continue
             OUTAGE.reached()
+            queued = [c for c in result.claimed if c.work.kind == "queued"]
+            if queued:
+                self._queue_for_slots(queued)
             for item in result.claimed:
-                self._spawn(item)
+                if item.work.kind != "queued":
+                    self._spawn(item)
             if result.claimed and len(result.claimed) == free:
                 continue  # there may be more due right now
             await self._sleep(False, result.next_due)
@@ -152,6 +183,8 @@ class Worker:
                     await self.coordinator.complete_parent(item.work.node_id)
             elif item.work.kind == "complete":  # a count whose process died before it completed the parent
                 await self.coordinator.complete_parent(item.work.node_id)
+            elif item.work.kind == "queued":
+                await self.coordinator.offer_slot(item.work.node_id, item.work.attempt)
             elif item.work.kind == "timer":
                 await self.coordinator.timer_fired(item.work.node_id, item.work.attempt)
             elif item.work.kind in ("deadline", "heartbeat"):

@@ -23,7 +23,7 @@ __all__ = ["NODE_COLUMNS", "STATE_COLUMNS", "RowCodec", "node_from_row"]
 NODE_COLUMNS = [c for c in run_nodes.c if c.name != "snapshot"]  # the snapshot is only read by GET /runs
 # The columns an event may change on a node (RowCodec.state_values).
 STATE_COLUMNS = ("state", "input", "output", "error", "attempt", "attempt_base", "version", "started_at",
-                 "completed_at", "n_children", "wait_until", "awaits_signal")
+                 "completed_at", "n_children", "wait_until", "awaits_signal", "holds_slot")
 
 
 class RowCodec:
@@ -48,7 +48,7 @@ class RowCodec:
         """A Node from a row of NODE_COLUMNS."""
         (id_, root_id, parent_id, position, step_id, step_name, step_kind, step_version, config, mapper,
          n_children, state, input_, output, error, attempt, attempt_base, version, created_at, started_at,
-         completed_at, _key, wait_until, awaits_signal) = row
+         completed_at, _key, wait_until, awaits_signal, holds_slot) = row
         time_out = self.time_out
         return node_of({"id": id_, "root_id": root_id, "parent_id": parent_id, "position": position,
                         "step": _step(step_name, step_kind, config, step_id, step_version), "mapper": mapper,
@@ -56,7 +56,8 @@ class RowCodec:
                         "input": _json_out(input_), "output": _json_out(output), "error": _json_out(error),
                         "attempt": attempt, "attempt_base": attempt_base, "version": version,
                         "started_at": time_out(started_at), "completed_at": time_out(completed_at),
-                        "wait_until": time_out(wait_until), "awaits_signal": bool(awaits_signal)})
+                        "wait_until": time_out(wait_until), "awaits_signal": bool(awaits_signal),
+                        "holds_slot": bool(holds_slot)})
 
     def state_values(self, node: Node) -> dict[str, Any]:
         """The columns an event may change on a node (STATE_COLUMNS), as driver values."""
@@ -64,7 +65,8 @@ class RowCodec:
                 "error": _json_in(node.error), "attempt": node.attempt, "attempt_base": node.attempt_base,
                 "version": node.version, "started_at": self.time_in(node.started_at),
                 "completed_at": self.time_in(node.completed_at), "n_children": node.n_children,
-                "wait_until": self.time_in(node.wait_until), "awaits_signal": node.awaits_signal}
+                "wait_until": self.time_in(node.wait_until), "awaits_signal": node.awaits_signal,
+                "holds_slot": node.holds_slot}
 
     def event_values(self, e: EventRecord) -> dict[str, Any]:
         """An events row."""
@@ -80,7 +82,7 @@ class RowCodec:
 assert [c.name for c in NODE_COLUMNS] == [
     "id", "root_id", "parent_id", "position", "step_id", "step_name", "step_kind", "step_version", "config",
     "mapper", "n_children", "state", "input", "output", "error", "attempt", "attempt_base", "version",
-    "created_at", "started_at", "completed_at", "idempotency_key", "wait_until", "awaits_signal",
+    "created_at", "started_at", "completed_at", "idempotency_key", "wait_until", "awaits_signal", "holds_slot",
 ], "RowCodec.node unpacks these"
 
 
@@ -94,6 +96,7 @@ def node_from_row(row: Mapping[Any, Any]) -> Node:
         state=row["state"], input=row["input"], output=row["output"], error=row["error"],
         attempt=row["attempt"], attempt_base=row["attempt_base"], version=row["version"], started_at=row["started_at"],
         completed_at=row["completed_at"], wait_until=row["wait_until"], awaits_signal=bool(row["awaits_signal"]),
+        holds_slot=bool(row["holds_slot"]),
     )
 
 

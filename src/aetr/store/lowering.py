@@ -32,9 +32,14 @@ from aetr.store.requests import (
     Postpone,
     Program,
     RenewLease,
+    WakeWaiting,
 )
 from aetr.store.statements import Statements
 from aetr.store.step_trees import tree_from_rows
+
+# Seconds a queued attempt stays set aside at most: a slot freed without waking it (its step's limit raised by
+# a new version, say) is found by then.
+PARK_S = 60.0
 
 
 def lower(program: Program, st: Statements) -> OpStream:
@@ -71,6 +76,20 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
     if isinstance(req, decide.SetDone):
         yield Exec(st.set_done, {"parent_id": req.parent_id, "value": req.value, "failed": req.failed,
                                  "next_item": req.next_item})
+        return None
+    if isinstance(req, decide.TakeSlot):
+        if st.slot_lock is not None:
+            yield Fetch(st.slot_lock, {"step_id": req.step_id})
+        ((held,),) = yield Fetch(st.count_slots, {"step_id": req.step_id})
+        return bool(held < req.limit)
+    if isinstance(req, decide.Park):
+        until = datetime.now(UTC) + timedelta(seconds=PARK_S)
+        yield Exec(st.park, {"node_id": req.node_id, "attempt": req.attempt, "until": st.time_in(until)})
+        return None
+    if isinstance(req, WakeWaiting):
+        if st.slot_lock is not None:
+            yield Fetch(st.slot_lock, {"step_id": req.step_id})
+        yield Exec(st.wake_waiting, {"step_id": req.step_id})
         return None
     if isinstance(req, decide.BumpFailed):
         ((failed,),) = yield Fetch(st.bump_failed, {"parent_id": req.parent_id})

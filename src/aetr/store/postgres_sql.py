@@ -25,11 +25,12 @@ _NODE_TYPES_PG = tuple({"id": "varchar", "root_id": "varchar", "parent_id": "var
                         "attempt_base": "integer", "version": "integer", "created_at": "timestamptz",
                         "started_at": "timestamptz", "completed_at": "timestamptz", "snapshot": "text",
                         "idempotency_key": "varchar", "wait_until": "timestamptz", "awaits_signal": "boolean",
+                        "holds_slot": "boolean",
                         }[c.name] for c in run_nodes.c)
 _STATE_TYPES_PG = {"k_id": "varchar", "k_version": "integer", "state": "varchar", "input": "text", "output": "text",
                    "error": "text", "attempt": "integer", "attempt_base": "integer", "version": "integer",
                    "started_at": "timestamptz", "completed_at": "timestamptz", "n_children": "integer",
-                   "wait_until": "timestamptz", "awaits_signal": "boolean"}
+                   "wait_until": "timestamptz", "awaits_signal": "boolean", "holds_slot": "boolean"}
 COUNTER_NAMES = ("node_id", "done", "failed", "next_item")
 _COUNTER_TYPES_PG = ("varchar", "integer", "integer", "integer")
 
@@ -127,6 +128,8 @@ class PostgresStatements(Statements):
                                   alone=True)
         self.load_chains = self.read(chains_stmt())
         self.write_all = Sql(_write_all_pg(), WRITE_ALL_NAMES, {}, alone=True)
+        # Takers and releasers of one step's slots, one at a time across processes, until their commits.
+        self.slot_lock = Sql("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", ("step_id",), {})
 
     def claimable(self, ids: Any) -> Any:
         return ids.with_for_update(skip_locked=True)  # two processes claiming at once skip each other's rows

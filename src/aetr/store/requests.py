@@ -113,6 +113,14 @@ class PendingCall:
 
 
 @dataclass(frozen=True)
+class WakeWaiting:
+    """Request: a slot of the step `step_id` was freed: the attempt that has waited for one longest (set aside by
+    Park) becomes claimable again."""
+
+    step_id: str
+
+
+@dataclass(frozen=True)
 class Postpone:
     """Request: move a work row to a later due time, and let go of its lease."""
 

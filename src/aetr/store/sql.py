@@ -22,10 +22,12 @@ from aetr.store.requests import (
     Postpone,
     Program,
     RenewLease,
+    WakeWaiting,
     single,
 )
 
 __all__ = ["Apply", "Chain", "Claim", "ClaimResult", "ClaimedWork", "Conflict", "CountChild", "Duplicate",
            "FindRunByKey", "FinishCall", "FinishCalls", "InsertRun", "Lease", "LoadChain", "LoadTree",
-           "NeedsScripts", "PendingCall", "Postpone", "Program", "RenewLease", "Unavailable", "is_outage_sqlstate",
+           "NeedsScripts", "PendingCall", "Postpone", "Program", "RenewLease", "Unavailable", "WakeWaiting",
+           "is_outage_sqlstate",
            "single"]

@@ -10,7 +10,20 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, ClassVar
 
-from sqlalchemy import and_, bindparam, delete, func, insert, literal_column, null, or_, select, union_all, update
+from sqlalchemy import (
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    null,
+    or_,
+    select,
+    true,
+    union_all,
+    update,
+)
 
 from aetr.store.codec import NODE_COLUMNS, STATE_COLUMNS, RowCodec
 from aetr.store.operations import DialectName, Sql, compile_sql
@@ -18,6 +31,7 @@ from aetr.store.step_trees import TREE_SQL
 from aetr.store.tables import events, run_counters, run_nodes, work
 from aetr.store.views import VIEW_COLUMNS
 
+PARKED = "aetr:waiting-for-a-slot"  # the lease owner of a queued attempt set aside until a slot frees
 WORK_RETURNED = (work.c.kind, work.c.node_id, work.c.root_id, work.c.attempt, work.c.due_at)
 
 
@@ -148,6 +162,20 @@ class Statements(RowCodec):
         self.postpone = alone(update(work).where(and_(
             work.c.node_id == p("node_id"), work.c.attempt == p("attempt"), work.c.kind == p("kind")))
             .values(due_at=p("due_at"), lease_owner=null(), lease_until=null()))
+        # Slots of a step with max_concurrency: taken and freed one step at a time (slot_lock, PostgreSQL);
+        # held by the nodes whose current attempt holds one (a partial index finds them).
+        self.slot_lock: Sql | None = None
+        self.count_slots = read(select(func.count()).select_from(run_nodes).where(and_(
+            run_nodes.c.step_id == p("step_id"), run_nodes.c.holds_slot == true())))
+        self.park = c(update(work).where(and_(
+            work.c.node_id == p("node_id"), work.c.attempt == p("attempt"), work.c.kind == literal_column("'queued'")))
+            .values(lease_owner=literal_column(f"'{PARKED}'"), lease_until=p("until")))
+        waiting = (select(work.c.id).join(run_nodes, run_nodes.c.id == work.c.node_id)
+                   .where(and_(work.c.kind == literal_column("'queued'"), work.c.lease_owner == literal_column(
+                       f"'{PARKED}'"), run_nodes.c.step_id == p("step_id")))
+                   .order_by(work.c.due_at).limit(1))
+        self.wake_waiting = c(update(work).where(work.c.id == waiting.scalar_subquery())
+                              .values(lease_owner=null(), lease_until=null()))
         # The nodes of the calls just claimed: one statement on PostgreSQL, one cheap lookup each on SQLite.
         self.nodes_by_id = read(select(*NODE_COLUMNS).where(self.ids_match()))
         # When the next row becomes claimable: the earliest unleased due time or lease end (both indexed).

@@ -107,7 +107,10 @@ run_nodes = Table(
     Column("idempotency_key", String(200), nullable=True, unique=True),  # root only
     Column("wait_until", UTCDateTime, nullable=True),  # a timed wait: when it ends
     Column("awaits_signal", Boolean, nullable=False, server_default=false()),  # a signal wait
+    Column("holds_slot", Boolean, nullable=False, server_default=false()),  # its attempt holds a step's slot
     Index("ix_run_nodes_root", "root_id"),
+    # The attempts holding a slot of a step with max_concurrency, counted when another wants one.
+    Index("ix_run_nodes_slots", "step_id", postgresql_where=text("holds_slot"), sqlite_where=text("holds_slot")),
     Index("ix_run_nodes_parent", "parent_id", "position"),
     # Runs newest first (GET /runs). Partial: an index that also began with parent_id was taken by PostgreSQL
     # for a node's next sibling, filtering every sibling by position (a 10,000-wide parent: 10,000 rows a step).

@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from aetr.domain import flow
-from aetr.domain.requests import ACCEPTED, Request, Step, Verdict
+from aetr.domain.requests import ACCEPTED, Park, Request, Step, TakeSlot, Verdict
 from aetr.domain.runs import Work
 
 if TYPE_CHECKING:
@@ -76,8 +76,17 @@ def spec_of(node: Node) -> ApiSpec:
 # ---- how it runs --------------------------------------------------------------------------------------
 
 
+NO_SLOT = "every slot of the step is taken"
+
+
+def waits_for_slots(node: Node) -> bool:
+    """Whether the node's attempts take one of its step's slots (max_concurrency) before their call."""
+    return spec_of(node).max_concurrency is not None
+
+
 def start(plan: Plan, node: Node) -> Step:
-    """Queue the first attempt's call."""
+    """Queue the first attempt's call (a limited step's attempt queues for a slot first, behind those that
+    became due before it)."""
     node = plan.put(node, attempt=node.attempt + 1)
     arm(plan, node, 0.0)
     return
@@ -92,11 +101,30 @@ def resume(plan: Plan, node: Node) -> Step:
     yield
 
 
+def slot_offered(plan: Plan, node_id: str, attempt: int) -> Generator[Request, Any, Verdict]:
+    """A queued attempt of a limited step came due: it takes a slot and is called, or waits, set aside, until
+    an attempt holding one ends."""
+    node = plan.nodes[node_id]
+    if node.state not in ("pending", "executing") or node.attempt != attempt or node.holds_slot:
+        plan.forget.append(("queued", node_id, attempt))
+        return Verdict("refused", "the attempt no longer waits for a slot")
+    if not (yield TakeSlot(node.step.id, spec_of(node).max_concurrency or 1)):
+        yield Park(node_id, attempt)
+        return Verdict("refused", NO_SLOT)
+    node = plan.put(node, state="executing", holds_slot=True)
+    arm(plan, node, 0.0)
+    return ACCEPTED
+
+
 def arm(plan: Plan, node: Node, delay_s: float) -> None:
     """Queue the call of the node's current attempt, its deadline, and its first heartbeat deadline."""
     spec = spec_of(node)
     at = plan.now + timedelta(seconds=delay_s)
     plan.drop_work_for.add(node.id)
+    if spec.max_concurrency is not None and not node.holds_slot:
+        # Queued until a slot is free; its deadline counts from the call, armed when it takes one.
+        plan.work.append(Work("queued", node.id, node.root_id, node.attempt, at))
+        return
     plan.work.append(Work("dispatch", node.id, node.root_id, node.attempt, at))
     plan.work.append(Work("deadline", node.id, node.root_id, node.attempt, at + timedelta(seconds=spec.timeout_s)))
     if spec.heartbeat_s is not None:

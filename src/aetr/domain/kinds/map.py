@@ -105,7 +105,10 @@ def child_ended(plan: Plan, parent: Node, child: Node) -> Step:
     """An item finished (or failed within what is tolerated): the next one takes its slot; the last to finish
     reduces every output."""
     if spec_of(parent).max_concurrency is not None:
-        yield from start_next(plan, parent)
+        if parent.id in plan.freed_slots:  # start_next is looping for this map: it starts one more
+            plan.freed_slots[parent.id] += 1
+        else:
+            yield from start_next(plan, parent)
     if plan.nodes[parent.id].state != "executing":
         return
     if (yield from flow.count_finished(plan, parent, child)):
@@ -113,7 +116,18 @@ def child_ended(plan: Plan, parent: Node, child: Node) -> Step:
 
 
 def start_next(plan: Plan, parent: Node) -> Step:
-    """Start the first item still waiting for a slot, in item order, if any."""
+    """Start the first item still waiting for a slot, in item order, if any; and one more for each item that
+    finishes as it starts (a loop, not a recursion: a thousand such items must not nest a thousand calls)."""
+    plan.freed_slots[parent.id] = 1
+    try:
+        while plan.freed_slots[parent.id] > 0 and plan.nodes[parent.id].state == "executing":
+            plan.freed_slots[parent.id] -= 1
+            yield from _start_one(plan, plan.nodes[parent.id])
+    finally:
+        del plan.freed_slots[parent.id]
+
+
+def _start_one(plan: Plan, parent: Node) -> Step:
     while True:
         position: int = yield from flow.next_item(plan, parent)
         if position >= parent.n_children:

@@ -39,7 +39,26 @@ def start(plan: Plan, node: Node) -> Step:
 
 
 def child_ended(plan: Plan, parent: Node, child: Node) -> Step:
-    """The next child gets this one's output; the last one's output is the parent's."""
+    """The next child gets this one's output; the last one's output is the parent's.
+
+    Children that finish as they start (empty parents, waits of no time) are advanced over in a loop, not by
+    recursion: a sequence of thousands of them must not nest a call per child.
+    """
+    if parent.id in plan.advancing:  # the loop below runs for this parent: it takes the child on
+        plan.advancing[parent.id] = child
+        return
+    plan.advancing[parent.id] = child
+    try:
+        while (ended := plan.advancing[parent.id]) is not None:
+            plan.advancing[parent.id] = None
+            yield from _advance(plan, plan.nodes[parent.id], ended)
+    finally:
+        del plan.advancing[parent.id]
+
+
+def _advance(plan: Plan, parent: Node, child: Node) -> Step:
+    if parent.state != "executing":
+        return
     if child.position + 1 >= parent.n_children:
         yield from flow.complete(plan, parent, child.output)
         return

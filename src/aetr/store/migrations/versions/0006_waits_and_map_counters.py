@@ -1,4 +1,5 @@
-"""Waits and maps: when a node's wait ends, whether it awaits a signal, and a map's failed and started items.
+"""Waits, maps and step slots: when a node's wait ends, whether it awaits a signal, whether its attempt holds
+a slot of its step (max_concurrency), and a map's failed and started items.
 
 `run_nodes.wait_until` and `run_nodes.awaits_signal` are shown on a wait's node. A map counts its failed
 items (`tolerated_failures`) and the next item it may start (`max_concurrency`) next to its finished
@@ -26,6 +27,9 @@ def upgrade() -> None:
     with op.batch_alter_table("run_nodes") as batch:
         batch.add_column(sa.Column("wait_until", UTCDateTime, nullable=True))
         batch.add_column(sa.Column("awaits_signal", sa.Boolean(), nullable=False, server_default=sa.false()))
+        batch.add_column(sa.Column("holds_slot", sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.create_index("ix_run_nodes_slots", "run_nodes", ["step_id"], postgresql_where=sa.text("holds_slot"),
+                    sqlite_where=sa.text("holds_slot"))
     with op.batch_alter_table("run_counters") as batch:
         batch.add_column(sa.Column("failed", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("next_item", sa.Integer(), nullable=False, server_default="0"))
@@ -35,6 +39,8 @@ def downgrade() -> None:
     with op.batch_alter_table("run_counters") as batch:
         batch.drop_column("next_item")
         batch.drop_column("failed")
+    op.drop_index("ix_run_nodes_slots", table_name="run_nodes")
     with op.batch_alter_table("run_nodes") as batch:
+        batch.drop_column("holds_slot")
         batch.drop_column("awaits_signal")
         batch.drop_column("wait_until")
