@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from dataclasses import dataclass
 from types import TracebackType
@@ -23,7 +24,9 @@ __all__ = [
 ]
 
 DEFAULT_URL: Final = "http://127.0.0.1:9999"
-TERMINAL_STATES: Final = frozenset({"complete", "error", "cancelled"})
+# A node's states that never change again. A run's root is never `skipped` (only the children of a choice that
+# were not chosen are), so `wait_run` ends on the first three alone; `skipped` is here for callers that walk nodes.
+TERMINAL_STATES: Final = frozenset({"complete", "error", "cancelled", "skipped"})
 MAX_WAIT_S: Final = 60.0  # seconds; the server's cap on `?wait=`
 REQUEST_TIMEOUT_S: Final = 30.0  # seconds; for requests that do not long-poll
 # A server that ignores `?wait=` must not turn `wait_run` into a busy loop.
@@ -46,6 +49,15 @@ class AetrConnectionError(AetrError):
     def __init__(self, base_url: str, detail: str) -> None:
         super().__init__(0, detail)
         self.base_url = base_url
+
+
+class _Unset(enum.Enum):
+    """Marks an argument not given where None is a value that can be given (a signal's `output: null`)."""
+
+    UNSET = enum.auto()
+
+
+UNSET: Final = _Unset.UNSET
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,4 +269,21 @@ class Client:
     async def retry_run(self, id: str) -> dict[str, Any]:
         """Run the failed and cancelled nodes of a run in `error` or `cancelled` again."""
         _, run = await self._request("POST", f"/runs/{_segment(id)}/retry")
+        return cast(dict[str, Any], run)
+
+    async def signal(
+        self, run_id: str, node_id: str, *, output: Any = UNSET, error: str | None = None
+    ) -> dict[str, Any]:
+        """Answer a signal wait, and return the run tree: with `output` (any JSON, None too) the wait completes
+        with it; with `error` (a message) it fails, error kind `signal`. Give exactly one of the two.
+
+        The server answers 404 for a node that is not in the run, 409 for a node that is not a wait awaiting
+        its signal (already answered, timed out, cancelled, or another kind of step)."""
+        if (output is UNSET) == (error is None):
+            raise ValueError("give exactly one of `output` (the wait completes with it) or `error` (it fails)")
+        if error is not None and not error:
+            raise ValueError("`error` must be a non-empty message")
+        body = {"output": output} if error is None else {"error": error}
+        path = f"/runs/{_segment(run_id)}/nodes/{_segment(node_id)}/signal"
+        _, run = await self._request("POST", path, body=body)
         return cast(dict[str, Any], run)

@@ -1,13 +1,19 @@
-"""`aetr run --wait` against the real server: how a user learns that a run failed, and why."""
+"""`aetr run --wait` and `aetr runs signal` against the real server: how a user learns that a run failed, and why,
+and how a person answers a run that waits for them."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
+from typing import Any
 
 import aiohttp
+import orjson
 
-from aetr.testing import StepService, status
-from tests.e2e.harness import AetrServer, Api, cli
+from aetr.client import Client
+from aetr.testing import StepService, status, sync
+from tests.e2e.harness import AetrServer, Api, cli, nodes_by_name
 
 
 async def test_run_wait_exits_1_and_prints_the_failing_step_and_its_answer_to_stderr(
@@ -32,3 +38,76 @@ async def test_run_wait_exits_1_and_prints_the_failing_step_and_its_answer_to_st
         assert [c.json for c in svc.calls("/reject")] == [{"title": "widget"}]
         run = await api.run(run_id)
         assert run["state"] == "error" and run["error"]["kind"] == "http" and run["error"]["step"] == "reject", run
+
+
+async def awaiting_signal(api: Api, run_id: str, name: str, timeout: float = 10.0) -> dict[str, Any]:  # noqa: ASYNC109
+    """The node of step `name` once it awaits its signal."""
+    deadline = time.monotonic() + timeout
+    while True:
+        node = nodes_by_name(await api.run(run_id)).get(name)
+        if node is not None and node["awaits_signal"]:
+            return node
+        assert time.monotonic() < deadline, f"{name} of run {run_id} does not await a signal: {node}"
+        await asyncio.sleep(0.05)
+
+
+async def put_approval(api: Api, svc: StepService) -> None:
+    """`approval`: a signal wait, then an api step that gets the signal's output as its input."""
+    svc.route("/record", sync(lambda answer: {"recorded": answer}))
+    await api.put_step({"name": "approval", "kind": "sequential", "children": [
+        {"step": {"name": "approve", "kind": "wait", "signal": True, "timeout_s": 60}},
+        {"step": {"name": "record", "kind": "api", "url": svc.url("/record"), "mode": "sync"}}]})
+
+
+async def test_runs_signal_completes_the_wait_and_the_run_goes_on_with_its_output(
+        aetr: AetrServer, http: aiohttp.ClientSession) -> None:
+    async with StepService() as svc:
+        api = Api(http, aetr.url)
+        await put_approval(api, svc)
+        run_id = await api.start_run("approval", {"order": 7})
+        wait = await awaiting_signal(api, run_id, "approve")
+
+        shown = await cli("--url", aetr.url, "runs", "show", run_id)
+        assert shown.code == 0, shown
+        assert f"awaiting signal node {wait['id']}" in " ".join(shown.stdout.split()), shown
+
+        signalled = await cli("--url", aetr.url, "runs", "signal", run_id, wait["id"],
+                              "--output", '{"approved": true}')
+        assert signalled.code == 0, signalled
+        assert re.search(r"approve\s+wait\s+complete", signalled.stdout), signalled
+
+        run = await api.wait_run(run_id)
+        assert run["state"] == "complete", run
+        assert run["output"] == {"recorded": {"approved": True}}, run
+        assert [c.json for c in svc.calls("/record")] == [{"approved": True}]
+
+        again = await cli("--url", aetr.url, "runs", "signal", run_id, wait["id"], "--output", "1")
+        assert again.code == 2, again
+        assert again.stderr.startswith(f"error: cannot signal node '{wait['id']}': "), again
+        assert "(HTTP 409)" in again.stderr, again
+
+
+async def test_runs_signal_error_fails_the_run_and_the_client_sends_a_null_output(
+        aetr: AetrServer, http: aiohttp.ClientSession) -> None:
+    async with StepService() as svc:
+        api = Api(http, aetr.url)
+        await put_approval(api, svc)
+        refused, approved = await api.start_run("approval", {}), await api.start_run("approval", {})
+
+        wait = await awaiting_signal(api, refused, "approve")
+        failed = await cli("--url", aetr.url, "runs", "signal", refused, wait["id"], "--error", "over budget",
+                           "--json")
+        assert failed.code == 0, failed
+        tree = nodes_by_name(orjson.loads(failed.stdout))
+        assert tree["approve"]["state"] == "error", failed
+        run = await api.wait_run(refused)
+        assert run["state"] == "error", run
+        assert run["error"]["kind"] == "signal" and run["error"]["message"] == "over budget", run
+        assert svc.calls("/record") == []
+
+        wait = await awaiting_signal(api, approved, "approve")
+        async with Client(aetr.url) as client:
+            answered = await client.signal(approved, wait["id"], output=None)
+        assert nodes_by_name(answered)["approve"]["state"] == "complete", answered
+        run = await api.wait_run(approved)
+        assert run["state"] == "complete" and run["output"] == {"recorded": None}, run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import sys
@@ -11,9 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
+from rich.tree import Tree
 from typer.testing import CliRunner, Result
 
+from aetr.cli import render
 from aetr.cli.main import StepFileError, app, load_step_definitions, parse_step_definitions
+from aetr.client import Client
 
 # No AETR_* from the developer's shell may leak into what these tests see.
 runner = CliRunner(env={"AETR_URL": None, "AETR_API_TOKEN": None, "AETR_DATABASE_URL": None})
@@ -157,6 +162,73 @@ def test_run_timeout_must_not_be_negative() -> None:
     assert "--timeout" in result.output
 
 
+# `aetr runs signal` arguments
+
+RUN_ID = "6f1c7f55-0000-4000-8000-000000000000"
+NODE_ID = "6f1c7f55-0000-4000-8000-000000000001"
+
+
+def test_signal_without_an_answer_says_which_options_give_one(closed_url: str) -> None:
+    result = invoke("--url", closed_url, "runs", "signal", RUN_ID, NODE_ID)
+    assert_clean_exit(result, 2)
+    assert result.stderr.startswith("error: give one of --output, --output-file or --error:")
+    assert "cannot reach" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--output", "{}", "--error", "no"], "--output and --error"),
+        (["--output", "{}", "--output-file", "x.json"], "--output and --output-file"),
+        (["--output-file", "x.json", "--error", "no"], "--output-file and --error"),
+    ],
+)
+def test_signal_with_two_answers_is_refused_before_contacting_the_server(
+        closed_url: str, args: list[str], named: str) -> None:
+    result = invoke("--url", closed_url, "runs", "signal", RUN_ID, NODE_ID, *args)
+    assert_clean_exit(result, 2)
+    assert result.stderr == f"error: give only one of --output, --output-file or --error, not {named}\n"
+
+
+def test_signal_output_that_is_not_json_exits_2_with_an_example(closed_url: str) -> None:
+    result = invoke("--url", closed_url, "runs", "signal", RUN_ID, NODE_ID, "--output", "{approved: true}")
+    assert_clean_exit(result, 2)
+    assert result.stderr.startswith("error: --output is not valid JSON (")
+    assert """e.g. --output '{"approved": true}'""" in result.stderr
+    assert "cannot reach" not in result.stderr
+
+
+def test_signal_output_file_that_is_not_json_or_missing_names_the_file(tmp_path: Path, closed_url: str) -> None:
+    bad = tmp_path / "answer.json"
+    bad.write_text("yes")
+    result = invoke("--url", closed_url, "runs", "signal", RUN_ID, NODE_ID, "--output-file", str(bad))
+    assert_clean_exit(result, 2)
+    assert f"error: --output-file {bad} is not valid JSON" in result.stderr
+    missing = invoke("--url", closed_url, "runs", "signal", RUN_ID, NODE_ID, "--output-file", str(tmp_path / "no"))
+    assert_clean_exit(missing, 2)
+    assert f"cannot read --output-file {tmp_path / 'no'}: No such file or directory" in missing.stderr
+
+
+def test_signal_output_null_and_stdin_are_answers(closed_url: str) -> None:
+    # Parsing succeeded when the command gets as far as the server.
+    for args, stdin in ((["--output", "null"], None), (["--output-file", "-"], '{"approved": false}')):
+        result = invoke("--url", closed_url, "runs", "signal", RUN_ID, NODE_ID, *args, input=stdin)
+        assert_clean_exit(result, 2)
+        assert result.stderr == FRIENDLY.format(url=closed_url)
+
+
+def test_signal_error_needs_a_message(closed_url: str) -> None:
+    result = invoke("--url", closed_url, "runs", "signal", RUN_ID, NODE_ID, "--error", " ")
+    assert_clean_exit(result, 2)
+    assert "error: --error needs a message" in result.stderr
+
+
+@pytest.mark.parametrize("answer", [{}, {"output": 1, "error": "no"}, {"error": ""}])
+async def test_the_client_signal_takes_exactly_one_answer(answer: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"exactly one of `output`|non-empty message"):
+        await Client().signal(RUN_ID, NODE_ID, **answer)
+
+
 # A server that is not there
 
 
@@ -176,6 +248,10 @@ FRIENDLY = "error: cannot reach AETR at {url} — is `aetr serve` running?\n"
         ["runs", "retry", "6f1c7f55-0000-4000-8000-000000000000"],
         ["run", "ingest", "--input", '{"source": "acme"}'],
         ["run", "ingest", "--wait", "--timeout", "5"],
+        ["runs", "signal", "6f1c7f55-0000-4000-8000-000000000000", "6f1c7f55-0000-4000-8000-000000000001",
+         "--output", '{"approved": true}'],
+        ["runs", "signal", "6f1c7f55-0000-4000-8000-000000000000", "6f1c7f55-0000-4000-8000-000000000001",
+         "--error", "rejected"],
     ],
 )
 def test_an_unreachable_server_gives_one_friendly_line_and_exit_2(closed_url: str, args: list[str]) -> None:
@@ -239,3 +315,124 @@ def test_migrate_passes_the_option_or_none(monkeypatch: pytest.MonkeyPatch) -> N
     assert_clean_exit(invoke("migrate", "--database-url", "sqlite:///x.db"), 0)
     assert_clean_exit(invoke("migrate"), 0)
     assert [c["args"] for c in calls] == [("sqlite:///x.db",), (None,)]
+
+
+# Rendering the new kinds: step trees and run trees
+
+
+def text_of(tree: Tree) -> str:
+    """What a terminal shows of a tree, without colours, on a line wide enough for any label."""
+    console = Console(file=io.StringIO(), width=300, color_system=None, record=True)
+    console.print(tree)
+    return console.export_text()
+
+
+def run_node(name: str, kind: str, state: str, position: int = 0, **fields: Any) -> dict[str, Any]:
+    return {"id": f"node-{name}-{position}", "root_id": "run-1", "position": position,
+            "step": {"name": name, "kind": kind}, "state": state, "attempt": 1, "error": None,
+            "wait_until": None, "awaits_signal": False, "children": [], **fields}
+
+
+def test_a_map_step_shows_items_limits_reducer_and_its_one_child_with_its_mapper() -> None:
+    step = {"name": "prices", "kind": "map", "version": 2, "items": "(input) => input.skus", "max_concurrency": 10,
+            "tolerated_failures": "10%", "reducer": "merge",
+            "child": {"mapper": "(item, ctx) => ({sku: item})",
+                      "step": {"name": "price", "kind": "api", "version": 1, "url": "http://x/price"}}}
+    lines = text_of(render.step_tree(step)).splitlines()
+    assert lines[0] == ("prices  map  v2  items (input) => input.skus  max_concurrency 10  tolerated_failures 10%  "
+                        "reducer merge")
+    assert lines[1] == "└── price  api  v1  POST http://x/price (callback)  mapper (item, ctx) => ({sku: item})"
+    assert len(lines) == 2
+
+
+def test_a_map_without_items_maps_its_input() -> None:
+    step = {"name": "m", "kind": "map", "items": None, "max_concurrency": None, "tolerated_failures": 0,
+            "reducer": "array", "child": {"mapper": None, "step": {"name": "c", "kind": "sequential"}}}
+    first = text_of(render.step_tree(step)).splitlines()[0]
+    assert first == "m  map  items = input  tolerated_failures 0  reducer array"
+
+
+def test_a_choice_shows_each_childs_condition_and_the_default() -> None:
+    step = {"name": "route", "kind": "choice", "children": [
+        {"mapper": None, "when": "(input) => input.total > 100", "step": {"name": "big", "kind": "sequential"}},
+        {"mapper": "(input) => input.id", "when": None, "step": "small"}]}
+    lines = text_of(render.step_tree(step)).splitlines()
+    assert lines[1] == "├── big  sequential  when (input) => input.total > 100"
+    assert lines[2] == "└── small  ?  mapper (input) => input.id  otherwise"
+
+
+@pytest.mark.parametrize(
+    ("fields", "shown"),
+    [
+        ({"seconds": 30}, "pause  wait  v1  30s"),
+        ({"seconds": 0.5}, "pause  wait  v1  0.5s"),
+        ({"until": "(input) => input.at"}, "pause  wait  v1  until (input) => input.at"),
+        ({"signal": True, "timeout_s": 86400}, "pause  wait  v1  signal, timeout 86400s"),
+    ],
+)
+def test_a_wait_shows_how_long_it_waits(fields: dict[str, Any], shown: str) -> None:
+    tree = render.step_tree({"name": "pause", "kind": "wait", "version": 1, **fields})
+    assert text_of(tree).strip() == shown
+
+
+def test_an_api_step_shows_max_concurrency_only_when_set() -> None:
+    step = {"name": "a", "kind": "api", "url": "http://x/a", "mode": "sync"}
+    assert text_of(render.step_tree(step)).strip() == "a  api  POST http://x/a (sync)"
+    limited = text_of(render.step_tree({**step, "max_concurrency": 4})).strip()
+    assert limited == "a  api  POST http://x/a (sync)  max_concurrency 4"
+
+
+def test_a_skipped_node_is_dimmed_whole_and_its_state_named() -> None:
+    run = run_node("route", "choice", "complete", children=[
+        run_node("big", "sequential", "complete", 0), run_node("small", "sequential", "skipped", 1)])
+    tree = render.run_tree(run)
+    chosen, skipped = (str(child.label) for child in tree.children)
+    assert not chosen.startswith("[dim]")
+    assert skipped.startswith("[dim]") and skipped.endswith("[/dim]")
+    assert render.state("skipped") in skipped
+    assert "small  sequential  skipped" in text_of(tree)
+
+
+def test_a_wait_shows_when_it_ends_or_that_it_awaits_a_signal_with_the_node_id() -> None:
+    run = run_node("flow", "sequential", "executing", children=[
+        run_node("pause", "wait", "executing", 0, wait_until="2026-12-04T10:00:00+00:00"),
+        run_node("approve", "wait", "executing", 1, awaits_signal=True),
+        run_node("done", "wait", "complete", 2, wait_until="2026-12-01T10:00:00+00:00")])
+    lines = text_of(render.run_tree(run)).splitlines()
+    assert lines[1].endswith("waits until 2026-12-04 10:00:00 UTC"), lines
+    assert lines[2].endswith("awaiting signal node node-approve-1"), lines
+    assert "until" not in lines[3], lines  # a finished wait waits for nothing
+
+
+def test_a_small_map_counts_its_items_by_state_and_shows_them_all() -> None:
+    states = ["complete", "error", "complete", "pending", "executing", "complete"]
+    items = [run_node("price", "api", s, i) for i, s in enumerate(states)]
+    lines = text_of(render.run_tree(run_node("prices", "map", "executing", children=items))).splitlines()
+    assert lines[0].endswith("3 complete · 1 error · 1 executing · 1 pending"), lines
+    assert len(lines) == 1 + len(states)
+    assert lines[2].startswith("├── item 1  price  api  error")
+
+
+def test_a_big_map_shows_its_first_failed_items_and_one_line_for_the_rest() -> None:
+    items = [run_node("price", "api", "complete", i) for i in range(3)]
+    items += [run_node("price", "api", "error", i + 3, error={"message": f"HTTP 500 for item {i + 3}"})
+              for i in range(7)]
+    items += [run_node("price", "api", "pending", i) for i in range(10, 10_000)]
+    lines = text_of(render.run_tree(run_node("prices", "map", "executing", children=items))).splitlines()
+    assert lines[0].endswith("3 complete · 7 error · 9990 pending"), lines[0]
+    assert len(lines) == 1 + render.MAP_FAILURES_SHOWN + 1
+    assert lines[1].startswith("├── item 3  price  api  error") and lines[1].endswith("— HTTP 500 for item 3")
+    assert lines[5].startswith("├── item 7  price  api  error")
+    assert lines[6] == ("└── … 9995 of 10000 items not shown, only the first 5 failed; "
+                        "all: aetr runs show run-1 --json")
+
+
+def test_a_big_map_without_failures_shows_only_its_counts_and_the_summary() -> None:
+    items = [run_node("price", "api", "complete", i) for i in range(21)]
+    lines = text_of(render.run_tree(run_node("prices", "map", "complete", children=items))).splitlines()
+    assert lines[0].endswith("21 complete")
+    assert lines[1:] == ["└── … 21 of 21 items not shown; all: aetr runs show run-1 --json"]
+
+
+def test_a_map_without_items_says_so() -> None:
+    assert "no items" in text_of(render.run_tree(run_node("prices", "map", "complete")))

@@ -42,7 +42,7 @@ app = typer.Typer(
     # Locals may hold the API token: never print them.
     pretty_exceptions_show_locals=False,
 )
-runs_app = typer.Typer(help="Inspect, cancel and retry runs.", no_args_is_help=True)
+runs_app = typer.Typer(help="Inspect, cancel and retry runs, and answer their signal waits.", no_args_is_help=True)
 steps_app = typer.Typer(help="List, show and delete steps.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(steps_app, name="steps")
@@ -329,24 +329,33 @@ def steps_delete(ctx: typer.Context, name: Annotated[str, typer.Argument(help="S
 # Commands: runs
 
 
+def _read_file(option: str, path: str) -> str:
+    """The text of the file an option names; '-' is standard input."""
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read {option} {path}: {exc.strerror if isinstance(exc, OSError) else exc}")
+
+
+def _parse_json(text: str, origin: str, example: str) -> Any:
+    """`text` as JSON, or a usage error naming where it came from and how it should look."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        _fail(f"{origin} is not valid JSON ({exc}); e.g. {example}")
+
+
 def _run_input(input: str | None, input_file: str | None) -> Any:
     """The run input from --input or --input-file (JSON); `{}` when neither is given."""
     if input is not None and input_file is not None:
         _fail("give --input or --input-file, not both")
     if input_file is not None:
-        try:
-            text = sys.stdin.read() if input_file == "-" else Path(input_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            _fail(f"cannot read --input-file {input_file}: {exc.strerror if isinstance(exc, OSError) else exc}")
-        origin = f"--input-file {input_file}"
+        text, origin = _read_file("--input-file", input_file), f"--input-file {input_file}"
     elif input is not None:
         text, origin = input, "--input"
     else:
         return {}
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        _fail(f'{origin} is not valid JSON ({exc}); e.g. --input \'{{"source": "acme"}}\'')
+    return _parse_json(text, origin, """--input '{"source": "acme"}'""")
 
 
 def _run_failure(run: dict[str, Any]) -> str:
@@ -438,7 +447,11 @@ def runs_show(
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
 ) -> None:
     """Show a run tree: each node's step, kind, state, attempt and duration."""
-    found = _api(ctx, lambda client: client.get_run(run_id))
+    _print_run(_api(ctx, lambda client: client.get_run(run_id)), as_json)
+
+
+def _print_run(found: dict[str, Any], as_json: bool) -> None:
+    """A run tree as `runs show` prints it: the tree, then its output or how it failed; or the raw JSON."""
     if as_json:
         _print_json(found)
         return
@@ -477,3 +490,48 @@ def runs_retry(ctx: typer.Context, run_id: Annotated[str, typer.Argument(metavar
     """Run the failed and cancelled nodes of a run again (complete nodes are kept)."""
     found = _api(ctx, lambda client: client.retry_run(run_id))
     out.print(f"run {escape(run_id)}: {render.state(found.get('state'))}")
+
+
+SIGNAL_ANSWERS: Final = "--output, --output-file or --error"
+
+
+@runs_app.command("signal")
+def runs_signal(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(metavar="RUN", help="Run id.")],
+    node_id: Annotated[
+        str, typer.Argument(metavar="NODE", help="Id of the wait's node (`runs show` prints it while it waits).")
+    ],
+    output: Annotated[
+        str | None,
+        typer.Option(help='Complete the wait with this output (JSON), e.g. \'{"approved": true}\'.',
+                     show_default=False),
+    ] = None,
+    output_file: Annotated[
+        str | None, typer.Option(help="Complete the wait with the output (JSON) in a file; '-' = stdin.",
+                                 show_default=False)
+    ] = None,
+    error: Annotated[
+        str | None, typer.Option(help="Fail the wait with this message (error kind signal).", show_default=False)
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON of the run.")] = False,
+) -> None:
+    """Answer a signal wait: complete it with an output, or fail it; then show the run tree."""
+    given = [name for name, value in (("--output", output), ("--output-file", output_file), ("--error", error))
+             if value is not None]
+    if not given:
+        _fail(f"give one of {SIGNAL_ANSWERS}: the output to complete the wait with, or the message to fail it")
+    if len(given) > 1:
+        _fail(f"give only one of {SIGNAL_ANSWERS}, not {' and '.join(given)}")
+    example = """--output '{"approved": true}'"""
+    if error is not None:
+        if not error.strip():
+            _fail("--error needs a message saying why the wait fails")
+        found = _api(ctx, lambda client: client.signal(run_id, node_id, error=error))
+    else:
+        if output_file is not None:
+            value = _parse_json(_read_file("--output-file", output_file), f"--output-file {output_file}", example)
+        else:
+            value = _parse_json(output or "", "--output", example)
+        found = _api(ctx, lambda client: client.signal(run_id, node_id, output=value))
+    _print_run(found, as_json)
