@@ -707,3 +707,51 @@ async def test_a_timed_wait_shows_when_it_ends(page: Page, server: AetrServer, a
         re.compile(r"until \d\d:\d\d:\d\d \(in (4 min|5 min)"))
     await page.get_by_role("button", name="Cancel run").click()
     await expect(run_state(page)).to_have_text(re.compile("cancelled"))
+
+
+@needs_browser
+async def test_the_step_editor_composes_wait_choice_and_map_steps(page: Page, server: AetrServer, api: Api) -> None:
+    await api.put_step({"name": "ed-default", "kind": "wait", "seconds": 0})
+    await page.goto(f"{server.url}/#/steps")
+    await page.get_by_role("link", name="+ New wait").click()
+    await page.get_by_label("Name", exact=True).fill("ed-hold")
+    await page.get_by_label("for a signal").check()
+    await page.get_by_label("Signal timeout (s)").fill("600")
+    await page.get_by_role("button", name="Create step").click()
+    await expect(page.get_by_role("heading", level=1)).to_have_text("ed-hold")
+    _, saved = await api.call("GET", "/api/v1/steps/ed-hold")
+    assert (saved["kind"], saved["signal"], saved["timeout_s"]) == ("wait", True, 600), saved
+
+    await page.goto(f"{server.url}/#/steps/new/choice")
+    await page.get_by_label("Name", exact=True).fill("ed-triage")
+    await add_existing_child(page.get_by_label("Add an existing step"), "ed-hold")
+    await add_existing_child(page.get_by_label("Add an existing step"), "ed-default")
+    await page.get_by_role("button", name="Create step").click()
+    await expect(page.get_by_role("alert")).to_contain_text("child 1 needs a “when” script")
+    await page.get_by_label("When for child 1").fill("(input) => input.urgent")
+    await page.get_by_role("button", name="Create step").click()
+    await expect(page.get_by_role("heading", level=1)).to_have_text("ed-triage")
+    _, saved = await api.call("GET", "/api/v1/steps/ed-triage")
+    assert [c.get("when") for c in saved["children"]] == ["(input) => input.urgent", None], saved
+
+    await page.goto(f"{server.url}/#/steps/new/map")
+    await page.get_by_label("Name", exact=True).fill("ed-each")
+    await page.get_by_label("Items script of").fill("(input, ctx) => input.cases")
+    await add_existing_child(page.get_by_label("Add an existing step"), "ed-triage")
+    await page.get_by_label("Max concurrency").fill("5")
+    await page.get_by_label("Tolerated failures").fill("10%")
+    await page.set_viewport_size(TALL)
+    await page.evaluate("window.scrollTo(0, 0)")
+    await expect(page.get_by_role("region", name="Preview")).to_contain_text("ed-triage")
+    await shoot(page, "step-map-editor", docs=True)
+    await page.get_by_role("button", name="Create step").click()
+    await expect(page.get_by_role("heading", level=1)).to_have_text("ed-each")
+    _, saved = await api.call("GET", "/api/v1/steps/ed-each")
+    assert saved["items"] == "(input, ctx) => input.cases", saved
+    assert (saved["child"]["step"]["name"], saved["max_concurrency"], saved["tolerated_failures"]) == (
+        "ed-triage", 5, "10%"), saved
+    await expect(page.get_by_label("Items script of")).to_have_value("(input, ctx) => input.cases")
+
+    run_id = await api.start_run("ed-each", {"cases": [{"urgent": False}, {"urgent": False}]})
+    run = await api.wait_run(run_id)
+    assert run["state"] == "complete", run
