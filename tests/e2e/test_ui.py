@@ -591,3 +591,167 @@ async def test_the_page_and_its_files_are_served_by_aetr_serve_and_are_not_in_th
     async with client.get(server.url + "/openapi.json") as schema:
         paths: dict[str, Any] = (await schema.json())["paths"]
         assert not [p for p in paths if p == "/" or p.startswith("/ui") or p.endswith("/stream")], paths
+
+
+# ---- the map, choice and wait kinds on the run page -------------------------------------------------------------
+
+
+@needs_browser
+async def test_a_choice_shows_the_branch_it_took_and_greys_the_ones_it_skipped(
+        page: Page, server: AetrServer, api: Api) -> None:
+    await api.put_step({"name": "route-order", "kind": "choice", "children": [
+        {"step": {"name": "route-express", "kind": "wait", "seconds": 0}, "when": "(input) => input.total > 100"},
+        {"step": {"name": "route-standard", "kind": "wait", "seconds": 0}, "when": "(input) => input.total > 10"},
+        {"step": {"name": "route-review", "kind": "wait", "seconds": 0}},
+    ]})
+    run_id = await api.start_run("route-order", {"order": "A-17", "total": 42})
+    await page.set_viewport_size(DESKTOP)
+    await page.goto(f"{server.url}/#/runs/{run_id}")
+    await expect(run_state(page)).to_have_text(re.compile("complete"))
+    tree = page.get_by_role("region", name="Tree")
+    await expect(tree.locator(".badge.taken")).to_have_text("took route-standard")
+    skipped = tree.locator("li.run-node.state-skipped")
+    await expect(skipped).to_have_count(2)
+    await expect(skipped.first).to_contain_text("route-express")
+    await expect(skipped.first).to_contain_text("skipped")
+    opacity = await skipped.first.locator(".node-button").evaluate("(el) => Number(getComputedStyle(el).opacity)")
+    assert opacity < 1, "a skipped node is not greyed out"
+    await expect(tree.locator("li.run-node.state-complete")).to_have_count(2)  # the choice and the child it took
+    await expect(page.get_by_role("region", name="Node")).to_contain_text("Took route-standard (child 2 of 3)")
+    await shoot(page, "run-choice", docs=True)
+
+
+@needs_browser
+async def test_a_signal_wait_is_approved_or_rejected_through_the_form_on_the_run_page(
+        page: Page, server: AetrServer, api: Api) -> None:
+    await api.put_step({"name": "approve-refund", "kind": "wait", "signal": True, "timeout_s": 600})
+    await api.put_step({"name": "refund", "kind": "sequential", "children": [{"step": "approve-refund"}]})
+    run_id = await api.start_run("refund", {"order": "A-17", "amount": 42})
+    await page.goto(f"{server.url}/#/runs/{run_id}")
+    tree = page.get_by_role("region", name="Tree")
+    await expect(tree).to_contain_text("awaiting signal")
+    form = page.get_by_role("form", name="Answer approve-refund")
+    await expect(form).to_be_visible()  # the page selects the wait that awaits its answer
+    await expect(form.get_by_label("Output (JSON)")).to_have_value(re.compile('"amount": 42'))
+    await form.get_by_label("Output (JSON)").fill('{"approved": tru')
+    await form.get_by_role("button", name="Approve").click()
+    await expect(form.get_by_role("alert")).to_contain_text("The output is not valid JSON")
+    await form.get_by_label("Output (JSON)").fill('{"approved": true, "by": "ana"}')
+    await shoot(page, "run-signal", docs=True)
+    await form.get_by_role("button", name="Approve").click()
+
+    await expect(run_state(page)).to_have_text(re.compile("complete"))
+    await expect(page.get_by_role("region", name="✓ Output")).to_contain_text('"by": "ana"')
+    await expect(form).to_be_hidden()
+    node_id = (await api.run(run_id))["children"][0]["id"]
+    status, body = await api.call("POST", f"/api/v1/runs/{run_id}/nodes/{node_id}/signal", {"output": 1})
+    assert status == 409, body
+
+    # Rejected: the run fails with the reason, as a `signal` error.
+    second = await api.start_run("refund", {"order": "A-18", "amount": 9000})
+    await page.goto(f"{server.url}/#/runs/{second}")
+    form = page.get_by_role("form", name="Answer approve-refund")
+    await form.get_by_role("button", name="Reject").click()
+    await expect(form.get_by_role("alert")).to_contain_text("Enter a reason")
+    await form.get_by_label("Reason to reject").fill("amount over the refund limit")
+    await form.get_by_role("button", name="Reject").click()
+    await expect(run_state(page)).to_have_text(re.compile("error"))
+    failure = page.get_by_role("alert").filter(has_text="The run failed")
+    await expect(failure).to_contain_text("amount over the refund limit")
+    await expect(failure).to_contain_text("kind: signal")
+
+
+@needs_browser
+async def test_a_map_of_200_items_shows_its_counts_and_one_page_of_items_and_its_failed_ones(
+        page: Page, server: AetrServer, api: Api) -> None:
+    await api.put_step({
+        "name": "resize-all", "kind": "map", "items": "(input) => input.images", "tolerated_failures": "10%",
+        "reducer": "(outputs) => ({resized: outputs.filter((o) => o !== null).length})",
+        "child": {"step": {"name": "resize-one", "kind": "wait", "seconds": 0.05},
+                  "mapper": "(item, ctx) => { if (item % 40 === 7) throw new Error(`image ${item} is corrupt`);"
+                            " return {image: item}; }"}})
+    run_id = await api.start_run("resize-all", {"images": list(range(200))})
+    await page.set_viewport_size(TALL)
+    await page.goto(f"{server.url}/#/runs/{run_id}")
+    await expect(run_state(page)).to_have_text(re.compile("complete"), timeout=60_000)
+    tree = page.get_by_role("region", name="Tree")
+    panel = tree.locator(".map-panel")
+    await expect(panel.locator(".map-counts")).to_contain_text("200 / 200 items done (100%)")
+    await expect(panel.locator(".map-counts")).to_contain_text("195 complete")
+    await expect(panel.locator(".map-counts")).to_contain_text("5 error")
+    progress = panel.get_by_role("progressbar")
+    await expect(progress).to_have_attribute("aria-valuenow", "200")
+    await expect(tree.locator("li.run-node")).to_have_count(51)  # the map and one page of its items, not 200
+    await expect(panel).to_contain_text("Items 1–50 of 200")
+    await panel.get_by_role("button", name="Next items of resize-all").click()
+    await expect(panel).to_contain_text("Items 51–100 of 200")
+    await expect(tree.locator("li.run-node").nth(1)).to_contain_text("#50")
+
+    await panel.get_by_role("button", name="Show failed (5)").click()
+    await expect(panel).to_contain_text("Failed items 1–5 of 5")
+    await expect(tree.locator("li.run-node.state-error")).to_have_count(5)
+    await expect(tree.locator("li.run-node")).to_have_count(6)
+    await tree.locator("li.run-node.state-error").first.locator(".node-button").click()
+    await expect(page.get_by_role("region", name="Node")).to_contain_text("image 7 is corrupt")
+    await shoot(page, "run-map", docs=True)
+    await panel.get_by_role("button", name="Show all items").click()
+    await expect(tree.locator("li.run-node")).to_have_count(51)
+
+
+@needs_browser
+async def test_a_timed_wait_shows_when_it_ends(page: Page, server: AetrServer, api: Api) -> None:
+    await api.put_step({"name": "cool-down", "kind": "wait", "seconds": 300})
+    run_id = await api.start_run("cool-down", {})
+    await page.goto(f"{server.url}/#/runs/{run_id}")
+    await expect(page.get_by_role("region", name="Tree")).to_contain_text(
+        re.compile(r"until \d\d:\d\d:\d\d \(in (4 min|5 min)"))
+    await page.get_by_role("button", name="Cancel run").click()
+    await expect(run_state(page)).to_have_text(re.compile("cancelled"))
+
+
+@needs_browser
+async def test_the_step_editor_composes_wait_choice_and_map_steps(page: Page, server: AetrServer, api: Api) -> None:
+    await api.put_step({"name": "ed-default", "kind": "wait", "seconds": 0})
+    await page.goto(f"{server.url}/#/steps")
+    await page.get_by_role("link", name="+ New wait").click()
+    await page.get_by_label("Name", exact=True).fill("ed-hold")
+    await page.get_by_label("for a signal").check()
+    await page.get_by_label("Signal timeout (s)").fill("600")
+    await page.get_by_role("button", name="Create step").click()
+    await expect(page.get_by_role("heading", level=1)).to_have_text("ed-hold")
+    _, saved = await api.call("GET", "/api/v1/steps/ed-hold")
+    assert (saved["kind"], saved["signal"], saved["timeout_s"]) == ("wait", True, 600), saved
+
+    await page.goto(f"{server.url}/#/steps/new/choice")
+    await page.get_by_label("Name", exact=True).fill("ed-triage")
+    await add_existing_child(page.get_by_label("Add an existing step"), "ed-hold")
+    await add_existing_child(page.get_by_label("Add an existing step"), "ed-default")
+    await page.get_by_role("button", name="Create step").click()
+    await expect(page.get_by_role("alert")).to_contain_text("child 1 needs a “when” script")
+    await page.get_by_label("When for child 1").fill("(input) => input.urgent")
+    await page.get_by_role("button", name="Create step").click()
+    await expect(page.get_by_role("heading", level=1)).to_have_text("ed-triage")
+    _, saved = await api.call("GET", "/api/v1/steps/ed-triage")
+    assert [c.get("when") for c in saved["children"]] == ["(input) => input.urgent", None], saved
+
+    await page.goto(f"{server.url}/#/steps/new/map")
+    await page.get_by_label("Name", exact=True).fill("ed-each")
+    await page.get_by_label("Items script of").fill("(input, ctx) => input.cases")
+    await add_existing_child(page.get_by_label("Add an existing step"), "ed-triage")
+    await page.get_by_label("Max concurrency").fill("5")
+    await page.get_by_label("Tolerated failures").fill("10%")
+    await page.set_viewport_size(TALL)
+    await page.evaluate("window.scrollTo(0, 0)")
+    await expect(page.get_by_role("region", name="Preview")).to_contain_text("ed-triage")
+    await shoot(page, "step-map-editor", docs=True)
+    await page.get_by_role("button", name="Create step").click()
+    await expect(page.get_by_role("heading", level=1)).to_have_text("ed-each")
+    _, saved = await api.call("GET", "/api/v1/steps/ed-each")
+    assert saved["items"] == "(input, ctx) => input.cases", saved
+    assert (saved["child"]["step"]["name"], saved["max_concurrency"], saved["tolerated_failures"]) == (
+        "ed-triage", 5, "10%"), saved
+    await expect(page.get_by_label("Items script of")).to_have_value("(input, ctx) => input.cases")
+
+    run_id = await api.start_run("ed-each", {"cases": [{"urgent": False}, {"urgent": False}]})
+    run = await api.wait_run(run_id)
+    assert run["state"] == "complete", run

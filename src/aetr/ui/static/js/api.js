@@ -122,6 +122,8 @@ export const api = {
   startRun: (step, input) => request('POST', '/runs', {body: {step, input}}).then((r) => r.data),
   cancel: (id) => request('POST', `/runs/${enc(id)}/cancel`).then((r) => r.data),
   retry: (id) => request('POST', `/runs/${enc(id)}/retry`).then((r) => r.data),
+  // A signal wait's answer: {output} completes it, {error} fails it; the run tree afterwards.
+  signal: (runId, nodeId, body) => request('POST', `/runs/${enc(runId)}/nodes/${enc(nodeId)}/signal`, {body}).then((r) => r.data),
   evaluate: (body) => request('POST', '/sandbox/evaluate', {body}).then((r) => r.data),
 };
 

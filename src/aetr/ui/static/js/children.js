@@ -101,9 +101,16 @@ export function childrenEditor(model, env, stepForm) {
       inlineBox = h('div', {class: 'inline-step'}, stepForm(child.inline, childEnv));
     }
 
+    // A choice's link: the condition that picks this child (the first that holds wins; the last may have none).
+    const whenEditor = model.kind === 'choice' ? codeEditor({label: 'When', value: child.when, rows: 2,
+      placeholder: '(input, ctx) => input.total > 100', onInput: (text) => {
+        child.when = text;
+        env.onChange();
+      }}) : null;
     const head = h('div', {class: 'child-head'}, handle, pos, kindBadge(child.ref ? child.refKind : child.inline.kind), title,
       h('div', {class: 'child-actions'}, mapperToggle, up, down, removeButton));
-    const li = h('li', {class: 'child', dataset: {key: String(child.key)}}, head, mapperPanel, inlineBox);
+    const li = h('li', {class: 'child', dataset: {key: String(child.key)}}, head,
+      whenEditor ? h('div', {class: 'when-panel'}, whenEditor.el) : null, mapperPanel, inlineBox);
 
     function refresh(i) {
       const name = labelOf(child);
@@ -124,6 +131,9 @@ export function childrenEditor(model, env, stepForm) {
       mapperToggle.setAttribute('aria-expanded', String(child.mapperOpen));
       mapperPanel.hidden = !child.mapperOpen;
       editor.el.querySelector('label').textContent = `Mapper for child ${i + 1} (${name})`;
+      if (whenEditor) {
+        whenEditor.el.querySelector('label').textContent = `When for child ${i + 1} (${name})${i === n - 1 ? ' — may stay empty: the default' : ''}`;
+      }
     }
 
     handle.addEventListener('keydown', (event) => {
@@ -252,7 +262,7 @@ export function childrenEditor(model, env, stepForm) {
 
   const kindId = uid('kind');
   const kindPicker = h('select', {id: kindId},
-    h('option', {value: 'api'}, 'api'), h('option', {value: 'sequential'}, 'sequential'), h('option', {value: 'parallel'}, 'parallel'));
+    ['api', 'sequential', 'parallel', 'map', 'choice', 'wait'].map((k) => h('option', {value: k}, k)));
   const addInline = h('button', {type: 'button', onclick: () => {
     add(newChild({inline: newModel(kindPicker.value)}), ` (a new inline ${kindPicker.value} step)`);
     const row = rows.get(model.children.at(-1).key);
@@ -263,7 +273,9 @@ export function childrenEditor(model, env, stepForm) {
   refreshAll();
 
   return h('fieldset', {class: 'subtle children-box'},
-    h('legend', {}, model.kind === 'sequential' ? 'Children — run one after the other' : 'Children — run all at once'),
+    h('legend', {}, {sequential: 'Children — run one after the other', parallel: 'Children — run all at once',
+      map: 'Child — runs once per item (give exactly one)',
+      choice: 'Children — the first whose “when” holds runs, the others are skipped'}[model.kind]),
     h('p', {class: 'hint', id: helpId}, 'Drag a child by its handle ⠿, or focus the handle and press ↑/↓ (Alt+↑/↓ anywhere on the row) to reorder.'),
     list, empty,
     h('div', {class: 'add-child'},

@@ -106,6 +106,16 @@ export function fmtDuration(ms) {
   return `${Math.floor(hours / 24)} d ${hours % 24} h`;
 }
 
+/** How far a time is from now, in words: "in 5 min", "3 s ago". */
+export function fromNow(iso, now = Date.now()) {
+  const t = Date.parse(iso);
+  if (!Number.isFinite(t)) return '';
+  const ms = t - now;
+  const words = ms >= 0 && ms < 1000 ? 'now' : fmtDuration(Math.abs(ms)).replace(/\.\d+ s$/, ' s');
+  if (words === 'now') return 'now';
+  return ms > 0 ? `in ${words}` : `${words} ago`;
+}
+
 /** Milliseconds between two ISO times (to now when `end` is missing). */
 export function span(start, end) {
   if (!start) return null;
@@ -163,8 +173,8 @@ export function stepLink(name, props = {}) {
   return h('a', {href: `#/steps/${encodeURIComponent(name)}`, ...props}, name);
 }
 
-/** A kind badge: api, sequential or parallel. */
+/** A kind badge: api, sequential, parallel, map, choice or wait. */
 export function kindBadge(kind) {
-  const icon = {api: '⇄', sequential: '→', parallel: '⇉'}[kind] || '•';
+  const icon = {api: '⇄', sequential: '→', parallel: '⇉', map: '⊞', choice: '⋔', wait: '‖'}[kind] || '•';
   return h('span', {class: `kind kind-${kind}`}, h('span', {'aria-hidden': 'true'}, icon), ` ${kind}`);
 }

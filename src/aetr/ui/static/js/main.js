@@ -7,7 +7,7 @@ import {renderRunPage} from './run_page.js';
 
 const ROUTES = [
   {pattern: /^\/steps$/, nav: 'steps', view: (ctx) => renderStepsList(ctx)},
-  {pattern: /^\/steps\/new\/(api|sequential|parallel)$/, nav: 'steps', view: (ctx, kind) => renderStepPage(ctx, null, kind)},
+  {pattern: /^\/steps\/new\/(api|sequential|parallel|map|choice|wait)$/, nav: 'steps', view: (ctx, kind) => renderStepPage(ctx, null, kind)},
   {pattern: /^\/steps\/([^/]+)$/, nav: 'steps', view: (ctx, name) => renderStepPage(ctx, name)},
   {pattern: /^\/runs$/, nav: 'runs', view: (ctx) => renderRunsList(ctx)},
   {pattern: /^\/runs\/([^/]+)$/, nav: 'runs', view: (ctx, id) => renderRunPage(ctx, id)},

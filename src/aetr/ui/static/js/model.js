@@ -14,6 +14,10 @@ export function newModel(kind, name = '') {
     name, kind, isNew: true, url: '', method: 'POST', headers: [], mode: 'callback', timeout_s: '3600',
     heartbeat_s: '', retry: {max_attempts: '3', backoff_s: '1', max_backoff_s: '60'},
     reducer: 'array', reducerJs: '(outputs, ctx) => outputs', children: [],
+    // map
+    items: '', max_concurrency: '', tolerated_failures: '0',
+    // wait: one of seconds, until (a script) or signal
+    waitMode: 'seconds', seconds: '60', until: '(input, ctx) => input.remind_at', timeout_s_signal: '3600',
   };
 }
 
@@ -32,22 +36,35 @@ export function modelFromTree(tree) {
     });
     return model;
   }
-  if (tree.kind === 'parallel') {
+  if (tree.kind === 'wait') {
+    model.waitMode = tree.signal ? 'signal' : tree.until ? 'until' : 'seconds';
+    if (tree.seconds != null) model.seconds = String(tree.seconds);
+    if (tree.until) model.until = tree.until;
+    if (tree.timeout_s != null) model.timeout_s_signal = String(tree.timeout_s);
+    return model;
+  }
+  if (tree.kind === 'map') {
+    model.items = tree.items || '';
+    model.max_concurrency = tree.max_concurrency == null ? '' : String(tree.max_concurrency);
+    model.tolerated_failures = String(tree.tolerated_failures ?? 0);
+  }
+  if (tree.kind === 'parallel' || tree.kind === 'map') {
     if (tree.reducer in BUILTIN_REDUCERS) model.reducer = tree.reducer;
     else {
       model.reducer = 'js';
       model.reducerJs = tree.reducer;
     }
   }
-  model.children = (tree.children || []).map((c) => newChild({ref: c.step.name, refKind: c.step.kind, mapper: c.mapper}));
+  const links = tree.kind === 'map' ? [tree.child].filter(Boolean) : (tree.children || []);
+  model.children = links.map((c) => newChild({ref: c.step.name, refKind: c.step.kind, mapper: c.mapper, when: c.when}));
   return model;
 }
 
 let childKeys = 0;
 /** A child link: a step by name (`ref`) or a new inline step (`inline`, a model). */
-export function newChild({ref = null, refKind = null, inline = null, mapper = null}) {
+export function newChild({ref = null, refKind = null, inline = null, mapper = null, when = null}) {
   childKeys += 1;
-  return {key: childKeys, ref, refKind, inline, mapper: mapper || '', mapperOpen: Boolean(mapper)};
+  return {key: childKeys, ref, refKind, inline, mapper: mapper || '', mapperOpen: Boolean(mapper), when: when || ''};
 }
 
 function number(value, what, {integer = false, optional = false} = {}) {
@@ -84,12 +101,38 @@ export function specFromModel(model, where = 'the step') {
     });
     return spec;
   }
-  if (model.kind === 'parallel') spec.reducer = model.reducer === 'js' ? model.reducerJs : model.reducer;
-  spec.children = model.children.map((child, i) => {
+  if (model.kind === 'wait') {
+    if (model.waitMode === 'seconds') spec.seconds = number(model.seconds, `${name}: seconds`);
+    else if (model.waitMode === 'until') {
+      if (!model.until.trim()) throw new Error(`${name}: enter the script that gives the time to wait until`);
+      spec.until = model.until;
+    } else {
+      spec.signal = true;
+      spec.timeout_s = number(model.timeout_s_signal, `${name}: signal timeout`, {optional: true});
+    }
+    return spec;
+  }
+  if (model.kind === 'parallel' || model.kind === 'map') spec.reducer = model.reducer === 'js' ? model.reducerJs : model.reducer;
+  const links = model.children.map((child, i) => {
     const link = {step: child.inline ? specFromModel(child.inline, `${name}, child ${i + 1}`) : child.ref};
     if (child.mapper.trim()) link.mapper = child.mapper;
+    if (model.kind === 'choice' && child.when.trim()) link.when = child.when;
     return link;
   });
+  if (model.kind === 'map') {
+    if (links.length !== 1) throw new Error(`${name}: a map runs one child step per item: give it exactly one child`);
+    spec.child = links[0];
+    if (model.items.trim()) spec.items = model.items;
+    spec.max_concurrency = number(model.max_concurrency, `${name}: max concurrency`, {integer: true, optional: true});
+    const tolerated = String(model.tolerated_failures ?? '').trim() || '0';
+    spec.tolerated_failures = tolerated.endsWith('%') ? tolerated : number(tolerated, `${name}: tolerated failures`, {integer: true});
+    return spec;
+  }
+  if (model.kind === 'choice') {
+    const open = links.slice(0, -1).findIndex((l) => !l.when);
+    if (open >= 0) throw new Error(`${name}: child ${open + 1} needs a “when” script: only the last child may go without one`);
+  }
+  spec.children = links;
   return spec;
 }
 

@@ -1,10 +1,11 @@
 // Run states: each has a colour, an icon and a word, so none relies on colour alone.
 import {h} from './dom.js';
 
-export const STATES = ['pending', 'executing', 'complete', 'error', 'cancelled'];
-export const TERMINAL = new Set(['complete', 'error', 'cancelled']);
+// `skipped`: a choice chose another child, so this node (and its subtree) never ran.
+export const STATES = ['pending', 'executing', 'complete', 'error', 'cancelled', 'skipped'];
+export const TERMINAL = new Set(['complete', 'error', 'cancelled', 'skipped']);
 
-const ICONS = {pending: '○', executing: '◐', complete: '✓', error: '✕', cancelled: '⊘'};
+const ICONS = {pending: '○', executing: '◐', complete: '✓', error: '✕', cancelled: '⊘', skipped: '↷'};
 
 /** A state badge: icon + word, coloured. */
 export function stateBadge(state, {small = false} = {}) {

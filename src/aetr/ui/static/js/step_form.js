@@ -132,6 +132,64 @@ function reducerFields(model, env) {
     field('Join the outputs with', picker).wrap, jsPart, bench.el);
 }
 
+function mapFields(model, env) {
+  const items = codeEditor({label: `Items script of ${model.name || 'this map'}`, value: model.items, rows: 3,
+    placeholder: '(input, ctx) => input.images   — empty: the input is the array',
+    onInput: (text) => { model.items = text; env.onChange(); }});
+  const bench = createBench({
+    kind: 'mapper',
+    editor: items,
+    source: () => model.items,
+    link: () => ({kind: 'mapper', rootName: env.rootName(), path: env.getPath(), parentName: model.name.trim(),
+      parentKind: 'map', index: 0, childName: 'items'}),
+  });
+  const concurrency = bound(h('input', {type: 'number', min: '1', step: '1', inputmode: 'numeric', placeholder: 'no limit',
+    'data-field': 'max_concurrency'}), model, 'max_concurrency', env);
+  const tolerated = bound(h('input', {type: 'text', autocomplete: 'off', spellcheck: false, placeholder: '0, 3 or 10%',
+    pattern: '[0-9]+|[0-9]{1,3}(\\.[0-9]{1,4})?%', 'data-field': 'tolerated_failures'}), model, 'tolerated_failures', env);
+  return h('fieldset', {class: 'subtle'}, h('legend', {}, 'Items'),
+    h('p', {class: 'hint'}, 'A JavaScript function (input, ctx) => array: the child runs once per item, its mapper gets '
+      + '(item, ctx) with ctx.index. Empty: the map\'s input must be the array.'),
+    items.el, bench.el,
+    h('div', {class: 'row'},
+      field('Max concurrency', concurrency, 'Items unfinished at once; empty: no limit.').wrap,
+      field('Tolerated failures', tolerated, 'A count, or a share such as 10%.').wrap));
+}
+
+function waitFields(model, env) {
+  const name = uid('wait');
+  const panels = {};
+  const radio = (mode, label) => {
+    const input = h('input', {type: 'radio', name, value: mode, id: uid('wait-mode'), checked: model.waitMode === mode});
+    input.addEventListener('change', () => {
+      model.waitMode = mode;
+      sync();
+      env.onChange();
+    });
+    return h('span', {class: 'check'}, input, h('label', {for: input.id}, label));
+  };
+  const seconds = bound(h('input', {type: 'number', min: '0', step: 'any', inputmode: 'decimal', 'data-field': 'seconds'}),
+    model, 'seconds', env);
+  const until = codeEditor({label: 'Until script', value: model.until, rows: 2, placeholder: '(input, ctx) => input.remind_at',
+    onInput: (text) => { model.until = text; env.onChange(); }});
+  const timeout = bound(h('input', {type: 'number', min: '0', step: 'any', inputmode: 'decimal', placeholder: '3600',
+    'data-field': 'signal-timeout'}), model, 'timeout_s_signal', env);
+  panels.seconds = field('Seconds', seconds, 'Waits this long, then passes its input on.').wrap;
+  panels.until = h('div', {}, until.el,
+    h('p', {class: 'hint'}, 'Returns an ISO 8601 time or epoch seconds: the wait ends then.'));
+  panels.signal = field('Signal timeout (s)', timeout,
+    'Waits until someone answers it (the run page\'s Approve/Reject, or POST …/signal); fails as a timeout after this long.').wrap;
+  function sync() {
+    for (const [mode, el] of Object.entries(panels)) el.hidden = model.waitMode !== mode;
+    until.fit();
+  }
+  sync();
+  return h('fieldset', {class: 'subtle radios-box'}, h('legend', {}, 'Wait'),
+    h('div', {class: 'row', role: 'radiogroup', 'aria-label': 'How it waits'},
+      radio('seconds', 'a number of seconds'), radio('until', 'until a time a script gives'), radio('signal', 'for a signal')),
+    panels.seconds, panels.until, panels.signal);
+}
+
 /**
  * The form of one step (a root, or an inline child at any depth).
  * env: {allSteps(), rootName(), getPath(), onChange(), depth}.
@@ -140,8 +198,10 @@ export function stepForm(model, env) {
   const parts = [];
   if (model.isNew) parts.push(nameField(model, env));
   if (model.kind === 'api') parts.push(...apiFields(model, env));
+  else if (model.kind === 'wait') parts.push(waitFields(model, env));
   else {
-    if (model.kind === 'parallel') parts.push(reducerFields(model, env));
+    if (model.kind === 'map') parts.push(mapFields(model, env));
+    if (model.kind === 'parallel' || model.kind === 'map') parts.push(reducerFields(model, env));
     parts.push(childrenEditor(model, env, stepForm));
   }
   return h('div', {class: `step-form stack kind-form-${model.kind}`}, parts);

@@ -7,9 +7,15 @@ import {startRunForm} from './runs_list.js';
 
 const MAX_REUSE_LOOKUPS = 60;  // distinct steps whose parents are fetched to mark reuse
 
+/** A step's child links: a map's one child, a parent's children, none for api and wait steps. */
+function linksOf(step) {
+  if (step.kind === 'map') return step.child ? [step.child] : (step.children || []);
+  return step.children || [];
+}
+
 /** Every step name in a tree, with how often it appears. */
 function occurrences(tree, counts = new Map()) {
-  for (const child of tree.children || []) {
+  for (const child of linksOf(tree)) {
     counts.set(child.step.name, (counts.get(child.step.name) || 0) + 1);
     occurrences(child.step, counts);
   }
@@ -38,19 +44,25 @@ function reuseBadge(name, reuse) {
 function treeNode(step, mapper, reuse, depth) {
   const badges = [
     mapper ? h('span', {class: 'badge mapper', title: mapper}, 'ƒ mapper') : null,
-    step.kind === 'parallel' ? h('span', {class: 'badge'}, `reducer: ${['array', 'last', 'merge'].includes(step.reducer) ? step.reducer : 'JavaScript'}`) : null,
+    step.when ? h('span', {class: 'badge mapper', title: step.when}, 'ƒ when') : null,
+    step.kind === 'wait' ? h('span', {class: 'badge'}, step.signal ? 'until a signal' : step.until ? 'until a scripted time'
+      : `${step.seconds ?? '?'} s`) : null,
+    step.kind === 'parallel' || step.kind === 'map' ? h('span', {class: 'badge'}, `reducer: ${['array', 'last', 'merge'].includes(step.reducer) ? step.reducer : 'JavaScript'}`) : null,
     depth > 0 ? reuseBadge(step.name, reuse) : null,
   ];
   const label = [kindBadge(step.kind), ' ', depth > 0 ? stepLink(step.name, {class: 'strong'}) : h('span', {class: 'strong'}, step.name), ...badges];
-  if (step.kind === 'api' || step.ref) {
+  if (step.kind === 'api' || step.kind === 'wait' || step.ref) {
+    if (step.kind === 'wait' && !step.ref) return h('li', {class: 'tree-leaf'}, h('div', {class: 'tree-label'}, label));
     const what = step.ref ? ' an existing step' : ` ${step.method} ${withoutUserinfo(step.url)}`;
     return h('li', {class: 'tree-leaf'}, h('div', {class: 'tree-label'}, label,
       h('span', {class: `muted clip small-text${step.ref ? '' : ' mono'}`}, what)));
   }
+  const links = linksOf(step);
   return h('li', {}, h('details', {open: true},
-    h('summary', {class: 'tree-label'}, label, h('span', {class: 'muted small-text'}, ` · ${step.children.length} ${step.children.length === 1 ? 'child' : 'children'}`)),
-    step.children.length
-      ? h('ul', {class: 'tree'}, step.children.map((c) => treeNode(c.step, c.mapper, reuse, depth + 1)))
+    h('summary', {class: 'tree-label'}, label, h('span', {class: 'muted small-text'},
+      step.kind === 'map' ? ' · runs its child once per item' : ` · ${links.length} ${links.length === 1 ? 'child' : 'children'}`)),
+    links.length
+      ? h('ul', {class: 'tree'}, links.map((c) => treeNode(c.when ? {...c.step, when: c.when} : c.step, c.mapper, reuse, depth + 1)))
       : h('p', {class: 'muted small-text'}, 'no children')));
 }
 
@@ -71,7 +83,8 @@ function treeFromModel(model) {
   return {
     name: model.name.trim() || '(no name yet)', kind: model.kind, method: model.method, url: model.url.trim() || '(no URL yet)',
     reducer: model.reducer === 'js' ? 'JavaScript' : model.reducer,
-    children: model.children.map((c) => ({mapper: c.mapper.trim() || null,
+    seconds: model.seconds, signal: model.waitMode === 'signal', until: model.waitMode === 'until',
+    children: model.children.map((c) => ({mapper: c.mapper.trim() || null, when: c.when?.trim() || null,
       step: c.inline ? treeFromModel(c.inline) : {name: c.ref, kind: c.refKind, ref: true, children: []}})),
   };
 }
