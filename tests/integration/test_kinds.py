@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -174,13 +175,18 @@ async def test_an_api_step_max_concurrency_holds_across_runs_and_hands_slots_on_
     in_flight = 0
     most = 0
     order: list[int] = []
+    full = asyncio.Event()  # the calls wait (up to 5 s) until the limit is reached once: it must be reachable
 
     async def slow(body: Any) -> Any:
         nonlocal in_flight, most
         in_flight += 1
         most = max(most, in_flight)
         order.append(body)
-        await asyncio.sleep(0.05)
+        if in_flight >= 3:
+            full.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(full.wait(), 5)
+        await asyncio.sleep(0.01)
         in_flight -= 1
         return {"done": body}
 

@@ -19,7 +19,9 @@ class MemoryStore:
     """Committed run nodes in a dict; each event runs in a fresh Plan like a transaction."""
 
     def __init__(self, scripts: dict[str, Script] | None = None, count_later: bool = False,
-                 defer_counts: bool = False) -> None:
+                 defer_counts: bool = False, batch: int = 1000) -> None:
+        self.batch = batch  # item subtrees a map makes per event
+        self.items: dict[str, list[Any]] = {}
         self.count_later = count_later  # as on PostgreSQL: children counted after each commit
         self.defer_counts = defer_counts  # counts wait for count_pending(), as when the process is slow or dies
         self.nodes: dict[str, Node] = {}
@@ -38,7 +40,7 @@ class MemoryStore:
         """Create and start a run; return its id."""
         nodes = build_run_nodes(tree, run_input, self.now, self._new_id)
         # As in the engine, the new run's nodes are written by the start event's commit, not before it.
-        plan = Plan(now=self.now, new_run=True, new_id=self._new_id)
+        plan = Plan(now=self.now, new_run=True, new_id=self._new_id, batch=self.batch)
         insert(plan, nodes)
         plan.whole_run = True
         self._drive(plan, decide.start_run(plan, nodes[0].id))
@@ -47,7 +49,7 @@ class MemoryStore:
     def event(self, node_id: str, handler: Callable[[Plan], Generator[Any, Any, Any]]) -> Any:
         """Run one event handler on a plan seeded with the node and its ancestors."""
         self.now += timedelta(milliseconds=1)
-        plan = Plan(now=self.now, count_later=self.count_later, new_id=self._new_id)
+        plan = Plan(now=self.now, count_later=self.count_later, new_id=self._new_id, batch=self.batch)
         chain = []
         cur: str | None = node_id
         while cur is not None:
@@ -70,6 +72,7 @@ class MemoryStore:
         pending_done: dict[str, int] = {}
         pending_failed: dict[str, int] = {}
         pending_next: dict[str, int] = {}
+        pending_items: dict[str, list[Any] | None] = {}
         answer: Any = None
         while True:
             try:
@@ -80,7 +83,20 @@ class MemoryStore:
             if isinstance(req, decide.LoadChildren):
                 answer = self.children(req.parent_id)
             elif isinstance(req, decide.LoadChild):
-                answer = self.children(req.parent_id)[req.position]
+                kids = self.children(req.parent_id)
+                answer = kids[req.position] if req.position < len(kids) else None
+            elif isinstance(req, decide.KeepItems):
+                pending_items[req.node_id] = req.items
+                answer = None
+            elif isinstance(req, decide.LoadItems):
+                answer = self.items.get(req.node_id)
+            elif isinstance(req, decide.ReadNextItem):
+                answer = pending_next.get(req.node_id, self.next_item.get(req.node_id, 0))
+            elif isinstance(req, decide.TakeSlot):  # the order of waiting attempts is left to the engine's tests
+                held = sum(1 for n in self.nodes.values() if n.holds_slot and n.step.id == req.step_id)
+                answer = held < req.limit
+            elif isinstance(req, decide.Park):
+                answer = None
             elif isinstance(req, decide.LoadSubtree):
                 answer = self._subtree(req.node_id)
             elif isinstance(req, decide.BumpDone):
@@ -114,6 +130,13 @@ class MemoryStore:
             self.nodes[node.id] = node
         for node_id, c in plan.counters.items():
             self.done[node_id], self.failed[node_id], self.next_item[node_id] = c.done, c.failed, c.next_item
+            if c.items is not None:
+                self.items[node_id] = c.items
+        for node_id, items in pending_items.items():
+            if items is None:
+                self.items.pop(node_id, None)
+            else:
+                self.items[node_id] = items
         self.done.update(pending_done)
         self.failed.update(pending_failed)
         self.next_item.update(pending_next)
@@ -122,6 +145,16 @@ class MemoryStore:
         if not self.defer_counts:
             self.count_pending([w for w in plan.work if w.kind == "count"])  # right after the commit
         return result
+
+    def grows(self) -> list[Work]:
+        """Batches of map items still to be made into nodes."""
+        return [w for w in self.work if w.kind == "grow"]
+
+    def grow(self, row: Work) -> decide.Verdict:
+        """Make a batch of a map's items into nodes (as the worker does once the row is due)."""
+        self.work.remove(row)
+        verdict: decide.Verdict = self.event(row.node_id, lambda plan: decide.grow_map(plan, row.node_id, row.attempt))
+        return verdict
 
     def timers(self) -> list[Work]:
         """Timed waits whose timer is armed."""

@@ -127,14 +127,17 @@ def trees(draw: st.DrawFn) -> StepTree:
 
 @settings(max_examples=300, deadline=None)
 @given(tree=trees(), run_input=st.integers() | st.text(max_size=5), order=st.randoms(use_true_random=False),
-       counting=st.sampled_from(["in the event", "after the commit", "later"]))
+       counting=st.sampled_from(["in the event", "after the commit", "later"]), batch=st.sampled_from([1, 3, 1000]))
 def test_root_output_matches_the_model_whatever_the_completion_order(tree: StepTree, run_input: Any,
-                                                                    order: Any, counting: str) -> None:
-    store = MemoryStore(SCRIPTS, count_later=counting != "in the event", defer_counts=counting == "later")
+                                                                    order: Any, counting: str, batch: int) -> None:
+    store = MemoryStore(SCRIPTS, count_later=counting != "in the event", defer_counts=counting == "later",
+                        batch=batch)
     store.scripts["count"] = lambda args: len(args[0])
     root = store.start(tree, run_input)
-    while (ready := dispatched(store)) or store.count_pending() or store.timers():
-        if ready and (not store.timers() or order.random() < 0.7):
+    while (ready := dispatched(store)) or store.count_pending() or store.timers() or store.grows():
+        if store.grows() and order.random() < 0.5:
+            assert store.grow(order.choice(store.grows())).outcome == "accepted"
+        elif ready and (not store.timers() or order.random() < 0.7):
             assert succeed(store, order.choice(ready)).outcome == "accepted"
         elif store.timers():
             assert store.fire(order.choice(store.timers())).outcome == "accepted"
@@ -398,10 +401,11 @@ def test_only_a_failed_or_cancelled_run_can_be_redriven() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(tree=trees(), order=st.randoms(use_true_random=False), cancel=st.booleans(),
-       counting=st.sampled_from(["in the event", "after the commit", "later"]))
+       counting=st.sampled_from(["in the event", "after the commit", "later"]), batch=st.sampled_from([1, 3, 1000]))
 def test_a_redriven_run_ends_with_the_same_output_as_an_untroubled_one(tree: StepTree, order: Any,
-                                                                      cancel: bool, counting: str) -> None:
-    store = MemoryStore(SCRIPTS, count_later=counting != "in the event", defer_counts=counting == "later")
+                                                                      cancel: bool, counting: str, batch: int) -> None:
+    store = MemoryStore(SCRIPTS, count_later=counting != "in the event", defer_counts=counting == "later",
+                        batch=batch)
     store.scripts["count"] = lambda args: len(args[0])
     root = store.start(tree, 7)
     ready = dispatched(store)
@@ -419,8 +423,10 @@ def test_a_redriven_run_ends_with_the_same_output_as_an_untroubled_one(tree: Ste
         return
     completed = {i for i, n in store.nodes.items() if n.state == "complete" and n.step.kind == "api"}
     assert store.event(root, lambda plan: decide.redrive(plan, root)) == decide.ACCEPTED
-    while (ready := dispatched(store)) or store.count_pending() or store.timers():
-        if ready:
+    while (ready := dispatched(store)) or store.count_pending() or store.timers() or store.grows():
+        if store.grows() and order.random() < 0.5:
+            store.grow(order.choice(store.grows()))
+        elif ready:
             node_id = order.choice(ready)
             assert node_id not in completed  # a completed step is never called again
             succeed(store, node_id)

@@ -250,6 +250,8 @@ def test_kinds_compose_under_a_parallel_parent() -> None:
 def test_a_limited_map_whose_items_finish_as_they_start_runs_them_all_without_nesting_a_call_per_item() -> None:
     store = MemoryStore(SCRIPTS)
     root = store.start(map_("m", wait_("now", seconds=0), max_concurrency=2), list(range(3000)))
+    while store.grows():
+        store.grow(store.grows()[0])
     assert store.nodes[root].state == "complete"
     assert store.nodes[root].output == list(range(3000))
 
@@ -260,3 +262,49 @@ def test_a_long_sequence_of_children_that_finish_as_they_start_completes_without
     assert store.nodes[waits].state == "complete" and store.nodes[waits].output == {"k": 1}
     empty = store.start(seq("s", *[seq(f"e{i}") for i in range(3000)]), 2)
     assert store.nodes[empty].state == "complete" and store.nodes[empty].output == 2
+
+
+def test_a_big_map_makes_its_items_a_batch_per_event_and_starts_each_batch_as_it_is_made() -> None:
+    store = MemoryStore(SCRIPTS, batch=4)
+    root = store.start(map_("m", api("x")), list(range(10)))
+    assert len(items_of(store, root)) == 4 and store.nodes[root].n_children == 10
+    assert len(dispatched(store)) == 4
+    while store.grows():
+        store.grow(store.grows()[0])
+    assert len(items_of(store, root)) == 10 and len(dispatched(store)) == 10
+    assert store.items == {}  # the kept items are forgotten once every batch is made
+    for kid in items_of(store, root):
+        succeed(store, kid.id, kid.input)
+    assert store.nodes[root].output == list(range(10))
+
+
+def test_a_limited_big_map_starts_items_made_later_when_their_turn_came_before_they_existed() -> None:
+    store = MemoryStore(SCRIPTS, batch=2)
+    root = store.start(map_("m", api("x"), max_concurrency=3), list(range(7)))
+    assert [k.state for k in items_of(store, root)] == ["executing", "executing"]
+    first = items_of(store, root)[0]
+    succeed(store, first.id, 0)  # its slot goes to item 3, not made yet: item 2's batch starts it
+    while store.grows():
+        store.grow(store.grows()[0])
+        assert len(dispatched(store)) <= 3
+    assert [k.state for k in items_of(store, root)] == ["complete", "executing", "executing", "executing",
+                                                         "pending", "pending", "pending"]
+    while ready := dispatched(store):
+        succeed(store, ready[0], store.nodes[ready[0]].input)
+        assert len(dispatched(store)) <= 3
+    assert store.nodes[root].output == list(range(7))
+
+
+def test_a_big_map_that_fails_stops_making_items_and_its_redrive_makes_the_rest() -> None:
+    store = MemoryStore(SCRIPTS, batch=2)
+    root = store.start(map_("m", api("x")), list(range(6)))
+    fail_for_good_node(store, items_of(store, root)[1].id)
+    assert store.nodes[root].state == "error"
+    assert store.grows() == []  # the map stopped making items
+    assert len(items_of(store, root)) == 2
+    store.event(root, lambda plan: decide.redrive(plan, root))
+    while store.grows():
+        store.grow(store.grows()[0])
+    while ready := dispatched(store):
+        succeed(store, ready[0], store.nodes[ready[0]].input)
+    assert store.nodes[root].state == "complete" and store.nodes[root].output == list(range(6))

@@ -15,16 +15,20 @@ from typing import Any
 
 from aetr.domain import flow
 from aetr.domain.kinds import api, parallel, wait
+from aetr.domain.kinds import map as map_kind
 from aetr.domain.kinds.api import MAX_RETRY_AFTER_S, attempt_failed, heartbeat, step_succeeded
 from aetr.domain.requests import (
     ACCEPTED,
     BumpDone,
     BumpFailed,
+    KeepItems,
     LoadChild,
     LoadChildren,
+    LoadItems,
     LoadSubtree,
     NextItem,
     Park,
+    ReadNextItem,
     Request,
     RunScript,
     ScriptResult,
@@ -36,14 +40,43 @@ from aetr.domain.requests import (
 from aetr.domain.runs import Plan
 
 builtin_reduce = parallel.builtin_reduce
+grow_map = map_kind.grow
 signalled = wait.signalled
 timer_fired = wait.timer_fired
 
-__all__ = ["ACCEPTED", "MAX_RETRY_AFTER_S", "BumpDone", "BumpFailed", "LoadChild", "LoadChildren", "LoadSubtree",
-           "NextItem", "Park", "Request", "RunScript", "ScriptResult", "SetDone", "Step", "TakeSlot", "Verdict",
-           "attempt_failed",
-           "builtin_reduce", "cancel_run", "children_done", "deadline_passed", "heartbeat", "redrive", "signalled",
-           "start_run", "step_succeeded", "timer_fired"]
+__all__ = [
+    "ACCEPTED",
+    "MAX_RETRY_AFTER_S",
+    "BumpDone",
+    "BumpFailed",
+    "KeepItems",
+    "LoadChild",
+    "LoadChildren",
+    "LoadItems",
+    "LoadSubtree",
+    "NextItem",
+    "Park",
+    "ReadNextItem",
+    "Request",
+    "RunScript",
+    "ScriptResult",
+    "SetDone",
+    "Step",
+    "TakeSlot",
+    "Verdict",
+    "attempt_failed",
+    "builtin_reduce",
+    "cancel_run",
+    "children_done",
+    "deadline_passed",
+    "grow_map",
+    "heartbeat",
+    "redrive",
+    "signalled",
+    "start_run",
+    "step_succeeded",
+    "timer_fired",
+]
 
 
 def start_run(plan: Plan, root_id: str) -> Step:

@@ -16,9 +16,11 @@ from aetr.domain.kinds import api, choice, map, parallel, sequential, wait
 from aetr.domain.requests import (
     BumpDone,
     BumpFailed,
+    KeepItems,
     LoadChildren,
     LoadSubtree,
     NextItem,
+    ReadNextItem,
     Request,
     RunScript,
     ScriptResult,
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 def children(plan: Plan, parent: Node, fresh: bool = False) -> Generator[Request, Any, list[Node]]:
     """A parent's children in order, read once per event (`fresh`: read again, as siblings may have finished
     in other transactions; a parent this event created has no other transactions, and nothing to read)."""
-    if fresh and parent.id not in plan.counters and parent.id not in plan.grown:
+    if fresh and parent.id not in plan.counters:
         plan.children.pop(parent.id, None)
     if parent.id not in plan.children:
         plan.absorb((yield LoadChildren(parent.id)), children_of=[parent.id])
@@ -288,6 +290,24 @@ def bump_failed(plan: Plan, node: Node) -> Generator[Request, Any, int]:
     return failed
 
 
+def keep_items(plan: Plan, node: Node, items: list[Any] | None) -> Step:
+    """Keep a map's items for the events that make the rest of them into nodes (None: forget them)."""
+    counters = plan.counters.get(node.id)
+    if counters is not None:
+        counters.items = items
+        return
+    yield KeepItems(node.id, items)
+
+
+def next_item_now(plan: Plan, node: Node) -> Generator[Request, Any, int]:
+    """The next item position a map may start, read without taking it (and held until the commit)."""
+    counters = plan.counters.get(node.id)
+    if counters is not None:
+        return counters.next_item
+    position: int = yield ReadNextItem(node.id)
+    return position
+
+
 def next_item(plan: Plan, node: Node) -> Generator[Request, Any, int]:
     """Take the next item position a map may start."""
     counters = plan.counters.get(node.id)
@@ -338,18 +358,22 @@ def insert(plan: Plan, nodes: Sequence[Node]) -> None:
             plan.counters[n.id] = Counters()
 
 
-def grow(plan: Plan, parent: Node, template: StepTree, mapper: str | None, items: list[Any]) -> list[Node]:
-    """Give `parent` one new child subtree of `template` per item, each child pending with its item as input."""
+def grow(plan: Plan, parent: Node, template: StepTree, mapper: str | None, items: list[Any],
+         first: int = 0) -> list[Node]:
+    """Give `parent` one new child subtree of `template` per item, at positions from `first` on, each child
+    pending with its item as input."""
     new_id = plan.new_id
     assert new_id is not None, "this event cannot create nodes"
     nodes: list[Node] = []
     kids: list[Node] = []
-    for position, item in enumerate(items):
+    for position, item in enumerate(items, start=first):
         subtree_nodes = build_nodes(template, parent.root_id, parent.id, position, mapper, item, plan.now, new_id)
         kids.append(subtree_nodes[0])
         nodes.extend(subtree_nodes)
     insert(plan, nodes)
-    plan.grown.add(parent.id)
-    plan.put(parent, n_children=len(items))
-    plan.children[parent.id] = [k.id for k in kids]
+    plan.new_children.setdefault(parent.id, []).extend(k.id for k in kids)
+    if first == 0:
+        plan.children[parent.id] = [k.id for k in kids]
+    elif parent.id in plan.children:
+        plan.children[parent.id].extend(k.id for k in kids)
     return [plan.nodes[k.id] for k in kids]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 
@@ -61,6 +62,7 @@ class TakeSlot:
 
     step_id: str
     limit: int
+    due_at: datetime | None = None  # the attempt's turn: refused while one that became due before it waits
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,29 @@ class Park:
 
     node_id: str
     attempt: int
+
+
+@dataclass(frozen=True)
+class KeepItems:
+    """Request: keep a map's items for the events that make the rest of them into nodes (None: forget them)."""
+
+    node_id: str
+    items: list[Any] | None
+
+
+@dataclass(frozen=True)
+class LoadItems:
+    """Request: the items a map keeps (answer: list, or None when it keeps none)."""
+
+    node_id: str
+
+
+@dataclass(frozen=True)
+class ReadNextItem:
+    """Request: a map's next item position to start, without taking it; held until the commit, so that an
+    event taking one waits for this one (answer: int)."""
+
+    node_id: str
 
 
 @dataclass(frozen=True)
@@ -99,7 +124,7 @@ class ScriptResult:
 
 
 Request = (LoadChildren | LoadChild | LoadSubtree | BumpDone | BumpFailed | NextItem | SetDone | RunScript | TakeSlot
-           | Park)
+           | Park | KeepItems | LoadItems | ReadNextItem)
 Step = Generator[Request, Any, None]
 
 

@@ -73,7 +73,7 @@ def evolve(node: Node, changes: dict[str, Any]) -> Node:
 class Work:
     """Something to do later, stored with the state change that implies it (the outbox)."""
 
-    kind: Literal["dispatch", "deadline", "heartbeat", "count", "complete", "timer", "queued"]
+    kind: Literal["dispatch", "deadline", "heartbeat", "count", "complete", "timer", "queued", "grow"]
     node_id: str  # a `count` row names the parent whose counter it bumps
     root_id: str
     attempt: int  # a `count` row holds the finished child's position: one row per child
@@ -98,6 +98,7 @@ class Counters:
     done: int = 0  # children finished
     failed: int = 0  # a map's failed items
     next_item: int = 0  # the next item position a map with max_concurrency may start
+    items: list[Any] | None = None  # a map's items still to be made into nodes, by later events
 
 
 @dataclass
@@ -127,11 +128,12 @@ class Plan:
     # The run is being started: its nodes are all in this plan and none is in the database yet.
     new_run: bool = False
     # Nodes this event creates (a new run's, a map's items), written in their final state at its commit; the
-    # plan, not a read, is the truth about them. `counters` are the counting parents' among them, `grown` the
-    # stored parents that got new children (a read of their children would not find those).
+    # plan, not a read, is the truth about them. `counters` are the counting parents' among them, `new_children`
+    # the children this event gave to parents (a read of their children would not find those).
     inserted: dict[str, None] = field(default_factory=dict)
     counters: dict[str, Counters] = field(default_factory=dict)
-    grown: set[str] = field(default_factory=set)
+    new_children: dict[str, list[str]] = field(default_factory=dict)
+    batch: int = 1000  # a map makes at most this many item subtrees per event
     new_id: Callable[[], str] | None = None  # where new node ids come from, when this event may create nodes
     max_nodes: int = DEFAULT_MAX_TREE_NODES  # a map may not create more nodes than this at once
     # Steps one of whose slots this event frees (an attempt that held it ended): the next attempt waiting
@@ -152,12 +154,13 @@ class Plan:
                 self.nodes[node.id] = node
         if not children_of:  # an event's chain: no child lists
             return
-        complete = set(children_of) - self.grown - self.counters.keys()
+        complete = set(children_of) - self.counters.keys()
         lists: dict[str, list[Node]] = {p: [] for p in complete}
         for node in rows:
             if node.parent_id in complete:
                 lists[node.parent_id].append(node)
         for parent_id, kids in lists.items():
+            kids.extend(self.nodes[i] for i in self.new_children.get(parent_id, ()))
             self.children[parent_id] = [k.id for k in sorted(kids, key=lambda n: n.position)]
 
     def put(self, node: Node, **changes: Any) -> Node:

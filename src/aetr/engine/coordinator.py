@@ -243,9 +243,15 @@ class Coordinator:
         return await self._event(node_id, lambda plan: decide.timer_fired(plan, node_id, attempt), None, attempt,
                                  FinishCall(node_id, attempt, "timer"))
 
-    async def offer_slot(self, node_id: str, attempt: int) -> decide.Verdict:
+    async def offer_slot(self, node_id: str, attempt: int, due_at: datetime) -> decide.Verdict:
         """A queued attempt of a step with max_concurrency came due: it takes a slot, or waits set aside."""
-        return await self._event(node_id, lambda plan: api.slot_offered(plan, node_id, attempt), None, attempt)
+        return await self._event(node_id, lambda plan: api.slot_offered(plan, node_id, attempt, due_at), None,
+                                 attempt)
+
+    async def grow_map(self, node_id: str, first: int) -> decide.Verdict:
+        """The next batch of a map's items becomes nodes; its work row goes in the same transaction."""
+        return await self._event(node_id, lambda plan: decide.grow_map(plan, node_id, first), None, first,
+                                 FinishCall(node_id, first, "grow"))
 
     async def signal(self, node_id: str, output: Any, error: str | None) -> decide.Verdict:
         """Someone answered a signal wait, with an output or an error."""

@@ -12,6 +12,8 @@ from collections.abc import Generator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+
 from aetr.domain import decide
 from aetr.domain.runs import Node, Plan, Work
 from aetr.store.errors import Conflict
@@ -64,8 +66,8 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
         following = [st.node(r[1:]) for r in rows if r[0] == 1]
         return Chain([st.node(r[1:]) for r in rows if r[0] == 0], following[0] if following else None)
     if isinstance(req, decide.LoadChild):
-        (row,) = yield Fetch(st.load_child, {"parent_id": req.parent_id, "position": req.position})
-        return st.node(row)
+        rows = yield Fetch(st.load_child, {"parent_id": req.parent_id, "position": req.position})
+        return st.node(rows[0]) if rows else None
     if isinstance(req, decide.LoadChildren):
         return [st.node(r) for r in (yield Fetch(st.load_children, {"parent_id": req.parent_id}))]
     if isinstance(req, decide.LoadSubtree):
@@ -81,7 +83,12 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
         if st.slot_lock is not None:
             yield Fetch(st.slot_lock, {"step_id": req.step_id})
         ((held,),) = yield Fetch(st.count_slots, {"step_id": req.step_id})
-        return bool(held < req.limit)
+        if held >= req.limit:
+            return False
+        if req.due_at is not None:
+            ((older,),) = yield Fetch(st.older_waiting, {"step_id": req.step_id, "due_at": st.time_in(req.due_at)})
+            return bool(older == 0)
+        return True
     if isinstance(req, decide.Park):
         until = datetime.now(UTC) + timedelta(seconds=PARK_S)
         yield Exec(st.park, {"node_id": req.node_id, "attempt": req.attempt, "until": st.time_in(until)})
@@ -91,6 +98,16 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
             yield Fetch(st.slot_lock, {"step_id": req.step_id})
         yield Exec(st.wake_waiting, {"step_id": req.step_id})
         return None
+    if isinstance(req, decide.KeepItems):
+        items = None if req.items is None else orjson.dumps(req.items).decode()
+        yield Exec(st.keep_items, {"node_id": req.node_id, "items": items})
+        return None
+    if isinstance(req, decide.LoadItems):
+        rows = yield Fetch(st.load_items, {"node_id": req.node_id})
+        return orjson.loads(rows[0][0]) if rows and rows[0][0] is not None else None
+    if isinstance(req, decide.ReadNextItem):
+        ((position,),) = yield Fetch(st.read_next_item, {"node_id": req.node_id})
+        return position
     if isinstance(req, decide.BumpFailed):
         ((failed,),) = yield Fetch(st.bump_failed, {"parent_id": req.parent_id})
         return failed
@@ -157,7 +174,8 @@ def _new_rows(plan: Plan, run: InsertRun | None, st: Statements,
     if run is not None:
         rows[0]["snapshot"] = run.snapshot
         rows[0]["idempotency_key"] = run.idempotency_key
-    counters = [{"node_id": node_id, "done": c.done, "failed": c.failed, "next_item": c.next_item}
+    counters = [{"node_id": node_id, "done": c.done, "failed": c.failed, "next_item": c.next_item,
+                 "items": None if c.items is None else orjson.dumps(c.items).decode()}
                 for node_id, c in plan.counters.items()]
     return rows, counters
 

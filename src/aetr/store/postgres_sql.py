@@ -31,8 +31,8 @@ _STATE_TYPES_PG = {"k_id": "varchar", "k_version": "integer", "state": "varchar"
                    "error": "text", "attempt": "integer", "attempt_base": "integer", "version": "integer",
                    "started_at": "timestamptz", "completed_at": "timestamptz", "n_children": "integer",
                    "wait_until": "timestamptz", "awaits_signal": "boolean", "holds_slot": "boolean"}
-COUNTER_NAMES = ("node_id", "done", "failed", "next_item")
-_COUNTER_TYPES_PG = ("varchar", "integer", "integer", "integer")
+COUNTER_NAMES = ("node_id", "done", "failed", "next_item", "items")
+_COUNTER_TYPES_PG = ("varchar", "integer", "integer", "integer", "text")
 
 
 def _write_all_pg() -> str:

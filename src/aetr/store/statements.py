@@ -133,7 +133,13 @@ class Statements(RowCodec):
         self.next_item = c(update(run_counters).where(run_counters.c.node_id == p("parent_id"))
                            .values(next_item=run_counters.c.next_item + 1).returning(run_counters.c.next_item))
         self.insert_counter = c(insert(run_counters).values(node_id=p("node_id"), done=p("done"), failed=p("failed"),
-                                                            next_item=p("next_item")))
+                                                            next_item=p("next_item"), items=p("items")))
+        self.keep_items = c(update(run_counters).where(run_counters.c.node_id == p("node_id"))
+                            .values({"items": p("items")}))
+        self.load_items = read(select(run_counters.c["items"]).where(run_counters.c.node_id == p("node_id")))
+        # Read under the row's lock, as an UPDATE: an event taking the next item waits for this one's commit.
+        self.read_next_item = c(update(run_counters).where(run_counters.c.node_id == p("node_id"))
+                                .values(next_item=run_counters.c.next_item).returning(run_counters.c.next_item))
         self.update_node = c(update(run_nodes)
                              .where(and_(run_nodes.c.id == p("k_id"), run_nodes.c.version == p("k_version")))
                              .values({name: p(name) for name in STATE_COLUMNS}))
@@ -167,6 +173,11 @@ class Statements(RowCodec):
         self.slot_lock: Sql | None = None
         self.count_slots = read(select(func.count()).select_from(run_nodes).where(and_(
             run_nodes.c.step_id == p("step_id"), run_nodes.c.holds_slot == true())))
+        # Attempts of a step queued since before a given time: a free slot goes to the one waiting longest.
+        older = (select(func.count()).select_from(work.join(run_nodes, run_nodes.c.id == work.c.node_id))
+                 .where(and_(work.c.kind == literal_column("'queued'"), run_nodes.c.step_id == p("step_id"),
+                             work.c.due_at < p("due_at"))))
+        self.older_waiting = read(older)
         self.park = c(update(work).where(and_(
             work.c.node_id == p("node_id"), work.c.attempt == p("attempt"), work.c.kind == literal_column("'queued'")))
             .values(lease_owner=literal_column(f"'{PARKED}'"), lease_until=p("until")))

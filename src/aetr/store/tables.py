@@ -127,6 +127,7 @@ run_counters = Table(
     Column("done", Integer, nullable=False),
     Column("failed", Integer, nullable=False, server_default="0"),  # a map's failed items
     Column("next_item", Integer, nullable=False, server_default="0"),  # the next item a limited map may start
+    Column("items", Text, nullable=True),  # a map's items, JSON, while later events make them into nodes
 )
 
 work = Table(

@@ -10,7 +10,18 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from aetr.domain import flow
 from aetr.domain.jsonvalue import json_type
 from aetr.domain.kinds import parallel
-from aetr.domain.requests import LoadChild, Request, RunScript, ScriptResult, SetDone, Step
+from aetr.domain.requests import (
+    ACCEPTED,
+    LoadChild,
+    LoadItems,
+    Request,
+    RunScript,
+    ScriptResult,
+    SetDone,
+    Step,
+    Verdict,
+)
+from aetr.domain.runs import Work
 
 if TYPE_CHECKING:
     from aetr.domain.runs import Node, Plan
@@ -85,20 +96,61 @@ def start(plan: Plan, node: Node) -> Step:
     if not items:
         yield from parallel.reduce(plan, node, [], spec.reducer)
         return
-    mapper, template = spec.template
+    template = spec.template[1]
     size = len(items) * template.node_count
     if size > plan.max_nodes:
         yield from flow.fail(plan, node, f"{len(items)} items of {template.node_count} node(s) each would make "
                                          f"{size} run nodes, more than AETR_MAX_TREE_NODES={plan.max_nodes}: "
                                          "split the list, or raise the limit", "mapper")
         return
-    kids = flow.grow(plan, node, template, mapper, items)
-    limit = min(spec.max_concurrency or len(kids), len(kids))
+    n = len(items)
+    node = plan.put(node, n_children=n)
+    limit = min(spec.max_concurrency or n, n)
     yield from flow.set_counters(plan, node, SetDone(node.id, 0, 0, limit))
-    for kid in kids[:limit]:
-        if plan.nodes[node.id].state != "executing":
-            break  # an item failed at once beyond what is tolerated: start no more
-        yield from flow.start_child(plan, node, kid, kid.input)
+    # The items' subtrees are made a batch per event: a map of 100,000 items never holds the database for the
+    # seconds that making them all at once takes. Later batches come from the items kept with the map.
+    per_batch = max(1, plan.batch // template.node_count)
+    yield from _make_and_start(plan, node, items[:per_batch], 0, limit)
+    if n > per_batch and plan.nodes[node.id].state == "executing":
+        yield from flow.keep_items(plan, node, items)
+        plan.work.append(Work("grow", node.id, node.root_id, per_batch, plan.now))
+
+
+def _make_and_start(plan: Plan, node: Node, batch: list[Any], first: int, limit: int) -> Step:
+    """Make the subtrees of a batch of items (positions from `first` on) and start those below `limit`."""
+    spec = spec_of(node)
+    assert spec.template is not None
+    mapper, template = spec.template
+    for kid in flow.grow(plan, node, template, mapper, batch, first):
+        if kid.position >= limit or plan.nodes[node.id].state != "executing":
+            break  # waiting for a slot; or an item failed at once beyond what is tolerated: start no more
+        yield from flow.start_child(plan, node, plan.nodes[kid.id], kid.input)
+
+
+def grow(plan: Plan, node_id: str, first: int) -> Generator[Request, Any, Verdict]:
+    """The next batch of a map's items becomes nodes (`first`: its first position); those whose turn has come
+    start."""
+    node = plan.nodes[node_id]
+    if node.step.kind != "map":
+        return Verdict("refused", f"node is a {node.step.kind} step, not a map")
+    if node.state != "executing":
+        yield from flow.keep_items(plan, node, None)
+        return Verdict("refused", f"the map is {node.state}")
+    items: list[Any] | None = yield LoadItems(node.id)
+    if items is None or first >= len(items):
+        return Verdict("refused", "the map has no items left to make")
+    spec = spec_of(node)
+    assert spec.template is not None
+    per_batch = max(1, plan.batch // spec.template[1].node_count)
+    # Items below the next position to start have had their turn: started here, as no event could start them
+    # before they existed. Read under the counter's lock: an item finishing meanwhile waits for this event.
+    limit = node.n_children if spec.max_concurrency is None else (yield from flow.next_item_now(plan, node))
+    yield from _make_and_start(plan, node, items[first:first + per_batch], first, limit)
+    if first + per_batch < len(items) and plan.nodes[node.id].state == "executing":
+        plan.work.append(Work("grow", node.id, node.root_id, first + per_batch, plan.now))
+    else:
+        yield from flow.keep_items(plan, plan.nodes[node.id], None)
+    return ACCEPTED
 
 
 def child_ended(plan: Plan, parent: Node, child: Node) -> Step:
@@ -132,10 +184,11 @@ def _start_one(plan: Plan, parent: Node) -> Step:
         position: int = yield from flow.next_item(plan, parent)
         if position >= parent.n_children:
             return
-        if parent.id in plan.children:
-            kid = plan.nodes[plan.children[parent.id][position]]
-        else:
-            loaded: Node = yield LoadChild(parent.id, position)
+        kid = _made_here(plan, parent, position)
+        if kid is None:
+            loaded: Node | None = yield LoadChild(parent.id, position)
+            if loaded is None:
+                return  # not made yet: the event that makes it starts it, its turn having come
             plan.absorb([loaded])
             kid = plan.nodes[loaded.id]
         if kid.state != "pending":
@@ -145,6 +198,19 @@ def _start_one(plan: Plan, parent: Node) -> Step:
         else:  # a redrive left it waiting for a slot: it goes on from its recorded input
             yield from flow.resume(plan, kid)
         return
+
+
+def _made_here(plan: Plan, parent: Node, position: int) -> Node | None:
+    """The item at `position` when this event holds it: every item, or the batch this event made."""
+    known = plan.children.get(parent.id)
+    if known is not None and position < len(known) and plan.nodes[known[position]].position == position:
+        return plan.nodes[known[position]]
+    made = plan.new_children.get(parent.id)
+    if made:
+        offset = position - plan.nodes[made[0]].position
+        if 0 <= offset < len(made):
+            return plan.nodes[made[offset]]
+    return None
 
 
 def all_finished(plan: Plan, parent: Node) -> Generator[Request, Any, bool]:
@@ -174,14 +240,22 @@ def resume(plan: Plan, node: Node, kids: list[Node]) -> Step:
         return
     spec = spec_of(node)
     unfinished = [k for k in kids if k.state != "complete"]
-    if not unfinished:
+    missing = node.n_children - len(kids)  # items not made yet when the map stopped: made now, batch by batch
+    if not unfinished and not missing:
         yield from parallel.reduce(plan, node, [k.output for k in kids], spec.reducer)
         return
-    limit = min(spec.max_concurrency or len(unfinished), len(unfinished))
+    limit = spec.max_concurrency or node.n_children
     now, later = unfinished[:limit], unfinished[limit:]
+    if spec.max_concurrency is None:
+        next_item = node.n_children
+    elif len(now) < limit:  # slots left for items not made yet
+        next_item = len(kids) + min(limit - len(now), missing)
+    else:
+        next_item = now[-1].position + 1
     plan.drop_work_for.add(node.id)  # counts still pending from before are in the new value
-    yield from flow.set_counters(plan, node, SetDone(node.id, len(kids) - len(unfinished), 0,
-                                                     now[-1].position + 1))
+    yield from flow.set_counters(plan, node, SetDone(node.id, len(kids) - len(unfinished), 0, next_item))
+    if missing:
+        plan.work.append(Work("grow", node.id, node.root_id, len(kids), plan.now))
     for kid in later:  # waiting for a slot again, their records kept for when it comes
         plan.put(kid, state="pending", error=None, completed_at=None)
     for kid in now:

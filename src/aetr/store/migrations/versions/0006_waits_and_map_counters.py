@@ -33,10 +33,12 @@ def upgrade() -> None:
     with op.batch_alter_table("run_counters") as batch:
         batch.add_column(sa.Column("failed", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("next_item", sa.Integer(), nullable=False, server_default="0"))
+        batch.add_column(sa.Column("items", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("run_counters") as batch:
+        batch.drop_column("items")
         batch.drop_column("next_item")
         batch.drop_column("failed")
     op.drop_index("ix_run_nodes_slots", table_name="run_nodes")
