@@ -157,6 +157,8 @@ async def test_a_signal_wait_completes_with_the_signal_and_refuses_a_second_one(
                                    {"error": "too expensive"})
     assert status == 200 and body["state"] == "error"
     assert body["error"]["kind"] == "signal" and body["error"]["message"] == "too expensive"
+    status, metrics = await aetr.call("GET", "/metrics")
+    assert status == 200 and 'aetr_waits_ended_total{how="signal"}' in metrics.decode()
 
 
 async def test_a_signal_on_a_node_that_is_not_a_signal_wait_is_a_conflict(aetr: Server,

@@ -240,22 +240,35 @@ class Coordinator:
 
     async def timer_fired(self, node_id: str, attempt: int) -> decide.Verdict:
         """A wait's timer came due; its work row goes in the same transaction."""
-        return await self._event(node_id, lambda plan: decide.timer_fired(plan, node_id, attempt), None, attempt,
-                                 FinishCall(node_id, attempt, "timer"))
+        verdict = await self._event(node_id, lambda plan: decide.timer_fired(plan, node_id, attempt), None,
+                                    attempt, FinishCall(node_id, attempt, "timer"))
+        if verdict.outcome == "accepted":
+            metrics.WAITS_ENDED.labels("timer").inc()
+        return verdict
 
     async def offer_slot(self, node_id: str, attempt: int, due_at: datetime) -> decide.Verdict:
         """A queued attempt of a step with max_concurrency came due: it takes a slot, or waits set aside."""
-        return await self._event(node_id, lambda plan: api.slot_offered(plan, node_id, attempt, due_at), None,
-                                 attempt)
+        verdict = await self._event(node_id, lambda plan: api.slot_offered(plan, node_id, attempt, due_at), None,
+                                    attempt)
+        if verdict.reason == api.NO_SLOT:
+            metrics.SLOT_WAITS.inc()
+        return verdict
 
     async def grow_map(self, node_id: str, first: int) -> decide.Verdict:
         """The next batch of a map's items becomes nodes; its work row goes in the same transaction."""
-        return await self._event(node_id, lambda plan: decide.grow_map(plan, node_id, first), None, first,
-                                 FinishCall(node_id, first, "grow"))
+        verdict = await self._event(node_id, lambda plan: decide.grow_map(plan, node_id, first), None, first,
+                                    FinishCall(node_id, first, "grow"))
+        if verdict.outcome == "accepted":
+            metrics.MAP_BATCHES.inc()
+        return verdict
 
     async def signal(self, node_id: str, output: Any, error: str | None) -> decide.Verdict:
         """Someone answered a signal wait, with an output or an error."""
-        return await self._event(node_id, lambda plan: decide.signalled(plan, node_id, output, error), "signal", 0)
+        verdict = await self._event(node_id, lambda plan: decide.signalled(plan, node_id, output, error), "signal",
+                                    0)
+        if verdict.outcome == "accepted":
+            metrics.WAITS_ENDED.labels("signal").inc()
+        return verdict
 
     async def cancel(self, root_id: str) -> decide.Verdict:
         """Cancel every unfinished node of a run."""
