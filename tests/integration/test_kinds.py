@@ -238,3 +238,16 @@ async def test_a_slot_is_freed_by_a_cancel_and_by_a_failed_attempt(aetr: Server,
     assert [c.json for c in steps_service.calls("/failing")] == [1, 2]
     status, _ = await aetr.call("POST", f"/api/v1/runs/{waiter}/cancel")
     assert status == 200
+
+
+async def test_a_map_or_choice_that_would_contain_itself_is_refused_with_the_cycle(aetr: Server,
+                                                                                  steps_service: StepService) -> None:
+    await aetr.put_step({"name": "outer", "kind": "sequential", "children": [{"step": api(steps_service, "a")}]})
+    status, body = await aetr.call("PUT", "/api/v1/steps/fan", {"name": "fan", "kind": "map",
+                                                               "child": {"step": "outer"}})
+    assert status == 201, body
+    status, body = await aetr.call("PUT", "/api/v1/steps/outer", {"name": "outer", "kind": "choice", "children": [
+        {"step": "fan", "when": "(x) => x.deep"}, {"step": "a"}]})
+    assert status == 422 and "outer → fan → outer" in body["detail"]
+    status, tree = await aetr.call("GET", "/api/v1/steps/fan")
+    assert status == 200 and tree["child"]["step"]["kind"] == "sequential"  # nothing of the refused change kept
