@@ -1,0 +1,299 @@
+"""Wait steps and `max_concurrency` hold up against SIGKILL and several processes on one database.
+
+Timers and signal time-outs are work rows, and slots are node columns counted under a lock: a timer armed
+before a kill fires after the restart, one timer fires once however many processes share the database, a
+signal is taken by any process (once), and a step's slots are never exceeded across processes, also when
+one of them dies holding some.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from aetr.testing import Call, StepRequest, StepService
+from aetr.testing.behaviours import sync
+from tests.e2e.harness import TERMINAL, AetrServer, Api, Launcher, nodes_by_name
+from tests.e2e.test_scale_out import distinct_ports, port_of, start_cluster
+
+ON_POSTGRES = pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+
+PROCESSES = 3
+FINISH_S = 45.0  # seconds for every run of a test to end once nothing holds them up
+POLL_RUNS_S = 0.2  # seconds between two looks at the runs' states
+
+
+async def wait_all_ended(api: Api, run_ids: Iterable[str], timeout: float) -> dict[str, str]:  # noqa: ASYNC109
+    """Poll the run list until every one of `run_ids` has ended; their states. Fails after `timeout` seconds
+    with the states seen last (one list request per look, not a long poll per run: the connections are few)."""
+    wanted = set(run_ids)
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = await api.call("GET", f"/api/v1/runs?limit={len(wanted) + 50}")
+        assert status == 200, f"GET /runs: HTTP {status} {body}"
+        states = {r["id"]: r["state"] for r in body["runs"] if r["id"] in wanted}
+        if len(states) == len(wanted) and all(s in TERMINAL for s in states.values()):
+            return states
+        assert time.monotonic() < deadline, (
+            f"runs not ended after {timeout:g} s: {Counter(states.values())}, {len(wanted) - len(states)} not listed")
+        await asyncio.sleep(POLL_RUNS_S)
+
+
+def completions(history: list[dict[str, Any]]) -> Counter[str]:
+    """How many times each node of a run's history moved to `complete`."""
+    return Counter(e["node_id"] for e in history if e["kind"] == "state" and e["data"].get("to") == "complete")
+
+
+def count_calls(calls: list[Call]) -> Counter[str]:
+    """Calls per run id."""
+    return Counter(c.run_id for c in calls if c.run_id is not None)
+
+
+# ---- 1. a timer armed before SIGKILL fires after the restart, once ----------------------------------------
+
+KILL_RUNS = 20
+KILL_WAIT_S = 2
+
+
+async def test_timers_armed_before_a_sigkill_fire_once_after_the_restart(
+        launcher: Launcher, database_url: str, http: aiohttp.ClientSession) -> None:
+    async with StepService() as svc:
+        svc.route("/after", sync(lambda x: {**x, "after": True}))
+        aetr = await launcher.serve(database_url)
+        api = Api(http, aetr.url)
+        await api.put_step({"name": "after", "kind": "api", "url": svc.url("/after"), "mode": "sync",
+                            "timeout_s": 5, "retry": {"max_attempts": 3, "backoff_s": 0.1}})
+        await api.put_step({"name": "pause", "kind": "wait", "seconds": KILL_WAIT_S})
+        await api.put_step({"name": "pause-then-call", "kind": "sequential",
+                            "children": [{"step": "pause"}, {"step": "after"}]})
+        started_at = time.monotonic()
+        run_ids = [await api.start_run("pause-then-call", {"k": k}) for k in range(KILL_RUNS)]
+        # Every wait has armed its timer (the node waits with a time to wake at) before the kill.
+        for run_id in run_ids:
+            pause = nodes_by_name(await api.run(run_id))["pause"]
+            assert pause["state"] == "executing", pause
+        aetr.kill()
+        killed_after = time.monotonic() - started_at
+        assert svc.calls() == [], "a timer fired before the kill: the kill came too late to test anything"
+        assert killed_after < KILL_WAIT_S, f"the kill came {killed_after:.1f} s after the first start"
+
+        await aetr.start_ready()
+        states = await wait_all_ended(api, run_ids, FINISH_S)
+        runs = [await api.run(run_id) for run_id in run_ids]
+        histories = [await api.events(run_id) for run_id in run_ids]
+
+    assert Counter(states.values()) == {"complete": KILL_RUNS}, states
+    calls = count_calls(svc.calls("/after"))
+    assert calls == dict.fromkeys(run_ids, 1), f"api step calls per run: {calls}"
+    for k, (run, history) in enumerate(zip(runs, histories, strict=True)):
+        assert run["output"] == {"k": k, "after": True}, run
+        nodes = nodes_by_name(run)
+        assert completions(history) == {n["id"]: 1 for n in nodes.values()}, history
+    # The timers waited their time: no call came sooner than KILL_WAIT_S after its run was started.
+    assert min(c.received_at for c in svc.calls()) - started_at >= KILL_WAIT_S - 0.2
+
+
+# ---- 2. one timer fires once with several processes on one PostgreSQL -------------------------------------
+
+MANY_RUNS = 60
+SHORT_WAIT_S = 1
+
+
+@ON_POSTGRES
+async def test_timers_fire_exactly_once_with_three_processes_on_one_database(
+        launcher: Launcher, database_url: str, http: aiohttp.ClientSession) -> None:
+    ports = distinct_ports(PROCESSES)
+    async with StepService() as svc:
+        svc.route("/after", sync(lambda x: {**x, "after": True}))
+        await start_cluster(launcher, database_url, ports, "s" * 43)
+        apis = [Api(http, f"http://127.0.0.1:{p}") for p in ports]
+        await apis[0].put_step({"name": "after", "kind": "api", "url": svc.url("/after"), "mode": "sync",
+                                "timeout_s": 10, "retry": {"max_attempts": 3, "backoff_s": 0.1}})
+        await apis[0].put_step({"name": "pause", "kind": "wait", "seconds": SHORT_WAIT_S})
+        await apis[0].put_step({"name": "pause-then-call", "kind": "sequential",
+                                "children": [{"step": "pause"}, {"step": "after"}]})
+        run_ids = list(await asyncio.gather(*(apis[k % PROCESSES].start_run("pause-then-call", {"k": k})
+                                              for k in range(MANY_RUNS))))
+        states = await wait_all_ended(apis[1], run_ids, FINISH_S)
+        runs = [await apis[k % PROCESSES].run(run_id) for k, run_id in enumerate(run_ids)]
+        histories = [await apis[k % PROCESSES].events(run_id) for k, run_id in enumerate(run_ids)]
+
+    assert Counter(states.values()) == {"complete": MANY_RUNS}, states
+    calls = count_calls(svc.calls("/after"))
+    assert calls == dict.fromkeys(run_ids, 1), f"api step calls per run: {calls}"
+    for k, (run, history) in enumerate(zip(runs, histories, strict=True)):
+        assert run["state"] == "complete" and run["output"] == {"k": k, "after": True}, run
+        nodes = nodes_by_name(run)
+        assert completions(history)[nodes["pause"]["id"]] == 1, history
+        assert completions(history) == {n["id"]: 1 for n in nodes.values()}, history
+
+
+# ---- 3. a signal sent through another process is taken once ---------------------------------------------
+
+@ON_POSTGRES
+async def test_a_signal_wait_started_on_one_process_is_answered_through_another_and_only_once(
+        launcher: Launcher, database_url: str, http: aiohttp.ClientSession) -> None:
+    ports = distinct_ports(PROCESSES)
+    await start_cluster(launcher, database_url, ports, "s" * 43)
+    a, b, c = (Api(http, f"http://127.0.0.1:{p}") for p in ports)
+    await a.put_step({"name": "approval", "kind": "wait", "signal": True, "timeout_s": 60})
+    run_id = await a.start_run("approval", {"asked": True})
+    run = await a.run(run_id)
+    assert run["state"] == "executing", run
+    path = f"/api/v1/runs/{run_id}/nodes/{run['id']}/signal"
+
+    status, body = await b.call("POST", path, {"output": {"approved": True}})
+    assert status == 200, (status, body)
+    ended = await a.wait_run(run_id, FINISH_S)
+    assert ended["state"] == "complete" and ended["output"] == {"approved": True}, ended
+
+    status, body = await c.call("POST", path, {"error": "too late"})
+    assert status == 409, (status, body)
+    status, body = await a.call("POST", path, {"output": {"approved": False}})
+    assert status == 409, (status, body)
+    after = await c.run(run_id)
+    assert after["state"] == "complete" and after["output"] == {"approved": True}, after
+    assert completions(await c.events(run_id)) == {run_id: 1}
+
+
+# ---- 4. max_concurrency across processes, and across a kill ----------------------------------------------
+
+LIMIT = 5
+LIMITED_RUNS = 60
+HOLD_S = (0.3, 0.5)  # seconds the step service works on each call before it calls back
+LIMITED_TIMEOUT_S = 3  # a lost callback's attempt fails after this, freeing its slot, and is retried
+LIMITED_RETRY = {"max_attempts": 4, "backoff_s": 0.1, "max_backoff_s": 0.5}
+KILL_AFTER_DONE = 15  # calls called back when one process is killed
+VICTIM = 1
+
+
+@dataclass(eq=False)
+class LimitedService:
+    """The limited step's service: counts the calls it is working on, and calls back the process that minted
+    each call's callback URL (a dead one's callbacks are lost)."""
+
+    rng: random.Random
+    in_flight: int = 0
+    most: int = 0
+    done: int = 0
+    dead: set[int] = field(default_factory=set)
+    lost: list[Call] = field(default_factory=list)  # callbacks that met a dead process
+    victim_calls: int = 0  # calls minted by the victim being worked on right now
+    victim: int | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def behaviour(self, request: StepRequest) -> web.StreamResponse:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        if port_of(request.call) == self.victim:
+            self.victim_calls += 1
+        self.changed.set()
+        request.later(self._work(request))
+        return web.Response(status=202)
+
+    async def _work(self, request: StepRequest) -> None:
+        try:
+            await asyncio.sleep(self.rng.uniform(*HOLD_S))
+        finally:
+            # The work is over before its callback is sent: a slot is never freed before this, so this count
+            # never exceeds the slots AETR holds.
+            self.in_flight -= 1
+            if port_of(request.call) == self.victim:
+                self.victim_calls -= 1
+        if port_of(request.call) in self.dead:
+            self.lost.append(request.call)
+            return
+        try:
+            answer = await request.send_output({**request.input, "limited": True})
+        except aiohttp.ClientError:
+            self.lost.append(request.call)  # it died while this was on its way: AETR may not have it
+            return
+        if answer.status == 200 and answer.json == {"accepted": True}:
+            self.done += 1
+        self.changed.set()
+
+    async def wait_for(self, what: str, condition: Any, timeout: float) -> None:  # noqa: ASYNC109
+        deadline = time.monotonic() + timeout
+        while not condition():
+            left = deadline - time.monotonic()
+            assert left > 0, f"not {what} after {timeout:g} s: in flight {self.in_flight}, done {self.done}"
+            self.changed.clear()
+            try:
+                async with asyncio.timeout(left):
+                    await self.changed.wait()
+            except TimeoutError:
+                pass
+
+
+async def _limited_scenario(launcher: Launcher, database_url: str, http: aiohttp.ClientSession,
+                            kill: bool) -> tuple[LimitedService, list[dict[str, Any]], list[list[dict[str, Any]]],
+                                                 list[AetrServer], float]:
+    ports = distinct_ports(PROCESSES)
+    seed = random.randrange(2**32)
+    service = LimitedService(random.Random(seed), victim=ports[VICTIM] if kill else None)
+    async with StepService() as svc:
+        svc.route("/limited", service.behaviour)
+        servers = await start_cluster(launcher, database_url, ports, "s" * 43)
+        apis = [Api(http, server.url) for server in servers]
+        await apis[0].put_step({"name": "limited", "kind": "api", "url": svc.url("/limited"),
+                                "max_concurrency": LIMIT, "timeout_s": LIMITED_TIMEOUT_S, "retry": LIMITED_RETRY})
+        run_ids = list(await asyncio.gather(*(apis[k % PROCESSES].start_run("limited", {"k": k})
+                                              for k in range(LIMITED_RUNS))))
+        killed_at = 0.0
+        survivors = apis
+        if kill:
+            # Killed in the middle, while it has calls of its own out: their callbacks will be lost.
+            await service.wait_for("mid-way with calls of the victim out",
+                                   lambda: service.done >= KILL_AFTER_DONE and service.victim_calls > 0, FINISH_S)
+            servers[VICTIM].kill()
+            killed_at = time.monotonic()
+            service.dead.add(ports[VICTIM])
+            survivors = [api for i, api in enumerate(apis) if i != VICTIM]
+        await wait_all_ended(survivors[0], run_ids, FINISH_S)
+        runs = [await survivors[k % len(survivors)].run(run_id) for k, run_id in enumerate(run_ids)]
+        histories = [await survivors[k % len(survivors)].events(run_id) for k, run_id in enumerate(run_ids)]
+        assert svc.errors == [], svc.errors
+    print(f"\nmax_concurrency {LIMIT}: most in flight {service.most}, lost callbacks {len(service.lost)}, seed {seed}")
+    return service, runs, histories, servers, killed_at
+
+
+def _check_limited(service: LimitedService, runs: list[dict[str, Any]], histories: list[list[dict[str, Any]]]) -> None:
+    assert service.most <= LIMIT, f"{service.most} calls of a step with max_concurrency {LIMIT} were in flight"
+    # The limit was reached: the runs queued for slots (without the limit, dozens would be in flight).
+    assert service.most == LIMIT, f"at most {service.most} in flight: the limit was never reached"
+    ended = Counter((run["state"], (run["error"] or {}).get("kind")) for run in runs)
+    assert ended == {("complete", None): LIMITED_RUNS}, ended
+    for k, (run, history) in enumerate(zip(runs, histories, strict=True)):
+        assert run["output"] == {"k": k, "limited": True}, run
+        assert completions(history) == {run["id"]: 1}, history
+
+
+@ON_POSTGRES
+async def test_max_concurrency_holds_across_three_processes(
+        launcher: Launcher, database_url: str, http: aiohttp.ClientSession) -> None:
+    service, runs, histories, _, _ = await _limited_scenario(launcher, database_url, http, kill=False)
+    _check_limited(service, runs, histories)
+    assert service.lost == []
+
+
+@ON_POSTGRES
+async def test_max_concurrency_holds_when_a_process_is_killed_holding_slots(
+        launcher: Launcher, database_url: str, http: aiohttp.ClientSession) -> None:
+    service, runs, histories, _, killed_at = await _limited_scenario(launcher, database_url, http, kill=True)
+    _check_limited(service, runs, histories)
+    # Some attempts died with the victim (their callbacks lost): their slots came back when their deadlines
+    # failed them, and they were retried and completed.
+    assert service.lost, "no callback was lost with the victim: its slots were never tested"
+    timed_out = [e for history in histories for e in history if e["kind"] == "timeout"]
+    assert timed_out, "no attempt timed out: the lost callbacks' slots were not freed by their deadlines"
+    assert killed_at > 0
