@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp import web
 
 from aetr.testing import Call, StepRequest, StepService
 from aetr.testing.behaviours import sync
-from tests.e2e.harness import TERMINAL, AetrServer, Api, Launcher, nodes_by_name
+from tests.e2e.harness import TERMINAL, Api, Launcher, nodes_by_name
 from tests.e2e.test_scale_out import distinct_ports, port_of, start_cluster
 
 ON_POSTGRES = pytest.mark.parametrize(
@@ -174,7 +175,7 @@ HOLD_S = (0.3, 0.5)  # seconds the step service works on each call before it cal
 LIMITED_TIMEOUT_S = 3  # a lost callback's attempt fails after this, freeing its slot, and is retried
 LIMITED_RETRY = {"max_attempts": 4, "backoff_s": 0.1, "max_backoff_s": 0.5}
 KILL_AFTER_DONE = 15  # calls called back when one process is killed
-VICTIM = 1
+RECORDED_S = 0.15  # seconds after its 202 by which a process has surely recorded a call as made
 
 
 @dataclass(eq=False)
@@ -188,15 +189,14 @@ class LimitedService:
     done: int = 0
     dead: set[int] = field(default_factory=set)
     lost: list[Call] = field(default_factory=list)  # callbacks that met a dead process
-    victim_calls: int = 0  # calls minted by the victim being worked on right now
-    victim: int | None = None
+    # The calls being worked on right now: (node id, attempt) -> (port of their process, when answered 202).
+    out: dict[tuple[str | None, int | None], tuple[int, float]] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def behaviour(self, request: StepRequest) -> web.StreamResponse:
         self.in_flight += 1
         self.most = max(self.most, self.in_flight)
-        if port_of(request.call) == self.victim:
-            self.victim_calls += 1
+        self.out[request.call.node_id, request.call.attempt] = (port_of(request.call), time.monotonic())
         self.changed.set()
         request.later(self._work(request))
         return web.Response(status=202)
@@ -208,8 +208,7 @@ class LimitedService:
             # The work is over before its callback is sent: a slot is never freed before this, so this count
             # never exceeds the slots AETR holds.
             self.in_flight -= 1
-            if port_of(request.call) == self.victim:
-                self.victim_calls -= 1
+            self.out.pop((request.call.node_id, request.call.attempt), None)
         if port_of(request.call) in self.dead:
             self.lost.append(request.call)
             return
@@ -229,7 +228,7 @@ class LimitedService:
             assert left > 0, f"not {what} after {timeout:g} s: in flight {self.in_flight}, done {self.done}"
             self.changed.clear()
             try:
-                async with asyncio.timeout(left):
+                async with asyncio.timeout(min(left, 0.02)):  # conditions on time are looked at again soon
                     await self.changed.wait()
             except TimeoutError:
                 pass
@@ -237,10 +236,10 @@ class LimitedService:
 
 async def _limited_scenario(launcher: Launcher, database_url: str, http: aiohttp.ClientSession,
                             kill: bool) -> tuple[LimitedService, list[dict[str, Any]], list[list[dict[str, Any]]],
-                                                 list[AetrServer], float]:
+                                                 list[Call], float]:
     ports = distinct_ports(PROCESSES)
     seed = random.randrange(2**32)
-    service = LimitedService(random.Random(seed), victim=ports[VICTIM] if kill else None)
+    service = LimitedService(random.Random(seed))
     async with StepService() as svc:
         svc.route("/limited", service.behaviour)
         servers = await start_cluster(launcher, database_url, ports, "s" * 43)
@@ -252,19 +251,35 @@ async def _limited_scenario(launcher: Launcher, database_url: str, http: aiohttp
         killed_at = 0.0
         survivors = apis
         if kill:
-            # Killed in the middle, while it has calls of its own out: their callbacks will be lost.
-            await service.wait_for("mid-way with calls of the victim out",
-                                   lambda: service.done >= KILL_AFTER_DONE and service.victim_calls > 0, FINISH_S)
-            servers[VICTIM].kill()
+            # Mid-way, the process that made the call worked on longest is killed: answered long enough ago that
+            # it has recorded the call as made, so the call's callback is lost and only its deadline can end it.
+            def recorded_call_out() -> int | None:
+                now = time.monotonic()
+                ports_out = [(at, port) for port, at in service.out.values() if now - at >= RECORDED_S]
+                return min(ports_out)[1] if ports_out else None
+
+            await service.wait_for("mid-way with a recorded call out",
+                                   lambda: service.done >= KILL_AFTER_DONE and recorded_call_out(), FINISH_S)
+            victim = ports.index(recorded_call_out() or 0)
+            servers[victim].kill()
             killed_at = time.monotonic()
-            service.dead.add(ports[VICTIM])
-            survivors = [api for i, api in enumerate(apis) if i != VICTIM]
+            service.dead.add(ports[victim])
+            survivors = [api for i, api in enumerate(apis) if i != victim]
         await wait_all_ended(survivors[0], run_ids, FINISH_S)
+        # Every attempt has ended: no slot is left held (the API does not show slots; the database does).
+        conn = await asyncpg.connect(database_url, timeout=5)
+        try:
+            held = await conn.fetchval("SELECT count(*) FROM run_nodes WHERE holds_slot")
+        finally:
+            await conn.close()
+        assert held == 0, f"{held} slot(s) still held after every run ended"
         runs = [await survivors[k % len(survivors)].run(run_id) for k, run_id in enumerate(run_ids)]
         histories = [await survivors[k % len(survivors)].events(run_id) for k, run_id in enumerate(run_ids)]
         assert svc.errors == [], svc.errors
-    print(f"\nmax_concurrency {LIMIT}: most in flight {service.most}, lost callbacks {len(service.lost)}, seed {seed}")
-    return service, runs, histories, servers, killed_at
+        calls = svc.calls("/limited")
+    print(f"\nmax_concurrency {LIMIT}: most in flight {service.most}, lost callbacks {len(service.lost)}, "
+          f"calls {len(calls)}, seed {seed}")
+    return service, runs, histories, calls, killed_at
 
 
 def _check_limited(service: LimitedService, runs: list[dict[str, Any]], histories: list[list[dict[str, Any]]]) -> None:
@@ -289,11 +304,19 @@ async def test_max_concurrency_holds_across_three_processes(
 @ON_POSTGRES
 async def test_max_concurrency_holds_when_a_process_is_killed_holding_slots(
         launcher: Launcher, database_url: str, http: aiohttp.ClientSession) -> None:
-    service, runs, histories, _, killed_at = await _limited_scenario(launcher, database_url, http, kill=True)
+    service, runs, histories, calls, killed_at = await _limited_scenario(launcher, database_url, http, kill=True)
     _check_limited(service, runs, histories)
-    # Some attempts died with the victim (their callbacks lost): their slots came back when their deadlines
-    # failed them, and they were retried and completed.
+    # Some calls died with the victim (their callbacks lost) while their attempts held slots. Each was made
+    # again by a survivor: the same attempt once the victim's lease on its dispatch expired (the victim died
+    # before recording the call), or the next attempt once its deadline failed the attempt and freed its slot.
     assert service.lost, "no callback was lost with the victim: its slots were never tested"
-    timed_out = [e for history in histories for e in history if e["kind"] == "timeout"]
-    assert timed_out, "no attempt timed out: the lost callbacks' slots were not freed by their deadlines"
-    assert killed_at > 0
+    timed_out = {(e["node_id"], e["data"]["attempt"]) for history in histories for e in history
+                 if e["kind"] == "timeout"}
+    for lost in service.lost:
+        again = [(c.attempt, round(c.received_at - killed_at, 2)) for c in calls
+                 if c.node_id == lost.node_id and c.received_at > killed_at and port_of(c) != port_of(lost)]
+        assert again, f"node {lost.node_id}: its call died with the victim and was never made again"
+        how = "timed out, then retried" if (lost.node_id, lost.attempt) in timed_out else "re-dispatched"
+        print(f"lost attempt {lost.attempt} of {lost.node_id}: {how}; made again (attempt, s after the kill) {again}")
+    assert any((lost.node_id, lost.attempt) in timed_out for lost in service.lost), (
+        "no lost attempt timed out: no slot was freed by a deadline")
