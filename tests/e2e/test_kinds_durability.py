@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -30,6 +31,10 @@ ON_POSTGRES = pytest.mark.parametrize(
     "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 
 PROCESSES = 3
+DEADLINE_RACE = ("engine bug: a deadline that passed while its attempt's call was still to be made is postponed "
+                 "only if its dispatch row is still there when the deadline is handled "
+                 "(coordinator._postpone_unsent); a restarted process that makes the call first (FinishCall deletes "
+                 "the row, the deadline row stays due) fails the attempt as a timeout ~0.1 s after its call")
 FINISH_S = 45.0  # seconds for every run of a test to end once nothing holds them up
 POLL_RUNS_S = 0.2  # seconds between two looks at the runs' states
 
@@ -192,10 +197,15 @@ class LimitedService:
     # The calls being worked on right now: (node id, attempt) -> (port of their process, when answered 202).
     out: dict[tuple[str | None, int | None], tuple[int, float]] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    at_most: list[tuple[str | None, int | None]] = field(default_factory=list)  # the calls out at the peak
+    peak_at: float = 0.0
 
     async def behaviour(self, request: StepRequest) -> web.StreamResponse:
         self.in_flight += 1
-        self.most = max(self.most, self.in_flight)
+        if self.in_flight > self.most:
+            self.most = self.in_flight
+            self.at_most = [*self.out, (request.call.node_id, request.call.attempt)]
+            self.peak_at = time.monotonic()
         self.out[request.call.node_id, request.call.attempt] = (port_of(request.call), time.monotonic())
         self.changed.set()
         request.later(self._work(request))
@@ -235,9 +245,12 @@ class LimitedService:
 
 
 async def _limited_scenario(launcher: Launcher, database_url: str, http: aiohttp.ClientSession,
-                            kill: bool) -> tuple[LimitedService, list[dict[str, Any]], list[list[dict[str, Any]]],
-                                                 list[Call], float]:
-    ports = distinct_ports(PROCESSES)
+                            kill: bool, processes: int = PROCESSES, restart: bool = False,
+                            ) -> tuple[LimitedService, list[dict[str, Any]], list[list[dict[str, Any]]], list[Call],
+                                       float]:
+    """LIMITED_RUNS runs of the limited step started round-robin on `processes` processes; with `kill`, one of
+    them is killed mid-way (and with `restart`, started again on its port once its calls' callbacks are lost)."""
+    ports = distinct_ports(processes)
     seed = random.randrange(2**32)
     service = LimitedService(random.Random(seed))
     async with StepService() as svc:
@@ -246,7 +259,7 @@ async def _limited_scenario(launcher: Launcher, database_url: str, http: aiohttp
         apis = [Api(http, server.url) for server in servers]
         await apis[0].put_step({"name": "limited", "kind": "api", "url": svc.url("/limited"),
                                 "max_concurrency": LIMIT, "timeout_s": LIMITED_TIMEOUT_S, "retry": LIMITED_RETRY})
-        run_ids = list(await asyncio.gather(*(apis[k % PROCESSES].start_run("limited", {"k": k})
+        run_ids = list(await asyncio.gather(*(apis[k % processes].start_run("limited", {"k": k})
                                               for k in range(LIMITED_RUNS))))
         killed_at = 0.0
         survivors = apis
@@ -264,26 +277,46 @@ async def _limited_scenario(launcher: Launcher, database_url: str, http: aiohttp
             servers[victim].kill()
             killed_at = time.monotonic()
             service.dead.add(ports[victim])
-            survivors = [api for i, api in enumerate(apis) if i != victim]
+            if restart:
+                # Back once every call it had out has lost its callback (it was dead when they were done).
+                await service.wait_for("the dead process's calls done", lambda: not service.out, FINISH_S)
+                service.dead.clear()
+                await servers[victim].start_ready()
+            else:
+                survivors = [api for i, api in enumerate(apis) if i != victim]
         await wait_all_ended(survivors[0], run_ids, FINISH_S)
         # Every attempt has ended: no slot is left held (the API does not show slots; the database does).
-        conn = await asyncpg.connect(database_url, timeout=5)
-        try:
-            held = await conn.fetchval("SELECT count(*) FROM run_nodes WHERE holds_slot")
-        finally:
-            await conn.close()
+        held = await slots_held(database_url)
         assert held == 0, f"{held} slot(s) still held after every run ended"
         runs = [await survivors[k % len(survivors)].run(run_id) for k, run_id in enumerate(run_ids)]
         histories = [await survivors[k % len(survivors)].events(run_id) for k, run_id in enumerate(run_ids)]
         assert svc.errors == [], svc.errors
         calls = svc.calls("/limited")
-    print(f"\nmax_concurrency {LIMIT}: most in flight {service.most}, lost callbacks {len(service.lost)}, "
+    print(f"\nmax_concurrency {LIMIT}: most in flight {service.most} ({service.peak_at - killed_at:.2f} s after the "
+          f"kill), lost callbacks {len(service.lost)}, "
           f"calls {len(calls)}, seed {seed}")
     return service, runs, histories, calls, killed_at
 
 
+async def slots_held(database_url: str) -> int:
+    """How many nodes hold a slot of their step, as the database says."""
+    query = "SELECT count(*) FROM run_nodes WHERE holds_slot"
+    if database_url.startswith("sqlite:///"):
+        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as db:
+            return int(db.execute(query).fetchone()[0])
+    conn = await asyncpg.connect(database_url, timeout=5)
+    try:
+        return int(await conn.fetchval(query))
+    finally:
+        await conn.close()
+
+
 def _check_limited(service: LimitedService, runs: list[dict[str, Any]], histories: list[list[dict[str, Any]]]) -> None:
-    assert service.most <= LIMIT, f"{service.most} calls of a step with max_concurrency {LIMIT} were in flight"
+    peak = {node_id for node_id, _ in service.at_most}
+    assert service.most <= LIMIT, (
+        f"{service.most} calls of a step with max_concurrency {LIMIT} were in flight: (node, attempt) "
+        f"{service.at_most}; their histories: "
+        f"{[e for history in histories for e in history if e['node_id'] in peak]}")
     # The limit was reached: the runs queued for slots (without the limit, dozens would be in flight).
     assert service.most == LIMIT, f"at most {service.most} in flight: the limit was never reached"
     ended = Counter((run["state"], (run["error"] or {}).get("kind")) for run in runs)
@@ -320,3 +353,71 @@ async def test_max_concurrency_holds_when_a_process_is_killed_holding_slots(
         print(f"lost attempt {lost.attempt} of {lost.node_id}: {how}; made again (attempt, s after the kill) {again}")
     assert any((lost.node_id, lost.attempt) in timed_out for lost in service.lost), (
         "no lost attempt timed out: no slot was freed by a deadline")
+
+
+# Not strict: the deadline race (see DEADLINE_RACE) hits this scenario about one run in eight. When it
+# does, a call re-made at the restart has its attempt timed out at once, which frees its slot while the step
+# service still works on it: 6 calls in flight for 5 slots.
+@pytest.mark.xfail(strict=False, reason=f"sometimes: {DEADLINE_RACE}")
+async def test_max_concurrency_holds_across_a_kill_and_restart_of_the_only_process(
+        launcher: Launcher, database_url: str, http: aiohttp.ClientSession) -> None:
+    service, runs, histories, calls, killed_at = await _limited_scenario(
+        launcher, database_url, http, kill=True, processes=1, restart=True)
+    _check_limited(service, runs, histories)
+    # The calls out when it died lost their callbacks; their attempts, holding slots, timed out after the
+    # restart and were made again: the slots came back.
+    assert service.lost, "no callback was lost with the process: its slots were never tested"
+    timed_out = {(e["node_id"], e["data"]["attempt"]) for history in histories for e in history
+                 if e["kind"] == "timeout"}
+    for lost in service.lost:
+        again = [c.attempt for c in calls if c.node_id == lost.node_id and c.received_at > killed_at]
+        assert again, f"node {lost.node_id}: its call died with the process and was never made again"
+    assert any((lost.node_id, lost.attempt) in timed_out for lost in service.lost), (
+        "no lost attempt timed out: no slot was freed by a deadline")
+
+
+# ---- a deadline that passed while its call was still to be made ----------------------------------------------
+
+OVERDUE_RUNS = 30
+OVERDUE_TIMEOUT_S = 2
+
+
+@pytest.mark.xfail(strict=True, reason=DEADLINE_RACE)
+async def test_a_call_made_after_a_restart_gets_its_whole_timeout_though_its_deadline_passed_while_down(
+        launcher: Launcher, database_url: str, http: aiohttp.ClientSession) -> None:
+    """Calls committed but not made when the process died are made after the restart, and their deadlines,
+    which passed while it was down, count from those calls (`reliability.md`): none of them times out."""
+    down = asyncio.Event()
+
+    async def answer(request: StepRequest) -> web.StreamResponse:
+        if not down.is_set():
+            await down.wait()  # the first call hangs until the process dies: the others stay queued behind it
+            return web.Response(status=202)
+        async def call_back() -> None:
+            await asyncio.sleep(0.2)
+            await request.send_output({**request.input, "done": True})
+        request.later(call_back())
+        return web.Response(status=202)
+
+    async with StepService() as svc:
+        svc.route("/slowly", answer)
+        aetr = await launcher.serve(database_url, env={"AETR_MAX_IN_FLIGHT": "1"})
+        api = Api(http, aetr.url)
+        await api.put_step({"name": "slowly", "kind": "api", "url": svc.url("/slowly"),
+                            "timeout_s": OVERDUE_TIMEOUT_S, "retry": {"max_attempts": 1}})
+        run_ids = [await api.start_run("slowly", {"k": k}) for k in range(OVERDUE_RUNS)]
+        await svc.wait_for_calls("/slowly", 1, timeout=FINISH_S)
+        aetr.kill()
+        down.set()
+        made_before = len(svc.calls())
+        # Down for longer than the timeout: every deadline is overdue when the process comes back.
+        await asyncio.sleep(OVERDUE_TIMEOUT_S + 0.5)
+        await aetr.start_ready()
+        states = await wait_all_ended(api, run_ids, FINISH_S)
+        histories = [await api.events(run_id) for run_id in run_ids]
+
+    assert made_before < OVERDUE_RUNS // 2, f"{made_before} calls were made before the kill: nothing was queued"
+    # (when the call was made, when its attempt timed out) of every attempt that timed out
+    early = [([d["at"] for d in history if d["kind"] == "dispatch"], e["at"]) for history in histories
+             for e in history if e["kind"] == "timeout"]
+    assert Counter(states.values()) == {"complete": OVERDUE_RUNS}, (Counter(states.values()), early[:5])
