@@ -31,10 +31,6 @@ ON_POSTGRES = pytest.mark.parametrize(
     "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 
 PROCESSES = 3
-DEADLINE_RACE = ("engine bug: a deadline that passed while its attempt's call was still to be made is postponed "
-                 "only if its dispatch row is still there when the deadline is handled "
-                 "(coordinator._postpone_unsent); a restarted process that makes the call first (FinishCall deletes "
-                 "the row, the deadline row stays due) fails the attempt as a timeout ~0.1 s after its call")
 FINISH_S = 45.0  # seconds for every run of a test to end once nothing holds them up
 POLL_RUNS_S = 0.2  # seconds between two looks at the runs' states
 
@@ -355,10 +351,9 @@ async def test_max_concurrency_holds_when_a_process_is_killed_holding_slots(
         "no lost attempt timed out: no slot was freed by a deadline")
 
 
-# Not strict: the deadline race (see DEADLINE_RACE) hits this scenario about one run in eight. When it
-# does, a call re-made at the restart has its attempt timed out at once, which frees its slot while the step
-# service still works on it: 6 calls in flight for 5 slots.
-@pytest.mark.xfail(strict=False, reason=f"sometimes: {DEADLINE_RACE}")
+# A call re-made at the restart whose deadline passed while the process was down once had its attempt timed
+# out at once, which freed its slot while the step service still worked on it (6 calls in flight for 5 slots,
+# about one run in eight): deadlines of late calls now count from the call.
 async def test_max_concurrency_holds_across_a_kill_and_restart_of_the_only_process(
         launcher: Launcher, database_url: str, http: aiohttp.ClientSession) -> None:
     service, runs, histories, calls, killed_at = await _limited_scenario(
@@ -382,7 +377,6 @@ OVERDUE_RUNS = 30
 OVERDUE_TIMEOUT_S = 2
 
 
-@pytest.mark.xfail(strict=True, reason=DEADLINE_RACE)
 async def test_a_call_made_after_a_restart_gets_its_whole_timeout_though_its_deadline_passed_while_down(
         launcher: Launcher, database_url: str, http: aiohttp.ClientSession) -> None:
     """Calls committed but not made when the process died are made after the restart, and their deadlines,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from aetr.domain.steps import DEFAULT_TIMEOUT_S
 from aetr.engine.coordinator import utcnow
@@ -40,7 +40,12 @@ async def test_a_deadline_moves_on_while_its_call_is_still_to_be_made_and_applie
     (due,) = await _deadline_due(store, node_id)
     assert due >= utcnow() + timedelta(seconds=DEFAULT_TIMEOUT_S - 60)
 
-    # Once the call was answered, its deadline fails the attempt as usual (and the retry policy tries again).
+    # Once the call was answered, its deadline fails the attempt when it comes (and the retry policy tries again);
+    # a deadline row handled before its time is not due yet, and is left for then.
     await store.run(single(FinishCalls([FinishCall(node_id, 1)])))
+    assert (await coordinator.deadline_passed(node_id, 1)).outcome == "refused"
+    async with store.engine.begin() as conn:
+        await conn.execute(update(work).where(work.c.kind == "deadline", work.c.node_id == node_id)
+                           .values(due_at=utcnow() - timedelta(seconds=1)))
     assert (await coordinator.deadline_passed(node_id, 1)).outcome == "accepted"
     assert await _node(store, node_id) == ("executing", 2)

@@ -37,6 +37,7 @@ from aetr.store.sql import (
     Postpone,
     Program,
     WakeWaiting,
+    WorkDue,
     single,
 )
 from aetr.store.store import ScriptAnswers, is_integrity_error
@@ -372,10 +373,20 @@ class Coordinator:
             return Outcome(decide.Verdict("unknown", "no such node"))
         plan.absorb(chain.nodes)
         deadline = next((c for c in answered if c.kind in ("deadline", "heartbeat")), None)
-        if deadline is not None and not any(c.kind == "dispatch" for c in answered):
+        call = next((c for c in answered if c.kind == "dispatch"), None)
+        if deadline is not None and call is None:
             postponed = yield from _postpone_unsent(plan, plan.nodes[node_id], deadline)
             if postponed:
                 return Outcome(decide.Verdict("refused", "the attempt's call was not made yet"))
+        elif deadline is not None and call is not None:
+            moved = call.deadline_at if deadline.kind == "deadline" else call.heartbeat_at
+            if moved is not None and moved > plan.now:
+                # The call, made late, was answered just now (its answer held here): its deadline counts from
+                # the call. Record the answer and move the deadline, and leave the attempt be.
+                plan.events[:0] = [call.record] if call.record is not None else []
+                yield Apply(plan, finished=[call])
+                return Outcome(decide.Verdict("refused", "the attempt's call was made late: its deadline counts "
+                                                         "from the call"))
         verdict: decide.Verdict = yield from _answering(handler(plan), _sibling_reader(chain.following))
         if source is not None:
             data: dict[str, Any] = {"attempt": attempt, "outcome": verdict.outcome}
@@ -443,7 +454,9 @@ def _postpone_unsent(plan: Plan, node: Node, deadline: FinishCall) -> Program:
         return False
     made_by: datetime | None = yield PendingCall(node.id, deadline.attempt)
     if made_by is None:
-        return False
+        # The call was made. Made late, its answer moved this deadline to count from the call: not due yet.
+        due: datetime | None = yield WorkDue(node.id, deadline.attempt, deadline.kind)
+        return due is not None and due > plan.now
     spec = api.spec_of(node)
     limit = spec.heartbeat_s if deadline.kind == "heartbeat" else spec.timeout_s
     if limit is None:

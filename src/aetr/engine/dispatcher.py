@@ -9,7 +9,7 @@ import logging
 import random
 import socket
 import time
-from datetime import UTC
+from datetime import UTC, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
@@ -34,6 +34,9 @@ from aetr.store.sql import FinishCall
 
 log = logging.getLogger("aetr.dispatch")
 
+# A call made this many seconds after it was due (its process restarted, or calls queued for a connection)
+# moves its attempt's deadlines to count from the call.
+LATE_CALL_S = 1.0
 ANSWER_TIMEOUT_S = 30.0  # seconds a callback-mode step has to answer the call itself (not to finish)
 STREAM_OVER_BYTES = 1024 * 1024  # inputs larger than this are streamed to the step
 BODY_EXCERPT = 300  # characters of an error answer kept in the node's error message
@@ -238,7 +241,7 @@ class Dispatcher:
         assert self._session is not None
         failure: BaseException | None = None
         async with self._slots:  # calls wait for a slot before their time-out starts (see __init__)
-            started = time.monotonic()
+            started, called_at = time.monotonic(), utcnow()
             try:
                 # Redirects are not followed: they would carry the input and the callback token to wherever
                 # Location points (and a 301/302 turns the POST into a GET without its body).
@@ -277,7 +280,12 @@ class Dispatcher:
             if step.mode == "callback":
                 answer = {"attempt": node.attempt, "status": status, "ms": ms}
                 record = EventRecord(node.root_id, node.id, "dispatch", answer, utcnow())
-                self.coordinator.call_answered(FinishCall(node.id, node.attempt, record=record))
+                late = called_at - w.due_at > timedelta(seconds=LATE_CALL_S)
+                self.coordinator.call_answered(FinishCall(
+                    node.id, node.attempt, record=record,
+                    deadline_at=called_at + timedelta(seconds=step.timeout_s) if late else None,
+                    heartbeat_at=called_at + timedelta(seconds=step.heartbeat_s)
+                    if late and step.heartbeat_s is not None else None))
                 return
             try:
                 output = parse_body(body, content_type)

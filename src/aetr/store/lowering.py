@@ -35,6 +35,7 @@ from aetr.store.requests import (
     Program,
     RenewLease,
     WakeWaiting,
+    WorkDue,
 )
 from aetr.store.statements import Statements
 from aetr.store.step_trees import tree_from_rows
@@ -137,6 +138,9 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
             return None
         times = [t for t in map(st.time_out, rows[0]) if t is not None]  # due_at, and lease_until when leased
         return max(times)
+    if isinstance(req, WorkDue):
+        rows = yield Fetch(st.work_due, {"node_id": req.node_id, "attempt": req.attempt, "kind": req.kind})
+        return st.time_out(rows[0][0]) if rows else None
     if isinstance(req, Postpone):
         yield Exec(st.postpone, {"node_id": req.node_id, "attempt": req.attempt, "kind": req.kind,
                                  "due_at": st.time_in(req.due_at)})
@@ -204,6 +208,11 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
     # In node id order, like every other event's work rows: two transactions never wait on each other.
     finished = [{"node_id": c.node_id, "attempt": c.attempt, "kind": c.kind}
                 for c in sorted(req.finished, key=lambda c: c.node_id) if c.node_id not in plan.drop_work_for]
+    moved = [{"node_id": c.node_id, "attempt": c.attempt, "kind": kind, "at": st.time_in(at)}
+             for c in req.finished if c.node_id not in plan.drop_work_for
+             for kind, at in (("deadline", c.deadline_at), ("heartbeat", c.heartbeat_at)) if at is not None]
+    if moved:  # rare: calls made late, their deadlines moved to count from the call
+        yield ExecMany(st.move_deadline, moved)
     lease = req.lease
     work_rows = [st.work_values(w, lease.owner, lease.until)
                  if lease is not None and (w.kind, w.node_id, w.attempt) in lease.keys

@@ -83,6 +83,9 @@ class FinishCall:
     attempt: int
     kind: str = "dispatch"
     record: EventRecord | None = None
+    # A call made late (after a restart, say): its attempt's deadlines move to count from the call.
+    deadline_at: datetime | None = None
+    heartbeat_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,15 @@ class WakeWaiting:
     Park) becomes claimable again."""
 
     step_id: str
+
+
+@dataclass(frozen=True)
+class WorkDue:
+    """Request: when a work row is due now (answer: that time, or None when the row is gone)."""
+
+    node_id: str
+    attempt: int
+    kind: str
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,12 @@ from aetr.store.requests import (
     Program,
     RenewLease,
     WakeWaiting,
+    WorkDue,
     single,
 )
 
 __all__ = ["Apply", "Chain", "Claim", "ClaimResult", "ClaimedWork", "Conflict", "CountChild", "Duplicate",
            "FindRunByKey", "FinishCall", "FinishCalls", "InsertRun", "Lease", "LoadChain", "LoadTree",
-           "NeedsScripts", "PendingCall", "Postpone", "Program", "RenewLease", "Unavailable", "WakeWaiting",
+           "NeedsScripts", "PendingCall", "Postpone", "Program", "RenewLease", "Unavailable", "WakeWaiting", "WorkDue",
            "is_outage_sqlstate",
            "single"]

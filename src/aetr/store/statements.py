@@ -165,6 +165,12 @@ class Statements(RowCodec):
         self.pending_call = read(select(work.c.due_at, work.c.lease_until).where(and_(
             work.c.node_id == p("node_id"), work.c.attempt == p("attempt"),
             work.c.kind == literal_column("'dispatch'"))))
+        self.work_due = read(select(work.c.due_at).where(and_(
+            work.c.node_id == p("node_id"), work.c.attempt == p("attempt"), work.c.kind == p("kind"))))
+        # A late call's deadlines count from the call: moved later, never earlier.
+        self.move_deadline = c(update(work).where(and_(
+            work.c.node_id == p("node_id"), work.c.attempt == p("attempt"), work.c.kind == p("kind"),
+            work.c.due_at < p("at"))).values(due_at=p("at")))
         self.postpone = alone(update(work).where(and_(
             work.c.node_id == p("node_id"), work.c.attempt == p("attempt"), work.c.kind == p("kind")))
             .values(due_at=p("due_at"), lease_owner=null(), lease_until=null()))
