@@ -26,12 +26,13 @@ from benchmarks.databases import DEFAULT_POSTGRES_URL, check_postgres, fresh_dat
 from benchmarks.processes import PROFILE_FLAGS, REPO, AetrServer, StepServiceProcess, log, machine_busy_seconds
 from benchmarks.scenarios import Case, Metrics, cases
 
-SCENARIOS: Final = ("chain", "throughput", "fanout", "load", "sandbox")
+SCENARIOS: Final = ("chain", "throughput", "fanout", "load", "sandbox", "map", "map-large", "concurrency")
 # What `aetr serve` runs with: the defaults, written out so that a change of default does not move the numbers.
 SERVER_SETTINGS: Final = {"AETR_POLL_S": "1.0", "AETR_LEASE_S": "60", "AETR_MAX_IN_FLIGHT": "256"}
 # Keys kept out of the median: they describe the setup, or are lists and maps.
 NOT_AVERAGED: Final = {"steps", "runs", "children", "run_nodes", "tree_nodes", "gets", "calls", "input_bytes",
-                       "steps_per_run", "gaps", "contended_retries", "workers"}
+                       "steps_per_run", "gaps", "contended_retries", "workers",
+                       "items", "small_items", "limit"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -58,13 +58,19 @@ class Sizes:
     sandbox_http_calls: int = 500
     mapper_chain_steps: int = 20
     mapper_chain_runs: int = 5
+    map_items: int = 10_000  # the map scenario's map and parallel; map-large's small run
+    map_large_items: int = 100_000
+    map_large_samples: int = 5  # GETs of each run in map-large
+    concurrency_runs: int = 2_000  # runs of each api step (limited, free) in the concurrency scenario
+    concurrency_limit: int = 50
 
     @staticmethod
     def quick() -> Sizes:
         """Small enough for both databases to finish in under a minute."""
         return Sizes(chain_steps=10, chain_runs=2, throughput_runs=20, fanout=(20, 100), load_run_nodes=100,
                      load_tree_nodes=50, load_samples=3, warmup_runs=2, sandbox_calls=200, sandbox_http_calls=30,
-                     mapper_chain_steps=5, mapper_chain_runs=1)
+                     mapper_chain_steps=5, mapper_chain_runs=1, map_items=100, map_large_items=500,
+                     map_large_samples=2, concurrency_runs=40, concurrency_limit=5)
 
 
 GC_METRIC = 'python_gc_collections_total{generation="'  # prometheus_client's own collector, in /metrics

@@ -7,6 +7,7 @@ of one JSON result line; `Case.targets` says which of them the issue sets a boun
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,7 @@ from benchmarks.sandbox_bench import MAPPER, one_kilobyte_input
 Metrics = dict[str, Any]
 RUN_WAIT_S: Final = 120.0  # seconds one chain run may take before the scenario gives up
 # The engine-level mapper check keeps the 1 KB value flowing from step to step.
+MAP_LARGE_WAIT_S: Final = 300.0  # seconds the large map may take to call, answer and complete
 PASS_THROUGH_MAPPER: Final = "(input, ctx) => ({ ...input, index: ctx.index })"
 
 
@@ -188,39 +190,209 @@ def fanout(n: int) -> Callable[[Context], Awaitable[Metrics]]:
         await put_step(ctx, {"name": "fan", "kind": "parallel", "reducer": "array",
                              "children": [{"step": "leaf"}] * n})
         rss_before = ctx.server.peak_rss_mb()
-        deadline = ctx.timeout(max(120.0, n * 0.2))
-        async with ctx.measure("run") as phase:
-            t0 = time.time_ns()
-            run_id = await start_run(ctx, "fan", {"source": "bench"}, timeout_s=deadline)
-            posted_ns = time.time_ns()
-            log(f"fan-out {n}: run started after {(posted_ns - t0) / 1e9:.2f} s; waiting for the calls")
-            await ctx.svc.wait(ctx.http, deadline, requests=n)
-            log(f"fan-out {n}: every child called after {(time.time_ns() - t0) / 1e9:.2f} s")
-            await ctx.svc.wait(ctx.http, deadline, accepted=n)
-            # On SQLite the last callback's own transaction completes the root; on PostgreSQL the children are
-            # counted after their commits and the last count completes the root in an event of its own.
-            run = await wait_run(ctx, run_id, timeout_s=deadline)
-        stats = await ctx.svc.stats(ctx.http)
-        output = run.get("output")
-        last = max(stats["callbacks"], key=lambda c: c[3])
-        completed_ns = int(datetime.fromisoformat(run["completed_at"]).timestamp() * 1e9) if run.get(
-            "completed_at") else max(c[3] for c in stats["callbacks"])
-        return {
-            "children": n,
-            "run_created_s": round((posted_ns - t0) / 1e9, 3),
-            "all_called_s": round((max(r[0] for r in stats["requests"]) - t0) / 1e9, 3),
-            "root_complete_s": round((max(completed_ns, last[3]) - t0) / 1e9, 3),
-            "root_state": run["state"], "output_len": len(output) if isinstance(output, list) else None,
-            "peak_rss_mb": round(ctx.server.peak_rss_mb() or math.nan, 1),
-            "rss_before_run_mb": round(rss_before or math.nan, 1),
-            "sandbox_peak_rss_mb": ctx.server.sandbox_peak_rss_mb(),
-            "callback_answer_p50_ms": ms(percentile([c[3] - c[2] for c in stats["callbacks"]], 0.5)),
-            "callback_answer_max_ms": ms(max(c[3] - c[2] for c in stats["callbacks"])),
-            "last_callback_answer_ms": ms(last[3] - last[2]),
-            "cpu_s": phase.cpu_s, **pg(phase), **describe_failures(stats),
-        }
+        metrics, _run_id = await _time_fan(ctx, "fan", {"source": "bench"}, n, "run")
+        return {"children": n, **metrics, "rss_before_run_mb": round(rss_before or math.nan, 1)}
 
     return run
+
+
+async def _time_fan(ctx: Context, step: str, run_input: Any, n: int, phase_name: str,
+                    deadline_s: float | None = None) -> tuple[Metrics, str]:
+    """Start one run of `step` whose `n` api leaves call /step, and time it as the fan-out scenario does: the
+    run's creation, the last leaf's call, the root's completion (its completed_at, or the last callback's
+    answer when later); (metrics, run id)."""
+    deadline = ctx.timeout(deadline_s or max(120.0, n * 0.2))
+    async with ctx.measure(phase_name) as phase:
+        t0 = time.time_ns()
+        run_id = await start_run(ctx, step, run_input, timeout_s=deadline)
+        posted_ns = time.time_ns()
+        log(f"{step} {n}: run started after {(posted_ns - t0) / 1e9:.2f} s; waiting for the calls")
+        await ctx.svc.wait(ctx.http, deadline, requests=n)
+        log(f"{step} {n}: every child called after {(time.time_ns() - t0) / 1e9:.2f} s")
+        await ctx.svc.wait(ctx.http, deadline, accepted=n)
+        # On SQLite the last callback's own transaction completes the root; on PostgreSQL the children are
+        # counted after their commits and the last count completes the root in an event of its own.
+        run = await wait_run(ctx, run_id, timeout_s=deadline)
+    stats = await ctx.svc.stats(ctx.http)
+    output = run.get("output")
+    last = max(stats["callbacks"], key=lambda c: c[3])
+    completed_ns = int(datetime.fromisoformat(run["completed_at"]).timestamp() * 1e9) if run.get(
+        "completed_at") else max(c[3] for c in stats["callbacks"])
+    return {
+        "run_created_s": round((posted_ns - t0) / 1e9, 3),
+        "all_called_s": round((max(r[0] for r in stats["requests"]) - t0) / 1e9, 3),
+        "root_complete_s": round((max(completed_ns, last[3]) - t0) / 1e9, 3),
+        "root_state": run["state"], "output_len": len(output) if isinstance(output, list) else None,
+        "peak_rss_mb": round(ctx.server.peak_rss_mb() or math.nan, 1),
+        "sandbox_peak_rss_mb": ctx.server.sandbox_peak_rss_mb(),
+        "callback_answer_p50_ms": ms(percentile([c[3] - c[2] for c in stats["callbacks"]], 0.5)),
+        "callback_answer_max_ms": ms(max(c[3] - c[2] for c in stats["callbacks"])),
+        "last_callback_answer_ms": ms(last[3] - last[2]),
+        "cpu_s": phase.cpu_s, **pg(phase), **describe_failures(stats),
+    }, run_id
+
+
+# ---- map ---------------------------------------------------------------------------------------------
+
+_map_order = itertools.count()  # each map case alternates which of its two runs goes first
+
+
+async def map_vs_parallel(ctx: Context) -> Metrics:
+    """A map of n items over fan-out's api step against a parallel of n children of the same step, on one
+    server and database: both runs timed as the fan-out scenario times its run, and their ratio."""
+    return await _map_vs_parallel(ctx, ctx.sizes.map_items, map_first=next(_map_order) % 2 == 0)
+
+
+async def _map_vs_parallel(ctx: Context, n: int, map_first: bool) -> Metrics:
+    await put_step(ctx, api_step("leaf", f"{ctx.svc.url}/step"))
+    await put_step(ctx, {"name": "fan", "kind": "parallel", "reducer": "array", "children": [{"step": "leaf"}] * n})
+    await put_step(ctx, {"name": "each", "kind": "map", "child": {"step": "leaf", "mapper": None},
+                         "reducer": "array"})
+    # A small run of each first, unmeasured: imports, caches and connections are warm for both alike.
+    warm = min(n, 50)
+    await put_step(ctx, {"name": "fan-warm", "kind": "parallel", "children": [{"step": "leaf"}] * warm})
+    for step, body in (("fan-warm", {"source": "bench"}), ("each", list(range(warm)))):
+        await wait_run(ctx, await start_run(ctx, step, body))
+    await ctx.svc.wait(ctx.http, ctx.timeout(RUN_WAIT_S), accepted=2 * warm)
+    order = ("map", "parallel") if map_first else ("parallel", "map")
+    results: dict[str, Metrics] = {}
+    for kind in order:
+        await ctx.svc.reset(ctx.http)
+        step, body = ("each", list(range(n))) if kind == "map" else ("fan", {"source": "bench"})
+        results[kind], _ = await _time_fan(ctx, step, body, n, kind)
+    got, base = results["map"], results["parallel"]
+    return {
+        "items": n, "first": order[0],
+        "map_complete_s": got["root_complete_s"], "parallel_complete_s": base["root_complete_s"],
+        "map_to_parallel": round(got["root_complete_s"] / base["root_complete_s"], 3),
+        "map_all_called_s": got["all_called_s"], "parallel_all_called_s": base["all_called_s"],
+        "map_run_created_s": got["run_created_s"], "parallel_run_created_s": base["run_created_s"],
+        "map_state": got["root_state"], "map_output_len": got["output_len"],
+        "parallel_state": base["root_state"], "parallel_output_len": base["output_len"],
+        "peak_rss_mb": round(ctx.server.peak_rss_mb() or math.nan, 1),
+        "map_cpu_s": got["cpu_s"], "parallel_cpu_s": base["cpu_s"],
+        **{f"map_{k}": v for k, v in got.items() if k in ("callback_errors", "redelivered_calls", "pg_sessions")},
+        **{f"parallel_{k}": v for k, v in base.items()
+           if k in ("callback_errors", "redelivered_calls", "pg_sessions")},
+    }
+
+
+async def map_large(ctx: Context) -> Metrics:
+    """A map of a few items (10,000 at the issue's size) then one of many (100,000): that the large one
+    completes, the server's peak RSS, and GET /runs/{id} of the large run against the same GET of the small."""
+    small, large, samples = ctx.sizes.map_items, ctx.sizes.map_large_items, ctx.sizes.map_large_samples
+    await put_step(ctx, api_step("leaf", f"{ctx.svc.url}/step"))
+    await put_step(ctx, {"name": "each", "kind": "map", "child": {"step": "leaf", "mapper": None},
+                         "reducer": "array"})
+    small_metrics, small_id = await _time_fan(ctx, "each", list(range(small)), small, "small")
+    rss_small = ctx.server.peak_rss_mb()
+    await ctx.svc.reset(ctx.http)
+    out: Metrics = {"items": large, "small_items": small, "small_complete_s": small_metrics["root_complete_s"],
+                    "peak_rss_after_small_mb": round(rss_small or math.nan, 1)}
+    try:
+        got, large_id = await _time_fan(ctx, "each", list(range(large)), large, "large",
+                                        deadline_s=MAP_LARGE_WAIT_S)
+    except (TimeoutError, ApiError, aiohttp.ClientError) as exc:  # report what was seen, not only the error
+        counts = await ctx.svc.wait(ctx.http, 0.001)
+        return {**out, "error": f"{type(exc).__name__}: {exc}"[:500], "seen_at_failure": counts,
+                "peak_rss_mb": round(ctx.server.peak_rss_mb() or math.nan, 1)}
+    out.update({f"large_{k}": v for k, v in got.items() if k != "peak_rss_mb"})
+    out["peak_rss_mb"] = round(ctx.server.peak_rss_mb() or math.nan, 1)
+    async with ctx.measure("get"):
+        small_ms, small_bytes = await _time_get(ctx, f"/runs/{small_id}", samples)
+        large_ms, large_bytes = await _time_get(ctx, f"/runs/{large_id}", samples)
+    out.update({
+        "get_small_ms": round(percentile(small_ms, 0.5), 1), "get_small_bytes": small_bytes,
+        "get_large_ms": round(percentile(large_ms, 0.5), 1), "get_large_ms_max": round(max(large_ms), 1),
+        "get_large_bytes": large_bytes,
+        "get_ratio": round(percentile(large_ms, 0.5) / percentile(small_ms, 0.5), 2),
+        "peak_rss_after_get_mb": round(ctx.server.peak_rss_mb() or math.nan, 1),
+    })
+    return out
+
+
+# ---- api max_concurrency -----------------------------------------------------------------------------
+
+_limit_order = itertools.count()  # each concurrency case alternates which of its two steps goes first
+
+
+async def concurrency(ctx: Context) -> Metrics:
+    """Runs of one api step with max_concurrency against the same step without it, the same number started
+    together for each: runs per second of both, their ratio, and the most calls in flight at the step service."""
+    n, limit = ctx.sizes.concurrency_runs, ctx.sizes.concurrency_limit
+    await put_step(ctx, api_step("free", f"{ctx.svc.url}/step"))
+    await put_step(ctx, {**api_step("limited", f"{ctx.svc.url}/step"), "max_concurrency": limit})
+    warm = ctx.sizes.warmup_runs
+    for step in ("free", "limited"):
+        await asyncio.gather(*(start_run(ctx, step) for _ in range(warm)))
+    await ctx.svc.wait(ctx.http, ctx.timeout(RUN_WAIT_S), accepted=2 * warm)
+    order = ("limited", "free") if next(_limit_order) % 2 == 0 else ("free", "limited")
+    results: dict[str, Metrics] = {}
+    for step in order:
+        await ctx.svc.reset(ctx.http)
+        results[step] = await _burst(ctx, step, n)
+        results[step]["runs_complete"] = await count_runs(ctx, step, "complete") - warm
+    free, limited = results["free"], results["limited"]
+    return {
+        "runs": n, "limit": limit, "first": order[0],
+        "limited_runs_per_s": limited["runs_per_s"], "free_runs_per_s": free["runs_per_s"],
+        "limited_to_free": round(limited["runs_per_s"] / free["runs_per_s"], 3),
+        "limited_in_flight_max": limited["in_flight_max"], "free_in_flight_max": free["in_flight_max"],
+        "limited_in_flight_to_callback_max": limited["in_flight_to_callback_max"],
+        "free_in_flight_to_callback_max": free["in_flight_to_callback_max"],
+        **{f"limited_{k}": v for k, v in limited.items() if k not in ("runs_per_s", "in_flight_max",
+                                                                      "in_flight_to_callback_max")},
+        **{f"free_{k}": v for k, v in free.items() if k not in ("runs_per_s", "in_flight_max",
+                                                                "in_flight_to_callback_max")},
+    }
+
+
+async def _burst(ctx: Context, step: str, n: int) -> Metrics:
+    """`n` runs of the one-step tree `step` started together as the throughput scenario starts them, until
+    every callback is accepted: runs per second, and the calls in flight at the step service."""
+    statuses: list[str] = []
+
+    async def one() -> None:
+        try:
+            await start_run(ctx, step, {"n": len(statuses)}, timeout_s=300)
+            statuses.append("ok")
+        except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
+            statuses.append(f"{type(exc).__name__}: {exc}")
+
+    async with ctx.measure(step) as phase:
+        t0 = time.time_ns()
+        await asyncio.gather(*(one() for _ in range(n)))
+        posted_ns = time.time_ns()
+        await ctx.svc.wait(ctx.http, ctx.timeout(600), accepted=statuses.count("ok"))
+    stats = await ctx.svc.stats(ctx.http)
+    seconds = (max(c[3] for c in stats["callbacks"]) - t0) / 1e9
+    return {
+        "runs_per_s": round(stats["accepted"] / seconds, 1), "seconds": round(seconds, 3),
+        "start_phase_s": round((posted_ns - t0) / 1e9, 3),
+        "in_flight_max": in_flight_max(stats, answered=True),
+        "in_flight_to_callback_max": in_flight_max(stats, answered=False),
+        "start_errors": [s for s in statuses if s != "ok"][:3],
+        "callback_answer_p50_ms": ms(percentile([c[3] - c[2] for c in stats["callbacks"]], 0.5)),
+        "cpu_s": phase.cpu_s, **pg(phase), **describe_failures(stats),
+    }
+
+
+def in_flight_max(stats: dict[str, Any], answered: bool) -> int:
+    """The most calls in flight at once as the step service saw them: each from its request's arrival to the
+    moment AETR answered its callback (`answered`; a bound from above: AETR frees the slot in the callback's
+    transaction, before its answer arrives), or to the moment the callback was sent (a bound from below: this
+    service sends it at once). A call whose callback was never answered stays in flight."""
+    ends = {(c[0], c[1]): c[3] if answered else c[2] for c in stats["callbacks"]}
+    events = []
+    for arrival, _path, _run, node, attempt in stats["requests"]:
+        events.append((arrival, 1))
+        if (end := ends.get((node, attempt))) is not None:
+            events.append((end, -1))
+    held = most = 0
+    for _at, delta in sorted(events):  # at equal times the end (-1) sorts first
+        held += delta
+        most = max(most, held)
+    return most
 
 
 # ---- load --------------------------------------------------------------------------------------------
@@ -373,6 +545,12 @@ def cases(fanout_sizes: tuple[int, ...]) -> list[Case]:
         Case("load", "load", load, lambda db: [Bound("run_ms", 150.0), Bound("run_round_trips", 1),
                                                Bound("tree_round_trips", 1)], 3600),
         Case("sandbox", "sandbox", sandbox, lambda db: [Bound("p50_ms", 0.5)], 900),
+        Case("map", "map", map_vs_parallel, lambda db: [Bound("map_to_parallel", 1.1)], 1800),
+        Case("map-large", "map-large", map_large,
+             lambda db: [Bound("large_output_len", 100_000, at_most=False), Bound("peak_rss_mb", 500.0),
+                         Bound("get_ratio", 15.0)], 1800),
+        Case("concurrency", "concurrency", concurrency,
+             lambda db: [Bound("limited_to_free", 0.9, at_most=False), Bound("limited_in_flight_max", 50)], 1800),
     ]
     return out
 

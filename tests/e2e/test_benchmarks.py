@@ -29,9 +29,10 @@ def test_the_quick_benchmark_runs_every_scenario_to_the_end(db: str, tmp_path: P
     assert done.returncode == 0, done.stderr[-3000:]
     lines: list[dict[str, Any]] = [orjson.loads(line) for line in done.stdout.splitlines() if line.strip()]
     assert [(line["scenario"], line["db"]) for line in lines] == [
-        ("chain", db), ("throughput", db), ("fanout", db), ("fanout", db), ("load", db), ("sandbox", db)]
+        ("chain", db), ("throughput", db), ("fanout", db), ("fanout", db), ("load", db), ("sandbox", db),
+        ("map", db), ("map-large", db), ("concurrency", db)]
     assert all(line["quick"] is True and line["met"] is None for line in lines), "quick sizes are never judged"
-    chain, throughput, fan_small, fan_large, load, sandbox = lines
+    chain, throughput, fan_small, fan_large, load, sandbox, mapped, map_large, limited = lines
 
     assert chain["runs_not_complete"] == 0
     assert chain["gaps"] == chain["runs"] * (chain["steps"] - 1) and chain["p50_ms"] > 0
@@ -44,6 +45,13 @@ def test_the_quick_benchmark_runs_every_scenario_to_the_end(db: str, tmp_path: P
     assert load["run_round_trips"] == 1 and load["tree_round_trips"] == 1, load
     assert load["run_nodes"] == 100 and load["run_bytes"] > 0
     assert sandbox["calls"] == 200 and 0 < sandbox["p50_ms"] <= sandbox["p99_ms"]
+    assert mapped["items"] == mapped["map_output_len"] == mapped["parallel_output_len"] == 100, mapped
+    assert mapped["map_state"] == mapped["parallel_state"] == "complete" and mapped["map_to_parallel"] > 0
+    assert map_large["large_root_state"] == "complete" and map_large["large_output_len"] == 500, map_large
+    assert map_large["peak_rss_mb"] > 0 and map_large["get_ratio"] > 0
+    assert limited["limited_runs_complete"] == limited["free_runs_complete"] == 40, limited
+    assert 0 < limited["limited_in_flight_to_callback_max"] <= limited["limited_in_flight_max"] <= 5, limited
+    assert limited["limited_start_errors"] == limited["free_start_errors"] == []
     for line in (chain, throughput, fan_small, fan_large):  # the server's cycle collections, read from /metrics
         collections = line["aetr_gc_collections"]
         assert len(collections) == 3 and all(isinstance(n, int) and n >= 0 for n in collections), line
