@@ -87,8 +87,8 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
         if held >= req.limit:
             return False
         if req.due_at is not None:
-            ((older,),) = yield Fetch(st.older_waiting, {"step_id": req.step_id, "due_at": st.time_in(req.due_at)})
-            return bool(older == 0)
+            older = yield Fetch(st.older_waiting, {"step_id": req.step_id, "due_at": st.time_in(req.due_at)})
+            return not older
         return True
     if isinstance(req, decide.Park):
         until = datetime.now(UTC) + timedelta(seconds=PARK_S)

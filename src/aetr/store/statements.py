@@ -180,9 +180,10 @@ class Statements(RowCodec):
         self.count_slots = read(select(func.count()).select_from(run_nodes).where(and_(
             run_nodes.c.step_id == p("step_id"), run_nodes.c.holds_slot == true())))
         # Attempts of a step queued since before a given time: a free slot goes to the one waiting longest.
-        older = (select(func.count()).select_from(work.join(run_nodes, run_nodes.c.id == work.c.node_id))
+        # (One row at most, found through the queued rows' partial index in due order: never a count of the queue.)
+        older = (select(work.c.id).select_from(work.join(run_nodes, run_nodes.c.id == work.c.node_id))
                  .where(and_(work.c.kind == literal_column("'queued'"), run_nodes.c.step_id == p("step_id"),
-                             work.c.due_at < p("due_at"))))
+                             work.c.due_at < p("due_at"))).order_by(work.c.due_at).limit(1))
         self.older_waiting = read(older)
         self.park = c(update(work).where(and_(
             work.c.node_id == p("node_id"), work.c.attempt == p("attempt"), work.c.kind == literal_column("'queued'")))

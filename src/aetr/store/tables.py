@@ -143,6 +143,8 @@ work = Table(
     Index("ix_work_due", "due_at"),
     Index("ix_work_lease", "lease_until", "due_at"),
     Index("ix_work_node_attempt", "node_id", "attempt"),
+    # Attempts queued for a slot of a step with max_concurrency, in due order.
+    Index("ix_work_queued", "due_at", postgresql_where=text("kind = 'queued'"), sqlite_where=text("kind = 'queued'")),
 )
 
 events = Table(

@@ -30,6 +30,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("holds_slot", sa.Boolean(), nullable=False, server_default=sa.false()))
     op.create_index("ix_run_nodes_slots", "run_nodes", ["step_id"], postgresql_where=sa.text("holds_slot"),
                     sqlite_where=sa.text("holds_slot"))
+    op.create_index("ix_work_queued", "work", ["due_at"], postgresql_where=sa.text("kind = 'queued'"),
+                    sqlite_where=sa.text("kind = 'queued'"))
     with op.batch_alter_table("run_counters") as batch:
         batch.add_column(sa.Column("failed", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("next_item", sa.Integer(), nullable=False, server_default="0"))
@@ -41,6 +43,7 @@ def downgrade() -> None:
         batch.drop_column("items")
         batch.drop_column("next_item")
         batch.drop_column("failed")
+    op.drop_index("ix_work_queued", table_name="work")
     op.drop_index("ix_run_nodes_slots", table_name="run_nodes")
     with op.batch_alter_table("run_nodes") as batch:
         batch.drop_column("holds_slot")
