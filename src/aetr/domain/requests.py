@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Literal
 
 
@@ -62,7 +61,6 @@ class TakeSlot:
 
     step_id: str
     limit: int
-    due_at: datetime | None = None  # the attempt's turn: refused while one that became due before it waits
 
 
 @dataclass(frozen=True)

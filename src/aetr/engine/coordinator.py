@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -33,10 +34,10 @@ from aetr.store.sql import (
     Lease,
     LoadChain,
     LoadTree,
+    NextWaiting,
     PendingCall,
     Postpone,
     Program,
-    WakeWaiting,
     WorkDue,
     single,
 )
@@ -247,9 +248,9 @@ class Coordinator:
             metrics.WAITS_ENDED.labels("timer").inc()
         return verdict
 
-    async def offer_slot(self, node_id: str, attempt: int, due_at: datetime) -> decide.Verdict:
+    async def offer_slot(self, node_id: str, attempt: int) -> decide.Verdict:
         """A queued attempt of a step with max_concurrency came due: it takes a slot, or waits set aside."""
-        verdict = await self._event(node_id, lambda plan: api.slot_offered(plan, node_id, attempt, due_at), None,
+        verdict = await self._event(node_id, lambda plan: api.slot_offered(plan, node_id, attempt), None,
                                     attempt)
         if verdict.reason == api.NO_SLOT:
             metrics.SLOT_WAITS.inc()
@@ -396,8 +397,7 @@ class Coordinator:
         # The call's answer goes first in its history; its row goes last, after the nodes' rows are locked in
         # id order like every other event's (taking a work row's lock first could deadlock with them).
         plan.events[:0] = [c.record for c in answered if c.record is not None]
-        for step_id in plan.released:  # a slot was freed: the attempt waiting longest for one goes on
-            yield WakeWaiting(step_id)
+        yield from _hand_slots_on(plan)
         forgotten = [FinishCall(node, attempt, kind) for kind, node, attempt in plan.forget]
         lease, calls = self._lease(plan)
         yield Apply(plan, lease=lease, finished=[*answered, *forgotten])
@@ -425,8 +425,6 @@ class Coordinator:
                 self.sink.perform(out.calls)
             leased = {_key(c.work) for c in out.calls}
             later = [w.due_at for w in plan.work if _key(w) not in leased]
-            if plan.released:
-                later.append(plan.now)  # a waiting attempt was woken: claim it now
             if later:
                 self.sink.due(min(later))
         roots = {n.root_id for n in plan.changed}
@@ -464,6 +462,22 @@ def _postpone_unsent(plan: Plan, node: Node, deadline: FinishCall) -> Program:
     due = max(plan.now, made_by) + timedelta(seconds=limit)
     yield Postpone(deadline.kind, node.id, deadline.attempt, due)
     return True
+
+
+def _hand_slots_on(plan: Plan) -> Program:
+    """Give each slot this event freed to the attempt of its step that has waited longest, in this transaction:
+    it is called right after the commit, with no wake-up, claim or event of its own in between."""
+    for step_id, freed in Counter(plan.released).items():
+        # A few more than freed: an attempt this event already changed (cancelled with its run) is passed over.
+        waiting: list[Node] = yield NextWaiting(step_id, freed + 4, plan.now)
+        for node in waiting:
+            if freed == 0:
+                break
+            if node.id in plan.loaded_versions:
+                continue
+            plan.absorb([node])
+            api.hand_slot(plan, plan.nodes[node.id])
+            freed -= 1
 
 
 def _key(w: Work) -> tuple[str, str, int]:

@@ -184,7 +184,7 @@ class Worker:
             elif item.work.kind == "complete":  # a count whose process died before it completed the parent
                 await self.coordinator.complete_parent(item.work.node_id)
             elif item.work.kind == "queued":
-                await self.coordinator.offer_slot(item.work.node_id, item.work.attempt, item.work.due_at)
+                await self.coordinator.offer_slot(item.work.node_id, item.work.attempt)
             elif item.work.kind == "grow":
                 await self.coordinator.grow_map(item.work.node_id, item.work.attempt)
             elif item.work.kind == "timer":

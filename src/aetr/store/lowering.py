@@ -30,11 +30,11 @@ from aetr.store.requests import (
     InsertRun,
     LoadChain,
     LoadTree,
+    NextWaiting,
     PendingCall,
     Postpone,
     Program,
     RenewLease,
-    WakeWaiting,
     WorkDue,
 )
 from aetr.store.statements import Statements
@@ -84,21 +84,16 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
         if st.slot_lock is not None:
             yield Fetch(st.slot_lock, {"step_id": req.step_id})
         ((held,),) = yield Fetch(st.count_slots, {"step_id": req.step_id})
-        if held >= req.limit:
-            return False
-        if req.due_at is not None:
-            older = yield Fetch(st.older_waiting, {"step_id": req.step_id, "due_at": st.time_in(req.due_at)})
-            return not older
-        return True
+        return bool(held < req.limit)
     if isinstance(req, decide.Park):
         until = datetime.now(UTC) + timedelta(seconds=PARK_S)
         yield Exec(st.park, {"node_id": req.node_id, "attempt": req.attempt, "until": st.time_in(until)})
         return None
-    if isinstance(req, WakeWaiting):
+    if isinstance(req, NextWaiting):
         if st.slot_lock is not None:
             yield Fetch(st.slot_lock, {"step_id": req.step_id})
-        yield Exec(st.wake_waiting, {"step_id": req.step_id})
-        return None
+        rows = yield Fetch(st.next_waiting, {"step_id": req.step_id, "count": req.count, "now": st.time_in(req.now)})
+        return [st.node(r) for r in rows]
     if isinstance(req, decide.KeepItems):
         items = None if req.items is None else orjson.dumps(req.items).decode()
         yield Exec(st.keep_items, {"node_id": req.node_id, "items": items})

@@ -116,11 +116,13 @@ class PendingCall:
 
 
 @dataclass(frozen=True)
-class WakeWaiting:
-    """Request: a slot of the step `step_id` was freed: the attempt that has waited for one longest (set aside by
-    Park) becomes claimable again."""
+class NextWaiting:
+    """Request: up to `count` attempts of the step `step_id` queued for a slot and due by `now`, the one that
+    became due first first (answer: their nodes). Taken under the step's slot lock (PostgreSQL)."""
 
     step_id: str
+    count: int
+    now: datetime
 
 
 @dataclass(frozen=True)

@@ -179,21 +179,15 @@ class Statements(RowCodec):
         self.slot_lock: Sql | None = None
         self.count_slots = read(select(func.count()).select_from(run_nodes).where(and_(
             run_nodes.c.step_id == p("step_id"), run_nodes.c.holds_slot == true())))
-        # Attempts of a step queued since before a given time: a free slot goes to the one waiting longest.
-        # (One row at most, found through the queued rows' partial index in due order: never a count of the queue.)
-        older = (select(work.c.id).select_from(work.join(run_nodes, run_nodes.c.id == work.c.node_id))
-                 .where(and_(work.c.kind == literal_column("'queued'"), run_nodes.c.step_id == p("step_id"),
-                             work.c.due_at < p("due_at"))).order_by(work.c.due_at).limit(1))
-        self.older_waiting = read(older)
         self.park = c(update(work).where(and_(
             work.c.node_id == p("node_id"), work.c.attempt == p("attempt"), work.c.kind == literal_column("'queued'")))
             .values(lease_owner=literal_column(f"'{PARKED}'"), lease_until=p("until")))
-        waiting = (select(work.c.id).join(run_nodes, run_nodes.c.id == work.c.node_id)
-                   .where(and_(work.c.kind == literal_column("'queued'"), work.c.lease_owner == literal_column(
-                       f"'{PARKED}'"), run_nodes.c.step_id == p("step_id")))
-                   .order_by(work.c.due_at).limit(1))
-        self.wake_waiting = c(update(work).where(work.c.id == waiting.scalar_subquery())
-                              .values(lease_owner=null(), lease_until=null()))
+        # The attempts that have waited longest for a slot of a step (the one freed goes to the first).
+        self.next_waiting = read(
+            select(*NODE_COLUMNS).select_from(work.join(run_nodes, run_nodes.c.id == work.c.node_id))
+            .where(and_(work.c.kind == literal_column("'queued'"), run_nodes.c.step_id == p("step_id"),
+                        work.c.attempt == run_nodes.c.attempt, work.c.due_at <= p("now")))
+            .order_by(work.c.due_at).limit(p("count")))
         # The nodes of the calls just claimed: one statement on PostgreSQL, one cheap lookup each on SQLite.
         self.nodes_by_id = read(select(*NODE_COLUMNS).where(self.ids_match()))
         # When the next row becomes claimable: the earliest unleased due time or lease end (both indexed).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from aetr.domain import flow
@@ -101,14 +101,20 @@ def resume(plan: Plan, node: Node) -> Step:
     yield
 
 
-def slot_offered(plan: Plan, node_id: str, attempt: int, due_at: datetime) -> Generator[Request, Any, Verdict]:
+def hand_slot(plan: Plan, node: Node) -> None:
+    """A slot freed by this event goes to `node`, whose attempt has waited longest for one: its call is queued."""
+    node = plan.put(node, state="executing", holds_slot=True)
+    arm(plan, node, 0.0)
+
+
+def slot_offered(plan: Plan, node_id: str, attempt: int) -> Generator[Request, Any, Verdict]:
     """A queued attempt of a limited step came due: it takes a slot and is called, or waits, set aside, until
     an attempt holding one ends."""
     node = plan.nodes[node_id]
     if node.state not in ("pending", "executing") or node.attempt != attempt or node.holds_slot:
         plan.forget.append(("queued", node_id, attempt))
         return Verdict("refused", "the attempt no longer waits for a slot")
-    if not (yield TakeSlot(node.step.id, spec_of(node).max_concurrency or 1, due_at)):
+    if not (yield TakeSlot(node.step.id, spec_of(node).max_concurrency or 1)):
         yield Park(node_id, attempt)
         return Verdict("refused", NO_SLOT)
     node = plan.put(node, state="executing", holds_slot=True)
