@@ -139,6 +139,10 @@ class Plan:
     # Steps one of whose slots this event frees (an attempt that held it ended): the next attempt waiting
     # for one is woken in the same transaction. `forget`: work rows to delete, as (kind, node id, attempt).
     released: list[str] = field(default_factory=list)
+    # Slots of steps taken by this event's attempts (not yet in the database's count), and the queued attempts
+    # it sets aside at once, as (kind, node id, attempt): every slot was taken when they started.
+    slots_taken: dict[str, int] = field(default_factory=dict)
+    parked: set[tuple[str, str, int]] = field(default_factory=set)
     freed_slots: dict[str, int] = field(default_factory=dict)  # maps starting items in a loop: items to start
     advancing: dict[str, Node | None] = field(default_factory=dict)  # sequences moving on in a loop: child ended
     forget: list[tuple[str, str, int]] = field(default_factory=list)

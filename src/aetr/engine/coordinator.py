@@ -478,6 +478,13 @@ def _hand_slots_on(plan: Plan) -> Program:
             plan.absorb([node])
             api.hand_slot(plan, plan.nodes[node.id])
             freed -= 1
+        # Then the attempts this event set aside itself, which became due after every stored one.
+        for _, node_id, _ in sorted(plan.parked, key=lambda key: plan.nodes[key[1]].started_at or plan.now):
+            if freed == 0:
+                break
+            if plan.nodes[node_id].step.id == step_id:
+                api.hand_slot(plan, plan.nodes[node_id])
+                freed -= 1
 
 
 def _key(w: Work) -> tuple[str, str, int]:

@@ -37,7 +37,7 @@ from aetr.store.requests import (
     RenewLease,
     WorkDue,
 )
-from aetr.store.statements import Statements
+from aetr.store.statements import PARKED, Statements
 from aetr.store.step_trees import tree_from_rows
 
 # Seconds a queued attempt stays set aside at most: a slot freed without waking it (its step's limit raised by
@@ -212,6 +212,11 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
     work_rows = [st.work_values(w, lease.owner, lease.until)
                  if lease is not None and (w.kind, w.node_id, w.attempt) in lease.keys
                  else st.work_values(w) for w in plan.work]
+    if plan.parked:  # attempts set aside at once: their rows are leased to the waiting mark, not claimable
+        parked_until = plan.now + timedelta(seconds=PARK_S)
+        work_rows = [{**row, "lease_owner": PARKED, "lease_until": st.time_in(parked_until)}
+                     if (w.kind, w.node_id, w.attempt) in plan.parked else row
+                     for row, w in zip(work_rows, plan.work, strict=True)]
     event_rows = [st.event_values(e) for e in plan.events]
     if st.write_all is not None:
         # PostgreSQL: every change of the event in one statement, one round trip. The node UPDATE is what the

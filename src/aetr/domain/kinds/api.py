@@ -85,12 +85,19 @@ def waits_for_slots(node: Node) -> bool:
 
 
 def start(plan: Plan, node: Node) -> Step:
-    """Queue the first attempt's call (a limited step's attempt queues for a slot first, behind those that
-    became due before it)."""
+    """Queue the first attempt's call. A limited step's attempt takes a slot at once when one is free, else it
+    is set aside until an attempt holding one ends and hands it on."""
     node = plan.put(node, attempt=node.attempt + 1)
+    limit = spec_of(node).max_concurrency
+    if limit is not None:
+        step_id = node.step.id
+        taken = plan.slots_taken.get(step_id, 0)
+        if taken < limit and (yield TakeSlot(step_id, limit - taken)):
+            plan.slots_taken[step_id] = taken + 1
+            node = plan.put(node, state="executing", holds_slot=True)
+        else:
+            plan.parked.add(("queued", node.id, node.attempt))
     arm(plan, node, 0.0)
-    return
-    yield
 
 
 def resume(plan: Plan, node: Node) -> Step:
@@ -103,6 +110,10 @@ def resume(plan: Plan, node: Node) -> Step:
 
 def hand_slot(plan: Plan, node: Node) -> None:
     """A slot freed by this event goes to `node`, whose attempt has waited longest for one: its call is queued."""
+    queued = ("queued", node.id, node.attempt)
+    if queued in plan.parked:  # set aside by this very event: its queued row is not written at all
+        plan.parked.discard(queued)
+        plan.work[:] = [w for w in plan.work if (w.kind, w.node_id, w.attempt) != queued]
     node = plan.put(node, state="executing", holds_slot=True)
     arm(plan, node, 0.0)
 
