@@ -143,6 +143,7 @@ class Plan:
     # it sets aside at once, as (kind, node id, attempt): every slot was taken when they started.
     slots_taken: dict[str, int] = field(default_factory=dict)
     parked: set[tuple[str, str, int]] = field(default_factory=set)
+    handed: set[str] = field(default_factory=set)  # nodes given a slot freed by this event (their calls are claimed)
     freed_slots: dict[str, int] = field(default_factory=dict)  # maps starting items in a loop: items to start
     advancing: dict[str, Node | None] = field(default_factory=dict)  # sequences moving on in a loop: child ended
     forget: list[tuple[str, str, int]] = field(default_factory=list)

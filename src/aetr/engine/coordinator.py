@@ -408,8 +408,11 @@ class Coordinator:
         sink = self.sink
         if sink is None or not plan.work:
             return None, []
+        # A call handed a freed slot is claimed by whichever worker has room for it, not made here: the process
+        # that frees slots fastest would otherwise take on every call of the step.
         now = [ClaimedWork(w, plan.nodes.get(w.node_id) if w.kind == "dispatch" else None) for w in plan.work
-               if w.kind in ("dispatch", "count") and w.due_at <= plan.now][:sink.direct_limit]
+               if w.kind in ("dispatch", "count") and w.due_at <= plan.now and w.node_id not in plan.handed
+               ][:sink.direct_limit]
         if not now:
             return None, []
         until = plan.now + timedelta(seconds=sink.lease_s)

@@ -115,6 +115,7 @@ def hand_slot(plan: Plan, node: Node) -> None:
         plan.parked.discard(queued)
         plan.work[:] = [w for w in plan.work if (w.kind, w.node_id, w.attempt) != queued]
     node = plan.put(node, state="executing", holds_slot=True)
+    plan.handed.add(node.id)
     arm(plan, node, 0.0)
 
 
