@@ -550,7 +550,8 @@ def cases(fanout_sizes: tuple[int, ...]) -> list[Case]:
              lambda db: [Bound("large_output_len", 100_000, at_most=False), Bound("peak_rss_mb", 500.0),
                          Bound("get_ratio", 15.0)], 1800),
         Case("concurrency", "concurrency", concurrency,
-             lambda db: [Bound("limited_to_free", 0.9, at_most=False), Bound("limited_in_flight_to_callback_max", 50)], 1800),
+             lambda db: [Bound("limited_to_free", 0.9, at_most=False),
+                         Bound("limited_in_flight_to_callback_max", 50)], 1800),
     ]
     return out
 
