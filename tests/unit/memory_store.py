@@ -40,7 +40,7 @@ class MemoryStore:
         """Create and start a run; return its id."""
         nodes = build_run_nodes(tree, run_input, self.now, self._new_id)
         # As in the engine, the new run's nodes are written by the start event's commit, not before it.
-        plan = Plan(now=self.now, new_run=True, new_id=self._new_id, batch=self.batch)
+        plan = Plan(now=self.now, new_id=self._new_id, batch=self.batch)
         insert(plan, nodes)
         plan.whole_run = True
         self._drive(plan, decide.start_run(plan, nodes[0].id))

@@ -94,7 +94,7 @@ def start(plan: Plan, node: Node, value: Any) -> Step:
     """Start a node with its input, as its kind starts."""
     spec = node.step.spec
     # A step with max_concurrency waits `pending` (its input recorded) until it holds one of its slots.
-    waits = isinstance(spec, kinds.ApiSpec) and spec.max_concurrency is not None
+    waits = isinstance(spec, kinds.ApiSpec) and api.waits_for_slots(node)
     node = plan.put(node, state="pending" if waits else "executing", input=value, started_at=plan.now,
                     output=None, error=None)
     match spec:

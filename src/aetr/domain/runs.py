@@ -125,8 +125,6 @@ class Plan:
     # counter inside the event: on PostgreSQL the bump holds the counter's row lock until the commit, and a
     # wide parallel parent's siblings then finish one at a time.
     count_later: bool = False
-    # The run is being started: its nodes are all in this plan and none is in the database yet.
-    new_run: bool = False
     # Nodes this event creates (a new run's, a map's items), written in their final state at its commit; the
     # plan, not a read, is the truth about them. `counters` are the counting parents' among them, `new_children`
     # the children this event gave to parents (a read of their children would not find those).

@@ -201,7 +201,7 @@ class Coordinator:
             return Outcome(decide.Verdict("refused", str(too_big)), created=False)
         nodes = build_run_nodes(tree, run_input, now, new_id)
         root_id = nodes[0].id
-        plan = Plan(now=nodes[0].created_at, new_run=True, new_id=new_id, max_nodes=self.max_tree_nodes)
+        plan = Plan(now=nodes[0].created_at, new_id=new_id, max_nodes=self.max_tree_nodes)
         insert(plan, nodes)
         plan.whole_run = True
         yield from decide.start_run(plan, root_id)

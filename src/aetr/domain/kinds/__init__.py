@@ -5,7 +5,7 @@ and its redrive. Code that must treat kinds differently matches on `Spec` exhaus
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, assert_never, get_args
+from typing import Any, Literal, assert_never
 
 from aetr.domain.kinds.api import ApiSpec
 from aetr.domain.kinds.choice import ChoiceSpec
@@ -16,7 +16,6 @@ from aetr.domain.kinds.wait import WaitSpec
 
 Spec = ApiSpec | SequentialSpec | ParallelSpec | MapSpec | ChoiceSpec | WaitSpec
 StepKind = Literal["api", "sequential", "parallel", "map", "choice", "wait"]
-KINDS: tuple[StepKind, ...] = get_args(StepKind)
 # Kinds whose run nodes count their finished children (an atomic counter per node, see Plan.counters).
 COUNTING: frozenset[str] = frozenset({"parallel", "map"})
 
@@ -50,5 +49,5 @@ def has_children(spec: Spec) -> bool:
             assert_never(spec)
 
 
-__all__ = ["COUNTING", "KINDS", "ApiSpec", "ChoiceSpec", "MapSpec", "ParallelSpec", "SequentialSpec", "Spec",
+__all__ = ["COUNTING", "ApiSpec", "ChoiceSpec", "MapSpec", "ParallelSpec", "SequentialSpec", "Spec",
            "StepKind", "WaitSpec", "has_children", "spec_from_json"]
