@@ -71,6 +71,10 @@ class CallSink(Protocol):
 
     def perform(self, calls: list[ClaimedWork]) -> None: ...
 
+    def room(self) -> int:
+        """How many more calls this process can make at once now."""
+        ...
+
     def due(self, at: datetime) -> None: ...
 
 
@@ -408,11 +412,13 @@ class Coordinator:
         sink = self.sink
         if sink is None or not plan.work:
             return None, []
-        # A call handed a freed slot is claimed by whichever worker has room for it, not made here: the process
-        # that frees slots fastest would otherwise take on every call of the step.
-        now = [ClaimedWork(w, plan.nodes.get(w.node_id) if w.kind == "dispatch" else None) for w in plan.work
-               if w.kind in ("dispatch", "count") and w.due_at <= plan.now and w.node_id not in plan.handed
-               ][:sink.direct_limit]
+        # A call handed a freed slot is made here only while this process has room for it; beyond that, it is
+        # claimed by whichever worker has: the process that frees slots fastest would otherwise take on every
+        # call of the step, and those waiting past their lease would be made twice.
+        ready = [w for w in plan.work if w.kind in ("dispatch", "count") and w.due_at <= plan.now]
+        own = [w for w in ready if w.node_id not in plan.handed][:sink.direct_limit]
+        handed = [w for w in ready if w.node_id in plan.handed][:max(0, sink.room() - len(own))]
+        now = [ClaimedWork(w, plan.nodes.get(w.node_id) if w.kind == "dispatch" else None) for w in own + handed]
         if not now:
             return None, []
         until = plan.now + timedelta(seconds=sink.lease_s)

@@ -67,6 +67,10 @@ class Worker:
         for item in calls:
             self._spawn(item)
 
+    def room(self) -> int:
+        """How many more work items this process may run at once now."""
+        return self.max_in_flight - len(self._tasks)
+
     def due(self, at: datetime) -> None:
         """A commit added work due at `at`: look for it then, if that is earlier than planned."""
         if self._wake_at is None or at < self._wake_at:

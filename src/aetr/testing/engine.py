@@ -30,6 +30,9 @@ class KeptCalls:
     def perform(self, calls: list[ClaimedWork]) -> None:
         self.calls.extend(calls)
 
+    def room(self) -> int:
+        return self.direct_limit
+
     def due(self, at: datetime) -> None:
         pass
 
