@@ -295,14 +295,16 @@ async def _limited_scenario(launcher: Launcher, database_url: str, http: aiohttp
 
 
 async def slots_held(database_url: str) -> int:
-    """How many nodes hold a slot of their step, as the database says."""
+    """How many nodes hold a slot of their step, and (PostgreSQL) slot rows are held, as the database says."""
     query = "SELECT count(*) FROM run_nodes WHERE holds_slot"
     if database_url.startswith("sqlite:///"):
         with sqlite3.connect(database_url.removeprefix("sqlite:///")) as db:
             return int(db.execute(query).fetchone()[0])
     conn = await asyncpg.connect(database_url, timeout=5)
     try:
-        return int(await conn.fetchval(query))
+        # PostgreSQL keeps its slots as rows too: none may be left held by an attempt that ended.
+        rows = await conn.fetchval("SELECT count(*) FROM step_slots WHERE holder_id IS NOT NULL")
+        return int(await conn.fetchval(query)) + int(rows)
     finally:
         await conn.close()
 

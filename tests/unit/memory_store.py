@@ -94,7 +94,7 @@ class MemoryStore:
                 answer = pending_next.get(req.node_id, self.next_item.get(req.node_id, 0))
             elif isinstance(req, decide.TakeSlot):  # the order of waiting attempts is left to the engine's tests
                 held = sum(1 for n in self.nodes.values() if n.holds_slot and n.step.id == req.step_id)
-                answer = held < req.limit
+                answer = held + req.earlier < req.limit
             elif isinstance(req, decide.Park):
                 answer = None
             elif isinstance(req, decide.LoadSubtree):

@@ -56,19 +56,26 @@ class NextItem:
 
 @dataclass(frozen=True)
 class TakeSlot:
-    """Request: hold one of a step's `limit` slots for an attempt (answer: True when one was free). The store
-    serialises the takers and releasers of one step, across processes."""
+    """Request: hold one of a step's `limit` slots for attempt `attempt` of node `node_id` (answer: True when one
+    was free). `earlier` slots of the step were taken earlier in this same event, not yet written. The store
+    makes takers and releasers of one step agree across processes."""
 
     step_id: str
     limit: int
+    node_id: str
+    attempt: int
+    earlier: int = 0
 
 
 @dataclass(frozen=True)
 class Park:
-    """Request: set a queued attempt aside until a slot of its step frees (its row keeps its due time)."""
+    """Request: set a queued attempt aside until a slot of its step `step_id` (of `limit`) frees (its row keeps
+    its due time)."""
 
     node_id: str
     attempt: int
+    step_id: str
+    limit: int
 
 
 @dataclass(frozen=True)

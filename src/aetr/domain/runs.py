@@ -134,9 +134,10 @@ class Plan:
     batch: int = 1000  # a map makes at most this many item subtrees per event
     new_id: Callable[[], str] | None = None  # where new node ids come from, when this event may create nodes
     max_nodes: int = DEFAULT_MAX_TREE_NODES  # a map may not create more nodes than this at once
-    # Steps one of whose slots this event frees (an attempt that held it ended): the next attempt waiting
-    # for one is woken in the same transaction. `forget`: work rows to delete, as (kind, node id, attempt).
-    released: list[str] = field(default_factory=list)
+    # Slots this event frees (an attempt that held one ended), as (step id, node id): each goes to the attempt
+    # of its step that waited longest, in the same transaction. `forget`: work rows to delete, as (kind, node
+    # id, attempt).
+    released: list[tuple[str, str]] = field(default_factory=list)
     # Slots of steps taken by this event's attempts (not yet in the database's count), and the queued attempts
     # it sets aside at once, as (kind, node id, attempt): every slot was taken when they started.
     slots_taken: dict[str, int] = field(default_factory=dict)
@@ -178,7 +179,7 @@ class Plan:
             ended = changes.get("state", old.state) != "executing" or changes.get("attempt", old.attempt) != old.attempt
             if ended or changes.get("holds_slot") is False:
                 changes["holds_slot"] = False  # the attempt that held it ended: the slot is free
-                self.released.append(old.step.id)
+                self.released.append((old.step.id, old.id))
         new = evolve(old, changes)
         self.nodes[node.id] = new
         if new.state != old.state:

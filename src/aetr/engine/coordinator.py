@@ -476,9 +476,9 @@ def _postpone_unsent(plan: Plan, node: Node, deadline: FinishCall) -> Program:
 def _hand_slots_on(plan: Plan) -> Program:
     """Give each slot this event freed to the attempt of its step that has waited longest, in this transaction:
     it is called right after the commit, with no wake-up, claim or event of its own in between."""
-    for step_id, freed in Counter(plan.released).items():
-        # A few more than freed: an attempt this event already changed (cancelled with its run) is passed over.
-        waiting: list[Node] = yield NextWaiting(step_id, freed + 4, plan.now)
+    for step_id, freed in Counter(step for step, _ in plan.released).items():
+        # Attempts this event already changed (cancelled with their run) are passed over.
+        waiting: list[Node] = yield NextWaiting(step_id, freed, plan.now, tuple(plan.loaded_versions))
         for node in waiting:
             if freed == 0:
                 break

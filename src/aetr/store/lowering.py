@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from aetr.domain import decide
+from aetr.domain.kinds.api import spec_of as api_spec_of
 from aetr.domain.runs import Node, Plan, Work
 from aetr.store.errors import Conflict
 from aetr.store.operations import Exec, ExecMany, Fetch, Op, OpStream
@@ -37,7 +38,7 @@ from aetr.store.requests import (
     RenewLease,
     WorkDue,
 )
-from aetr.store.statements import PARKED, Statements
+from aetr.store.statements import HANDING_S, PARKED, Statements
 from aetr.store.step_trees import tree_from_rows
 
 # Seconds a queued attempt stays set aside at most: a slot freed without waking it (its step's limit raised by
@@ -81,18 +82,21 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
                                  "next_item": req.next_item})
         return None
     if isinstance(req, decide.TakeSlot):
-        if st.slot_lock is not None:
-            yield Fetch(st.slot_lock, {"step_id": req.step_id})
-        ((held,),) = yield Fetch(st.count_slots, {"step_id": req.step_id})
-        return bool(held < req.limit)
+        return (yield from _take_slot(req, st))
     if isinstance(req, decide.Park):
         until = datetime.now(UTC) + timedelta(seconds=PARK_S)
         yield Exec(st.park, {"node_id": req.node_id, "attempt": req.attempt, "until": st.time_in(until)})
+        if st.wake_waiter is not None:  # committed: now a slot freed meanwhile is seen (see WAKE_WAITER_PG)
+            yield Fetch(st.wake_waiter, {"step_id": req.step_id, "limit": req.limit})
         return None
     if isinstance(req, NextWaiting):
-        if st.slot_lock is not None:
-            yield Fetch(st.slot_lock, {"step_id": req.step_id})
-        rows = yield Fetch(st.next_waiting, {"step_id": req.step_id, "count": req.count, "now": st.time_in(req.now)})
+        if st.claim_waiting is not None:
+            rows = yield Fetch(st.claim_waiting, {
+                "step_id": req.step_id, "count": req.count, "now": st.time_in(req.now), "besides": list(req.besides),
+                "until": st.time_in(req.now + timedelta(seconds=HANDING_S))})
+        else:  # SQLite: one writer at a time; the attempts passed over are read too, and skipped by the caller
+            rows = yield Fetch(st.next_waiting, {"step_id": req.step_id, "count": req.count + len(req.besides),
+                                                 "now": st.time_in(req.now)})
         return [st.node(r) for r in rows]
     if isinstance(req, decide.KeepItems):
         items = None if req.items is None else orjson.dumps(req.items).decode()
@@ -159,6 +163,46 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
     raise TypeError(f"no SQL for request {req!r}")
 
 
+def _take_slot(req: decide.TakeSlot, st: Statements) -> Generator[Op, Any, bool]:
+    if st.take_slot is None:  # SQLite: count the holders, this event's takers included
+        ((held,),) = yield Fetch(st.count_slots, {"step_id": req.step_id})
+        return bool(held + req.earlier < req.limit)
+    values = {"step_id": req.step_id, "limit": req.limit, "node_id": req.node_id, "attempt": req.attempt}
+    ((mine, taken, made),) = yield Fetch(st.take_slot, values)
+    if mine is None and taken is None and not made:
+        assert st.make_slots is not None
+        yield Fetch(st.make_slots, values)  # the step's first attempt at this limit: its rows, then try again
+        ((mine, taken, made),) = yield Fetch(st.take_slot, values)
+    return mine is not None or taken is not None
+
+
+def _slot_moves(plan: Plan) -> tuple[list[dict[str, Any]], list[tuple[str, int]]]:
+    """The slot rows this event frees (PostgreSQL): each freed slot goes to an attempt of its step it was handed
+    to, or becomes free; and the steps (with a limit) to look at after the commit for an attempt waiting while a
+    slot is free: those whose slot this event freed without handing it on, and those it set attempts aside for."""
+    handed: dict[str, list[Node]] = {}
+    for node_id in sorted(plan.handed):
+        node = plan.nodes[node_id]
+        handed.setdefault(node.step.id, []).append(node)
+    moves: list[dict[str, Any]] = []
+    look: dict[str, int] = {}
+    for step_id, old_id in plan.released:
+        takers = handed.get(step_id)
+        new = takers.pop(0) if takers else None
+        moves.append({"old": old_id, "new": None if new is None else new.id,
+                      "attempt": None if new is None else new.attempt})
+        if new is None:
+            look[step_id] = _limit(plan.nodes[old_id])
+    for _, node_id, _ in plan.parked:
+        node = plan.nodes[node_id]
+        look[node.step.id] = _limit(node)
+    return sorted(moves, key=lambda m: m["old"]), sorted(look.items())
+
+
+def _limit(node: Node) -> int:
+    return api_spec_of(node).max_concurrency or 1
+
+
 def _new_rows(plan: Plan, run: InsertRun | None, st: Statements,
               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The run_nodes rows and run_counters rows of the nodes an event creates (a new run's, a map's items)."""
@@ -222,16 +266,20 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
         # PostgreSQL: every change of the event in one statement, one round trip. The node UPDATE is what the
         # statement's main query reads (it runs first, its rows locked in id order); the work and history
         # changes run after it. A node changed meanwhile aborts the whole statement (SerializationError).
+        moves, look = _slot_moves(plan) if plan.released or plan.parked else ([], [])
         if node_rows or drop or beats or work_rows or event_rows or finished or new_nodes:
             values = {"drop": drop, "beats": beats, "expected": len(node_rows)}
             for group, rows in (("i_", new_nodes), ("c_", new_counters), ("n_", node_rows), ("w_", work_rows),
-                                ("e_", event_rows), ("f_", finished)):
+                                ("e_", event_rows), ("f_", finished), ("s_", moves)):
                 if rows:
                     for key, name in st.array_keys[group]:
                         values[key] = [r[name] for r in rows]
                 else:  # most groups, most events: a new run's 23 columns are empty in every callback's write
                     values.update(st.no_rows[group])
             yield Fetch(st.write_all, values)
+        if st.wake_waiter is not None:
+            for step_id, limit in look:  # after the commit (the write above committed by itself, as a rule)
+                yield Fetch(st.wake_waiter, {"step_id": step_id, "limit": limit})
         return
     if drop:
         yield ExecMany(st.drop_work, [{"node_id": i} for i in drop])

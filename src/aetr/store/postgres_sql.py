@@ -3,14 +3,15 @@ chains of a batch of events in one, and claims that skip each other's rows."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar
 
-from sqlalchemy import and_, func, literal_column, select, union_all
+from sqlalchemy import and_, func, literal_column, or_, select, union_all, update
 
 from aetr.store.codec import NODE_COLUMNS, STATE_COLUMNS
 from aetr.store.operations import DialectName, Sql
-from aetr.store.statements import Statements, p, parent_kind
-from aetr.store.tables import run_nodes
+from aetr.store.statements import HANDING, PARKED, Statements, p, parent_kind
+from aetr.store.tables import run_nodes, work
 
 WORK_FIELDS = ("kind", "node_id", "root_id", "attempt", "due_at", "lease_owner", "lease_until")
 EVENT_FIELDS = ("root_id", "node_id", "at", "kind", "data")
@@ -31,6 +32,7 @@ _STATE_TYPES_PG = {"k_id": "varchar", "k_version": "integer", "state": "varchar"
                    "error": "text", "attempt": "integer", "attempt_base": "integer", "version": "integer",
                    "started_at": "timestamptz", "completed_at": "timestamptz", "n_children": "integer",
                    "wait_until": "timestamptz", "awaits_signal": "boolean", "holds_slot": "boolean"}
+SLOT_FIELDS = ("old", "new", "attempt")  # a slot freed by node `old`, now held by attempt `attempt` of `new` (or none)
 COUNTER_NAMES = ("node_id", "done", "failed", "next_item", "items")
 _COUNTER_TYPES_PG = ("varchar", "integer", "integer", "integer", "text")
 
@@ -50,6 +52,7 @@ def _write_all_pg() -> str:
     expected = next(n)
     new_nodes = arrays(list(_NODE_TYPES_PG))
     new_counters = arrays(list(_COUNTER_TYPES_PG))
+    slots_ = arrays(["varchar", "varchar", "integer"])
     sets = ", ".join(f"{c} = v.{c}" for c in STATE_COLUMNS)
     return (
         f"WITH dropped AS (DELETE FROM work WHERE node_id = ANY(${drop}::varchar[])),"
@@ -63,7 +66,12 @@ def _write_all_pg() -> str:
         " WHERE w.node_id = f.node_id AND w.attempt = f.attempt AND w.kind = f.kind),"
         f" new_nodes AS (INSERT INTO run_nodes ({', '.join(c.name for c in run_nodes.c)})"
         f" SELECT * FROM unnest({new_nodes})),"
-        f" new_counters AS (INSERT INTO run_counters ({', '.join(COUNTER_NAMES)}) SELECT * FROM unnest({new_counters}))"
+        f" new_counters AS (INSERT INTO run_counters ({', '.join(COUNTER_NAMES)})"
+        f" SELECT * FROM unnest({new_counters})),"
+        # Slots freed by attempts that ended: free again, or held by the attempt they were handed to.
+        " slots AS (UPDATE step_slots AS s SET holder_id = v.new, holder_attempt = v.attempt,"
+        " taken_at = CASE WHEN v.new IS NULL THEN NULL ELSE now() END"
+        f" FROM unnest({slots_}) AS v(old, new, attempt) WHERE s.holder_id = v.old)"
         # A node changed meanwhile: aetr_expect_rows (migration 0004) aborts the whole statement, which is atomic
         # by itself and so runs without BEGIN and COMMIT.
         f" SELECT aetr_expect_rows(count(*), ${expected}::integer) FROM updated"
@@ -89,12 +97,63 @@ FINISHED_FIELDS = ("node_id", "attempt", "kind")
 RUN_NODE_NAMES = tuple(c.name for c in run_nodes.c)
 ARRAY_KEYS = {prefix: tuple((prefix + name, name) for name in names) for prefix, names in (
     ("i_", RUN_NODE_NAMES), ("c_", COUNTER_NAMES), ("n_", NODE_FIELDS), ("w_", WORK_FIELDS), ("e_", EVENT_FIELDS),
-    ("f_", FINISHED_FIELDS))}
+    ("f_", FINISHED_FIELDS), ("s_", SLOT_FIELDS))}
 NO_ROWS: dict[str, dict[str, tuple[()]]] = {prefix: {key: () for key, _ in keys}
                                              for prefix, keys in ARRAY_KEYS.items()}
 WRITE_ALL_NAMES = ("drop", "beats", *(f"w_{k}" for k in WORK_FIELDS), *(f"e_{k}" for k in EVENT_FIELDS),
                    *(f"n_{k}" for k in NODE_FIELDS), *(f"f_{k}" for k in FINISHED_FIELDS), "expected",
-                   *(f"i_{name}" for name in RUN_NODE_NAMES), *(f"c_{name}" for name in COUNTER_NAMES))
+                   *(f"i_{name}" for name in RUN_NODE_NAMES), *(f"c_{name}" for name in COUNTER_NAMES),
+                   *(f"s_{name}" for name in SLOT_FIELDS))
+
+# A slot row held by a node whose attempt does not hold it (its event failed or its process died between taking
+# the slot and writing the node) is free again after this long: far longer than any event takes.
+SLOT_ABANDONED_S = 60
+
+# Take a free slot of a step for an attempt, in a statement of its own: it locks only the row it takes and skips
+# rows other transactions hold, so takers of one step never wait for each other's commits. An event retried
+# after a conflict finds the slot its first try took. Answers (slot already held, slot taken, rows made).
+TAKE_SLOT_PG = (
+    "WITH mine AS (SELECT slot FROM step_slots WHERE step_id = $1 AND holder_id = $3 AND holder_attempt = $4),"
+    " free AS (SELECT s.slot FROM step_slots AS s WHERE s.step_id = $1 AND s.slot < $2"
+    " AND NOT EXISTS (SELECT 1 FROM mine) AND (s.holder_id IS NULL"
+    f" OR (s.taken_at < now() - interval '{SLOT_ABANDONED_S} seconds' AND NOT EXISTS (SELECT 1 FROM run_nodes AS n"
+    " WHERE n.id = s.holder_id AND n.holds_slot AND n.attempt = s.holder_attempt)))"
+    " ORDER BY s.slot LIMIT 1 FOR UPDATE SKIP LOCKED),"
+    " taken AS (UPDATE step_slots AS s SET holder_id = $3, holder_attempt = $4, taken_at = now() FROM free"
+    " WHERE s.step_id = $1 AND s.slot = free.slot RETURNING s.slot)"
+    " SELECT (SELECT min(slot) FROM mine), (SELECT slot FROM taken),"
+    " EXISTS (SELECT 1 FROM step_slots WHERE step_id = $1 AND slot = $2 - 1)"
+)
+# A step's slot rows up to its limit, made the first time an attempt finds them missing.
+MAKE_SLOTS_PG = ("INSERT INTO step_slots (step_id, slot) SELECT $1, g FROM generate_series(0, $2 - 1) AS g"
+                 " ON CONFLICT DO NOTHING")
+# Run after a commit that set an attempt aside, or freed a slot it could not hand on: when a slot of the step is
+# free, the attempt that waited longest is made claimable at once. An attempt set aside while another event freed
+# a slot without seeing it is found this way by one of the two, whichever commits last.
+WAKE_WAITER_PG = (
+    "UPDATE work SET lease_owner = NULL, lease_until = NULL WHERE id = (SELECT w.id FROM work AS w"
+    " JOIN run_nodes AS n ON n.id = w.node_id WHERE w.kind = 'queued' AND n.step_id = $1 AND w.attempt = n.attempt"
+    f" AND w.lease_owner = '{PARKED}' ORDER BY w.due_at LIMIT 1 FOR UPDATE OF w SKIP LOCKED)"
+    " AND EXISTS (SELECT 1 FROM step_slots WHERE step_id = $1 AND slot < $2 AND holder_id IS NULL)"
+)
+
+
+def claim_waiting_stmt() -> Any:
+    """The attempts of a step that have waited longest for a slot, claimed for the event handing them freed
+    slots (their rows leased to HANDING for a moment): two events freeing slots at once hand them to different
+    attempts, without a lock between them."""
+    now = p("now")
+    pick = (select(work.c.id).select_from(work.join(run_nodes, run_nodes.c.id == work.c.node_id))
+            .where(and_(work.c.kind == literal_column("'queued'"), run_nodes.c.step_id == p("step_id"),
+                        work.c.attempt == run_nodes.c.attempt, work.c.due_at <= now,
+                        or_(work.c.lease_owner.is_(None), work.c.lease_owner == literal_column(f"'{PARKED}'"),
+                            work.c.lease_until < now),
+                        ~(work.c.node_id == func.any(p("besides")))))
+            .order_by(work.c.due_at).limit(p("count")).with_for_update(of=work, skip_locked=True).cte("pick"))
+    claimed = (update(work).where(work.c.id == pick.c.id)
+               .values(lease_owner=literal_column(f"'{HANDING}'"), lease_until=p("until"))
+               .returning(work.c.node_id).cte("claimed"))
+    return select(*NODE_COLUMNS).where(run_nodes.c.id.in_(select(claimed.c.node_id)))
 
 
 def chains_stmt() -> Any:
@@ -128,8 +187,14 @@ class PostgresStatements(Statements):
                                   alone=True)
         self.load_chains = self.read(chains_stmt())
         self.write_all = Sql(_write_all_pg(), WRITE_ALL_NAMES, {}, alone=True)
-        # Takers and releasers of one step's slots, one at a time across processes, until their commits.
-        self.slot_lock = Sql("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", ("step_id",), {})
+        # Slots as rows (step_slots). Each of these commits on its own when the event has no transaction open
+        # yet (writes=False: it never opens one), so the rows it locks are free again at once.
+        self.take_slot = Sql(TAKE_SLOT_PG, ("step_id", "limit", "node_id", "attempt"), {}, writes=False)
+        self.make_slots = Sql(MAKE_SLOTS_PG, ("step_id", "limit"), {}, writes=False)
+        self.wake_waiter = Sql(WAKE_WAITER_PG, ("step_id", "limit"), {}, writes=False)
+        self.claim_waiting = replace(self.read(claim_waiting_stmt()), writes=False)
+        # Setting an attempt aside commits by itself too: the check for a slot freed meanwhile follows it.
+        self.park = replace(self.park, writes=False)
 
     def claimable(self, ids: Any) -> Any:
         return ids.with_for_update(skip_locked=True)  # two processes claiming at once skip each other's rows

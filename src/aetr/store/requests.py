@@ -118,11 +118,13 @@ class PendingCall:
 @dataclass(frozen=True)
 class NextWaiting:
     """Request: up to `count` attempts of the step `step_id` queued for a slot and due by `now`, the one that
-    became due first first (answer: their nodes). Taken under the step's slot lock (PostgreSQL)."""
+    became due first first, leaving out the nodes `besides` (answer: their nodes). On PostgreSQL they are
+    claimed for this event, so that events freeing slots at once hand them to different attempts."""
 
     step_id: str
     count: int
     now: datetime
+    besides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

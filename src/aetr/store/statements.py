@@ -32,6 +32,8 @@ from aetr.store.tables import events, run_counters, run_nodes, work
 from aetr.store.views import VIEW_COLUMNS
 
 PARKED = "aetr:waiting-for-a-slot"  # the lease owner of a queued attempt set aside until a slot frees
+HANDING = "aetr:handing-a-slot"  # PostgreSQL: the lease owner of a queued attempt an event hands a freed slot to
+HANDING_S = 5.0  # how long that claim lasts: the event's commit ends it, or (the event failed) the lease's end
 WORK_RETURNED = (work.c.kind, work.c.node_id, work.c.root_id, work.c.attempt, work.c.due_at)
 
 
@@ -174,9 +176,12 @@ class Statements(RowCodec):
         self.postpone = alone(update(work).where(and_(
             work.c.node_id == p("node_id"), work.c.attempt == p("attempt"), work.c.kind == p("kind")))
             .values(due_at=p("due_at"), lease_owner=null(), lease_until=null()))
-        # Slots of a step with max_concurrency: taken and freed one step at a time (slot_lock, PostgreSQL);
-        # held by the nodes whose current attempt holds one (a partial index finds them).
-        self.slot_lock: Sql | None = None
+        # Slots of a step with max_concurrency, on SQLite (one writer at a time): the nodes whose current attempt
+        # holds one, counted (a partial index finds them). PostgreSQL has slot rows instead (postgres_sql).
+        self.take_slot: Sql | None = None
+        self.make_slots: Sql | None = None
+        self.wake_waiter: Sql | None = None
+        self.claim_waiting: Sql | None = None
         self.count_slots = read(select(func.count()).select_from(run_nodes).where(and_(
             run_nodes.c.step_id == p("step_id"), run_nodes.c.holds_slot == true())))
         self.park = c(update(work).where(and_(

@@ -147,6 +147,22 @@ work = Table(
     Index("ix_work_queued", "due_at", postgresql_where=text("kind = 'queued'"), sqlite_where=text("kind = 'queued'")),
 )
 
+# PostgreSQL: the slots of each step with max_concurrency, one row a slot, made the first time a step needs
+# them (slots 0 to its limit - 1; a raised limit adds rows, a lowered one leaves the top rows unused). An attempt
+# takes a free row in a statement of its own that skips rows other transactions hold, so takers of one step
+# never wait on each other; the event that ends the attempt frees the row, or hands it to the attempt that
+# waited longest, in its own write. SQLite, whose writes are one at a time, counts holders in run_nodes instead.
+step_slots = Table(
+    "step_slots", metadata,
+    Column("step_id", ID, primary_key=True),
+    Column("slot", Integer, primary_key=True),
+    Column("holder_id", ID, nullable=True),  # the node whose attempt holds it
+    Column("holder_attempt", Integer, nullable=True),
+    Column("taken_at", UTCDateTime, nullable=True),
+    Index("ix_step_slots_holder", "holder_id", postgresql_where=text("holder_id IS NOT NULL"),
+          sqlite_where=text("holder_id IS NOT NULL")),
+)
+
 events = Table(
     "events", metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),

@@ -92,7 +92,7 @@ def start(plan: Plan, node: Node) -> Step:
     if limit is not None:
         step_id = node.step.id
         taken = plan.slots_taken.get(step_id, 0)
-        if taken < limit and (yield TakeSlot(step_id, limit - taken)):
+        if taken < limit and (yield TakeSlot(step_id, limit, node.id, node.attempt, taken)):
             plan.slots_taken[step_id] = taken + 1
             node = plan.put(node, state="executing", holds_slot=True)
         else:
@@ -126,8 +126,9 @@ def slot_offered(plan: Plan, node_id: str, attempt: int) -> Generator[Request, A
     if node.state not in ("pending", "executing") or node.attempt != attempt or node.holds_slot:
         plan.forget.append(("queued", node_id, attempt))
         return Verdict("refused", "the attempt no longer waits for a slot")
-    if not (yield TakeSlot(node.step.id, spec_of(node).max_concurrency or 1)):
-        yield Park(node_id, attempt)
+    limit = spec_of(node).max_concurrency or 1
+    if not (yield TakeSlot(node.step.id, limit, node_id, attempt)):
+        yield Park(node_id, attempt, node.step.id, limit)
         return Verdict("refused", NO_SLOT)
     node = plan.put(node, state="executing", holds_slot=True)
     arm(plan, node, 0.0)
