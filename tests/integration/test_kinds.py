@@ -7,6 +7,9 @@ import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
+import pytest
+
 from aetr.testing import StepService, callback, fail, sync
 from tests.integration.conftest import Server
 from tests.integration.test_runs import api, by_name
@@ -214,6 +217,39 @@ async def _until(condition: Any, what: str, timeout: float = 10.0) -> None:  # n
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, what
         await asyncio.sleep(0.02)
+
+
+@pytest.mark.postgres
+async def test_a_slot_row_taken_by_an_event_that_never_wrote_is_free_again_only_once_it_is_old(
+        pg_url: str, steps_service: StepService) -> None:
+    """PostgreSQL takes a slot in a statement of its own, before the event's write: when that write never comes
+    (the process died in between), the row names a holder that does not hold it. A recent such row still counts
+    (its event may be about to write); an old one is free again."""
+    from tests.integration.conftest import running_server
+
+    steps_service.route("/ghosted", callback(lambda x: x, delay=0.1))
+    async with running_server(pg_url) as aetr:
+        await aetr.put_step(api(steps_service, "ghosted", max_concurrency=1))
+        status, step = await aetr.call("GET", "/api/v1/steps/ghosted")
+        assert status == 200
+        conn = await asyncpg.connect(pg_url, timeout=5)
+        try:
+            await conn.execute("INSERT INTO step_slots (step_id, slot, holder_id, holder_attempt, taken_at)"
+                               " VALUES ($1, 0, 'a-node-never-written', 1, now())", step["id"])
+            first = await aetr.start("ghosted", 1)
+            status, run = await aetr.call("GET", f"/api/v1/runs/{first}")
+            assert status == 200 and run["state"] == "pending", run  # the recent row holds the only slot
+            assert steps_service.calls("/ghosted") == []
+            await conn.execute("UPDATE step_slots SET taken_at = now() - interval '2 minutes'"
+                               " WHERE holder_id = 'a-node-never-written'")
+            second = await aetr.start("ghosted", 2)  # takes the abandoned slot, then hands it to the first
+            ended = [await aetr.wait_run(run_id, timeout=20) for run_id in (first, second)]
+            assert [r["state"] for r in ended] == ["complete", "complete"]
+            assert [c.json for c in steps_service.calls("/ghosted")] == [2, 1]
+            held = await conn.fetchval("SELECT count(*) FROM step_slots WHERE holder_id IS NOT NULL")
+            assert held == 0
+        finally:
+            await conn.close()
 
 
 async def test_a_slot_is_freed_by_a_cancel_and_by_a_failed_attempt(aetr: Server,
