@@ -86,8 +86,8 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
     if isinstance(req, decide.Park):
         until = datetime.now(UTC) + timedelta(seconds=PARK_S)
         yield Exec(st.park, {"node_id": req.node_id, "attempt": req.attempt, "until": st.time_in(until)})
-        if st.wake_waiter is not None:  # committed: now a slot freed meanwhile is seen (see WAKE_WAITER_PG)
-            yield Fetch(st.wake_waiter, {"step_id": req.step_id, "limit": req.limit})
+        if st.wake_waiters is not None:  # committed: now a slot freed meanwhile is seen (see WAKE_WAITERS_PG)
+            yield Exec(st.wake_waiters, {"step_id": req.step_id, "limit": req.limit, "count": 1})
         return None
     if isinstance(req, NextWaiting):
         if st.claim_waiting is not None:
@@ -176,7 +176,7 @@ def _take_slot(req: decide.TakeSlot, st: Statements) -> Generator[Op, Any, bool]
     return mine is not None or taken is not None
 
 
-def _slot_moves(plan: Plan) -> tuple[list[dict[str, Any]], list[tuple[str, int]]]:
+def _slot_moves(plan: Plan) -> tuple[list[dict[str, Any]], list[tuple[str, int, int]]]:
     """The slot rows this event frees (PostgreSQL): each freed slot goes to an attempt of its step it was handed
     to, or becomes free; and the steps (with a limit) to look at after the commit for an attempt waiting while a
     slot is free: those whose slot this event freed without handing it on, and those it set attempts aside for."""
@@ -185,18 +185,20 @@ def _slot_moves(plan: Plan) -> tuple[list[dict[str, Any]], list[tuple[str, int]]
         node = plan.nodes[node_id]
         handed.setdefault(node.step.id, []).append(node)
     moves: list[dict[str, Any]] = []
-    look: dict[str, int] = {}
+    look: dict[tuple[str, int], int] = {}  # (step id, limit): attempts to wake at most
     for step_id, old_id in plan.released:
         takers = handed.get(step_id)
         new = takers.pop(0) if takers else None
         moves.append({"old": old_id, "new": None if new is None else new.id,
                       "attempt": None if new is None else new.attempt})
         if new is None:
-            look[step_id] = _limit(plan.nodes[old_id])
+            key = (step_id, _limit(plan.nodes[old_id]))
+            look[key] = look.get(key, 0) + 1
     for _, node_id, _ in plan.parked:
         node = plan.nodes[node_id]
-        look[node.step.id] = _limit(node)
-    return sorted(moves, key=lambda m: m["old"]), sorted(look.items())
+        key = (node.step.id, _limit(node))
+        look[key] = look.get(key, 0) + 1
+    return sorted(moves, key=lambda m: m["old"]), sorted((s, limit, n) for (s, limit), n in look.items())
 
 
 def _limit(node: Node) -> int:
@@ -277,9 +279,9 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
                 else:  # most groups, most events: a new run's 23 columns are empty in every callback's write
                     values.update(st.no_rows[group])
             yield Fetch(st.write_all, values)
-        if st.wake_waiter is not None:
-            for step_id, limit in look:  # after the commit (the write above committed by itself, as a rule)
-                yield Fetch(st.wake_waiter, {"step_id": step_id, "limit": limit})
+        if st.wake_waiters is not None:
+            for step_id, limit, count in look:  # after the commit (the write above committed by itself, as a rule)
+                yield Exec(st.wake_waiters, {"step_id": step_id, "limit": limit, "count": count})
         return
     if drop:
         yield ExecMany(st.drop_work, [{"node_id": i} for i in drop])

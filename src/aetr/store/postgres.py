@@ -221,6 +221,7 @@ class PostgresStore(Store):
         """Run programs side by side on one connection while they only read their chains and write once: one
         chain query and one write statement serve them all. A program that asks anything else goes on alone."""
         st = self.statements
+        slot_ops = (st.take_slot, st.make_slots, st.claim_waiting)
         members, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         self._starting = False
         self._start_batches()
@@ -234,10 +235,16 @@ class PostgresStore(Store):
                         writes: list[_Member] = []
                         lookups: list[_Member] = []
                         counts: list[_Member] = []
+                        slots: list[_Member] = []
+                        wakes: list[_Member] = []
                         for m in active:
-                            sql = m.op.sql if isinstance(m.op, Fetch) else None
+                            sql = m.op.sql if isinstance(m.op, Fetch | Exec) else None
                             if sql is st.load_chain and not m.wrote:
                                 chains.append(m)
+                            elif sql in slot_ops and not m.wrote:
+                                slots.append(m)
+                            elif sql is st.wake_waiters:
+                                wakes.append(m)
                             elif sql is st.write_all and not m.wrote:
                                 writes.append(m)
                             elif sql is st.load_tree or sql is st.find_key:
@@ -248,7 +255,8 @@ class PostgresStore(Store):
                                 m.alone = True
                                 self._spawn(self._alone(m))
                         active = (await self._look_up(conn, lookups) + await self._read_chains(conn, chains)
-                                  + await self._write(conn, writes) + await self._count(conn, counts))
+                                  + await self._slots(conn, slots) + await self._write(conn, writes)
+                                  + await self._count(conn, counts) + await self._wake(conn, wakes))
         except BaseException as exc:
             for m in members:
                 if not m.alone:
@@ -338,6 +346,37 @@ class PostgresStore(Store):
             if m.advance([(parent,)] if last else []):
                 going.append(m)
         return going
+
+    @staticmethod
+    async def _slots(conn: asyncpg.Connection, members: list[_Member]) -> list[_Member]:
+        """Several events' slot takes and claims of waiting attempts in one transaction, one commit for all; each
+        event goes on once they are committed. The rows they lock are others' to skip until then (a moment)."""
+        if not members:
+            return []
+        answers = []
+        async with conn.transaction():
+            for m in members:
+                sql = m.op.sql
+                m.saw(sql)
+                answers.append(await conn.fetch(sql.text, *sql.args(m.op.values)))
+        return [m for m, rows in zip(members, answers, strict=True) if m.advance(rows)]
+
+    async def _wake(self, conn: asyncpg.Connection, members: list[_Member]) -> list[_Member]:
+        """Several events' wake-ups of waiting attempts after their commits: one statement per step and limit,
+        waking as many as they asked for together."""
+        if not members:
+            return []
+        sql = self.statements.wake_waiters
+        assert sql is not None
+        wanted: dict[tuple[str, int], int] = {}
+        for m in members:
+            key = (m.op.values["step_id"], m.op.values["limit"])
+            wanted[key] = wanted.get(key, 0) + m.op.values["count"]
+        for (step_id, limit), count in wanted.items():
+            await conn.execute(sql.text, *sql.args({"step_id": step_id, "limit": limit, "count": count}))
+        for m in members:
+            m.saw(sql)
+        return [m for m in members if m.advance(0)]
 
     async def _alone(self, m: _Member) -> None:
         """A program on a connection of its own, from its next operation on."""

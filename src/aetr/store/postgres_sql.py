@@ -127,14 +127,16 @@ TAKE_SLOT_PG = (
 # A step's slot rows up to its limit, made the first time an attempt finds them missing.
 MAKE_SLOTS_PG = ("INSERT INTO step_slots (step_id, slot) SELECT $1, g FROM generate_series(0, $2 - 1) AS g"
                  " ON CONFLICT DO NOTHING")
-# Run after a commit that set an attempt aside, or freed a slot it could not hand on: when a slot of the step is
-# free, the attempt that waited longest is made claimable at once. An attempt set aside while another event freed
-# a slot without seeing it is found this way by one of the two, whichever commits last.
-WAKE_WAITER_PG = (
-    "UPDATE work SET lease_owner = NULL, lease_until = NULL WHERE id = (SELECT w.id FROM work AS w"
+# Run after a commit that set attempts aside, or freed slots it could not hand on: as many of the step's attempts
+# that waited longest as it has free slots (up to $3) are made claimable at once. An attempt set aside while
+# another event freed a slot without seeing it is found this way by one of the two, whichever commits last.
+WAKE_WAITERS_PG = (
+    "UPDATE work SET lease_owner = NULL, lease_until = NULL WHERE id IN (SELECT w.id FROM work AS w"
     " JOIN run_nodes AS n ON n.id = w.node_id WHERE w.kind = 'queued' AND n.step_id = $1 AND w.attempt = n.attempt"
-    f" AND w.lease_owner = '{PARKED}' ORDER BY w.due_at LIMIT 1 FOR UPDATE OF w SKIP LOCKED)"
-    " AND EXISTS (SELECT 1 FROM step_slots WHERE step_id = $1 AND slot < $2 AND holder_id IS NULL)"
+    f" AND w.lease_owner = '{PARKED}' ORDER BY w.due_at"
+    " LIMIT least($3::integer,"
+    " (SELECT count(*) FROM step_slots WHERE step_id = $1 AND slot < $2 AND holder_id IS NULL))"
+    " FOR UPDATE OF w SKIP LOCKED)"
 )
 
 
@@ -191,7 +193,7 @@ class PostgresStatements(Statements):
         # yet (writes=False: it never opens one), so the rows it locks are free again at once.
         self.take_slot = Sql(TAKE_SLOT_PG, ("step_id", "limit", "node_id", "attempt"), {}, writes=False)
         self.make_slots = Sql(MAKE_SLOTS_PG, ("step_id", "limit"), {}, writes=False)
-        self.wake_waiter = Sql(WAKE_WAITER_PG, ("step_id", "limit"), {}, writes=False)
+        self.wake_waiters = Sql(WAKE_WAITERS_PG, ("step_id", "limit", "count"), {}, writes=False)
         self.claim_waiting = replace(self.read(claim_waiting_stmt()), writes=False)
         # Setting an attempt aside commits by itself too: the check for a slot freed meanwhile follows it.
         self.park = replace(self.park, writes=False)

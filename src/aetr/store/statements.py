@@ -180,7 +180,7 @@ class Statements(RowCodec):
         # holds one, counted (a partial index finds them). PostgreSQL has slot rows instead (postgres_sql).
         self.take_slot: Sql | None = None
         self.make_slots: Sql | None = None
-        self.wake_waiter: Sql | None = None
+        self.wake_waiters: Sql | None = None
         self.claim_waiting: Sql | None = None
         self.count_slots = read(select(func.count()).select_from(run_nodes).where(and_(
             run_nodes.c.step_id == p("step_id"), run_nodes.c.holds_slot == true())))
