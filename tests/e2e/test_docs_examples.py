@@ -26,7 +26,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import LOGS
-from tests.e2e.harness import PROBE_INTERVAL_S, STOP_TIMEOUT_S, aetr_command, clean_env, free_port, wait_listening
+from tests.e2e.harness import STOP_TIMEOUT_S, aetr_command, clean_env, free_port, wait_listening
 from tests.e2e.test_tutorial import catalog_on_port
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -92,7 +91,7 @@ class Pages:
         self.env = clean_env({"AETR_URL": f"http://127.0.0.1:{self.ports[SERVER_PORT]}", "COLUMNS": "120",
                               "TERM": "dumb"})
         self.state = workdir / ".shell-variables"
-        self.background: list[subprocess.Popen[bytes]] = []
+        self.background: list[asyncio.subprocess.Process] = []
         self._lay_out()
 
     def _lay_out(self) -> None:
@@ -162,9 +161,9 @@ class Pages:
         log = self.workdir / f"block-{block.line}.log"
         self.logs.append(log)
         with log.open("ab") as out:
-            proc = subprocess.Popen(["bash", "-c", f"set -e\n{body}"], cwd=self.workdir, env=self.env,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)  # its own process group: stopped whole
+            proc = await asyncio.create_subprocess_exec(
+                "bash", "-c", f"set -e\n{body}", cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # its own process group: stopped whole
         self.background.append(proc)
         ports = self.ports_named(block)
         assert ports, f"{block} keeps running but names no port to wait for"
@@ -177,14 +176,13 @@ class Pages:
     async def stop(self) -> None:
         """SIGTERM to every long-running block's process group, newest first; SIGKILL to what outlives it."""
         for proc in reversed(self.background):
-            if proc.poll() is None:
+            if proc.returncode is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(PROBE_INTERVAL_S)
-            if proc.poll() is None:
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                await proc.wait()
 
 
 @pytest.fixture

@@ -1,0 +1,91 @@
+"""The documentation site builds with `mkdocs build --strict`, without a warning, from the code as it is."""
+
+from __future__ import annotations
+
+import html
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer.main
+
+from aetr.cli.main import app
+from aetr.client import Client
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD_TIMEOUT_S = 60.0  # seconds; the build takes about 2 s
+
+
+def mkdocs() -> list[str]:
+    """The `mkdocs` installed with this interpreter (the `docs` and `test` extras)."""
+    script = shutil.which("mkdocs", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.fail("mkdocs is not installed: pip install -e '.[test]' (or '.[docs]')")
+    return [script]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site, built once for this module's tests."""
+    out = tmp_path_factory.mktemp("site")
+    # Material prints a notice about MkDocs 2.0 on every build unless told not to: it is not about this site.
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run([*mkdocs(), "build", "--strict", "--site-dir", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"mkdocs build --strict failed:\n{output}"
+    warnings = [line for line in output.splitlines() if re.match(r"\s*(WARNING|ERROR)\b", line)]
+    assert not warnings, "mkdocs warned:\n" + "\n".join(warnings)
+    return out
+
+
+def text_of(site: Path, page: str) -> str:
+    """A built page's article as plain text."""
+    body = (site / page / "index.html").read_text(encoding="utf-8")
+    article = body[body.index("<article"):body.index("</article>")]
+    return html.unescape(re.sub(r"<[^>]+>", "", article))
+
+
+def test_the_site_builds_strictly_with_every_page_of_the_navigation(site: Path) -> None:
+    for page in ("getting-started", "concepts", "step-service", "step-kinds", "api", "cli", "client", "production",
+                 "reliability", "performance", "performance-history", "changelog"):
+        assert (site / page / "index.html").is_file(), f"{page} was not built"
+
+
+def test_the_cli_reference_names_every_command_and_option_of_the_typer_app(site: Path) -> None:
+    page = text_of(site, "cli")
+    root = typer.main.get_command(app)
+
+    def walk(command: object, path: str) -> None:
+        assert path in page, f"the CLI reference lacks `{path}`"
+        for param in getattr(command, "params", []):
+            for opt in getattr(param, "opts", []):
+                if opt.startswith("--"):
+                    assert opt in page, f"the CLI reference lacks {opt} of `{path}`"
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            walk(sub, f"{path} {name}")
+
+    walk(root, "aetr")
+
+
+def test_the_client_reference_shows_every_public_method_with_its_docstring(site: Path) -> None:
+    page = text_of(site, "client")
+    for name, method in inspect.getmembers(Client, inspect.isfunction):
+        if name.startswith("_"):
+            continue
+        assert f"def {name}(" in page, f"the client reference lacks {name}"
+        first_line = (inspect.getdoc(method) or "").splitlines()[0]
+        assert html.unescape(first_line.replace("`", "")) in page.replace("`", ""), (name, first_line)
+
+
+def test_the_changelog_page_is_the_changelog_file(site: Path) -> None:
+    page = text_of(site, "changelog")
+    headings = re.findall(r"^#+ (.+)$", (ROOT / "CHANGELOG.md").read_text(encoding="utf-8"), re.M)
+    assert headings
+    for heading in headings:
+        assert re.sub(r"[\[\]`*]", "", heading).strip() in page, heading
