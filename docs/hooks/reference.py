@@ -11,6 +11,7 @@ comment, which `on_page_markdown` replaces on every build, so no hand-kept copy 
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 import typer
@@ -34,8 +35,13 @@ def cli_reference() -> str:
 
 
 def _signature(method: Any) -> str:
-    text = str(inspect.signature(method))
-    return text.replace("(self, ", "(").replace("(self)", "()")
+    """`(arg: type = default, ...) -> type` without `self`, the annotations as written in the code."""
+    signature = inspect.signature(method, eval_str=True)
+    params = [p for name, p in signature.parameters.items() if name != "self"]
+    text = str(signature.replace(parameters=params))
+    # A default that only means "not given" (the client's own sentinel) reads best as `...`.
+    text = re.sub(r"<_Unset\.\w+: \d+>", "...", text)
+    return re.sub(r"\b(typing|aetr\.client)\.", "", text)
 
 
 def client_reference() -> str:
@@ -47,9 +53,9 @@ def client_reference() -> str:
         doc = inspect.getdoc(member) or ""
         prefix = "async " if inspect.iscoroutinefunction(member) else ""
         parts.append(f"### `{name}`\n\n```python\n{prefix}def {name}{_signature(member)}\n```\n\n{doc}\n")
-    errors = [f"- `{cls.__name__}`: {inspect.getdoc(cls) or ''}"
-              for cls in (client.AetrError, client.AetrConnectionError)]
-    return "\n".join(parts) + "\n## Errors\n\n" + "\n".join(errors) + "\n"
+    classes = [f"- `{cls.__name__}`: {inspect.getdoc(cls) or ''}"
+               for cls in (client.Applied, client.AetrError, client.AetrConnectionError)]
+    return "\n".join(parts) + "\n## Results and errors\n\n" + "\n".join(classes) + "\n"
 
 
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
