@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import html
 import inspect
 import os
@@ -89,3 +90,40 @@ def test_the_changelog_page_is_the_changelog_file(site: Path) -> None:
     assert headings
     for heading in headings:
         assert re.sub(r"[\[\]`*]", "", heading).strip() in page, heading
+
+
+def imported_packages(package: Path) -> set[str]:
+    """The AETR packages (or top-level modules) that the modules under `package` import, itself left out."""
+    found: set[str] = set()
+    for path in [package] if package.suffix == ".py" else package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            found.update(n.split(".")[1] for n in names if n.startswith("aetr."))
+    return found - {package.stem}
+
+
+def test_each_package_imports_only_what_the_architecture_page_says() -> None:
+    page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    table = dict(re.findall(r"^\| `(\w+)` \| (.+?) \|$", page, re.M))
+    source = ROOT / "src" / "aetr"
+    packages = {p.name for p in source.iterdir() if (p / "__init__.py").exists()} - {"ui"}
+    packages |= {p.stem for p in source.glob("*.py") if p.stem != "__init__"}
+    assert packages <= set(table), f"the architecture page does not say what {sorted(packages - set(table))} import"
+    for name in sorted(packages):
+        said = set(re.findall(r"`(\w+)`", table[name]))
+        path = source / name if (source / name).is_dir() else source / f"{name}.py"
+        assert imported_packages(path) == said, (name, sorted(imported_packages(path)), sorted(said))
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    named = 0
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        for path, names in re.findall(r"`(tests/[\w/]+\.py)((?:::\w+`(?:, `)?)*)", text):
+            assert (ROOT / path).is_file(), f"{page.name} names {path}, which does not exist"
+            code = (ROOT / path).read_text(encoding="utf-8")
+            for name in re.findall(r"::(\w+)", names):
+                named += 1
+                assert re.search(rf"def {name}\(", code), f"{page.name} names {path}::{name}, which does not exist"
+    assert named > 20  # the pattern still finds the references
