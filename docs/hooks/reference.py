@@ -17,7 +17,11 @@ from typing import Any
 import typer
 import typer.main
 from typer.cli import get_docs_for_click
-from typer.core import MARKUP_MODE_KEY
+
+try:
+    from typer.core import MARKUP_MODE_KEY
+except ImportError:  # older Typer: its generator reads no markup mode, and help text is used as written
+    MARKUP_MODE_KEY = "TYPER_RICH_MARKUP_MODE"
 
 from aetr import client
 from aetr.cli.main import app
