@@ -11,12 +11,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, get_args
 
 import pytest
 import typer.main
+from pydantic import TypeAdapter
 
-from aetr.cli.main import app
+from aetr.api.schemas import StepIn
+from aetr.cli.main import app, parse_step_definitions
 from aetr.client import Client
+from aetr.domain.kinds import StepKind
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_TIMEOUT_S = 60.0  # seconds; the build takes about 2 s
@@ -127,3 +131,13 @@ def test_every_test_the_docs_name_exists() -> None:
                 named += 1
                 assert re.search(rf"def {name}\(", code), f"{page.name} names {path}::{name}, which does not exist"
     assert named > 20  # the pattern still finds the references
+
+
+def test_every_step_of_the_step_kinds_page_is_one_the_api_accepts() -> None:
+    page = (ROOT / "docs" / "step-kinds.md").read_text(encoding="utf-8")
+    adapter: TypeAdapter[Any] = TypeAdapter(StepIn)
+    kinds = set()
+    for block in re.findall(r"^```yaml\n(.*?)^```$", page, re.M | re.S):
+        for definition in parse_step_definitions(block):
+            kinds.add(adapter.validate_python(definition).kind)
+    assert kinds == set(get_args(StepKind)), kinds
