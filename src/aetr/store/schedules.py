@@ -149,11 +149,11 @@ class ScheduleStore:
             return True
 
     async def pending(self, claimed_before: datetime, limit: int) -> list[PendingStart]:
-        """Claimed due times whose run is still to be started, claimed before `claimed_before`."""
+        """Claimed due times whose run is still to be started, claimed by `claimed_before`."""
         q = (select(schedules, schedule_runs.c.due_at.label("claimed_due_at"))
              .select_from(schedule_runs.join(schedules, schedules.c.id == schedule_runs.c.schedule_id))
              .where(schedule_runs.c.run_id.is_(None), schedule_runs.c.error.is_(None),
-                    schedule_runs.c.claimed_at < claimed_before)
+                    schedule_runs.c.claimed_at <= claimed_before)
              .order_by(schedule_runs.c.claimed_at).limit(limit))
         async with self.engine.connect() as conn:
             return [PendingStart(_stored(r), r._mapping["claimed_due_at"]) for r in await conn.execute(q)]
