@@ -89,6 +89,8 @@ def test_an_unknown_time_zone_is_refused_with_an_example() -> None:
         zone("Mars/Olympus_Mons")
     with pytest.raises(ValueError, match="not a known IANA time zone"):
         zone("../../etc/passwd")
+    with pytest.raises(ValueError, match="not a known IANA time zone"):
+        zone("localtime")  # a file in the zone database, not a zone name
 
 
 NOW = utc(2026, 5, 1, 10, 0, 30)

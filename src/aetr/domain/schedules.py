@@ -7,10 +7,11 @@ moves local times exactly as croniter defines (see docs/behaviour.md, "Schedules
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from croniter import CroniterError, croniter
 
@@ -55,10 +56,20 @@ class Firing:
 def zone(name: str) -> ZoneInfo:
     """The IANA time zone `name`; ValueError saying what to write instead when there is none."""
     try:
+        # Named zones only: the zone database's directory also holds files that are not IANA names
+        # ('posixrules', 'right/…'), which ZoneInfo would load all the same.
+        if name not in _zone_names():
+            raise ZoneInfoNotFoundError(name)
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ValueError(f"'{name}' is not a known IANA time zone: write one such as 'UTC' or "
                          "'Europe/Paris'") from None
+
+
+@functools.cache
+def _zone_names() -> frozenset[str]:
+    # 'localtime' is the host's own zone where the system lists it: a schedule must mean the same on every host.
+    return (frozenset(available_timezones()) - {"localtime"}) | {"UTC"}
 
 
 def cron_problem(expression: str) -> str | None:
