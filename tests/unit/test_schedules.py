@@ -120,3 +120,18 @@ def test_run_keys_name_the_schedule_and_the_due_time_to_the_second() -> None:
     due = datetime(2026, 5, 1, 12, 0, tzinfo=zone("Europe/Paris"))
     assert run_key("abc", due) == "schedule:abc:2026-05-01T10:00:00Z"
     assert run_key("abc", due) != run_key("abc", due + timedelta(minutes=1))
+
+
+def test_the_test_clock_setting_is_checked_and_runs_faster_from_its_epoch() -> None:
+    from aetr.config import ConfigError, Settings
+    from aetr.engine.schedules import warped_clock
+
+    with pytest.raises(ConfigError, match="AETR_TEST_SCHEDULE_CLOCK='soon': write EPOCH\\*RATE"):
+        Settings.from_env({"AETR_TEST_SCHEDULE_CLOCK": "soon"})
+    with pytest.raises(ConfigError, match="AETR_SCHEDULE_TICK_S='0' must be a finite number greater than 0"):
+        Settings.from_env({"AETR_SCHEDULE_TICK_S": "0"})
+    settings = Settings.from_env({"AETR_TEST_SCHEDULE_CLOCK": "1000*60", "AETR_SCHEDULE_TICK_S": "0.1"})
+    assert (settings.test_schedule_clock, settings.schedule_tick_s) == ("1000*60", 0.1)
+    real = datetime.now(UTC)
+    warped = warped_clock("1000*60")()
+    assert abs((warped.timestamp() - 1000) - (real.timestamp() - 1000) * 60) < 60

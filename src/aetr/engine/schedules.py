@@ -87,10 +87,21 @@ class ScheduleTicker:
             fire = firing(schedule.schedule.cron, schedule.schedule.timezone, schedule.next_run_at, now)
             if fire is None or not await self.store.schedules.claim(schedule, fire.due_at, fire.following, now):
                 continue
-            started += await self._start(schedule, fire.due_at)
+            started += await self._guarded(schedule, fire.due_at)
         for pending in await self.store.schedules.pending(now - timedelta(seconds=PENDING_GRACE_S), BATCH):
-            started += await self._start(pending.schedule, pending.due_at)
+            started += await self._guarded(pending.schedule, pending.due_at)
         return started
+
+    async def _guarded(self, stored: StoredSchedule, due_at: datetime) -> int:
+        """Start a claimed due time's run; a failure leaves the claim to a later look, and the others go on."""
+        try:
+            return await self._start(stored, due_at)
+        except Exception as exc:
+            if is_outage(exc):
+                raise  # the database is away: the next tick tries again
+            log.exception("schedule '%s' could not start its run for %s; it is tried again shortly",
+                          stored.schedule.name, due_at.isoformat())
+            return 0
 
     async def _start(self, stored: StoredSchedule, due_at: datetime) -> int:
         """Start the run of a claimed due time (or find the one started for it) and record it."""
