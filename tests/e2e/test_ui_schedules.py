@@ -23,6 +23,7 @@ from tests.e2e.ui_helpers import (
     CHROMIUM_ARGS,
     DESKTOP,
     EXPECT_TIMEOUT_MS,
+    NARROW,
     needs_browser,
     publish,
     require_chromium,
@@ -122,6 +123,14 @@ async def test_the_schedules_page_lists_next_times_links_last_runs_and_pauses_an
         await page.evaluate("document.getElementById('toasts').replaceChildren()")
         await page.screenshot(path=screenshot_path("schedules"), animations="disabled")
         publish("schedules")
+
+        await page.set_viewport_size(NARROW)  # a phone: every row stays readable, the buttons reachable
+        await expect(page.get_by_role("navigation", name="Main").get_by_role("link", name="Schedules")).to_be_visible()
+        await expect(page.get_by_role("button", name="Keyboard shortcuts")).to_be_in_viewport(ratio=1)
+        resume = weekly.get_by_role("button", name="Resume weekly-cleanup")
+        await resume.scroll_into_view_if_needed()
+        await expect(resume).to_be_in_viewport(ratio=1)  # not cut off at the window's right edge
+        await page.screenshot(path=screenshot_path("schedules-narrow"), animations="disabled")
 
         await minutely.get_by_role("link", name=re.compile(f"Run {runs[0]['id']}")).click()
         await expect(page).to_have_url(re.compile(f"#/runs/{runs[0]['id']}$"))
