@@ -54,13 +54,16 @@ class ScheduleTicker:
         self.tick_s = tick_s
         self.clock = clock  # tests replace it to move time on
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     def start(self) -> None:
-        """Start looking."""
-        self._task = asyncio.create_task(self._loop(), name="aetr-schedules")
+        """Start looking (unless stopped already: a test that ticks by hand stops it before the engine starts it)."""
+        if not self._stopped and self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="aetr-schedules")
 
     async def stop(self) -> None:
-        """Stop looking (a claim whose run is not started yet is started by the next process to look)."""
+        """Stop looking, for good (a claim whose run is not started yet is started by the next process to look)."""
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
