@@ -287,3 +287,37 @@ class Client:
         path = f"/runs/{_segment(run_id)}/nodes/{_segment(node_id)}/signal"
         _, run = await self._request("POST", path, body=body)
         return cast(dict[str, Any], run)
+
+    # Schedules
+
+    async def apply_schedule(self, spec: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """Create or replace the schedule `spec["name"]`; (created, the schedule as stored)."""
+        name = spec.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError('a schedule definition needs a "name" (a non-empty string)')
+        status, schedule = await self._request("PUT", f"/schedules/{_segment(name)}", body=spec)
+        return status == 201, cast(dict[str, Any], schedule)
+
+    async def put_schedule(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace a schedule (`step`, `cron`, `timezone`, `enabled`, `input`, `notify`)."""
+        _, schedule = await self._request("PUT", f"/schedules/{_segment(name)}", body=spec)
+        return cast(dict[str, Any], schedule)
+
+    async def get_schedule(self, name: str) -> dict[str, Any]:
+        """A schedule with its `next_run_at` and `last_runs`."""
+        _, schedule = await self._request("GET", f"/schedules/{_segment(name)}")
+        return cast(dict[str, Any], schedule)
+
+    async def list_schedules(self) -> list[dict[str, Any]]:
+        """Every schedule, by name."""
+        _, schedules = await self._request("GET", "/schedules")
+        return cast(list[dict[str, Any]], schedules)
+
+    async def delete_schedule(self, name: str) -> None:
+        """Delete a schedule (the runs it started are kept)."""
+        await self._request("DELETE", f"/schedules/{_segment(name)}")
+
+    async def set_schedule_enabled(self, name: str, enabled: bool) -> dict[str, Any]:
+        """Pause (False) or resume (True) a schedule; resuming starts none of the times it missed meanwhile."""
+        schedule = await self.get_schedule(name)
+        return await self.put_schedule(name, {**schedule, "enabled": enabled})

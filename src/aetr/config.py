@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ from aetr.domain.steps import DEFAULT_MAX_TREE_NODES
 from aetr.store import DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE
 
 MIB = 1024 * 1024
+TEST_CLOCK_SETTING = "AETR_TEST_SCHEDULE_CLOCK"
+TEST_CLOCK = re.compile(r"[0-9]{1,12}(\.[0-9]+)?\*[0-9]{1,6}(\.[0-9]+)?")  # Unix time * rate
 
 
 class ConfigError(ValueError):
@@ -50,6 +53,13 @@ def _allowed_hosts(env: Mapping[str, str]) -> AllowedHosts | None:
         raise ConfigError(f"{ALLOWED_HOSTS_SETTING}={raw!r}: {exc}") from None
 
 
+def _test_clock(env: Mapping[str, str]) -> str | None:
+    raw = env.get(TEST_CLOCK_SETTING) or None
+    if raw is not None and TEST_CLOCK.fullmatch(raw) is None:
+        raise ConfigError(f"{TEST_CLOCK_SETTING}={raw!r}: write EPOCH*RATE, e.g. 1767225600*60 (for tests only)")
+    return raw
+
+
 def _whole(env: Mapping[str, str], key: str, default: int) -> int:
     raw = env.get(key)
     if raw is None or raw == "":
@@ -83,6 +93,8 @@ class Settings:
     body_timeout_s: float = 60.0
     max_connections: int = 1000
     max_tree_nodes: int = DEFAULT_MAX_TREE_NODES
+    schedule_tick_s: float = 1.0
+    test_schedule_clock: str | None = None  # tests only: schedules' time runs faster (see engine.schedules)
 
     @property
     def callback_base(self) -> str:
@@ -112,6 +124,8 @@ class Settings:
             "body_timeout_s": _number(env, "AETR_BODY_TIMEOUT_S", 60.0),
             "max_connections": _whole(env, "AETR_MAX_CONNECTIONS", 1000),
             "max_tree_nodes": _whole(env, "AETR_MAX_TREE_NODES", DEFAULT_MAX_TREE_NODES),
+            "schedule_tick_s": _number(env, "AETR_SCHEDULE_TICK_S", 1.0),
+            "test_schedule_clock": _test_clock(env),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**values)  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ from aetr.testing import StepService
 
 PG_ADMIN_URL = os.environ.get("AETR_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_PG = os.environ.get("AETR_REQUIRE_POSTGRES") == "1"
-TABLES = "events, work, run_counters, run_nodes, step_children, steps, settings"
+TABLES = "events, work, run_counters, run_nodes, step_children, steps, settings, schedules, schedule_runs"
 
 
 @pytest.fixture(scope="session")

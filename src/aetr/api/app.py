@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from aetr.api import callbacks, runs, sandbox, steps, ui
+from aetr.api import callbacks, runs, sandbox, schedules, steps, ui
 from aetr.api.answers import ERRORS, Health
 from aetr.api.http import JSON, engine_of, replay, require_token, safe_text, unavailable_answer
 from aetr.api.schemas import PATTERN_HINTS
@@ -198,6 +198,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     app.include_router(steps.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
     app.include_router(runs.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
     app.include_router(sandbox.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
+    app.include_router(schedules.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
     app.include_router(callbacks.router, prefix="/api/v1", responses=ERRORS)
     app.include_router(ui.router)  # the web UI: its page at /, its files and the runs' live stream
 

@@ -17,7 +17,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from aetr.cli import render
+from aetr.cli import render, schedules
 from aetr.client import DEFAULT_URL, AetrConnectionError, AetrError, Client
 from aetr.domain.steps import is_step_name
 
@@ -46,6 +46,7 @@ runs_app = typer.Typer(help="Inspect, cancel and retry runs, and answer their si
 steps_app = typer.Typer(help="List, show and delete steps.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(steps_app, name="steps")
+app.add_typer(schedules.schedules_app, name="schedules")
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,10 +258,10 @@ def apply(
         ),
     ],
 ) -> None:
-    """Create or replace the steps defined in a file, in file order."""
+    """Create or replace the steps defined in a file, in file order, then its schedules (`kind: schedule`)."""
     try:
-        definitions = load_step_definitions(file)
-    except StepFileError as exc:
+        definitions, schedule_defs = schedules.split_schedules(load_step_definitions(file), file)
+    except (StepFileError, schedules.ScheduleFileError) as exc:
         _fail(str(exc))
 
     async def work(client: Client) -> None:
@@ -277,6 +278,7 @@ def apply(
             verb = "[green]created[/] " if applied.created else "[cyan]replaced[/]"
             version = applied.step.get("version", "?")
             out.print(f"{verb} [bold]{escape(str(definition['name']))}[/]  version {escape(str(version))}")
+        await schedules.apply_schedules(client, schedule_defs, out)
 
     _api(ctx, work)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 RUNS_STARTED = Counter("aetr_runs_started", "Runs started.")
 REPORTS = Counter("aetr_step_reports", "Step outcomes reported to the coordinator, by source and verdict.",
@@ -12,3 +12,5 @@ WAITS_ENDED = Counter("aetr_waits_ended", "Waits ended by their timer or by a si
 SLOT_WAITS = Counter("aetr_slot_waits", "Attempts of steps with max_concurrency set aside to wait for a slot.")
 MAP_BATCHES = Counter("aetr_map_batches", "Batches of a map's items made into nodes after the map's start.")
 CONFLICTS = Counter("aetr_optimistic_lock_retries", "Events handled again after losing a race on a node version.")
+SCHEDULE_LAG = Histogram("aetr_schedule_lag_seconds", "Seconds from a schedule's due time to the start of its run.",
+                         buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600))

@@ -14,6 +14,7 @@ from aetr.config import MIB, Settings
 from aetr.engine.coordinator import Coordinator
 from aetr.engine.dispatcher import Dispatcher
 from aetr.engine.outage import QuietDriverDuringOutage
+from aetr.engine.schedules import ScheduleTicker, warped_clock
 from aetr.engine.tokens import TokenSigner
 from aetr.engine.worker import Worker
 from aetr.sandbox import Sandbox, SandboxLimits, ScriptError
@@ -60,6 +61,9 @@ class Engine:
         self.worker: Worker | None = None
         self._run_waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._starter: asyncio.Task[None] | None = None
+        self.schedules = ScheduleTicker(self.store, self.coordinator, settings.schedule_tick_s)
+        if settings.test_schedule_clock:
+            self.schedules.clock = warped_clock(settings.test_schedule_clock)
 
     async def start(self) -> None:
         """Migrate the schema, load the signing key, start calling steps."""
@@ -102,12 +106,14 @@ class Engine:
         assert self.worker is not None
         self.coordinator.sink = self.worker  # from now on, commits hand the calls they start to the worker
         self.worker.start()
+        self.schedules.start()  # like the worker, only once this process can receive the runs' callbacks
 
     async def stop(self) -> None:
         """Stop the worker, close HTTP and database connections and the sandbox."""
         if self._starter is not None and not self._starter.done():
             self._starter.cancel()
             await asyncio.gather(self._starter, return_exceptions=True)
+        await self.schedules.stop()
         self.coordinator.sink = None
         if self.worker is not None:
             await self.worker.stop()

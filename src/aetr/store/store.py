@@ -28,6 +28,7 @@ from aetr.store import codec, step_trees
 from aetr.store.errors import Conflict, Duplicate, StepsRefused
 from aetr.store.operations import Op, OpStream, Sql
 from aetr.store.requests import Program
+from aetr.store.schedules import ScheduleStore
 from aetr.store.statements import Statements
 from aetr.store.tables import events, run_nodes, settings, step_children, steps, work
 from aetr.store.views import nest, nest_json
@@ -117,6 +118,7 @@ class Store:
     def __init__(self, engine: AsyncEngine, statements: Statements) -> None:
         self.engine = engine
         self.statements = statements
+        self.schedules = ScheduleStore(engine, self._transaction)
 
         def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
             seen = _round_trips.get()

@@ -179,3 +179,34 @@ settings = Table(
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
+
+# Runs started by the clock. `next_run_at` is NULL while a schedule is paused; the processes' tickers look for
+# due schedules through its index, and claim a due time by moving it on under the value they read.
+schedules = Table(
+    "schedules", metadata,
+    Column("id", ID, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("step", String(200), nullable=False),
+    Column("cron", String(200), nullable=False),
+    Column("timezone", String(64), nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("input", JSONText, nullable=True),
+    Column("notify", Text, nullable=True),
+    Column("next_run_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_schedules_next_run", "next_run_at"),
+)
+
+# The due times a schedule's ticker claimed, newest kept: a row without run_id or error is a claim whose run is
+# still to be started (its process may have died), which any process starts under the same idempotency key.
+schedule_runs = Table(
+    "schedule_runs", metadata,
+    Column("schedule_id", ID, primary_key=True),
+    Column("due_at", UTCDateTime, primary_key=True),
+    Column("claimed_at", UTCDateTime, nullable=False),
+    Column("run_id", ID, nullable=True),
+    Column("error", Text, nullable=True),
+    Index("ix_schedule_runs_pending", "claimed_at", postgresql_where=text("run_id IS NULL AND error IS NULL"),
+          sqlite_where=text("run_id IS NULL AND error IS NULL")),
+)

@@ -124,6 +124,8 @@ export const api = {
   retry: (id) => request('POST', `/runs/${enc(id)}/retry`).then((r) => r.data),
   // A signal wait's answer: {output} completes it, {error} fails it; the run tree afterwards.
   signal: (runId, nodeId, body) => request('POST', `/runs/${enc(runId)}/nodes/${enc(nodeId)}/signal`, {body}).then((r) => r.data),
+  schedules: () => request('GET', '/schedules').then((r) => r.data),
+  putSchedule: (name, spec) => request('PUT', `/schedules/${enc(name)}`, {body: spec}).then((r) => r.data),
   evaluate: (body) => request('POST', '/sandbox/evaluate', {body}).then((r) => r.data),
 };
 

@@ -1,9 +1,10 @@
-// The page's entry point: a hash router (#/steps, #/steps/NAME, #/runs, #/runs/ID) and keyboard shortcuts.
+// The page's entry point: a hash router (#/steps, #/steps/NAME, #/runs, #/runs/ID, #/schedules) and keyboard shortcuts.
 import {h, isTyping, notice, replace} from './dom.js';
 import {renderStepsList} from './steps_list.js';
 import {renderStepPage} from './step_page.js';
 import {renderRunsList} from './runs_list.js';
 import {renderRunPage} from './run_page.js';
+import {renderSchedulesList} from './schedules_list.js';
 
 const ROUTES = [
   {pattern: /^\/steps$/, nav: 'steps', view: (ctx) => renderStepsList(ctx)},
@@ -11,6 +12,7 @@ const ROUTES = [
   {pattern: /^\/steps\/([^/]+)$/, nav: 'steps', view: (ctx, name) => renderStepPage(ctx, name)},
   {pattern: /^\/runs$/, nav: 'runs', view: (ctx) => renderRunsList(ctx)},
   {pattern: /^\/runs\/([^/]+)$/, nav: 'runs', view: (ctx, id) => renderRunPage(ctx, id)},
+  {pattern: /^\/schedules$/, nav: 'schedules', view: (ctx) => renderSchedulesList(ctx)},
 ];
 
 const SHORTCUTS = [
