@@ -83,6 +83,11 @@ class Settings:
     body_timeout_s: float = 60.0
     max_connections: int = 1000
     max_tree_nodes: int = DEFAULT_MAX_TREE_NODES
+    # Run-end notifications: the first wait before trying again, the longest wait, and how long after the
+    # run's end tries go on (seconds).
+    notify_backoff_s: float = 1.0
+    notify_max_backoff_s: float = 300.0
+    notify_window_s: float = 3600.0
 
     @property
     def callback_base(self) -> str:
@@ -112,6 +117,9 @@ class Settings:
             "body_timeout_s": _number(env, "AETR_BODY_TIMEOUT_S", 60.0),
             "max_connections": _whole(env, "AETR_MAX_CONNECTIONS", 1000),
             "max_tree_nodes": _whole(env, "AETR_MAX_TREE_NODES", DEFAULT_MAX_TREE_NODES),
+            "notify_backoff_s": _number(env, "AETR_NOTIFY_BACKOFF_S", 1.0),
+            "notify_max_backoff_s": _number(env, "AETR_NOTIFY_MAX_BACKOFF_S", 300.0),
+            "notify_window_s": _number(env, "AETR_NOTIFY_WINDOW_S", 3600.0),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**values)  # type: ignore[arg-type]
