@@ -51,6 +51,21 @@ function waitNote(node, long = false) {
   return null;
 }
 
+const NOTIFY_OUTCOMES = {delivered: 'delivered', failed: 'to be tried again', gave_up: 'given up',
+  superseded: 'not sent: the run went on'};
+// After a run ends, its history is read again while a notification of its end is still to be delivered.
+const NOTIFY_FIRST_LOOK_MS = 1500;
+const NOTIFY_MAX_LOOK_MS = 30000;
+
+/** When to read an ended run's history again for its notification's next try (null: nothing pending). */
+function notifyRecheckMs(events) {
+  const last = [...events].reverse().find((e) => e.kind === 'notify');
+  if (!last) return null;
+  if (last.data?.outcome !== 'failed') return null;
+  const due = Date.parse(last.data.next_at) - Date.now();
+  return Math.min(NOTIFY_MAX_LOOK_MS, Math.max(500, Number.isFinite(due) ? due + 500 : 1000));
+}
+
 function eventSummary(event) {
   const d = {...(event.data || {})};
   const attempt = d.attempt ? `attempt ${d.attempt}` : null;
@@ -61,6 +76,9 @@ function eventSummary(event) {
       d.status ? null : d.outcome && `report ${d.outcome}`, d.reason].filter(Boolean).join(' · ');
     case 'retry': return `${attempt} failed (${d.kind}): ${d.error} — attempt ${d.next_attempt} in ${fmtDuration((d.delay_s || 0) * 1000)}`;
     case 'timeout': return `${attempt}: ${d.heartbeat_s ? `no heartbeat within ${d.heartbeat_s} s` : `no answer within ${d.timeout_s} s`}`;
+    case 'notify': return [`notification to ${d.url}, try ${d.attempt}`, d.status && `answered HTTP ${d.status}`, d.error,
+      NOTIFY_OUTCOMES[d.outcome] || d.outcome, d.next_at && `next try at ${fmtTime(d.next_at)}`, d.reason]
+      .filter(Boolean).join(' · ');
     default: {
       const parts = [attempt, d.outcome, d.reason];
       for (const key of ['attempt', 'outcome', 'reason', 'step']) delete d[key];
@@ -435,6 +453,8 @@ export function renderRunPage(ctx, runId) {
       events = await api.events(runId);
       renderEvents();
       renderDetails();
+      const again = run && TERMINAL.has(run.state) ? notifyRecheckMs(events) : null;
+      if (again !== null) later(again);
     } catch {
       // the next change retries; the tree stays right meanwhile
     } finally {
@@ -445,6 +465,14 @@ export function renderRunPage(ctx, runId) {
       }
     }
   }
+  let laterTimer = null;
+  let closed = false;  // the page was left: a history read still under way schedules nothing more
+  function later(ms) {
+    clearTimeout(laterTimer);
+    if (closed) return;
+    laterTimer = setTimeout(loadEvents, ms);
+  }
+
   function scheduleEvents() {
     if (eventsTimer) return;
     eventsTimer = setTimeout(() => {
@@ -495,6 +523,7 @@ export function renderRunPage(ctx, runId) {
           replace(waiting, notice('warn', 'No such run', `There is no run with id ${runId}. `, h('a', {href: '#/runs'}, 'See the runs')));
         } else if (status === 'ended') {
           loadEvents();
+          later(NOTIFY_FIRST_LOOK_MS);  // a notification of the end is tried just after it
         }
         if (run) renderLive();
         else if (status !== 'gone') replace(live, LIVE_TEXT[status] || status);
@@ -539,5 +568,7 @@ export function renderRunPage(ctx, runId) {
     stopWatching?.();
     clearInterval(ticker);
     clearTimeout(eventsTimer);
+    clearTimeout(laterTimer);
+    closed = true;
   }};
 }
