@@ -1,4 +1,5 @@
-"""Run-end notifications survive a SIGKILL between a run's end and its delivery: one accepted event per run."""
+"""Run-end notifications: they survive a SIGKILL between a run's end and its delivery (one accepted event per
+run), and the CLI asks for them and shows their tries."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from tests.e2e.harness import Api, Launcher
+from tests.e2e.harness import AetrServer, Api, Launcher, cli
 
 FAST = {"AETR_NOTIFY_BACKOFF_S": "0.2", "AETR_NOTIFY_MAX_BACKOFF_S": "0.5"}
 WAIT_S = 30.0  # seconds for what the test waits on (a loaded runner is slow)
@@ -140,3 +141,23 @@ async def test_runs_ended_before_a_sigkill_are_each_announced_once_after_the_res
 
 async def _no_rows(database_url: str) -> bool:
     return await notify_rows(database_url) == 0
+
+
+async def test_aetr_run_notify_has_the_end_announced_and_runs_events_shows_the_try(
+        aetr: AetrServer, http: aiohttp.ClientSession) -> None:
+    async with receiver() as rec:
+        rec.server_dead.set()  # accept at once
+        await Api(http, aetr.url).put_step({"name": "quick", "kind": "wait", "seconds": 0})
+        ran = await cli("--url", aetr.url, "run", "quick", "--notify", rec.url)
+        assert ran.code == 0, ran
+        run_id = ran.stdout.strip()
+        await rec.until(lambda: rec.subjects(accepted=True) == Counter({run_id: 1}), "the run's end was not announced")
+
+        async def shown() -> bool:
+            events = await cli("--url", aetr.url, "runs", "events", run_id)
+            assert events.code == 0, events
+            return "notify" in events.stdout and "delivered" in events.stdout
+
+        await eventually(shown, "`aetr runs events` did not show the delivery")
+        refused = await cli("--url", aetr.url, "run", "quick", "--notify", "ftp://example.com/hook")
+        assert refused.code != 0 and "notify must be an absolute http:// or https:// URL" in refused.stderr, refused

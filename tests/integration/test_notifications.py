@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -84,6 +85,14 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: f
         await asyncio.sleep(0.05)
 
 
+async def deliveries(aetr: Server) -> dict[str, float]:
+    """The notification tries /metrics counts, by outcome."""
+    status, text = await aetr.call("GET", "/metrics")
+    assert status == 200
+    found = re.findall(r'^aetr_notifications_total\{outcome="(\w+)"\} (\S+)$', text.decode(), re.MULTILINE)
+    return {outcome: float(value) for outcome, value in found}
+
+
 async def notify_rows(aetr: Server) -> int:
     async with aetr.engine.store.engine.connect() as conn:
         count = (await conn.execute(select(func.count()).select_from(work).where(work.c.kind == "notify"))).scalar()
@@ -94,6 +103,7 @@ async def test_each_ended_run_is_announced_once_by_a_receiver_that_refuses_twice
     async with receiver(refusals=2) as rec, running_server(database_url, **FAST) as aetr:
         await aetr.put_step({"name": "quick", "kind": "wait", "seconds": 0})
         await aetr.put_step({"name": "approval", "kind": "wait", "signal": True})
+        counted = await deliveries(aetr)
         completed = await start(aetr, "quick", rec.url)
         failed = await start(aetr, "approval", rec.url)
         cancelled = await start(aetr, "approval", rec.url)
@@ -106,6 +116,9 @@ async def test_each_ended_run_is_announced_once_by_a_receiver_that_refuses_twice
         for run_id in runs:
             await eventually(lambda r=run_id: delivered(aetr, r), f"run {run_id}'s delivery was not recorded")  # type: ignore[misc]
         assert await notify_rows(aetr) == 0  # nothing is left to deliver: no second accepted event can come
+        now = await deliveries(aetr)
+        assert now.get("delivered", 0) - counted.get("delivered", 0) == 3
+        assert now.get("failed", 0) - counted.get("failed", 0) == 6
 
         for run_id, state in runs.items():
             run = await aetr.wait_run(run_id)
@@ -174,3 +187,30 @@ async def test_a_notify_url_outside_the_step_host_allow_list_is_refused(database
         status, body = await aetr.call("POST", "/api/v1/runs", {"step": "quick",
                                                                  "notify": "https://hooks.example.com/h"})
         assert status == 201, body
+
+
+async def test_a_run_retried_before_its_end_was_announced_announces_only_its_next_end(database_url: str) -> None:
+    # A long first wait: the run is retried between the failed end's first try and its second.
+    async with receiver(refusals=1) as rec, running_server(database_url, notify_backoff_s=2.0) as aetr:
+        await aetr.put_step({"name": "approval", "kind": "wait", "signal": True})
+        run_id = await start(aetr, "approval", rec.url)
+        status, body = await aetr.call("POST", f"/api/v1/runs/{run_id}/nodes/{run_id}/signal", {"error": "no"})
+        assert status == 200, body
+        await rec.until(lambda: len(rec.tries) == 1)
+        status, body = await aetr.call("POST", f"/api/v1/runs/{run_id}/retry")
+        assert status == 200, body
+        status, body = await aetr.call("POST", f"/api/v1/runs/{run_id}/nodes/{run_id}/signal", {"output": {"ok": 1}})
+        assert status == 200, body
+        await rec.until(lambda: bool(rec.accepted(run_id)))
+        await eventually(lambda: delivered(aetr, run_id), "the second end's delivery was not recorded")
+        await eventually(lambda: _superseded(aetr, run_id), "the first end's notification was not dropped")
+        (event,) = rec.accepted(run_id)
+        assert event["type"] == "aetr.run.completed" and event["data"]["output"] == {"ok": 1}
+        assert rec.tries[0]["body"]["type"] == "aetr.run.failed"
+        assert rec.tries[0]["body"]["id"] != event["id"]
+        assert len(rec.tries) == 2
+        assert await notify_rows(aetr) == 0
+
+
+async def _superseded(aetr: Server, run_id: str) -> bool:
+    return any(e["kind"] == "notify" and e["data"]["outcome"] == "superseded" for e in await aetr.events(run_id))

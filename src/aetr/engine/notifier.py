@@ -32,6 +32,7 @@ log = logging.getLogger("aetr.notify")
 MAX_DELIVERY_S = 10.0  # seconds a receiver has to answer one try (at most a third of the work lease)
 MAX_CONNECTIONS = 32  # connections to receivers open at once: notifications must not crowd out step calls
 ERROR_EXCERPT = 200  # characters of a refusing answer's body kept in the history
+SHOWN_FIRST = ("attempt", "outcome", "status", "error", "next_at", "reason")
 
 
 def cloud_event(root: Node, source: str) -> CloudEvent:
@@ -131,7 +132,9 @@ class Notifier:
         return status, excerpt.strip(), False
 
     async def _record(self, w: Work, owner: str, root: Node, data: dict[str, Any], next_at: datetime | None) -> None:
-        record = EventRecord(root.id, root.id, "notify", data, utcnow())
+        # What a person reads first comes first (the CLI's history shows the start of a long line).
+        ordered = {key: data[key] for key in SHOWN_FIRST if key in data} | data
+        record = EventRecord(root.id, root.id, "notify", ordered, utcnow())
         kept = await self.store.run(single(NotifyTried(w.node_id, w.attempt, owner, record, next_at)))
         if kept:
             metrics.NOTIFICATIONS.labels(data["outcome"]).inc()
