@@ -135,9 +135,11 @@ async def test_each_ended_run_is_announced_once_by_a_receiver_that_refuses_twice
             assert event["data"]["step"] == run["step"]["name"]
             assert event["data"]["output"] == run["output"] and event["data"]["error"] == run["error"]
             assert event["data"]["ended_at"] is not None
-            history = [e for e in await aetr.events(run_id) if e["kind"] == "notify"]
+            queued, *history = [e for e in await aetr.events(run_id) if e["kind"] == "notify"]
+            assert queued["data"] == {"outcome": "queued", "id": event["id"], "url": rec.url}
             assert [(e["data"]["attempt"], e["data"]["status"], e["data"]["outcome"]) for e in history] == [
                 (1, 503, "failed"), (2, 503, "failed"), (3, 204, "delivered")]
+            assert {e["data"]["id"] for e in history} == {event["id"]}
         assert len({rec.accepted(r)[0]["id"] for r in runs}) == 3
 
 
@@ -146,7 +148,8 @@ async def test_a_notification_nobody_accepts_is_given_up_after_the_window(databa
         await aetr.put_step({"name": "quick", "kind": "wait", "seconds": 0})
         run_id = await start(aetr, "quick", rec.url)
         await eventually(lambda: delivered(aetr, run_id), "the notification was not given up")
-        history = [e["data"] for e in await aetr.events(run_id) if e["kind"] == "notify"]
+        queued, *history = [e["data"] for e in await aetr.events(run_id) if e["kind"] == "notify"]
+        assert queued["outcome"] == "queued"
         assert [h["outcome"] for h in history[:-1]] == ["failed"] * (len(history) - 1)
         assert "within 0.3 s of the run's end" in history[-1]["reason"]
         assert await notify_rows(aetr) == 0

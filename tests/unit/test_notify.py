@@ -39,6 +39,15 @@ def test_a_run_that_ends_with_a_notify_url_queues_one_notification_due_at_once(s
     root = plan.put(plan.nodes["r1"], state=state, completed_at=NOW)
     (row,) = [w for w in plan.work if w.kind == "notify"]
     assert (row.node_id, row.root_id, row.attempt, row.due_at) == (notification_id(root), "r1", 0, NOW)
+    (line,) = [e for e in plan.events if e.kind == "notify"]
+    assert line.data == {"outcome": "queued", "id": row.node_id, "url": HOOK}
+
+
+def test_the_queued_line_hides_a_password_in_the_notify_url() -> None:
+    plan = _plan(_node(notify="https://bot:s3cret@hooks.example.com/aetr"))
+    plan.put(plan.nodes["r1"], state="complete", completed_at=NOW)
+    (line,) = [e for e in plan.events if e.kind == "notify"]
+    assert line.data["url"] == "https://***@hooks.example.com/aetr"
 
 
 def test_a_run_without_a_notify_url_or_a_node_below_the_root_queues_none() -> None:
@@ -46,6 +55,7 @@ def test_a_run_without_a_notify_url_or_a_node_below_the_root_queues_none() -> No
     plan.put(plan.nodes["c1"], state="complete", completed_at=NOW)
     plan.put(plan.nodes["r1"], state="complete", completed_at=NOW)
     assert not plan.work
+    assert not [e for e in plan.events if e.kind == "notify"]
 
 
 def test_each_end_of_a_run_has_its_own_notification_id_and_every_try_of_one_end_the_same() -> None:

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from aetr.domain.runs import Node, Plan, Work
+from aetr.domain.urls import redact_userinfo
 
 # The namespace of notification ids (uuid5 of the run's id and the time it ended).
 NAMESPACE: Final = uuid.UUID("8a3c1f52-5d0e-4b8e-9a57-0f4e2c6d9b31")
@@ -34,6 +35,8 @@ def run_ended(plan: Plan, root: Node) -> None:
     row = Work("notify", notification_id(root), root.id, 0, plan.now)
     if row not in plan.work:  # a run ended twice in one event (a redrive that ends at once) is told once
         plan.work.append(row)
+        # The history says at once that a notification is on its way (the run's page follows it from there).
+        plan.event(root, "notify", {"outcome": "queued", "id": row.node_id, "url": redact_userinfo(root.notify)})
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,9 @@ class Notifier:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             reason = f"no answer within {self.timeout.total:g} s" if isinstance(exc, TimeoutError) else str(exc)
             return None, redact_userinfo(reason or type(exc).__name__), False
+        except Exception as exc:  # anything else the client raises is a failed try too, recorded and tried again
+            log.exception("sending a notification to %s failed", redact_userinfo(url))
+            return None, redact_userinfo(f"{type(exc).__name__}: {exc}"), False
         return status, excerpt.strip(), False
 
     async def _record(self, w: Work, owner: str, root: Node, data: dict[str, Any], next_at: datetime | None) -> None:

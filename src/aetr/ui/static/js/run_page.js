@@ -51,19 +51,27 @@ function waitNote(node, long = false) {
   return null;
 }
 
-const NOTIFY_OUTCOMES = {delivered: 'delivered', failed: 'to be tried again', gave_up: 'given up',
+const NOTIFY_OUTCOMES = {queued: 'queued', delivered: 'delivered', failed: 'to be tried again', gave_up: 'given up',
   superseded: 'not sent: the run went on'};
 // After a run ends, its history is read again while a notification of its end is still to be delivered.
-const NOTIFY_FIRST_LOOK_MS = 1500;
+const NOTIFY_LOOK_MS = 1000;
 const NOTIFY_MAX_LOOK_MS = 30000;
 
 /** When to read an ended run's history again for its notification's next try (null: nothing pending). */
 function notifyRecheckMs(events) {
-  const last = [...events].reverse().find((e) => e.kind === 'notify');
-  if (!last) return null;
-  if (last.data?.outcome !== 'failed') return null;
-  const due = Date.parse(last.data.next_at) - Date.now();
-  return Math.min(NOTIFY_MAX_LOOK_MS, Math.max(500, Number.isFinite(due) ? due + 500 : 1000));
+  const latest = new Map();  // each notification's id -> its latest line
+  for (const e of events) if (e.kind === 'notify') latest.set(e.data?.id, e.data || {});
+  let soonest = null;
+  for (const d of latest.values()) {
+    let ms = null;
+    if (d.outcome === 'queued') ms = NOTIFY_LOOK_MS;
+    else if (d.outcome === 'failed') {
+      const due = Date.parse(d.next_at) - Date.now();
+      ms = Math.min(NOTIFY_MAX_LOOK_MS, Math.max(NOTIFY_LOOK_MS / 2, Number.isFinite(due) ? due + 500 : NOTIFY_LOOK_MS));
+    }
+    if (ms !== null && (soonest === null || ms < soonest)) soonest = ms;
+  }
+  return soonest;
 }
 
 function eventSummary(event) {
@@ -76,7 +84,7 @@ function eventSummary(event) {
       d.status ? null : d.outcome && `report ${d.outcome}`, d.reason].filter(Boolean).join(' · ');
     case 'retry': return `${attempt} failed (${d.kind}): ${d.error} — attempt ${d.next_attempt} in ${fmtDuration((d.delay_s || 0) * 1000)}`;
     case 'timeout': return `${attempt}: ${d.heartbeat_s ? `no heartbeat within ${d.heartbeat_s} s` : `no answer within ${d.timeout_s} s`}`;
-    case 'notify': return [`notification to ${d.url}, try ${d.attempt}`, d.status && `answered HTTP ${d.status}`, d.error,
+    case 'notify': return [`notification to ${d.url}`, d.attempt && `try ${d.attempt}`, d.status && `answered HTTP ${d.status}`, d.error,
       NOTIFY_OUTCOMES[d.outcome] || d.outcome, d.next_at && `next try at ${fmtTime(d.next_at)}`, d.reason]
       .filter(Boolean).join(' · ');
     default: {
@@ -523,7 +531,6 @@ export function renderRunPage(ctx, runId) {
           replace(waiting, notice('warn', 'No such run', `There is no run with id ${runId}. `, h('a', {href: '#/runs'}, 'See the runs')));
         } else if (status === 'ended') {
           loadEvents();
-          later(NOTIFY_FIRST_LOOK_MS);  // a notification of the end is tried just after it
         }
         if (run) renderLive();
         else if (status !== 'gone') replace(live, LIVE_TEXT[status] || status);
