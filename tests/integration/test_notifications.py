@@ -217,3 +217,17 @@ async def test_a_run_retried_before_its_end_was_announced_announces_only_its_nex
 
 async def _superseded(aetr: Server, run_id: str) -> bool:
     return any(e["kind"] == "notify" and e["data"]["outcome"] == "superseded" for e in await aetr.events(run_id))
+
+
+async def test_a_notify_host_that_resolves_outside_the_allow_list_is_given_up_at_once(database_url: str) -> None:
+    # With ranges listed, a name passes when the run starts: where it resolves is judged when the event is sent.
+    allowed = AllowedHosts.parse("10.0.0.0/8")
+    async with receiver() as rec, running_server(database_url, allowed_step_hosts=allowed, **FAST) as aetr:
+        await aetr.put_step({"name": "quick", "kind": "wait", "seconds": 0})
+        run_id = await start(aetr, "quick", rec.url.replace("127.0.0.1", "localhost"))
+        await eventually(lambda: delivered(aetr, run_id), "the notification was not given up")
+        _, *history = [e["data"] for e in await aetr.events(run_id) if e["kind"] == "notify"]
+        assert [h["outcome"] for h in history] == ["gave_up"], history
+        assert "none of them within AETR_ALLOWED_STEP_HOSTS" in history[0]["error"], history
+        assert not rec.tries
+        assert await notify_rows(aetr) == 0
