@@ -213,10 +213,15 @@ class Client:
 
     # Runs
 
-    async def start_run(self, step: str, input: Any, idempotency_key: str | None = None) -> dict[str, Any]:
-        """Start a run of `step` with `input`; the same idempotency key returns the same run."""
+    async def start_run(self, step: str, input: Any, idempotency_key: str | None = None,
+                        notify: str | None = None) -> dict[str, Any]:
+        """Start a run of `step` with `input`; the same idempotency key returns the same run. `notify`: a URL
+        told of the run's end with a CloudEvent."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
-        _, run = await self._request("POST", "/runs", body={"step": step, "input": input}, headers=headers)
+        body: dict[str, Any] = {"step": step, "input": input}
+        if notify is not None:
+            body["notify"] = notify
+        _, run = await self._request("POST", "/runs", body=body, headers=headers)
         return cast(dict[str, Any], run)
 
     async def get_run(self, id: str, wait: float | None = None) -> dict[str, Any]:

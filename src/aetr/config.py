@@ -95,6 +95,11 @@ class Settings:
     max_tree_nodes: int = DEFAULT_MAX_TREE_NODES
     schedule_tick_s: float = 1.0
     test_schedule_clock: str | None = None  # tests only: schedules' time runs faster (see engine.schedules)
+    # Run-end notifications: the first wait before trying again, the longest wait, and how long after the
+    # run's end tries go on (seconds).
+    notify_backoff_s: float = 1.0
+    notify_max_backoff_s: float = 300.0
+    notify_window_s: float = 3600.0
 
     @property
     def callback_base(self) -> str:
@@ -126,6 +131,9 @@ class Settings:
             "max_tree_nodes": _whole(env, "AETR_MAX_TREE_NODES", DEFAULT_MAX_TREE_NODES),
             "schedule_tick_s": _number(env, "AETR_SCHEDULE_TICK_S", 1.0),
             "test_schedule_clock": _test_clock(env),
+            "notify_backoff_s": _number(env, "AETR_NOTIFY_BACKOFF_S", 1.0),
+            "notify_max_backoff_s": _number(env, "AETR_NOTIFY_MAX_BACKOFF_S", 300.0),
+            "notify_window_s": _number(env, "AETR_NOTIFY_WINDOW_S", 3600.0),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return Settings(**values)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Request, Response
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
+from yarl import URL
 
 from aetr.api.answers import EventOut, RunPage, RunTreeOut
 from aetr.api.http import JSON, answer_below_routing, engine_of, read_body, replay, token_ok
@@ -55,7 +56,12 @@ async def start_run(
 
 
 async def _start(engine: Engine, body: RunIn, idempotency_key: str | None) -> Response:
-    started = await engine.coordinator.start_run(body.step, body.input, idempotency_key)
+    allowed = engine.settings.allowed_step_hosts
+    if body.notify is not None and allowed is not None and (
+            problem := allowed.url_host_problem(URL(body.notify).raw_host or "")):
+        raise HTTPException(422, f"notify: {problem}: notifications go only to hosts steps may call; use a host "
+                                 "it allows, or have the server's operator add this one")
+    started = await engine.coordinator.start_run(body.step, body.input, idempotency_key, body.notify)
     if started.refused:
         raise HTTPException(422, f"step: {started.refused}")
     if not started.run_id:

@@ -41,6 +41,24 @@ MAX_CHILDREN = 100_000
 JsonValue = Annotated[Any, AfterValidator(check_json)]
 
 
+def http_url(value: str, field: str) -> str:
+    """`value` when it is an absolute http(s) URL AETR can call; ValueError naming `field` and the fix otherwise."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ValueError(f"{field} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{field} must be an absolute http:// or https:// URL with a host")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"{field} must not contain spaces, control or invisible characters: percent-encode them")
+    try:
+        URL(value)  # what calls it: a host it cannot encode (an over-long label, say) would fail every call
+    except ValueError as exc:
+        raise ValueError(f"{field} is not a valid URL: {exc}") from None
+    return value
+
+
 class Strict(BaseModel):
     """Unknown fields are refused: a typo must not be silently ignored."""
 
@@ -82,20 +100,7 @@ class ApiStepIn(StepBase):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError on a malformed port
-        except ValueError as exc:
-            raise ValueError(f"url is not a valid URL: {exc}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("url must be an absolute http:// or https:// URL with a host")
-        if any(c.isspace() or not c.isprintable() for c in value):
-            raise ValueError("url must not contain spaces, control or invisible characters: percent-encode them")
-        try:
-            URL(value)  # what calls it: a host it cannot encode (an over-long label, say) would fail every call
-        except ValueError as exc:
-            raise ValueError(f"url is not a valid URL: {exc}") from None
-        return value
+        return http_url(value, "url")
 
     @field_validator("headers")
     @classmethod
@@ -192,6 +197,14 @@ MapIn.model_rebuild()
 class RunIn(Strict):
     step: Annotated[StepRef, Field(description="a step's name or id")]
     input: JsonValue = None
+    notify: str | None = Field(None, max_length=4096,
+                               description="http:// or https:// URL told of the run's end with a CloudEvent; with "
+                                           "AETR_ALLOWED_STEP_HOSTS set, its host must be allowed (422 otherwise)")
+
+    @field_validator("notify")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else http_url(value, "notify")
 
 
 class SignalIn(Strict):

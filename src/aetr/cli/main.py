@@ -390,13 +390,18 @@ def run(
     idempotency_key: Annotated[
         str | None, typer.Option(help="Starting twice with the same key gives the same run.", show_default=False)
     ] = None,
+    notify: Annotated[
+        str | None,
+        typer.Option(help="POST a CloudEvent to this http(s) URL when the run ends (retried until it answers 2xx).",
+                     show_default=False),
+    ] = None,
 ) -> None:
     """Start a run; print its id, or with --wait its output (exit 1 if it ends in error or cancelled)."""
     value = _run_input(input, input_file)
     waiting = wait or timeout is not None
 
     async def work(client: Client) -> dict[str, Any]:
-        started = await client.start_run(step, value, idempotency_key=idempotency_key)
+        started = await client.start_run(step, value, idempotency_key=idempotency_key, notify=notify)
         if not waiting:
             return started
         run_id = str(started["id"])

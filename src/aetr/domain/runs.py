@@ -41,6 +41,7 @@ class Node:
     wait_until: datetime | None = None  # when a timed wait ends
     awaits_signal: bool = False  # a signal wait, waiting for its answer while executing
     holds_slot: bool = False  # an api step with max_concurrency: its current attempt holds one of its slots
+    notify: str | None = None  # a run's root: where the run's end is announced (a CloudEvent POSTed to it)
 
     @property
     def terminal(self) -> bool:
@@ -73,10 +74,11 @@ def evolve(node: Node, changes: dict[str, Any]) -> Node:
 class Work:
     """Something to do later, stored with the state change that implies it (the outbox)."""
 
-    kind: Literal["dispatch", "deadline", "heartbeat", "count", "complete", "timer", "queued", "grow"]
-    node_id: str  # a `count` row names the parent whose counter it bumps
+    kind: Literal["dispatch", "deadline", "heartbeat", "count", "complete", "timer", "queued", "grow", "notify"]
+    # A `count` row names the parent whose counter it bumps; a `notify` row, its notification (aetr.domain.notify).
+    node_id: str
     root_id: str
-    attempt: int  # a `count` row holds the finished child's position: one row per child
+    attempt: int  # a `count` row holds the finished child's position: one row per child; a `notify` row, its tries
     due_at: datetime
 
 
@@ -187,6 +189,10 @@ class Plan:
             if new.state == "error" and new.error is not None:
                 data["error"] = new.error
             self.event(new, "state", data)
+            if new.parent_id is None and new.notify is not None and new.terminal and not old.terminal:
+                from aetr.domain.notify import run_ended  # it builds on this module
+
+                run_ended(self, new)
         return new
 
     def event(self, node: Node | None, kind: str, data: dict[str, Any], root_id: str | None = None) -> None:

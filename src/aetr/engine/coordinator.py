@@ -18,7 +18,7 @@ from aetr.domain.decide import ACCEPTED
 from aetr.domain.flow import build_run_nodes, insert
 from aetr.domain.jsonvalue import MAX_TREE_DEPTH, check_json
 from aetr.domain.kinds import api
-from aetr.domain.runs import Node, Plan, Work
+from aetr.domain.runs import Node, Plan, Work, evolve
 from aetr.domain.steps import DEFAULT_MAX_TREE_NODES, TreeTooBig
 from aetr.engine import metrics
 from aetr.engine.outage import OUTAGE, is_outage
@@ -163,10 +163,12 @@ class Coordinator:
         self._flush: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task[None]] = set()
 
-    async def start_run(self, step: str, run_input: Any, idempotency_key: str | None) -> Started:
+    async def start_run(self, step: str, run_input: Any, idempotency_key: str | None,
+                        notify: str | None = None) -> Started:
         """Freeze the tree of `step` (a name or id) into a new run and start it, in one transaction.
 
         A known idempotency key answers with its run (not created); an unknown step with no run at all.
+        `notify` (a URL the caller checked) is told of the run's end with a CloudEvent.
         """
         # The run's ids and time are drawn once: a program run again (for its scripts) builds the same run,
         # so its mappers are asked the same (`ctx.run.id`) and their answers serve.
@@ -174,7 +176,8 @@ class Coordinator:
         source, now = time_ordered_ids(), utcnow()
         try:
             out: Outcome = await self._run_with_scripts(
-                lambda: self._start_program(step, run_input, idempotency_key, now, replaying(ids, source)),
+                lambda: self._start_program(step, run_input, idempotency_key, now, replaying(ids, source),
+                                            notify),
                 ScriptAnswers(self._script))
         except Exception as exc:
             # Two requests with one new key raced: the loser answers with the winner's run.
@@ -190,7 +193,7 @@ class Coordinator:
         return Started(out.created, out.run_id, out.plan, refused)
 
     def _start_program(self, step: str, run_input: Any, key: str | None, now: datetime,
-                       new_id: Callable[[], str]) -> Program:
+                       new_id: Callable[[], str], notify: str | None = None) -> Program:
         if key is not None:
             existing = yield FindRunByKey(key)
             if existing is not None:
@@ -204,6 +207,8 @@ class Coordinator:
             too_big = TreeTooBig(tree.config.name, tree.node_count, self.max_tree_nodes, changed=False)
             return Outcome(decide.Verdict("refused", str(too_big)), created=False)
         nodes = build_run_nodes(tree, run_input, now, new_id)
+        if notify is not None:
+            nodes[0] = evolve(nodes[0], {"notify": notify})
         root_id = nodes[0].id
         plan = Plan(now=nodes[0].created_at, new_id=new_id, max_nodes=self.max_tree_nodes)
         insert(plan, nodes)

@@ -11,8 +11,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from aetr.config import MIB, Settings
+from aetr.domain.notify import Backoff
 from aetr.engine.coordinator import Coordinator
 from aetr.engine.dispatcher import Dispatcher
+from aetr.engine.notifier import Notifier
 from aetr.engine.outage import QuietDriverDuringOutage
 from aetr.engine.schedules import ScheduleTicker, warped_clock
 from aetr.engine.tokens import TokenSigner
@@ -59,6 +61,7 @@ class Engine:
         self.signer: TokenSigner | None = None
         self.dispatcher: Dispatcher | None = None
         self.worker: Worker | None = None
+        self.notifier: Notifier | None = None
         self._run_waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._starter: asyncio.Task[None] | None = None
         self.schedules = ScheduleTicker(self.store, self.coordinator, settings.schedule_tick_s)
@@ -77,8 +80,14 @@ class Engine:
                                      self.settings.max_in_flight, self.settings.max_payload_bytes,
                                      self.settings.allowed_step_hosts)
         await self.dispatcher.start()
+        backoff = Backoff(self.settings.notify_backoff_s, self.settings.notify_max_backoff_s,
+                          self.settings.notify_window_s)
+        self.notifier = Notifier(self.store, self.settings.callback_base, backoff, self.settings.lease_s,
+                                 self.settings.allowed_step_hosts)
+        await self.notifier.start()
         self.worker = Worker(self.store, self.coordinator, self.dispatcher, lease_s=self.settings.lease_s,
-                             poll_s=self.settings.poll_s, max_in_flight=self.settings.max_in_flight)
+                             poll_s=self.settings.poll_s, max_in_flight=self.settings.max_in_flight,
+                             notifier=self.notifier)
         self.coordinator.on_commit.append(self._notify_waiters)
         self._starter = asyncio.create_task(self._start_worker_once_listening(), name="aetr-worker-start")
 
@@ -120,6 +129,8 @@ class Engine:
         await self.coordinator.drain()
         if self.dispatcher is not None:
             await self.dispatcher.close()
+        if self.notifier is not None:
+            await self.notifier.close()
         await self.store.close()
         self.sandbox.close()
 

@@ -109,8 +109,8 @@ class ScheduleTicker:
     async def _start(self, stored: StoredSchedule, due_at: datetime) -> int:
         """Start the run of a claimed due time (or find the one started for it) and record it."""
         schedule = stored.schedule
-        # notify: pass schedule.notify here, once Coordinator.start_run takes a run's notify URL.
-        started = await self.coordinator.start_run(schedule.step, schedule.input, run_key(stored.id, due_at))
+        started = await self.coordinator.start_run(schedule.step, schedule.input, run_key(stored.id, due_at),
+                                                   notify=schedule.notify)
         if started.run_id and not started.refused:
             await self.store.schedules.record(stored.id, due_at, started.run_id, None)
         else:

@@ -1,4 +1,4 @@
-"""The outbox worker: performs work rows under a lease (step calls, deadlines).
+"""The outbox worker: performs work rows under a lease (step calls, deadlines, run-end notifications).
 
 Calls that a commit of this process started arrive through `perform`, already leased in that commit. The
 claim loop picks up the rest: calls due later (retries), deadlines, calls beyond the direct limit, and the
@@ -22,6 +22,7 @@ from typing import Any
 
 from aetr.engine.coordinator import Coordinator, utcnow
 from aetr.engine.dispatcher import Dispatcher
+from aetr.engine.notifier import Notifier
 from aetr.engine.outage import OUTAGE, is_outage
 from aetr.store import ClaimedWork, Store
 from aetr.store.sql import Claim, ClaimResult, RenewLease, single
@@ -36,8 +37,9 @@ class Worker:
     """Runs each work item as a task; claims due rows up to `max_in_flight` tasks at a time."""
 
     def __init__(self, store: Store, coordinator: Coordinator, dispatcher: Dispatcher, *, lease_s: float,
-                 poll_s: float, max_in_flight: int) -> None:
+                 poll_s: float, max_in_flight: int, notifier: Notifier | None = None) -> None:
         self.store = store
+        self.notifier = notifier
         self.coordinator = coordinator
         self.dispatcher = dispatcher
         self.lease_s = lease_s
@@ -193,6 +195,9 @@ class Worker:
                 await self.coordinator.grow_map(item.work.node_id, item.work.attempt)
             elif item.work.kind == "timer":
                 await self.coordinator.timer_fired(item.work.node_id, item.work.attempt)
+            elif item.work.kind == "notify":
+                if self.notifier is not None:  # else its lease expires and a process with a notifier delivers it
+                    await self.notifier.deliver(item, self.owner)
             elif item.work.kind in ("deadline", "heartbeat"):
                 await self.coordinator.deadline_passed(item.work.node_id, item.work.attempt,
                                                        heartbeat=item.work.kind == "heartbeat")

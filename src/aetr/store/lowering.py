@@ -30,8 +30,10 @@ from aetr.store.requests import (
     FinishCalls,
     InsertRun,
     LoadChain,
+    LoadRoot,
     LoadTree,
     NextWaiting,
+    NotifyTried,
     PendingCall,
     Postpone,
     Program,
@@ -131,6 +133,20 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
         return None
     if isinstance(req, Claim):
         return (yield from _claim(req, st))
+    if isinstance(req, LoadRoot):
+        ids: Any = [req.root_id] if st.dialect == "postgresql" else req.root_id  # see Statements.ids_match
+        rows = yield Fetch(st.nodes_by_id, {"ids": ids})
+        return st.node(rows[0]) if rows else None
+    if isinstance(req, NotifyTried):
+        key = {"node_id": req.notification_id, "attempt": req.attempt, "owner": req.owner}
+        if req.next_at is None:
+            kept = yield Exec(st.notify_done, key)
+        else:
+            kept = yield Exec(st.notify_again, {**key, "due_at": st.time_in(req.next_at)})
+        if kept != 1:
+            return False
+        yield ExecMany(st.insert_event, [st.event_values(req.record)])
+        return True
     if isinstance(req, PendingCall):
         rows = yield Fetch(st.pending_call, {"node_id": req.node_id, "attempt": req.attempt})
         if not rows:
@@ -215,7 +231,7 @@ def _new_rows(plan: Plan, run: InsertRun | None, st: Statements,
                      "step_version": n.step.version, "config": n.step.fields_text,
                      "mapper": n.mapper, "n_children": n.n_children,
                      "created_at": st.time_in(n.created_at), "snapshot": None, "idempotency_key": None,
-                     **st.state_values(n)})
+                     "notify": n.notify, **st.state_values(n)})
     if run is not None:
         rows[0]["snapshot"] = run.snapshot
         rows[0]["idempotency_key"] = run.idempotency_key

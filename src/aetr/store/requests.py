@@ -163,6 +163,29 @@ class CountChild:
 
 
 @dataclass(frozen=True)
+class LoadRoot:
+    """Request: a run's root node as committed (answer: Node, or None when there is no such run)."""
+
+    root_id: str
+
+
+@dataclass(frozen=True)
+class NotifyTried:
+    """Request: record one try of a notification (`record`, in the run's history) and, when `next_at` is set,
+    keep its work row for another try then (its tries counted one more, its lease let go); else forget the row.
+
+    Only the process still holding the row's lease (`owner`) records anything: answer False when another
+    process took the row over meanwhile (this try then leaves no trace; the other process tries again).
+    """
+
+    notification_id: str
+    attempt: int
+    owner: str
+    record: EventRecord
+    next_at: datetime | None
+
+
+@dataclass(frozen=True)
 class ClaimedWork:
     """A work row this process holds the lease on, with its node when it is a call."""
 

@@ -200,6 +200,12 @@ class Statements(RowCodec):
         leased = select(func.min(work.c.lease_until).label("at"))
         both = union_all(unleased, leased).subquery()
         self.next_due = read(select(func.min(both.c.at)))
+        # A notification's try, recorded by the process holding its row's lease: kept for a later try, or forgotten.
+        notifying = and_(work.c.node_id == p("node_id"), work.c.attempt == p("attempt"),
+                         work.c.kind == literal_column("'notify'"), work.c.lease_owner == p("owner"))
+        self.notify_again = c(update(work).where(notifying).values(
+            attempt=work.c.attempt + 1, due_at=p("due_at"), lease_owner=null(), lease_until=null()))
+        self.notify_done = c(delete(work).where(notifying))
         self.insert_event = c(insert(events).inline().values({col.name: p(col.name) for col in events.c
                                                               if col.name != "id"}))
 

@@ -51,6 +51,29 @@ function waitNote(node, long = false) {
   return null;
 }
 
+const NOTIFY_OUTCOMES = {queued: 'queued', delivered: 'delivered', failed: 'to be tried again', gave_up: 'given up',
+  superseded: 'not sent: the run went on'};
+// After a run ends, its history is read again while a notification of its end is still to be delivered.
+const NOTIFY_LOOK_MS = 1000;
+const NOTIFY_MAX_LOOK_MS = 30000;
+
+/** When to read an ended run's history again for its notification's next try (null: nothing pending). */
+function notifyRecheckMs(events) {
+  const latest = new Map();  // each notification's id -> its latest line
+  for (const e of events) if (e.kind === 'notify') latest.set(e.data?.id, e.data || {});
+  let soonest = null;
+  for (const d of latest.values()) {
+    let ms = null;
+    if (d.outcome === 'queued') ms = NOTIFY_LOOK_MS;
+    else if (d.outcome === 'failed') {
+      const due = Date.parse(d.next_at) - Date.now();
+      ms = Math.min(NOTIFY_MAX_LOOK_MS, Math.max(NOTIFY_LOOK_MS / 2, Number.isFinite(due) ? due + 500 : NOTIFY_LOOK_MS));
+    }
+    if (ms !== null && (soonest === null || ms < soonest)) soonest = ms;
+  }
+  return soonest;
+}
+
 function eventSummary(event) {
   const d = {...(event.data || {})};
   const attempt = d.attempt ? `attempt ${d.attempt}` : null;
@@ -61,6 +84,9 @@ function eventSummary(event) {
       d.status ? null : d.outcome && `report ${d.outcome}`, d.reason].filter(Boolean).join(' · ');
     case 'retry': return `${attempt} failed (${d.kind}): ${d.error} — attempt ${d.next_attempt} in ${fmtDuration((d.delay_s || 0) * 1000)}`;
     case 'timeout': return `${attempt}: ${d.heartbeat_s ? `no heartbeat within ${d.heartbeat_s} s` : `no answer within ${d.timeout_s} s`}`;
+    case 'notify': return [`notification to ${d.url}`, d.attempt && `try ${d.attempt}`, d.status && `answered HTTP ${d.status}`, d.error,
+      NOTIFY_OUTCOMES[d.outcome] || d.outcome, d.next_at && `next try at ${fmtTime(d.next_at)}`, d.reason]
+      .filter(Boolean).join(' · ');
     default: {
       const parts = [attempt, d.outcome, d.reason];
       for (const key of ['attempt', 'outcome', 'reason', 'step']) delete d[key];
@@ -435,6 +461,8 @@ export function renderRunPage(ctx, runId) {
       events = await api.events(runId);
       renderEvents();
       renderDetails();
+      const again = run && TERMINAL.has(run.state) ? notifyRecheckMs(events) : null;
+      if (again !== null) later(again);
     } catch {
       // the next change retries; the tree stays right meanwhile
     } finally {
@@ -445,6 +473,14 @@ export function renderRunPage(ctx, runId) {
       }
     }
   }
+  let laterTimer = null;
+  let closed = false;  // the page was left: a history read still under way schedules nothing more
+  function later(ms) {
+    clearTimeout(laterTimer);
+    if (closed) return;
+    laterTimer = setTimeout(loadEvents, ms);
+  }
+
   function scheduleEvents() {
     if (eventsTimer) return;
     eventsTimer = setTimeout(() => {
@@ -539,5 +575,7 @@ export function renderRunPage(ctx, runId) {
     stopWatching?.();
     clearInterval(ticker);
     clearTimeout(eventsTimer);
+    clearTimeout(laterTimer);
+    closed = true;
   }};
 }
