@@ -1,117 +1,178 @@
-"""Settings read from the environment, with their defaults."""
+"""Settings read from the environment, with their defaults: one field of `Settings` per AETR_* variable."""
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
 
-from aetr.domain.hosts import SETTING as ALLOWED_HOSTS_SETTING
+from pydantic import BeforeValidator, Field, ValidationError, ValidationInfo
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
 from aetr.domain.hosts import AllowedHosts
 from aetr.domain.steps import DEFAULT_MAX_TREE_NODES
 from aetr.store import DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE
 
 MIB = 1024 * 1024
+ENV_PREFIX = "AETR_"
+MAX_WORKERS = 64
 
 
 class ConfigError(ValueError):
     """A setting has a value AETR cannot use."""
 
 
-def _number(env: Mapping[str, str], key: str, default: float) -> float:
-    raw = env.get(key)
-    if raw is None or raw == "":
-        return default
+def env_name(field: str) -> str:
+    """The environment variable that sets the field `field` of Settings."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _named(info: ValidationInfo) -> str:
+    return env_name(info.field_name or "")
+
+
+def _number(raw: object, info: ValidationInfo) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(f"{_named(info)}={raw!r} is not a number")
+    if isinstance(raw, int | float):
+        return float(raw)
     try:
-        value = float(raw)
+        return float(str(raw))
     except ValueError:
-        raise ConfigError(f"{key}={raw!r} is not a number") from None
+        raise ValueError(f"{_named(info)}={raw!r} is not a number") from None
+
+
+def _positive(raw: object, info: ValidationInfo) -> float:
+    value = _number(raw, info)
     if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{key}={raw!r} must be a finite number greater than 0")
+        raise ValueError(f"{_named(info)}={raw!r} must be a finite number greater than 0")
     return value
 
 
-def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...]) -> str:
-    """One of `choices` (case-insensitive), the first being the default."""
-    raw = env.get(key) or choices[0]
-    if raw.lower() not in choices:
-        raise ConfigError(f"{key}={raw!r}: use one of {', '.join(choices)}")
-    return raw.lower()
+def _whole_number(low: int, high: int | None = None) -> Callable[[object, ValidationInfo], int]:
+    """A validator of whole numbers from `low` to `high` (no upper bound when None); 1e6 is one, 0.5 is not."""
+    wanted = f"of at least {low}" if high is None else f"from {low} to {high}"
+
+    def whole(raw: object, info: ValidationInfo) -> int:
+        try:
+            value = _number(raw, info)
+        except ValueError:
+            value = math.nan
+        if not value.is_integer() or value < low or (high is not None and value > high):
+            raise ValueError(f"{_named(info)}={raw!r} must be a whole number {wanted}")
+        return int(value)
+
+    return whole
 
 
-def _allowed_hosts(env: Mapping[str, str]) -> AllowedHosts | None:
-    raw = env.get(ALLOWED_HOSTS_SETTING)
-    if raw is None or not raw.strip():
+def _one_of(*choices: str) -> Callable[[object, ValidationInfo], str]:
+    """A validator of one of `choices`, case-insensitive."""
+
+    def choice(raw: object, info: ValidationInfo) -> str:
+        if not isinstance(raw, str) or raw.lower() not in choices:
+            raise ValueError(f"{_named(info)}={raw!r}: use one of {', '.join(choices)}")
+        return raw.lower()
+
+    return choice
+
+
+def _allowed_hosts(raw: object, info: ValidationInfo) -> AllowedHosts | None:
+    if raw is None or isinstance(raw, AllowedHosts):
+        return raw
+    if not isinstance(raw, str):
+        raise ValueError(f"{_named(info)}={raw!r}: expected comma-separated hosts")
+    if not raw.strip():
         return None
     try:
         return AllowedHosts.parse(raw)
     except ValueError as exc:
-        raise ConfigError(f"{ALLOWED_HOSTS_SETTING}={raw!r}: {exc}") from None
+        raise ValueError(f"{_named(info)}={raw!r}: {exc}") from None
 
 
-def _whole(env: Mapping[str, str], key: str, default: int) -> int:
-    raw = env.get(key)
+def _text(raw: object, info: ValidationInfo) -> str | None:
+    """A string; an empty one counts as unset."""
     if raw is None or raw == "":
-        return default
-    if not raw.strip().isdigit() or int(raw) < 1:
-        raise ConfigError(f"{key}={raw!r} must be a whole number of at least 1")
-    return int(raw)
+        return None
+    if not isinstance(raw, str):
+        raise ValueError(f"{_named(info)}={raw!r} must be text")
+    return raw
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything `aetr serve` can be told; see the configuration table in README.md."""
+# The kinds of value a setting may have: each checks its value and names the variable when it is wrong.
+Positive = Annotated[float, BeforeValidator(_positive)]  # a finite number > 0, e.g. seconds
+Whole = Annotated[int, BeforeValidator(_whole_number(1))]
+Port = Annotated[int, BeforeValidator(_whole_number(1, 65535))]
+Workers = Annotated[int, BeforeValidator(_whole_number(1, MAX_WORKERS))]
+Text = Annotated[str, BeforeValidator(_text)]
+OptionalText = Annotated[str | None, BeforeValidator(_text)]
+SecretText = Annotated[str | None, BeforeValidator(_text), Field(repr=False)]  # never shown in logs or tracebacks
+Synchronous = Annotated[str, BeforeValidator(_one_of("full", "normal"))]
+# NoDecode: the variable is a comma-separated list, not the JSON that pydantic-settings expects by default.
+Hosts = Annotated[AllowedHosts | None, NoDecode, BeforeValidator(_allowed_hosts)]
 
-    database_url: str = DEFAULT_DATABASE_URL
-    host: str = "127.0.0.1"
-    port: int = 9999
-    public_url: str | None = None
-    api_token: str | None = None
-    secret: str | None = None
-    max_payload_bytes: int = 16 * MIB
-    lease_s: float = 60.0
-    poll_s: float = 1.0
-    sandbox_time_limit_s: float = 1.0
-    sandbox_memory_mb: float = 64.0
-    max_in_flight: int = 256
-    db_pool_size: int = DEFAULT_POOL_SIZE
-    sqlite_synchronous: str = "full"
-    allowed_step_hosts: AllowedHosts | None = None  # None: steps may call any host
-    keep_alive_s: float = 75.0
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 60.0
-    max_connections: int = 1000
-    max_tree_nodes: int = DEFAULT_MAX_TREE_NODES
+
+class Settings(BaseSettings):
+    """Everything `aetr serve` can be told; see the configuration table in README.md.
+
+    Each field is read from the environment variable AETR_<FIELD NAME>; an empty variable counts as unset.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True,
+                                      extra="forbid")
+
+    database_url: Text = DEFAULT_DATABASE_URL
+    host: Text = "127.0.0.1"
+    port: Port = 9999
+    workers: Workers = 1
+    public_url: OptionalText = None
+    api_token: SecretText = None
+    secret: SecretText = None
+    max_payload_bytes: Whole = 16 * MIB
+    lease_s: Positive = 60.0
+    poll_s: Positive = 1.0
+    sandbox_time_limit_s: Positive = 1.0
+    sandbox_memory_mb: Positive = 64.0
+    max_in_flight: Whole = 256
+    db_pool_size: Whole = DEFAULT_POOL_SIZE
+    sqlite_synchronous: Synchronous = "full"
+    allowed_step_hosts: Hosts = None  # None: steps may call any host
+    keep_alive_s: Positive = 75.0
+    header_timeout_s: Positive = 10.0
+    body_timeout_s: Positive = 60.0
+    max_connections: Whole = 1000
+    max_tree_nodes: Whole = DEFAULT_MAX_TREE_NODES
 
     @property
     def callback_base(self) -> str:
         """The base URL step services call back on."""
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
-    @staticmethod
-    def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Settings from AETR_* environment variables, then explicit overrides (e.g. CLI flags)."""
-        env = os.environ if env is None else env
-        values: dict[str, object] = {
-            "database_url": env.get("AETR_DATABASE_URL") or DEFAULT_DATABASE_URL,
-            "public_url": env.get("AETR_PUBLIC_URL") or None,
-            "api_token": env.get("AETR_API_TOKEN") or None,
-            "secret": env.get("AETR_SECRET") or None,
-            "max_payload_bytes": int(_number(env, "AETR_MAX_PAYLOAD_BYTES", 16 * MIB)),
-            "lease_s": _number(env, "AETR_LEASE_S", 60.0),
-            "poll_s": _number(env, "AETR_POLL_S", 1.0),
-            "sandbox_time_limit_s": _number(env, "AETR_SANDBOX_TIME_LIMIT_S", 1.0),
-            "sandbox_memory_mb": _number(env, "AETR_SANDBOX_MEMORY_MB", 64.0),
-            "max_in_flight": int(_number(env, "AETR_MAX_IN_FLIGHT", 256)),
-            "db_pool_size": int(_number(env, "AETR_DB_POOL_SIZE", DEFAULT_POOL_SIZE)),
-            "sqlite_synchronous": _choice(env, "AETR_SQLITE_SYNCHRONOUS", ("full", "normal")),
-            "allowed_step_hosts": _allowed_hosts(env),
-            "keep_alive_s": _number(env, "AETR_KEEP_ALIVE_S", 75.0),
-            "header_timeout_s": _number(env, "AETR_HEADER_TIMEOUT_S", 10.0),
-            "body_timeout_s": _number(env, "AETR_BODY_TIMEOUT_S", 60.0),
-            "max_connections": _whole(env, "AETR_MAX_CONNECTIONS", 1000),
-            "max_tree_nodes": _whole(env, "AETR_MAX_TREE_NODES", DEFAULT_MAX_TREE_NODES),
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return Settings(**values)  # type: ignore[arg-type]
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from AETR_* variables (of os.environ, or of `env`), then the overrides that are not None
+        (e.g. command-line options); ConfigError naming the variable when a value cannot be used."""
+        given = {name: value for name, value in overrides.items() if value is not None}
+        try:
+            if env is None:
+                return cls(**given)
+            # model_validate reads no environment: exactly `env`, looked up as pydantic-settings would.
+            found = {name: env[env_name(name)] for name in cls.model_fields if env.get(env_name(name))}
+            return cls.model_validate({**found, **given})
+        except ValidationError as exc:
+            raise ConfigError("; ".join(_explain(error) for error in exc.errors())) from None
+
+    def environ(self, *names: str) -> dict[str, str]:
+        """The AETR_* variables that give another process these settings' values of the fields `names`."""
+        values = {name: getattr(self, name) for name in names}
+        return {env_name(name): str(value) for name, value in values.items() if value is not None}
+
+
+def _explain(error: Any) -> str:
+    """One sentence for one of pydantic's validation errors, naming the variable."""
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, ValueError):
+        return str(cause)  # the validators above already name the variable and the value
+    where = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{where} is not a setting of AETR"
+    return f"{env_name(where)}={error['input']!r}: {error['msg']}"
