@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, ValidationError, ValidationInfo
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from aetr.domain.hosts import AllowedHosts
 from aetr.domain.steps import DEFAULT_MAX_TREE_NODES
@@ -111,6 +113,25 @@ Synchronous = Annotated[str, BeforeValidator(_one_of("full", "normal"))]
 Hosts = Annotated[AllowedHosts | None, NoDecode, BeforeValidator(_allowed_hosts)]
 
 
+_GIVEN: ContextVar[Mapping[str, str] | None] = ContextVar("aetr_given_environment", default=None)
+
+
+class _GivenEnvironment(PydanticBaseSettingsSource):
+    """The AETR_* variables of a mapping handed to `Settings.from_env`, read in place of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self._env = env
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._env.get(env_name(field_name)) or None, env_name(field_name), False
+
+    def __call__(self) -> dict[str, Any]:
+        # Raw strings, as pydantic-settings hands a variable's value over (NoDecode fields included).
+        return {name: self._env[env_name(name)] for name in self.settings_cls.model_fields
+                if self._env.get(env_name(name))}
+
+
 class Settings(BaseSettings):
     """Everything `aetr serve` can be told; see the configuration table in README.md.
 
@@ -148,18 +169,29 @@ class Settings(BaseSettings):
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Values given as arguments, then the environment (os.environ, or the mapping given to from_env)."""
+        given = _GIVEN.get()
+        return init_settings, env_settings if given is None else _GivenEnvironment(settings_cls, given)
+
+    @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Settings from AETR_* variables (of os.environ, or of `env`), then the overrides that are not None
-        (e.g. command-line options); ConfigError naming the variable when a value cannot be used."""
-        given = {name: value for name, value in overrides.items() if value is not None}
+        """Settings from AETR_* variables (of os.environ, or of `env` alone), then the overrides that are not
+        None (e.g. command-line options); ConfigError naming the variable when a value cannot be used."""
+        reading = _GIVEN.set(env)
         try:
-            if env is None:
-                return cls(**given)
-            # model_validate reads no environment: exactly `env`, looked up as pydantic-settings would.
-            found = {name: env[env_name(name)] for name in cls.model_fields if env.get(env_name(name))}
-            return cls.model_validate({**found, **given})
+            return cls(**{name: value for name, value in overrides.items() if value is not None})
         except ValidationError as exc:
             raise ConfigError("; ".join(_explain(error) for error in exc.errors())) from None
+        finally:
+            _GIVEN.reset(reading)
 
     def environ(self, *names: str) -> dict[str, str]:
         """The AETR_* variables that give another process these settings' values of the fields `names`."""

@@ -116,3 +116,12 @@ def test_the_readme_configuration_table_lists_every_setting_with_its_default() -
         else:
             written = f"{field.default:g}" if isinstance(field.default, float) else str(field.default)
             assert shown.strip().startswith(f"`{written}`"), (name, shown, written)
+
+
+def test_a_given_mapping_is_read_instead_of_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AETR_API_TOKEN", "from-the-shell")
+    monkeypatch.setenv("AETR_POLL_S", "nonsense")
+    assert Settings.from_env({}).api_token is None
+    assert Settings.from_env({"AETR_API_TOKEN": "given"}).api_token == "given"
+    with pytest.raises(ConfigError, match="AETR_POLL_S='nonsense' is not a number"):
+        Settings.from_env()
