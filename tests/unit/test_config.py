@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from aetr.api.server import FILES_RESERVED, PASSED_TO_WORKERS, fit_connections
+from aetr.api.server import FILES_RESERVED, PASSED_TO_WORKERS, fit_connections, serve
 from aetr.config import ConfigError, Settings, env_name
 
 
@@ -125,3 +125,11 @@ def test_a_given_mapping_is_read_instead_of_the_process_environment(monkeypatch:
     assert Settings.from_env({"AETR_API_TOKEN": "given"}).api_token == "given"
     with pytest.raises(ConfigError, match="AETR_POLL_S='nonsense' is not a number"):
         Settings.from_env()
+
+
+def test_serve_stops_before_starting_anything_and_names_the_variable_it_cannot_use(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AETR_WORKERS", "0")
+    with pytest.raises(SystemExit) as stopped:
+        serve()
+    assert stopped.value.code == "aetr: AETR_WORKERS='0' must be a whole number from 1 to 64"
