@@ -1,139 +1,230 @@
-"""Settings read from the environment, with their defaults."""
+"""Settings read from the environment, with their defaults: one field of `Settings` per AETR_* variable."""
 
 from __future__ import annotations
 
 import math
-import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from typing import Annotated, Any
 
-from aetr.domain.hosts import SETTING as ALLOWED_HOSTS_SETTING
+from pydantic import BeforeValidator, Field, ValidationError, ValidationInfo
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
 from aetr.domain.hosts import AllowedHosts
 from aetr.domain.steps import DEFAULT_MAX_TREE_NODES
 from aetr.store import DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE
 
 MIB = 1024 * 1024
-TEST_CLOCK_SETTING = "AETR_TEST_SCHEDULE_CLOCK"
-TEST_CLOCK = re.compile(r"[0-9]{1,12}(\.[0-9]+)?\*[0-9]{1,6}(\.[0-9]+)?")  # Unix time * rate
+ENV_PREFIX = "AETR_"
+MAX_WORKERS = 64
 
 
 class ConfigError(ValueError):
     """A setting has a value AETR cannot use."""
 
 
-def _number(env: Mapping[str, str], key: str, default: float) -> float:
-    raw = env.get(key)
-    if raw is None or raw == "":
-        return default
+def env_name(field: str) -> str:
+    """The environment variable that sets the field `field` of Settings."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _named(info: ValidationInfo) -> str:
+    return env_name(info.field_name or "")
+
+
+def _number(raw: object, info: ValidationInfo) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(f"{_named(info)}={raw!r} is not a number")
+    if isinstance(raw, int | float):
+        return float(raw)
     try:
-        value = float(raw)
+        return float(str(raw))
     except ValueError:
-        raise ConfigError(f"{key}={raw!r} is not a number") from None
+        raise ValueError(f"{_named(info)}={raw!r} is not a number") from None
+
+
+def _positive(raw: object, info: ValidationInfo) -> float:
+    value = _number(raw, info)
     if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{key}={raw!r} must be a finite number greater than 0")
+        raise ValueError(f"{_named(info)}={raw!r} must be a finite number greater than 0")
     return value
 
 
-def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...]) -> str:
-    """One of `choices` (case-insensitive), the first being the default."""
-    raw = env.get(key) or choices[0]
-    if raw.lower() not in choices:
-        raise ConfigError(f"{key}={raw!r}: use one of {', '.join(choices)}")
-    return raw.lower()
+def _whole_number(low: int, high: int | None = None) -> Callable[[object, ValidationInfo], int]:
+    """A validator of whole numbers from `low` to `high` (no upper bound when None); 1e6 is one, 0.5 is not."""
+    wanted = f"of at least {low}" if high is None else f"from {low} to {high}"
+
+    def whole(raw: object, info: ValidationInfo) -> int:
+        try:
+            value = _number(raw, info)
+        except ValueError:
+            value = math.nan
+        if not value.is_integer() or value < low or (high is not None and value > high):
+            raise ValueError(f"{_named(info)}={raw!r} must be a whole number {wanted}")
+        return int(value)
+
+    return whole
 
 
-def _allowed_hosts(env: Mapping[str, str]) -> AllowedHosts | None:
-    raw = env.get(ALLOWED_HOSTS_SETTING)
-    if raw is None or not raw.strip():
+def _one_of(*choices: str) -> Callable[[object, ValidationInfo], str]:
+    """A validator of one of `choices`, case-insensitive."""
+
+    def choice(raw: object, info: ValidationInfo) -> str:
+        if not isinstance(raw, str) or raw.lower() not in choices:
+            raise ValueError(f"{_named(info)}={raw!r}: use one of {', '.join(choices)}")
+        return raw.lower()
+
+    return choice
+
+
+def _allowed_hosts(raw: object, info: ValidationInfo) -> AllowedHosts | None:
+    if raw is None or isinstance(raw, AllowedHosts):
+        return raw
+    if not isinstance(raw, str):
+        raise ValueError(f"{_named(info)}={raw!r}: expected comma-separated hosts")
+    if not raw.strip():
         return None
     try:
         return AllowedHosts.parse(raw)
     except ValueError as exc:
-        raise ConfigError(f"{ALLOWED_HOSTS_SETTING}={raw!r}: {exc}") from None
+        raise ValueError(f"{_named(info)}={raw!r}: {exc}") from None
 
 
-def _test_clock(env: Mapping[str, str]) -> str | None:
-    raw = env.get(TEST_CLOCK_SETTING) or None
-    if raw is not None and TEST_CLOCK.fullmatch(raw) is None:
-        raise ConfigError(f"{TEST_CLOCK_SETTING}={raw!r}: write EPOCH*RATE, e.g. 1767225600*60 (for tests only)")
+def _text(raw: object, info: ValidationInfo) -> str | None:
+    """A string; an empty one counts as unset."""
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, str):
+        raise ValueError(f"{_named(info)}={raw!r} must be text")
     return raw
 
 
-def _whole(env: Mapping[str, str], key: str, default: int) -> int:
-    raw = env.get(key)
-    if raw is None or raw == "":
-        return default
-    if not raw.strip().isdigit() or int(raw) < 1:
-        raise ConfigError(f"{key}={raw!r} must be a whole number of at least 1")
-    return int(raw)
+# Tests only: schedules' clock runs RATE times faster from the Unix time EPOCH (see aetr.engine.schedules).
+TEST_CLOCK = re.compile(r"[0-9]{1,12}(\.[0-9]+)?\*[0-9]{1,6}(\.[0-9]+)?")
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything `aetr serve` can be told; see the configuration table in README.md."""
+def _test_clock(raw: object, info: ValidationInfo) -> str | None:
+    value = _text(raw, info)
+    if value is not None and TEST_CLOCK.fullmatch(value) is None:
+        raise ValueError(f"{_named(info)}={raw!r}: write EPOCH*RATE, e.g. 1767225600*60 (for tests only)")
+    return value
 
-    database_url: str = DEFAULT_DATABASE_URL
-    host: str = "127.0.0.1"
-    port: int = 9999
-    public_url: str | None = None
-    api_token: str | None = None
-    secret: str | None = None
-    max_payload_bytes: int = 16 * MIB
-    lease_s: float = 60.0
-    poll_s: float = 1.0
-    sandbox_time_limit_s: float = 1.0
-    sandbox_memory_mb: float = 64.0
-    max_in_flight: int = 256
-    db_pool_size: int = DEFAULT_POOL_SIZE
-    sqlite_synchronous: str = "full"
-    allowed_step_hosts: AllowedHosts | None = None  # None: steps may call any host
-    keep_alive_s: float = 75.0
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 60.0
-    max_connections: int = 1000
-    max_tree_nodes: int = DEFAULT_MAX_TREE_NODES
-    schedule_tick_s: float = 1.0
-    test_schedule_clock: str | None = None  # tests only: schedules' time runs faster (see engine.schedules)
+
+# The kinds of value a setting may have: each checks its value and names the variable when it is wrong.
+Positive = Annotated[float, BeforeValidator(_positive)]  # a finite number > 0, e.g. seconds
+Whole = Annotated[int, BeforeValidator(_whole_number(1))]
+Port = Annotated[int, BeforeValidator(_whole_number(1, 65535))]
+Workers = Annotated[int, BeforeValidator(_whole_number(1, MAX_WORKERS))]
+Text = Annotated[str, BeforeValidator(_text)]
+OptionalText = Annotated[str | None, BeforeValidator(_text)]
+SecretText = Annotated[str | None, BeforeValidator(_text), Field(repr=False)]  # never shown in logs or tracebacks
+Synchronous = Annotated[str, BeforeValidator(_one_of("full", "normal"))]
+# NoDecode: the variable is a comma-separated list, not the JSON that pydantic-settings expects by default.
+Hosts = Annotated[AllowedHosts | None, NoDecode, BeforeValidator(_allowed_hosts)]
+TestClock = Annotated[str | None, BeforeValidator(_test_clock)]
+
+
+_GIVEN: ContextVar[Mapping[str, str] | None] = ContextVar("aetr_given_environment", default=None)
+
+
+class _GivenEnvironment(PydanticBaseSettingsSource):
+    """The AETR_* variables of a mapping handed to `Settings.from_env`, read in place of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self._env = env
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._env.get(env_name(field_name)) or None, env_name(field_name), False
+
+    def __call__(self) -> dict[str, Any]:
+        # Raw strings, as pydantic-settings hands a variable's value over (NoDecode fields included).
+        return {name: self._env[env_name(name)] for name in self.settings_cls.model_fields
+                if self._env.get(env_name(name))}
+
+
+class Settings(BaseSettings):
+    """Everything `aetr serve` can be told; see the configuration table in README.md.
+
+    Each field is read from the environment variable AETR_<FIELD NAME>; an empty variable counts as unset.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True,
+                                      extra="forbid")
+
+    database_url: Text = DEFAULT_DATABASE_URL
+    host: Text = "127.0.0.1"
+    port: Port = 9999
+    workers: Workers = 1
+    public_url: OptionalText = None
+    api_token: SecretText = None
+    secret: SecretText = None
+    max_payload_bytes: Whole = 16 * MIB
+    lease_s: Positive = 60.0
+    poll_s: Positive = 1.0
+    sandbox_time_limit_s: Positive = 1.0
+    sandbox_memory_mb: Positive = 64.0
+    max_in_flight: Whole = 256
+    db_pool_size: Whole = DEFAULT_POOL_SIZE
+    sqlite_synchronous: Synchronous = "full"
+    allowed_step_hosts: Hosts = None  # None: steps may call any host
+    keep_alive_s: Positive = 75.0
+    header_timeout_s: Positive = 10.0
+    body_timeout_s: Positive = 60.0
+    max_connections: Whole = 1000
+    max_tree_nodes: Whole = DEFAULT_MAX_TREE_NODES
+    schedule_tick_s: Positive = 1.0  # seconds between a process's looks for due schedules
+    test_schedule_clock: TestClock = None  # tests only: schedules' time runs faster (see engine.schedules)
     # Run-end notifications: the first wait before trying again, the longest wait, and how long after the
     # run's end tries go on (seconds).
-    notify_backoff_s: float = 1.0
-    notify_max_backoff_s: float = 300.0
-    notify_window_s: float = 3600.0
+    notify_backoff_s: Positive = 1.0
+    notify_max_backoff_s: Positive = 300.0
+    notify_window_s: Positive = 3600.0
 
     @property
     def callback_base(self) -> str:
         """The base URL step services call back on."""
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
-    @staticmethod
-    def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Settings from AETR_* environment variables, then explicit overrides (e.g. CLI flags)."""
-        env = os.environ if env is None else env
-        values: dict[str, object] = {
-            "database_url": env.get("AETR_DATABASE_URL") or DEFAULT_DATABASE_URL,
-            "public_url": env.get("AETR_PUBLIC_URL") or None,
-            "api_token": env.get("AETR_API_TOKEN") or None,
-            "secret": env.get("AETR_SECRET") or None,
-            "max_payload_bytes": int(_number(env, "AETR_MAX_PAYLOAD_BYTES", 16 * MIB)),
-            "lease_s": _number(env, "AETR_LEASE_S", 60.0),
-            "poll_s": _number(env, "AETR_POLL_S", 1.0),
-            "sandbox_time_limit_s": _number(env, "AETR_SANDBOX_TIME_LIMIT_S", 1.0),
-            "sandbox_memory_mb": _number(env, "AETR_SANDBOX_MEMORY_MB", 64.0),
-            "max_in_flight": int(_number(env, "AETR_MAX_IN_FLIGHT", 256)),
-            "db_pool_size": int(_number(env, "AETR_DB_POOL_SIZE", DEFAULT_POOL_SIZE)),
-            "sqlite_synchronous": _choice(env, "AETR_SQLITE_SYNCHRONOUS", ("full", "normal")),
-            "allowed_step_hosts": _allowed_hosts(env),
-            "keep_alive_s": _number(env, "AETR_KEEP_ALIVE_S", 75.0),
-            "header_timeout_s": _number(env, "AETR_HEADER_TIMEOUT_S", 10.0),
-            "body_timeout_s": _number(env, "AETR_BODY_TIMEOUT_S", 60.0),
-            "max_connections": _whole(env, "AETR_MAX_CONNECTIONS", 1000),
-            "max_tree_nodes": _whole(env, "AETR_MAX_TREE_NODES", DEFAULT_MAX_TREE_NODES),
-            "schedule_tick_s": _number(env, "AETR_SCHEDULE_TICK_S", 1.0),
-            "test_schedule_clock": _test_clock(env),
-            "notify_backoff_s": _number(env, "AETR_NOTIFY_BACKOFF_S", 1.0),
-            "notify_max_backoff_s": _number(env, "AETR_NOTIFY_MAX_BACKOFF_S", 300.0),
-            "notify_window_s": _number(env, "AETR_NOTIFY_WINDOW_S", 3600.0),
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return Settings(**values)  # type: ignore[arg-type]
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Values given as arguments, then the environment (os.environ, or the mapping given to from_env)."""
+        given = _GIVEN.get()
+        return init_settings, env_settings if given is None else _GivenEnvironment(settings_cls, given)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from AETR_* variables (of os.environ, or of `env` alone), then the overrides that are not
+        None (e.g. command-line options); ConfigError naming the variable when a value cannot be used."""
+        reading = _GIVEN.set(env)
+        try:
+            return cls(**{name: value for name, value in overrides.items() if value is not None})
+        except ValidationError as exc:
+            raise ConfigError("; ".join(_explain(error) for error in exc.errors())) from None
+        finally:
+            _GIVEN.reset(reading)
+
+    def environ(self, *names: str) -> dict[str, str]:
+        """The AETR_* variables that give another process these settings' values of the fields `names`."""
+        values = {name: getattr(self, name) for name in names}
+        return {env_name(name): str(value) for name, value in values.items() if value is not None}
+
+
+def _explain(error: Any) -> str:
+    """One sentence for one of pydantic's validation errors, naming the variable."""
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, ValueError):
+        return str(cause)  # the validators above already name the variable and the value
+    where = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{where} is not a setting of AETR"
+    return f"{env_name(where)}={error['input']!r}: {error['msg']}"

@@ -1,8 +1,12 @@
-"""The tutorial, as a user follows it: example services, `aetr apply`, `aetr run --wait`, `aetr runs show`."""
+"""The tutorial, as a user follows it: example services, `aetr apply`, `aetr run --wait`, `aetr runs show`, and
+the README's own commands that keep a run's id in a shell variable."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +15,18 @@ import orjson
 import pytest
 
 from aetr.examples import catalog_path
-from tests.e2e.harness import AetrServer, Api, Launcher, cli, free_port, nodes_by_name, wait_listening
+from tests.e2e.harness import (
+    CLI_TERMINAL,
+    AetrServer,
+    Api,
+    Launcher,
+    aetr_command,
+    clean_env,
+    cli,
+    free_port,
+    nodes_by_name,
+    wait_listening,
+)
 
 STEP_NAMES = ("ingest", "normalize", "images", "metadata", "index", "catalog-pipeline")
 TREE = {"catalog-pipeline": "sequential", "ingest": "api", "normalize": "api", "enrich": "parallel",
@@ -95,3 +110,57 @@ async def test_the_tutorial_indexes_one_document_per_product_and_shows_every_ste
     categories = {p["sku"]: p["category"] for p in nodes["metadata"]["output"]["products"]}
     assert {d["sku"]: d["category"] for d in documents} == categories
     assert nodes["catalog-pipeline"]["output"] == nodes["index"]["output"] == output
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+SHELL_BLOCK = re.compile(r"```sh\n(.*?)```", re.S)
+SCRIPT_TIMEOUT_S = 90.0  # seconds for the README's commands, which wait for one run to end
+RUN_ID = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
+
+
+def json_values(text: str) -> list[Any]:
+    """The JSON documents `text` holds one after another (curl ends none with a new line)."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while text[at:].strip():
+        value, at = decoder.raw_decode(text, len(text) - len(text[at:].lstrip()))
+        values.append(value)
+    return values
+
+
+def readme_blocks_using_the_run_id() -> list[str]:
+    """The tutorial's shell blocks that keep a run's id in $RUN or use it, in the README's order."""
+    text = README.read_text(encoding="utf-8")
+    tutorial = text[text.index("## Tutorial"):text.index("### Fan out")]
+    return [block for block in SHELL_BLOCK.findall(tutorial) if "$RUN" in block or "RUN=$(" in block]
+
+
+async def test_the_readme_s_commands_keep_the_new_run_s_id_and_the_next_commands_find_the_run(
+        services_port: int, launcher: Launcher, tmp_path: Path) -> None:
+    await wait_listening(services_port)
+    server = await launcher.serve(f"sqlite:///{tmp_path / 'aetr.db'}")
+    applied = await cli("--url", server.url, "apply", "-f", str(catalog_on_port(tmp_path, services_port)))
+    assert applied.code == 0, applied
+    blocks = readme_blocks_using_the_run_id()
+    assert len(blocks) >= 3 and any("RUN=$(" in block for block in blocks), blocks
+    # The README's commands as written, with a marker line before each block's output; only the places
+    # differ: this checkout's `aetr` and this test's server.
+    script = "set -euo pipefail\n" + "".join(f"echo '== block {i}'\n{block}" for i, block in enumerate(blocks))
+    script = script.replace(".venv/bin/aetr", shlex.join(aetr_command()))
+    script = script.replace("http://127.0.0.1:9999", server.url)
+    bash = await asyncio.create_subprocess_exec(
+        "bash", "-c", script, env=clean_env({**CLI_TERMINAL, "AETR_URL": server.url}), cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(bash.communicate(), SCRIPT_TIMEOUT_S)
+    said = f"stdout:\n{stdout.decode()}\nstderr:\n{stderr.decode()}"
+    assert bash.returncode == 0, said
+    outputs = re.split(r"^== block \d+\n", stdout.decode(), flags=re.M)[1:]
+    assert len(outputs) == len(blocks), said
+
+    started = RUN_ID.match(outputs[0].strip())  # `echo "$RUN"`: the id alone
+    assert started, said
+    run_id = started[1]
+    assert re.search(r"catalog-pipeline\s+sequential", outputs[1]), said  # `aetr runs show "$RUN"`
+    shown, ended = json_values(outputs[2])  # curl: the run of $RUN, then the one started over HTTP, waited for
+    assert shown["id"] == run_id and shown["input"] == {"source": "globex"}, said
+    assert ended["id"] != run_id and ended["state"] == "complete", said
+    assert ended["input"] == {"source": "initech"} and ended["output"]["index"] == "catalog-initech", said

@@ -139,7 +139,9 @@ async def running_server(database_url: str, protocol: str = DEFAULT_PROTOCOL, **
     """Start AETR on a free loopback port (uvicorn configured as `aetr serve` does, in this event loop) and stop
     it afterwards."""
     port = free_port()
-    config = Settings(**{"database_url": database_url, "port": port, "poll_s": 0.2, "lease_s": 5.0, **settings})
+    # From an empty environment: the developer's own AETR_* variables must not change what a test runs.
+    config = Settings.from_env({}, **{"database_url": database_url, "port": port, "poll_s": 0.2, "lease_s": 5.0,
+                                      **settings})
     engine = Engine(config)
     if engine.store.dialect == "postgresql":
         await upgrade_engine(engine.store.engine)

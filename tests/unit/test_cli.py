@@ -289,20 +289,22 @@ def fake_module(monkeypatch: pytest.MonkeyPatch, name: str, function: str) -> li
     return calls
 
 
-def test_serve_passes_host_port_insecure_and_sets_the_database_url(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AETR_DATABASE_URL", "sqlite:///before.db")  # restored after the test
+def test_serve_hands_its_options_to_the_server_without_touching_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     calls = fake_module(monkeypatch, "aetr.api.server", "serve")
-    result = invoke("serve", "--host", "0.0.0.0", "--port", "9000", "--insecure",
+    result = invoke("--token", "T", "serve", "--host", "0.0.0.0", "--port", "9000", "--insecure",
                     "--database-url", "postgresql://db/aetr", "--workers", "3")
     assert_clean_exit(result, 0)
-    assert calls == [{"args": (), "kwargs": {"host": "0.0.0.0", "port": 9000, "insecure": True, "workers": 3},
-                      "env": "postgresql://db/aetr"}]
+    assert calls == [{"args": (), "kwargs": {"host": "0.0.0.0", "port": 9000, "insecure": True, "workers": 3,
+                                             "database_url": "postgresql://db/aetr", "api_token": "T"},
+                      "env": None}]
 
 
-def test_serve_defaults_to_loopback_9999(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_leaves_what_it_was_not_told_to_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = fake_module(monkeypatch, "aetr.api.server", "serve")
     assert_clean_exit(invoke("serve"), 0)
-    assert calls[0]["kwargs"] == {"host": "127.0.0.1", "port": 9999, "insecure": False, "workers": None}
+    assert calls[0]["kwargs"] == {"host": None, "port": None, "insecure": False, "workers": None,
+                                  "database_url": None, "api_token": None}
 
 
 def test_serve_refuses_a_worker_count_out_of_range() -> None:
@@ -310,11 +312,12 @@ def test_serve_refuses_a_worker_count_out_of_range() -> None:
     assert result.exit_code == 2 and "--workers" in result.output
 
 
-def test_migrate_passes_the_option_or_none(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_migrate_uses_the_option_then_aetr_database_url_then_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = fake_module(monkeypatch, "aetr.store.migrate", "upgrade")
     assert_clean_exit(invoke("migrate", "--database-url", "sqlite:///x.db"), 0)
     assert_clean_exit(invoke("migrate"), 0)
-    assert [c["args"] for c in calls] == [("sqlite:///x.db",), (None,)]
+    assert_clean_exit(runner.invoke(app, ["migrate"], env={"AETR_DATABASE_URL": "sqlite:///from-env.db"}), 0)
+    assert [c["args"] for c in calls] == [("sqlite:///x.db",), ("sqlite:///./aetr.db",), ("sqlite:///from-env.db",)]
 
 
 # Rendering the new kinds: step trees and run trees

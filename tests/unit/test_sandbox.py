@@ -7,6 +7,7 @@ import pickle
 import threading
 import time
 from collections.abc import Iterator
+from importlib.metadata import version
 from typing import Any
 
 import pytest
@@ -14,16 +15,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aetr.sandbox import Sandbox, SandboxLimits, ScriptError
+from aetr.sandbox import isolate as isolate_module
+from aetr.sandbox import pool as pool_module
+from aetr.sandbox.isolate import Isolate
 from aetr.sandbox.prelude import REMOVED_GLOBALS
+from aetr.sandbox.process import WorkerProcess
 
 TIME_LIMIT_S = 0.5
 KILL_SLACK_S = 1.0  # killing a worker and reporting back, on a loaded CI machine
 CTX = {"run": {"id": "r-1", "input": {}}, "step": {"name": "map"}, "index": 0}
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    with Sandbox(SandboxLimits(time_limit_s=TIME_LIMIT_S), pool_size=2) as sandbox:
+# Every test of a `sandbox` runs twice: through mini-racer's internals (the fast path, with the pinned release)
+# and through its public API only (the fallback when a release changes the internals).
+@pytest.fixture(scope="module", params=[False, True], ids=["internals", "public-api"])
+def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    with Sandbox(SandboxLimits(time_limit_s=TIME_LIMIT_S), pool_size=2, public_api_only=request.param) as sandbox:
         yield sandbox
 
 
@@ -531,3 +538,45 @@ def test_a_closed_sandbox_refuses_calls() -> None:
     sandbox.close()
     with pytest.raises(RuntimeError, match="closed"):
         sandbox.call("(x) => x", [1])
+
+
+# --- how calls reach V8 -------------------------------------------------------------------------------
+
+
+def test_the_pinned_mini_racer_is_called_through_its_internals() -> None:
+    # Fails when a mini-racer release changed the internals: the sandbox still works, but slower.
+    worker = WorkerProcess(SandboxLimits())
+    try:
+        assert worker.calls_through == f"mini-racer {version('mini-racer')}'s internals"
+    finally:
+        worker.kill()
+
+
+def test_without_the_internals_an_isolate_falls_back_to_the_public_api_and_says_why(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    class Changed:
+        def __init__(self, racer: object) -> None:
+            raise AttributeError("'Context' object has no attribute '_dll'")
+
+    monkeypatch.setattr(isolate_module, "_Internals", Changed)
+    isolate = Isolate(SandboxLimits())
+    try:
+        assert not isolate.uses_internals
+        assert "public API" in isolate.calls_through and "has no attribute '_dll'" in isolate.calls_through
+        assert isolate.call("(input) => ({ n: input.items.length })", '[{"items": [1, 2, 3]}]') == '{"n":3}'
+        with pytest.raises(ScriptError) as thrown:
+            isolate.call("(input) => {\n  throw new Error('no ' + input)\n}", '["stock"]')
+        assert (thrown.value.message, thrown.value.line) == ("Error: no stock", 2)
+    finally:
+        isolate.close()
+
+
+def test_the_sandbox_logs_once_how_javascript_reaches_v8(caplog: pytest.LogCaptureFixture) -> None:
+    pool_module._log_calls_through.cache_clear()
+    caplog.set_level("INFO", logger="aetr.sandbox")
+    for _ in range(2):
+        with Sandbox(pool_size=1, public_api_only=True) as sandbox:
+            assert sandbox.call("(x) => x + 1", [1]) == 2
+    said = [r.getMessage() for r in caplog.records if r.name == "aetr.sandbox"]
+    assert said == [f"JavaScript runs in V8 through mini-racer {version('mini-racer')}'s public API "
+                    "(asked to)"]

@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import sys
-from dataclasses import replace
 from typing import Any
 
 import uvicorn
@@ -74,25 +73,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-WORKER_HOST_ENV = "AETR_SERVE_HOST"  # how `serve` tells its worker processes where they listen
-WORKER_PORT_ENV = "AETR_SERVE_PORT"
-MAX_WORKERS = 64
+# What `serve` was told besides the environment, handed to its worker processes as AETR_* variables.
+PASSED_TO_WORKERS = ("host", "port", "database_url", "api_token")
 
 
-def serve(host: str = "127.0.0.1", port: int = 9999, insecure: bool = False, workers: int | None = None) -> None:
+def serve(insecure: bool = False, **overrides: Any) -> None:
     """Start the server in the foreground; exit with a message when the settings cannot work.
 
-    `workers` (default AETR_WORKERS, 1) processes serve one port, each with its own engine: on a machine with
-    several cores, the events, HTTP and step calls of one process are bound to one core by Python.
+    `overrides` (e.g. host, port, workers, database_url, api_token from the command line) take precedence
+    over the environment; None means "not given". `workers` processes (AETR_WORKERS, default 1) serve one
+    port, each with its own engine: on a machine with several cores, the events, HTTP and step calls of one
+    process are bound to one core by Python.
     """
     try:
-        settings = Settings.from_env(host=host, port=port)
-        workers = workers or worker_count()
+        settings = Settings.from_env(**overrides)
     except ConfigError as exc:
         sys.exit(f"aetr: {exc}")
-    if not is_loopback(host) and settings.api_token is None and not insecure:
-        sys.exit(f"aetr: refusing to listen on {host} without AETR_API_TOKEN: anyone who can reach it could "
-                 "start runs. Set AETR_API_TOKEN, or pass --insecure if the network is trusted.")
+    if not is_loopback(settings.host) and settings.api_token is None and not insecure:
+        sys.exit(f"aetr: refusing to listen on {settings.host} without AETR_API_TOKEN: anyone who can reach it "
+                 "could start runs. Set AETR_API_TOKEN, or pass --insecure if the network is trusted.")
     configure_logging()
     try:
         # Worker processes inherit the raised limit.
@@ -100,7 +99,7 @@ def serve(host: str = "127.0.0.1", port: int = 9999, insecure: bool = False, wor
     except ConfigError as exc:
         sys.exit(f"aetr: {exc}")
     logs: dict[str, Any] = {"log_level": "info", "access_log": False, "log_config": log_config()}
-    if workers == 1:
+    if settings.workers == 1:
         from aetr.api.app import create_app
 
         run(server_config(settings, create_app(settings, on_started=settle_heap), **logs))
@@ -109,8 +108,8 @@ def serve(host: str = "127.0.0.1", port: int = 9999, insecure: bool = False, wor
     from aetr.store.migrate import upgrade
 
     upgrade(settings.database_url)
-    os.environ[WORKER_HOST_ENV], os.environ[WORKER_PORT_ENV] = host, str(port)
-    run(server_config(settings, "aetr.api.server:worker_app", factory=True, workers=workers, **logs))
+    os.environ.update(settings.environ(*PASSED_TO_WORKERS))
+    run(server_config(settings, "aetr.api.server:worker_app", factory=True, workers=settings.workers, **logs))
 
 
 def server_config(settings: Settings, app: Any, protocol: str = DEFAULT_PROTOCOL, **options: Any) -> ServerConfig:
@@ -178,15 +177,7 @@ def fit_connections(settings: Settings, open_files: int | None) -> Settings:
     log.warning("AETR_MAX_CONNECTIONS=%d lowered to %d: this process may open %d files (ulimit -n) and keeps %d "
                 "of them for its database pool, step calls and own files; raise the limit to allow more",
                 settings.max_connections, room, open_files, open_files - room)
-    return replace(settings, max_connections=room)
-
-
-def worker_count() -> int:
-    """AETR_WORKERS: how many processes `aetr serve` runs (default 1)."""
-    raw = os.environ.get("AETR_WORKERS") or "1"
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_WORKERS:
-        raise ConfigError(f"AETR_WORKERS={raw!r} must be a whole number from 1 to {MAX_WORKERS}")
-    return int(raw)
+    return settings.model_copy(update={"max_connections": room})
 
 
 def configure_logging() -> None:
@@ -202,8 +193,7 @@ def worker_app() -> Any:
     from aetr.api.app import create_app
 
     configure_logging()
-    return create_app(Settings.from_env(host=os.environ[WORKER_HOST_ENV], port=int(os.environ[WORKER_PORT_ENV])),
-                      on_started=settle_heap)
+    return create_app(Settings.from_env(), on_started=settle_heap)
 
 
 GC_YOUNG_THRESHOLD = 50_000  # allocations between collections of the youngest generation (Python's default: 700)

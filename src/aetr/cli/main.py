@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -182,14 +181,20 @@ def load_step_definitions(path: str) -> list[dict[str, Any]]:
 @app.command()
 def serve(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 9999,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (default AETR_HOST, or 127.0.0.1).", show_default=False)
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="Port to listen on (default AETR_PORT, or 9999).", show_default=False),
+    ] = None,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="Allow a non-loopback address without an API token.")
     ] = False,
     database_url: Annotated[
         str | None,
-        typer.Option(help="Database URL (sets AETR_DATABASE_URL). Default: SQLite file ./aetr.db.", show_default=False),
+        typer.Option(help="Database URL (default AETR_DATABASE_URL, or the SQLite file ./aetr.db).",
+                     show_default=False),
     ] = None,
     workers: Annotated[
         int | None,
@@ -198,34 +203,34 @@ def serve(
     ] = None,
 ) -> None:
     """Start the AETR server (brings the database schema up to date first)."""
-    if database_url:
-        os.environ["AETR_DATABASE_URL"] = database_url
-    token = ctx.find_root().obj.token
-    if token:
-        # The server reads its configuration from the environment: `aetr --token T serve` means T.
-        os.environ["AETR_API_TOKEN"] = token
     try:
         from aetr.api.server import serve as run_server
     except ModuleNotFoundError as exc:
         _fail(f"cannot start the server: module {exc.name} is missing; reinstall aetr with its dependencies")
-    run_server(host=host, port=port, insecure=insecure, workers=workers)
+    # Options given here win over the environment; `aetr --token T serve` means the server's token is T.
+    run_server(insecure=insecure, host=host, port=port, workers=workers, database_url=database_url,
+               api_token=ctx.find_root().obj.token)
 
 
 @app.command()
 def migrate(
     database_url: Annotated[
         str | None,
-        typer.Option(
-            envvar="AETR_DATABASE_URL", help="Database URL. Default: SQLite file ./aetr.db.", show_default=False
-        ),
+        typer.Option(help="Database URL (default AETR_DATABASE_URL, or the SQLite file ./aetr.db).",
+                     show_default=False),
     ] = None,
 ) -> None:
     """Bring the database schema up to date."""
     try:
+        from aetr.config import ConfigError, Settings
         from aetr.store.migrate import upgrade
     except ModuleNotFoundError as exc:
         _fail(f"cannot migrate: module {exc.name} is missing; reinstall aetr with its dependencies")
-    upgrade(database_url or None)
+    try:
+        settings = Settings.from_env(database_url=database_url)
+    except ConfigError as exc:
+        _fail(str(exc))
+    upgrade(settings.database_url)
     out.print("database schema is up to date")
 
 

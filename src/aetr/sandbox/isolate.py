@@ -19,8 +19,9 @@ Isolation model (see `prelude.py` for the JavaScript side):
 
 Speed: mini-racer's public `eval(timeout_sec=...)` and function calls hop through an asyncio loop thread
 (~0.6 ms per call here). This class submits calls of the runner to the context directly and reads
-mini-racer's in-order result queue, which needs mini-racer 0.14 internals; `__init__` checks that they
-are there.
+mini-racer's in-order result queue, which needs the internals of the mini-racer release pyproject.toml pins.
+`__init__` looks for them and, when they are missing or changed, calls the runner through the public API
+instead: slower, same behaviour. `calls_through` says which.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import queue
 import re
 from collections import OrderedDict
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, Final, cast, get_args
 
 import orjson
@@ -64,10 +66,40 @@ def _source_line(line: object, source: str) -> int | None:
     return None
 
 
+class _Internals:
+    """mini-racer's private context members the fast path calls the runner with; AttributeError if one is missing."""
+
+    def __init__(self, racer: MiniRacer) -> None:
+        ctx: Any = racer._ctx
+        self.dll: Any = ctx._dll
+        self.raw_ctx: object = ctx._ctx
+        self.results: queue.Queue[Any] = ctx._non_cancelable_mr_task_results_queue
+        self.to_handle: Any = ctx._python_to_value_handle
+        self.to_python: Any = ctx._value_handle_to_python
+        self.dll.mr_call_function  # noqa: B018 -- looked up now, so a missing entry point is found at start
+        self.runner_handle: Any = None
+        self.no_args_handle: Any = None
+
+    def bind(self, racer: MiniRacer, runner: JSFunction) -> None:
+        """Make the handles held for every call: the runner, and the empty argument list it is called with."""
+        self.runner_handle = self.to_handle(runner)
+        self.no_args_handle = self.to_handle(racer.eval("[]"))
+
+    def submit(self, request: str) -> None:
+        """Queue a call of the runner with `request` as `this`; its result goes to the in-order queue."""
+        request_handle = self.to_handle(request)
+        self.dll.mr_call_function(self.raw_ctx, self.runner_handle.raw, request_handle.raw,
+                                  self.no_args_handle.raw, _IN_ORDER_CALLBACK_ID)
+
+    def result(self) -> PythonJSConvertedTypes:
+        """The result of the call submitted last (raises the JSEvalException the runner let through)."""
+        return cast("PythonJSConvertedTypes", self.to_python(self.results.get_nowait()))
+
+
 class Isolate:
     """One hardened V8 isolate that compiles and runs user scripts, used by one thread at a time."""
 
-    def __init__(self, limits: SandboxLimits) -> None:
+    def __init__(self, limits: SandboxLimits, use_internals: bool = True) -> None:
         self._limits = limits
         self._compiled: OrderedDict[str, str] = OrderedDict()  # source -> id of its compiled factory
         self._compiled_chars = 0
@@ -76,19 +108,16 @@ class Isolate:
         self.exhausted = False  # the heap went over the limit: the isolate must not run anything else
         self._racer = MiniRacer()
         try:
-            try:
-                ctx: Any = self._racer._ctx
-                self._dll: Any = ctx._dll
-                self._raw_ctx: object = ctx._ctx
-                self._results: queue.Queue[Any] = ctx._non_cancelable_mr_task_results_queue
-                self._to_handle: Any = ctx._python_to_value_handle
-                self._to_python: Any = ctx._value_handle_to_python
-                self._dll.mr_call_function  # noqa: B018 -- present in 0.14, checked before it is needed
-            except AttributeError as e:
-                raise RuntimeError(
-                    "this mini-racer version is not supported: the AETR sandbox relies on mini-racer 0.14 "
-                    "internals; install mini-racer>=0.14.1,<0.15"
-                ) from e
+            release = f"mini-racer {version('mini-racer')}"
+            self._internals: _Internals | None = None
+            self.calls_through = f"{release}'s public API (asked to)"  # how calls reach V8, for the log
+            if use_internals:
+                try:
+                    self._internals = _Internals(self._racer)
+                    self.calls_through = f"{release}'s internals"
+                except AttributeError as e:
+                    self.calls_through = (f"{release}'s public API, slower: its internals are missing or changed "
+                                          f"({e}); pyproject.toml pins the release they are known in")
             self._racer.set_hard_memory_limit(limits.memory_limit_bytes)
             config = {
                 "scriptName": SCRIPT_NAME,
@@ -98,12 +127,16 @@ class Isolate:
             prepared = cast("JSArray", self._racer.eval(f"{PRELUDE_JS}({orjson.dumps(config).decode()})"))
             self._runner = cast("JSFunction", prepared[0])
             self._line_offset = int(cast("int", prepared[1]))
-            # Handles held for every call: the runner, and the empty argument list it is called with.
-            self._runner_handle = self._to_handle(self._runner)
-            self._no_args_handle = self._to_handle(self._racer.eval("[]"))
+            if self._internals is not None:
+                self._internals.bind(self._racer, self._runner)
         except BaseException:
             self._racer.close()
             raise
+
+    @property
+    def uses_internals(self) -> bool:
+        """Whether calls take the fast path through mini-racer's internals."""
+        return self._internals is not None
 
     def call(self, source: str, args_json: str) -> str:
         """Run `source` on the JSON array `args_json` and return its result as JSON text."""
@@ -121,15 +154,20 @@ class Isolate:
         """Call the runner with `request` as `this`; return its answer, or the exception it let through."""
         if self.exhausted:
             raise RuntimeError("this isolate went over its memory limit; start a new one")
-        request_handle = self._to_handle(request)
-        self._dll.mr_call_function(self._raw_ctx, self._runner_handle.raw, request_handle.raw,
-                                   self._no_args_handle.raw, _IN_ORDER_CALLBACK_ID)
-        self._fence()
         outcome: PythonJSConvertedTypes | JSEvalException
-        try:
-            outcome = self._to_python(self._results.get_nowait())
-        except JSEvalException as e:
-            outcome = e
+        if self._internals is None:
+            try:
+                outcome = self._runner(this=cast("Any", request))
+            except JSEvalException as e:
+                outcome = e
+            self._fence()
+        else:
+            self._internals.submit(request)
+            self._fence()
+            try:
+                outcome = self._internals.result()
+            except JSEvalException as e:
+                outcome = e
         if isinstance(outcome, JSOOMException) or self._racer.was_hard_memory_limit_reached():
             self.exhausted = True
             raise ScriptError(self._limits.memory_message(), kind="memory") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ from aetr.sandbox.errors import ScriptError
 from aetr.sandbox.limits import MIB, SandboxLimits
 from aetr.sandbox.process import WorkerCrashed, WorkerProcess, WorkerTimeout
 from aetr.sandbox.protocol import OP_CALL, OP_CHECK, RESULT, SCRIPT_ERROR
+
+log = logging.getLogger("aetr.sandbox")
 
 MAX_RESULT_DEPTH: Final = 1024  # orjson's nesting limit when parsing
 # A request of at most this many characters is under 64 KiB of UTF-8: it fits in an empty pipe, so writing
@@ -77,11 +80,14 @@ class Sandbox:
         self,
         limits: SandboxLimits = SandboxLimits(),  # noqa: B008 -- frozen, so one shared default is safe
         pool_size: int = 4,
+        public_api_only: bool = False,
     ) -> None:
+        """`public_api_only`: call V8 only through mini-racer's public API, as when its internals are gone."""
         if pool_size < 1:
             raise ValueError(f"pool_size must be at least 1, got {pool_size}")
         self.limits = limits
         self._pool_size = pool_size
+        self._public_api_only = public_api_only
         self._idle: list[WorkerProcess] = []  # a stack: the most recently used worker has the warmest caches
         self._live = 0  # workers started and not yet stopped, idle or in use
         self._closed = False
@@ -201,7 +207,9 @@ class Sandbox:
                     break
                 self._available.wait()
         try:
-            return WorkerProcess(self.limits)
+            worker = WorkerProcess(self.limits, public_api_only=self._public_api_only)
+            _log_calls_through(worker.calls_through)
+            return worker
         except BaseException:
             with self._available:
                 self._live -= 1
@@ -235,6 +243,12 @@ def _result(tag: bytes, payload: bytes) -> bytes:
     if tag == SCRIPT_ERROR:
         raise _script_error(payload)
     raise RuntimeError(f"the sandbox worker answered with an unknown tag {tag!r}")
+
+
+@functools.cache
+def _log_calls_through(calls_through: str) -> None:
+    """Say once per process how sandbox workers reach V8 (again only if it changes)."""
+    log.info("JavaScript runs in V8 through %s", calls_through)
 
 
 def _stop_workers(workers: list[WorkerProcess]) -> None:

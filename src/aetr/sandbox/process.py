@@ -64,10 +64,12 @@ def _describe_exit(code: int | None) -> str:
 class WorkerProcess:
     """The parent's handle on one sandbox worker process, used by one thread or task at a time."""
 
-    def __init__(self, limits: SandboxLimits) -> None:
+    def __init__(self, limits: SandboxLimits, public_api_only: bool = False) -> None:
         self._limits = limits
+        command = [sys.executable, "-m", "aetr.sandbox.worker", repr(limits.time_limit_s),
+                   str(limits.memory_limit_bytes), *(["public-api"] if public_api_only else [])]
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "aetr.sandbox.worker", repr(limits.time_limit_s), str(limits.memory_limit_bytes)],
+            command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=_worker_environment(),
@@ -84,6 +86,7 @@ class WorkerProcess:
             tag, payload = self._receive(time.monotonic() + STARTUP_TIMEOUT_S)
             if tag != READY:
                 raise RuntimeError(f"the sandbox worker sent {tag!r} instead of READY: {payload!r}")
+            self.calls_through = payload.decode(errors="replace")  # e.g. "mini-racer 0.14.1's internals"
         except (WorkerTimeout, WorkerCrashed) as e:
             self.kill()
             raise RuntimeError(f"the sandbox worker process did not start: {e}") from e

@@ -13,7 +13,7 @@ from typing import Final
 OP_CALL: Final = b"C"  # argument: the JSON array of call arguments; answered with RESULT or SCRIPT_ERROR
 OP_CHECK: Final = b"K"  # argument: empty; answered with RESULT (null) or SCRIPT_ERROR
 
-READY: Final = b"Y"  # sent once, when the worker's isolate is ready; empty payload
+READY: Final = b"Y"  # sent once, when the worker's isolate is ready; payload: how its calls reach V8, for the log
 RESULT: Final = b"R"  # payload: the JSON text of the script's result
 SCRIPT_ERROR: Final = b"E"  # payload: JSON {"kind", "message", "line"} of a ScriptError
 WORKER_FAILURE: Final = b"X"  # payload: a traceback; the worker exits after sending it

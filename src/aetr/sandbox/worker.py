@@ -1,7 +1,8 @@
 """The sandbox worker process: hosts one hardened isolate and runs the requests its parent sends.
 
-Started as `python -m aetr.sandbox.worker <time_limit_s> <memory_limit_bytes>` by `WorkerProcess`, never
-by hand. Requests arrive on stdin and responses leave on stdout (see `protocol.py`); file descriptor 1 is
+Started as `python -m aetr.sandbox.worker <time_limit_s> <memory_limit_bytes> [public-api]` by
+`WorkerProcess`, never by hand (`public-api`: use only mini-racer's public API, as when its internals are
+gone). Requests arrive on stdin and responses leave on stdout (see `protocol.py`); file descriptor 1 is
 then pointed at stderr, so that neither V8 nor a stray print can corrupt a frame.
 """
 
@@ -42,10 +43,13 @@ def _exit_when_orphaned(parent_pid: int) -> None:
             os._exit(1)
 
 
-def serve(requests: int, responses: int, limits: SandboxLimits) -> None:
+PUBLIC_API_ONLY: Final = "public-api"  # the optional third argument
+
+
+def serve(requests: int, responses: int, limits: SandboxLimits, use_internals: bool = True) -> None:
     """Answer requests until the parent closes the request pipe."""
-    isolate = Isolate(limits)
-    write_all(responses, encode_response(READY, b""))
+    isolate = Isolate(limits, use_internals=use_internals)
+    write_all(responses, encode_response(READY, isolate.calls_through.encode()))
     while True:
         header = read_exactly(requests, REQUEST_HEADER.size)
         if header is None:
@@ -85,7 +89,8 @@ def main(argv: list[str]) -> None:
     os.close(devnull)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), name="orphan-check", daemon=True).start()
     try:
-        serve(requests, responses, SandboxLimits(time_limit_s=float(argv[0]), memory_limit_bytes=int(argv[1])))
+        limits = SandboxLimits(time_limit_s=float(argv[0]), memory_limit_bytes=int(argv[1]))
+        serve(requests, responses, limits, use_internals=PUBLIC_API_ONLY not in argv[2:])
     except BaseException:
         # Tell the parent why, then leave without running finalizers that could wait on V8.
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 from alembic import command
@@ -12,7 +11,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from aetr.store import DEFAULT_DATABASE_URL, async_url
+from aetr.store import async_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x4145_5452  # "AETR": the advisory lock key that serialises migrations on PostgreSQL
@@ -35,12 +34,11 @@ async def upgrade_engine(engine: AsyncEngine) -> None:
         await conn.run_sync(lambda sync_conn: command.upgrade(alembic_config(sync_conn), "head"))
 
 
-def upgrade(database_url: str | None = None) -> None:
-    """Apply every pending migration to the database at `database_url` (default: AETR_DATABASE_URL)."""
-    url = database_url or os.environ.get("AETR_DATABASE_URL") or DEFAULT_DATABASE_URL
+def upgrade(database_url: str) -> None:
+    """Apply every pending migration to the database at `database_url`."""
 
     async def run() -> None:
-        engine = create_async_engine(async_url(url), poolclass=NullPool)
+        engine = create_async_engine(async_url(database_url), poolclass=NullPool)
         try:
             await upgrade_engine(engine)
         finally:
