@@ -6,7 +6,7 @@ import inspect
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from fastapi import Depends, FastAPI, Request
@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aetr.api import callbacks, runs, sandbox, steps, ui
@@ -110,6 +111,17 @@ def describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "the request is not valid"
 
 
+METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> str:
+    """The `Allow` value for the request's path: every method some route serves on it, then OPTIONS."""
+    routes = request.app.router.routes
+    served = [method for method in METHODS
+              if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)]
+    return ", ".join([*served, "OPTIONS"])
+
+
 def _shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -190,8 +202,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         elif exc.status_code == 404 and detail == "Not Found":  # Starlette's answer when no route matches
             detail = f"no route matches {request.method} {path} (names and ids never contain '/'); see /docs"
         elif exc.status_code == 405 and detail == "Method Not Allowed":
-            allowed = (exc.headers or {}).get("Allow", "")
-            detail = f"{request.method} is not allowed on {path}; use {allowed or 'another method'}"
+            # Starlette names only the methods of the first route matching the path; FastAPI makes one route
+            # per method, so the answer must gather them from every route on the path.
+            allowed = allowed_methods(request)
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers={"Allow": allowed})
+            detail = f"{request.method} is not allowed on {path}; use {allowed}"
+            return JSON({"detail": safe_text(detail)}, status_code=405, headers={"Allow": allowed})
         return JSON({"detail": safe_text(detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     auth = [Depends(require_token)]
