@@ -220,7 +220,8 @@ def _reduce(reducer: str, outputs: list[Any]) -> Any:
 
 async def test_catalog_pipeline_data_flows_through_the_mappers_and_the_merge(
         aetr: Aetr, services: StepService, http: aiohttp.ClientSession) -> None:
-    """Play the coordinator over catalog.yaml's tree (each child gets its mapper's result) against the real example services."""
+    """Play the coordinator over catalog.yaml's tree (each child gets its mapper's result) against the real
+    example services."""
     pipeline = load_step_definitions(str(catalog_path()))[-1]
     run_input = {"source": "acme"}
 

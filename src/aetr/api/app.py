@@ -12,6 +12,7 @@ import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -20,7 +21,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aetr.api import callbacks, runs, sandbox, steps, ui
-from aetr.api.answers import ERRORS, Health
+from aetr.api.answers import API_ERRORS, CALLBACK_ERRORS, Health, errors
 from aetr.api.http import JSON, engine_of, replay, require_token, safe_text, unavailable_answer
 from aetr.api.schemas import PATTERN_HINTS
 from aetr.config import Settings
@@ -122,6 +123,11 @@ def allowed_methods(request: Request) -> str:
     return ", ".join([*served, "OPTIONS"])
 
 
+def operation_id(route: APIRoute) -> str:
+    """A route's operationId: its function's name (`start_run`), which OpenAPI links refer to."""
+    return route.name
+
+
 def _shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -162,7 +168,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
             await eng.stop()
 
     app = FastAPI(title="AETR", version="0.1.0", lifespan=lifespan, default_response_class=JSON,
-                  description="Compose HTTP services into durable step trees.", **_telemetry())
+                  description="Compose HTTP services into durable step trees. The reference, with examples, is "
+                              "docs/api.md in the repository.",
+                  generate_unique_id_function=operation_id, **_telemetry())
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> Response:
@@ -212,14 +220,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         return JSON({"detail": safe_text(detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     auth = [Depends(require_token)]
-    app.include_router(steps.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
-    app.include_router(runs.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
-    app.include_router(sandbox.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
-    app.include_router(callbacks.router, prefix="/api/v1", responses=ERRORS)
+    app.include_router(steps.router, prefix="/api/v1", dependencies=auth, responses=API_ERRORS)
+    app.include_router(runs.router, prefix="/api/v1", dependencies=auth, responses=API_ERRORS)
+    app.include_router(sandbox.router, prefix="/api/v1", dependencies=auth, responses=API_ERRORS)
+    app.include_router(callbacks.router, prefix="/api/v1", responses=CALLBACK_ERRORS)
     app.include_router(ui.router)  # the web UI: its page at /, its files and the runs' live stream
 
     @app.get("/healthz", tags=["operations"],
-             responses={200: {"model": Health}, 503: {"model": Health, "description": "the database is unreachable"}})
+             responses={200: {"model": Health}, 503: {"model": Health, "description": "the database is unreachable"},
+                        **errors(413)})
     async def healthz(request: Request) -> Response:
         """200 when the database answers."""
         try:
@@ -234,15 +243,37 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
 
     @app.get("/metrics", tags=["operations"], response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
-                              "description": "Prometheus text exposition format"}})
+                              "description": "Prometheus text exposition format"}, **errors(413)})
     async def metrics() -> Response:
         """Prometheus metrics."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    build_document = app.openapi
+
+    def document() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _parameters_are_never_null(build_document())
+        return app.openapi_schema or {}
+
+    app.openapi = document  # type: ignore[method-assign]  # FastAPI's documented way to adjust its document
 
     app.add_middleware(runs.FastStarts, engine=lambda: engine_of_app(app))
     app.add_middleware(callbacks.FastCallbacks, engine=lambda: engine_of_app(app))
     app.add_middleware(PayloadLimit, limit=settings.max_payload_bytes)  # outermost: it limits the fast path too
     return app
+
+
+def _parameters_are_never_null(doc: dict[str, Any]) -> None:
+    """An optional header or query parameter is left out, never sent as null: drop the `null` FastAPI offers for
+    `str | None` (a client following the document would otherwise send the text "null")."""
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                schema = parameter.get("schema", {})
+                options = [s for s in schema.get("anyOf", []) if s != {"type": "null"}]
+                if "anyOf" in schema and len(options) == 1:
+                    del schema["anyOf"]
+                    schema.update(options[0])
 
 
 def engine_of_app(app: FastAPI) -> Engine:
