@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aetr.api.openapi import DOCUMENT_PATH, document_text
+from aetr.api.openapi import DOCUMENT_PATH, document_text, main
 from tests.integration.conftest import Server, running_server
 
 ROUTES = {
@@ -37,6 +37,12 @@ async def test_the_committed_document_is_the_one_the_server_serves(server: Serve
     assert json.loads(committed) == served and committed == document_text(served), (
         f"{DOCUMENT_PATH.name} differs from the server's /openapi.json: regenerate it with "
         "`python -m aetr.api.openapi` and commit the result")
+
+
+def test_the_regeneration_command_writes_the_committed_document(tmp_path: Path) -> None:
+    written = tmp_path / "openapi.json"
+    assert main([str(written)]) == 0
+    assert written.read_text(encoding="utf-8") == DOCUMENT_PATH.read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(("path", "allowed"), ROUTES.items())
