@@ -41,6 +41,11 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # What any /api/v1 route may answer: the token (callbacks have none), the payload limit, a database outage.
 API_ERRORS: Final = errors(401, 413, 422, 503)
 CALLBACK_ERRORS: Final = errors(404, 413, 422, 503)
+# Any 4xx, for a router whose routes do not list their refusals yet: prefer API_ERRORS and errors(...) per route,
+# which the document then states and the fuzzer holds the server to.
+ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    "4XX": {"model": Problem, "description": "refused: `detail` says what is wrong; nothing was changed"},
+}
 
 
 class StepSummary(BaseModel):
