@@ -252,7 +252,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
 
     def document() -> dict[str, Any]:
         if app.openapi_schema is None:
-            _parameters_are_never_null(build_document())
+            doc = build_document()
+            _parameters_are_never_null(doc)
+            _declare_the_token(doc)
         return app.openapi_schema or {}
 
     app.openapi = document  # type: ignore[method-assign]  # FastAPI's documented way to adjust its document
@@ -274,6 +276,18 @@ def _parameters_are_never_null(doc: dict[str, Any]) -> None:
                 if "anyOf" in schema and len(options) == 1:
                     del schema["anyOf"]
                     schema.update(options[0])
+
+
+def _declare_the_token(doc: dict[str, Any]) -> None:
+    """The API token as a security scheme: needed by every /api/v1 route but the callbacks when the server has
+    AETR_API_TOKEN set, and by none when it has not (hence the empty alternative)."""
+    doc.setdefault("components", {})["securitySchemes"] = {"bearer": {
+        "type": "http", "scheme": "bearer",
+        "description": "the server's AETR_API_TOKEN, when it has one: `Authorization: Bearer <token>`"}}
+    for path, operations in doc.get("paths", {}).items():
+        if path.startswith("/api/v1/") and not path.startswith("/api/v1/callbacks/"):
+            for operation in operations.values():
+                operation["security"] = [{"bearer": []}, {}]
 
 
 def engine_of_app(app: FastAPI) -> Engine:
