@@ -100,7 +100,7 @@ def judge(case: Case, db: str, metrics: Metrics, quick: bool) -> Metrics:
     if "error" in metrics:
         line["met"] = False
     elif quick:
-        line["met"] = None  # the sizes are not the issue's: the targets do not apply
+        line["met"] = None  # not the reference sizes: the targets do not apply
     else:
         line["met"] = all(b.met(metrics) for b in bounds)
         missed = [b.key for b in bounds if not b.met(metrics)]

@@ -43,7 +43,7 @@ API: Final = "/api/v1"
 
 @dataclass(frozen=True)
 class Sizes:
-    """How big each scenario is: the issue's sizes, or a smoke-test fraction of them (--quick)."""
+    """How big each scenario is: the reference sizes, or a smoke-test fraction of them (--quick)."""
 
     chain_steps: int = 100
     chain_runs: int = 20

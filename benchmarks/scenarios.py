@@ -1,7 +1,7 @@
-"""The benchmark scenarios of the performance issue: chain, throughput, fan-out, load and sandbox.
+"""The benchmark scenarios behind the performance targets: chain, throughput, fan-out, load and sandbox.
 
 Each takes a Context (a fresh database, a fresh `aetr serve`, a fresh step service) and returns the metrics
-of one JSON result line; `Case.targets` says which of them the issue sets a bound on.
+of one JSON result line; `Case.targets` says which of them a target bounds.
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ async def _map_vs_parallel(ctx: Context, n: int, map_first: bool) -> Metrics:
 
 
 async def map_large(ctx: Context) -> Metrics:
-    """A map of a few items (10,000 at the issue's size) then one of many (100,000): that the large one
+    """A map of a few items (10,000 at the reference size) then one of many (100,000): that the large one
     completes, the server's peak RSS, and GET /runs/{id} of the large run against the same GET of the small."""
     small, large, samples = ctx.sizes.map_items, ctx.sizes.map_large_items, ctx.sizes.map_large_samples
     await put_step(ctx, api_step("leaf", f"{ctx.svc.url}/step"))

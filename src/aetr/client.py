@@ -232,7 +232,7 @@ class Client:
         _, run = await self._request("GET", f"/runs/{_segment(id)}", params=params, timeout_s=timeout_s)
         return cast(dict[str, Any], run)
 
-    # The timeout is part of the contract here, not a wrapper: it sizes each `?wait=` long poll.
+    # The timeout is part of this method's meaning, not a wrapper: it sizes each `?wait=` long poll.
     async def wait_run(self, id: str, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
         """Wait until the run is terminal and return it; raise TimeoutError after `timeout` seconds."""
         deadline = time.monotonic() + timeout

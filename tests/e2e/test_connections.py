@@ -10,7 +10,7 @@ import aiohttp
 from aetr.api.server import FILES_RESERVED
 from tests.e2e.harness import Launcher
 
-OPEN_FILES = 256  # the server's `ulimit -n`, soft and hard (the server had 1,024)
+OPEN_FILES = 256  # the server's `ulimit -n`, soft and hard (1,024 is a common default)
 SOCKETS = 400  # idle sockets the test opens: more than the server may open files
 
 

@@ -160,4 +160,4 @@ async def test_aetr_run_notify_has_the_end_announced_and_runs_events_shows_the_t
 
         await eventually(shown, "`aetr runs events` did not show the delivery")
         refused = await cli("--url", aetr.url, "run", "quick", "--notify", "ftp://example.com/hook")
-        assert refused.code != 0 and "notify must be an absolute http:// or https:// URL" in refused.stderr, refused
+        assert refused.code != 0 and "notify: must be an absolute http:// or https:// URL" in refused.stderr, refused

@@ -1,4 +1,4 @@
-"""Spec §6 on the real process: no open port to the network without a token, and the token guards the API."""
+"""Security on the real process: no open port to the network without a token, and the token guards the API."""
 
 from __future__ import annotations
 

@@ -204,7 +204,7 @@ def test_catalog_yaml_defines_the_five_services_then_the_pipeline_that_uses_them
 
 
 def _js(source: str, value: Any, ctx: dict[str, Any]) -> Any:
-    """Apply a mapper `(input, ctx) => value` the way the contract describes, in V8."""
+    """Apply a mapper `(input, ctx) => value` as docs/api.md describes it, in V8."""
     racer = pytest.importorskip("py_mini_racer").MiniRacer()
     return orjson.loads(racer.eval(f"JSON.stringify(({source})({orjson.dumps(value).decode()}, "
                                    f"{orjson.dumps(ctx).decode()}))"))
@@ -213,14 +213,15 @@ def _js(source: str, value: Any, ctx: dict[str, Any]) -> Any:
 def _reduce(reducer: str, outputs: list[Any]) -> Any:
     assert reducer == "merge", "the tutorial uses the merge reducer"
     merged: dict[str, Any] = {}
-    for output in outputs:  # shallow, later children win (contract §1)
+    for output in outputs:  # shallow, later children win (the merge reducer)
         merged.update(output)
     return merged
 
 
 async def test_catalog_pipeline_data_flows_through_the_mappers_and_the_merge(
         aetr: Aetr, services: StepService, http: aiohttp.ClientSession) -> None:
-    """Play the coordinator over catalog.yaml's tree (contract §3) against the real example services."""
+    """Play the coordinator over catalog.yaml's tree (each child gets its mapper's result) against the real
+    example services."""
     pipeline = load_step_definitions(str(catalog_path()))[-1]
     run_input = {"source": "acme"}
 

@@ -445,7 +445,7 @@ async def test_an_oversized_chunked_body_gets_413_on_every_route_and_changes_not
     run_id = await aetr.start("a")
     (call,) = await steps_service.wait_for_calls("/a", 1)
     callback_url = call.headers["AETR-Callback"]
-    # 17 MiB against the default limit of 16 MiB, as the issue sent it; most of these routes never read a body.
+    # 17 MiB against the default limit of 16 MiB, the size of a reported attack; most of these routes never read a body.
     for method, url in [("POST", f"{aetr.base_url}/api/v1/runs/{run_id}/cancel"),
                         ("POST", f"{aetr.base_url}/api/v1/runs/{run_id}/retry"),
                         ("POST", f"{callback_url}/heartbeat"), ("POST", f"{callback_url}/fail"),

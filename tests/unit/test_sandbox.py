@@ -115,7 +115,7 @@ def test_a_prototype_patched_by_one_script_is_untouched_for_another(sandbox: San
 
 
 def test_a_script_cannot_run_code_that_an_earlier_script_registered(sandbox: Sandbox) -> None:
-    # The attack of the issue: the runner was a global, so one call stored a function holding its caller's
+    # A reported attack: the runner was a global, so one call stored a function holding its caller's
     # input and a later, different script ran it.
     register = """(input) => {
       try { __aetr.compile('persist', '() => (' + JSON.stringify(input) + ')', ''); } catch (e) {}
@@ -156,7 +156,7 @@ def test_no_script_can_hook_or_read_the_input_of_a_later_script(sandbox: Sandbox
     ],
 )
 def test_scripts_cannot_leave_compiled_code_that_fills_the_heap_for_later_ones(register: str, refusal: str) -> None:
-    # The issue's attack: 16 calls each registering 200 functions of 20 KB. V8 also keeps code compiled from
+    # A reported attack: 16 calls each registering 200 functions of 20 KB. V8 also keeps code compiled from
     # strings after the call that made it, so `new Function` and `eval` could fill the heap the same way.
     fill = f"""(k) => {{
       for (let i = 0; i < 200; i++) {{

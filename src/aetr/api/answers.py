@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, Field
 
@@ -18,7 +18,32 @@ class Problem(BaseModel):
     detail: str = Field(description="what is wrong and where, and how to fix it")
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {
+WHY: dict[int, str] = {
+    400: "the body is not valid JSON, or a header is malformed",
+    401: "the API token is missing or wrong (only when the server has AETR_API_TOKEN set)",
+    404: "no such step, run, node or callback token, or no route for the path",
+    409: "refused in the current state: `detail` says why",
+    412: "If-Match names another version than the stored one",
+    413: "the request body is larger than AETR_MAX_PAYLOAD_BYTES",
+    415: "the body is not sent as JSON (Content-Type: application/json)",
+    422: "a parameter, field or the body is not valid: `detail` names it and the fix",
+    503: "the database is unavailable or out of connections: try again after Retry-After seconds",
+}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The refusals a route may answer, each with the error body, for its `responses`."""
+    return {status: {"model": Problem, "description": WHY[status]} | ({"headers": RETRY_AFTER} if status == 503 else {})
+            for status in statuses}
+
+
+# What any /api/v1 route may answer: the token (callbacks have none), the payload limit, a database outage.
+API_ERRORS: Final = errors(401, 413, 422, 503)
+CALLBACK_ERRORS: Final = errors(404, 413, 422, 503)
+# Any 4xx, for a router whose routes do not list their refusals yet: prefer API_ERRORS and errors(...) per route,
+# which the document then states and the fuzzer holds the server to.
+ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     "4XX": {"model": Problem, "description": "refused: `detail` says what is wrong; nothing was changed"},
 }
 

@@ -6,20 +6,22 @@ import inspect
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aetr.api import callbacks, runs, sandbox, schedules, steps, ui
-from aetr.api.answers import ERRORS, Health
+from aetr.api.answers import API_ERRORS, CALLBACK_ERRORS, Health, errors
 from aetr.api.http import JSON, engine_of, replay, require_token, safe_text, unavailable_answer
 from aetr.api.schemas import PATTERN_HINTS
 from aetr.config import Settings
@@ -110,6 +112,22 @@ def describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "the request is not valid"
 
 
+METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> str:
+    """The `Allow` value for the request's path: every method some route serves on it, then OPTIONS."""
+    routes = request.app.router.routes
+    served = [method for method in METHODS
+              if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)]
+    return ", ".join([*served, "OPTIONS"])
+
+
+def operation_id(route: APIRoute) -> str:
+    """A route's operationId: its function's name (`start_run`), which OpenAPI links refer to."""
+    return route.name
+
+
 def _shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -150,7 +168,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
             await eng.stop()
 
     app = FastAPI(title="AETR", version="0.1.0", lifespan=lifespan, default_response_class=JSON,
-                  description="Compose HTTP services into durable step trees.", **_telemetry())
+                  description="Compose HTTP services into durable step trees. The reference, with examples, is "
+                              "docs/api.md in the repository.",
+                  generate_unique_id_function=operation_id, **_telemetry())
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> Response:
@@ -190,20 +210,26 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         elif exc.status_code == 404 and detail == "Not Found":  # Starlette's answer when no route matches
             detail = f"no route matches {request.method} {path} (names and ids never contain '/'); see /docs"
         elif exc.status_code == 405 and detail == "Method Not Allowed":
-            allowed = (exc.headers or {}).get("Allow", "")
-            detail = f"{request.method} is not allowed on {path}; use {allowed or 'another method'}"
+            # Starlette names only the methods of the first route matching the path; FastAPI makes one route
+            # per method, so the answer must gather them from every route on the path.
+            allowed = allowed_methods(request)
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers={"Allow": allowed})
+            detail = f"{request.method} is not allowed on {path}; use {allowed}"
+            return JSON({"detail": safe_text(detail)}, status_code=405, headers={"Allow": allowed})
         return JSON({"detail": safe_text(detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     auth = [Depends(require_token)]
-    app.include_router(steps.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
-    app.include_router(runs.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
-    app.include_router(sandbox.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
-    app.include_router(schedules.router, prefix="/api/v1", dependencies=auth, responses=ERRORS)
-    app.include_router(callbacks.router, prefix="/api/v1", responses=ERRORS)
+    app.include_router(steps.router, prefix="/api/v1", dependencies=auth, responses=API_ERRORS)
+    app.include_router(runs.router, prefix="/api/v1", dependencies=auth, responses=API_ERRORS)
+    app.include_router(sandbox.router, prefix="/api/v1", dependencies=auth, responses=API_ERRORS)
+    app.include_router(schedules.router, prefix="/api/v1", dependencies=auth, responses=API_ERRORS)
+    app.include_router(callbacks.router, prefix="/api/v1", responses=CALLBACK_ERRORS)
     app.include_router(ui.router)  # the web UI: its page at /, its files and the runs' live stream
 
     @app.get("/healthz", tags=["operations"],
-             responses={200: {"model": Health}, 503: {"model": Health, "description": "the database is unreachable"}})
+             responses={200: {"model": Health}, 503: {"model": Health, "description": "the database is unreachable"},
+                        **errors(413)})
     async def healthz(request: Request) -> Response:
         """200 when the database answers."""
         try:
@@ -218,15 +244,51 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
 
     @app.get("/metrics", tags=["operations"], response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
-                              "description": "Prometheus text exposition format"}})
+                              "description": "Prometheus text exposition format"}, **errors(413)})
     async def metrics() -> Response:
         """Prometheus metrics."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    build_document = app.openapi
+
+    def document() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = build_document()
+            _parameters_are_never_null(doc)
+            _declare_the_token(doc)
+        return app.openapi_schema or {}
+
+    app.openapi = document  # type: ignore[method-assign]  # FastAPI's documented way to adjust its document
 
     app.add_middleware(runs.FastStarts, engine=lambda: engine_of_app(app))
     app.add_middleware(callbacks.FastCallbacks, engine=lambda: engine_of_app(app))
     app.add_middleware(PayloadLimit, limit=settings.max_payload_bytes)  # outermost: it limits the fast path too
     return app
+
+
+def _parameters_are_never_null(doc: dict[str, Any]) -> None:
+    """An optional header or query parameter is left out, never sent as null: drop the `null` FastAPI offers for
+    `str | None` (a client following the document would otherwise send the text "null")."""
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                schema = parameter.get("schema", {})
+                options = [s for s in schema.get("anyOf", []) if s != {"type": "null"}]
+                if "anyOf" in schema and len(options) == 1:
+                    del schema["anyOf"]
+                    schema.update(options[0])
+
+
+def _declare_the_token(doc: dict[str, Any]) -> None:
+    """The API token as a security scheme: needed by every /api/v1 route but the callbacks when the server has
+    AETR_API_TOKEN set, and by none when it has not (hence the empty alternative)."""
+    doc.setdefault("components", {})["securitySchemes"] = {"bearer": {
+        "type": "http", "scheme": "bearer",
+        "description": "the server's AETR_API_TOKEN, when it has one: `Authorization: Bearer <token>`"}}
+    for path, operations in doc.get("paths", {}).items():
+        if path.startswith("/api/v1/") and not path.startswith("/api/v1/callbacks/"):
+            for operation in operations.values():
+                operation["security"] = [{"bearer": []}, {}]
 
 
 def engine_of_app(app: FastAPI) -> Engine:

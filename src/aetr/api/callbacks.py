@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Path, Request, Response
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from aetr.api.answers import CallbackAnswer
+from aetr.api.answers import CallbackAnswer, errors
 from aetr.api.http import JSON, answer_below_routing, engine_of, read_body
 from aetr.api.schemas import FailIn
 from aetr.domain.decide import Verdict
@@ -51,7 +51,8 @@ def _answer(verdict: Verdict) -> Response:
     raise HTTPException(409, f"callback refused: {verdict.reason}")
 
 
-@router.post("/callbacks/{token}", responses={200: {"model": CallbackAnswer}}, openapi_extra=OUTPUT_BODY)
+@router.post("/callbacks/{token}", responses={200: {"model": CallbackAnswer}, **errors(400, 409)},
+             openapi_extra=OUTPUT_BODY)
 async def callback_success(request: Request, token: Token) -> Response:
     """The step succeeded; the body is its output (JSON is stored as JSON, anything else as a string)."""
     return await report_success(engine_of(request), token, await request.body(), request.headers.get("content-type"))
@@ -108,7 +109,8 @@ class FastCallbacks:
         return token if 0 < len(token) <= MAX_TOKEN and "/" not in token else None
 
 
-@router.post("/callbacks/{token}/fail", responses={200: {"model": CallbackAnswer}}, openapi_extra=FAILURE_BODY)
+@router.post("/callbacks/{token}/fail", responses={200: {"model": CallbackAnswer}, **errors(409)},
+             openapi_extra=FAILURE_BODY)
 async def callback_fail(request: Request, token: Token) -> Response:
     """The step failed: `{"error": "...", "retryable": false}`."""
     attempt = _attempt(request, token)
@@ -122,7 +124,7 @@ async def callback_fail(request: Request, token: Token) -> Response:
     return _answer(verdict)
 
 
-@router.post("/callbacks/{token}/heartbeat", responses={200: {"model": CallbackAnswer}})
+@router.post("/callbacks/{token}/heartbeat", responses={200: {"model": CallbackAnswer}, **errors(409)})
 async def callback_heartbeat(request: Request, token: Token) -> Response:
     """The step is alive: its `heartbeat_s` deadline starts again."""
     attempt = _attempt(request, token)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Request, Response
@@ -13,19 +12,27 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 from yarl import URL
 
-from aetr.api.answers import EventOut, RunPage, RunTreeOut
+from aetr.api.answers import EventOut, RunPage, RunTreeOut, errors
 from aetr.api.http import JSON, answer_below_routing, engine_of, read_body, replay, token_ok
 from aetr.api.render import nest, node_json, run_tree_json
 from aetr.api.schemas import RunIn, SignalIn, StepRef
 from aetr.domain.decide import Verdict
 from aetr.domain.runs import TERMINAL
 from aetr.engine.runtime import Engine
-from aetr.store.store import decode_cursor
+from aetr.store.store import CURSOR_PATTERN
 
 router = APIRouter(tags=["runs"])
 
 MAX_WAIT_S = 60.0
 RunId = Annotated[str, Path(description="the run's id, or any node id of the run")]
+# Where a client can go from a run it was given.
+RUN_LINKS = {
+    "GetRun": {"operationId": "get_run", "parameters": {"run_id": "$response.body#/id"}},
+    "CancelRun": {"operationId": "cancel_run", "parameters": {"run_id": "$response.body#/id"}},
+    "RetryRun": {"operationId": "retry_run", "parameters": {"run_id": "$response.body#/id"}},
+    "RunEvents": {"operationId": "run_events", "parameters": {"run_id": "$response.body#/id"}},
+}
+LOCATION = {"Location": {"description": "the run's URL", "schema": {"type": "string"}}}
 
 
 def _uuid(value: str) -> str:
@@ -44,8 +51,9 @@ async def _view(engine: Engine, run_id: str) -> dict[str, Any]:
 
 
 @router.post("/runs", status_code=201, responses={
-    201: {"model": RunTreeOut, "description": "the run, started"},
-    200: {"model": RunTreeOut, "description": "an earlier run with this Idempotency-Key"}})
+    201: {"model": RunTreeOut, "description": "the run, started", "headers": LOCATION, "links": RUN_LINKS},
+    200: {"model": RunTreeOut, "description": "an earlier run with this Idempotency-Key", "links": RUN_LINKS},
+    **errors(400, 415)})
 async def start_run(
     request: Request,
     body: Annotated[RunIn, Body()],
@@ -73,7 +81,8 @@ async def _start(engine: Engine, body: RunIn, idempotency_key: str | None) -> Re
                 headers={"Location": f"/api/v1/runs/{started.run_id}"})
 
 
-@router.get("/runs/{run_id}", responses={200: {"model": RunTreeOut}})
+@router.get("/runs/{run_id}", responses={
+    200: {"model": RunTreeOut, "links": {k: v for k, v in RUN_LINKS.items() if k != "GetRun"}}, **errors(404)})
 async def get_run(
     request: Request, run_id: RunId,
     wait: Annotated[float | None, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for the run to end")] = None,
@@ -109,11 +118,12 @@ async def list_runs(
     state: Literal["pending", "executing", "complete", "error", "cancelled"] | None = None,
     step: Annotated[StepRef | None, Query(description="only runs of the step with this name")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    cursor: Annotated[str | None, Query(
+        pattern=CURSOR_PATTERN, description="where the page starts: the `next_cursor` of the page before (the "
+                                            "creation time, in microseconds since 1970, and the id of the last run "
+                                            "shown; runs older than it come next)")] = None,
 ) -> Response:
     """Root runs, newest first: `{runs: [...], next_cursor}`."""
-    if cursor is not None:
-        _check_cursor(cursor)
     try:
         page = await engine_of(request).store.list_runs(state, step, limit, cursor)
     except ValueError as exc:
@@ -121,23 +131,13 @@ async def list_runs(
     return JSON({"runs": [node_json(n) for n in page.runs], "next_cursor": page.next_cursor})
 
 
-def _check_cursor(cursor: str) -> None:
-    """Refuse a cursor that is not one of ours before the database sees its time and id."""
-    try:
-        at, node_id = decode_cursor(cursor)
-        at.astimezone(UTC)
-        uuid.UUID(node_id)
-    except (ValueError, OverflowError):
-        raise HTTPException(422, "cursor: is not valid: pass the next_cursor of a previous page") from None
-
-
-@router.post("/runs/{run_id}/cancel", responses={200: {"model": RunTreeOut}})
+@router.post("/runs/{run_id}/cancel", responses={200: {"model": RunTreeOut}, **errors(404, 409)})
 async def cancel_run(request: Request, run_id: RunId) -> Response:
     """Every unfinished node of the run becomes cancelled."""
     return await _act(request, run_id, "cancel", lambda engine, root_id: engine.coordinator.cancel(root_id))
 
 
-@router.post("/runs/{run_id}/retry", responses={200: {"model": RunTreeOut}})
+@router.post("/runs/{run_id}/retry", responses={200: {"model": RunTreeOut}, **errors(404, 409)})
 async def retry_run(request: Request, run_id: RunId) -> Response:
     """A run in error or cancelled goes on: failed and cancelled nodes run again, complete ones are kept."""
     return await _act(request, run_id, "retry", lambda engine, root_id: engine.coordinator.redrive(root_id))
@@ -153,7 +153,8 @@ async def _act(request: Request, run_id: str, verb: str,
     return JSON(await _view(engine, run_id))
 
 
-@router.post("/runs/{run_id}/nodes/{node_id}/signal", responses={200: {"model": RunTreeOut}})
+@router.post("/runs/{run_id}/nodes/{node_id}/signal", responses={200: {"model": RunTreeOut},
+                                                                  **errors(400, 404, 409, 415)})
 async def signal_node(request: Request, run_id: RunId, node_id: Annotated[str, Path(description="the wait's node id")],
                       body: Annotated[SignalIn, Body()]) -> Response:
     """Answer a signal wait: with `output` it completes with that output, with `error` it fails (kind `signal`).
@@ -170,7 +171,7 @@ async def signal_node(request: Request, run_id: RunId, node_id: Annotated[str, P
     return JSON(await _view(engine, run_id))
 
 
-@router.get("/runs/{run_id}/events", responses={200: {"model": list[EventOut]}})
+@router.get("/runs/{run_id}/events", responses={200: {"model": list[EventOut]}, **errors(404)})
 async def run_events(request: Request, run_id: RunId) -> Response:
     """The run's history, oldest first."""
     engine = engine_of(request)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Request, Response
 
-from aetr.api.answers import Evaluation
+from aetr.api.answers import Evaluation, errors
 from aetr.api.http import JSON, engine_of, safe_text
 from aetr.api.schemas import EvaluateIn
 from aetr.domain.jsonvalue import check_json
@@ -15,7 +15,7 @@ from aetr.sandbox import ScriptError
 router = APIRouter(tags=["sandbox"])
 
 
-@router.post("/sandbox/evaluate", responses={200: {"model": Evaluation}})
+@router.post("/sandbox/evaluate", responses={200: {"model": Evaluation}, **errors(400, 415)})
 async def evaluate(request: Request, body: Annotated[EvaluateIn, Body()]) -> Response:
     """`{ok: true, output}` or `{ok: false, error: {message, line, kind}}`: a script's failure is not an HTTP error."""
     ctx = body.ctx or {"run": {"id": None, "input": body.input}, "step": {"name": "test"}, "index": 0}

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Body, HTTPException, Path, Request, Response
 from pydantic import BaseModel, Field, field_validator
 from yarl import URL
 
+from aetr.api.answers import errors
 from aetr.api.http import JSON, engine_of
-from aetr.api.schemas import JsonValue, Name, StepRef, Strict
+from aetr.api.schemas import URL_PATTERN, JsonValue, Name, StepRef, Strict, http_url
 from aetr.domain.schedules import Schedule, StoredSchedule, cron_problem, zone
 from aetr.engine.runtime import Engine
 from aetr.store.schedules import ScheduledRun
 
 router = APIRouter(tags=["schedules"])
+# Five fields of the characters cron allows; what a pattern cannot say (ranges, a date that never comes) is
+# checked by croniter, refused with 422.
+CRON_PATTERN = r"^\s*[0-9A-Za-z*,/?#LW-]+(\s+[0-9A-Za-z*,/?#LW-]+){4}\s*$"
 LAST_RUNS = 5  # runs shown with each schedule, newest first
 ScheduleName = Annotated[Name, Path(description="the schedule's name")]
 
@@ -25,13 +28,15 @@ class ScheduleIn(Strict):
     """A schedule's definition (PUT)."""
 
     step: Annotated[StepRef, Field(description="the name (or id) of the step each run starts")]
-    cron: str = Field(max_length=200, description="five fields: minute hour day-of-month month day-of-week")
+    cron: str = Field(max_length=200, json_schema_extra={"pattern": CRON_PATTERN},
+                      description="five fields: minute hour day-of-month month day-of-week; one that never "
+                                  "comes (0 0 31 2 *) is refused")
     timezone: str = Field("UTC", max_length=64, description="the IANA time zone the cron fields are read in")
     enabled: bool = Field(True, description="false pauses it: no run starts, and resuming starts none it missed")
     input: JsonValue = Field(None, description="each run's input")
-    notify: str | None = Field(None, max_length=4096, description="http(s) URL told when each run ends; with "
-                                                                  "AETR_ALLOWED_STEP_HOSTS set, its host must be "
-                                                                  "allowed")
+    notify: str | None = Field(None, max_length=4096, json_schema_extra={"pattern": URL_PATTERN},
+                               description="http(s) URL told when each run ends; with AETR_ALLOWED_STEP_HOSTS set, "
+                                           "its host must be allowed")
     # Read-only fields that GET returns: accepted so that a fetched schedule can be edited and PUT back.
     name: Name | None = Field(None, description="must match the path when given")
     next_run_at: datetime | None = Field(None, description="ignored on write")
@@ -56,19 +61,7 @@ class ScheduleIn(Strict):
     @field_validator("notify")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError on a malformed port
-            URL(value)
-        except ValueError as exc:
-            raise ValueError(f"is not a valid URL: {exc}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an absolute http:// or https:// URL with a host")
-        if any(c.isspace() or not c.isprintable() for c in value):
-            raise ValueError("must not contain spaces, control or invisible characters: percent-encode them")
-        return value
+        return None if value is None else http_url(value)
 
 
 class ScheduledRunOut(BaseModel):
@@ -120,7 +113,8 @@ async def _answer(engine: Engine, stored: StoredSchedule, status: int = 200) -> 
 
 
 @router.put("/schedules/{name}", status_code=200, responses={
-    200: {"model": ScheduleOut, "description": "replaced"}, 201: {"model": ScheduleOut, "description": "created"}})
+    200: {"model": ScheduleOut, "description": "replaced"}, 201: {"model": ScheduleOut, "description": "created"},
+    **errors(400, 415, 422)})
 async def put_schedule(request: Request, name: ScheduleName, body: Annotated[ScheduleIn, Body()]) -> Response:
     """Create or replace a schedule. A replacement on the same cron and zone keeps its next due time."""
     if body.name is not None and body.name != name:
@@ -148,7 +142,7 @@ async def list_schedules(request: Request) -> Response:
     return JSON([_schedule_json(s, runs.get(s.id, [])) for s in found])
 
 
-@router.get("/schedules/{name}", responses={200: {"model": ScheduleOut}})
+@router.get("/schedules/{name}", responses={200: {"model": ScheduleOut}, **errors(404)})
 async def get_schedule(request: Request, name: ScheduleName) -> Response:
     """One schedule, with its next due time and latest runs."""
     engine = engine_of(request)
@@ -158,7 +152,7 @@ async def get_schedule(request: Request, name: ScheduleName) -> Response:
     return await _answer(engine, stored)
 
 
-@router.delete("/schedules/{name}", status_code=204, response_class=Response)
+@router.delete("/schedules/{name}", status_code=204, response_class=Response, responses=errors(404))
 async def delete_schedule(request: Request, name: ScheduleName) -> Response:
     """Delete a schedule; the runs it started are kept."""
     if not await engine_of(request).store.schedules.delete(name):

@@ -7,19 +7,37 @@ from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.config import JsonDict
 from yarl import URL
 
 from aetr.domain.jsonvalue import MAX_TREE_DEPTH, check_json
 from aetr.domain.kinds import ApiSpec, ChoiceSpec, MapSpec, ParallelSpec, SequentialSpec, Spec, WaitSpec, choice, wait
-from aetr.domain.steps import BUILTIN_REDUCERS, NAME_PATTERN, Link, RetryPolicy, StepConfig, StepDef, framing_headers
+from aetr.domain.steps import (
+    BUILTIN_REDUCERS,
+    FRAMING_HEADERS,
+    NAME_PATTERN,
+    Link,
+    RetryPolicy,
+    StepConfig,
+    StepDef,
+    framing_headers,
+)
+from aetr.store.store import CURSOR_PATTERN
 
 # Looking a step up accepts every name a step could ever be stored under, dots alone included (refused for new
 # steps since), so that such a step can still be read and deleted.
 LOOKUP_PATTERN: Final = r"^[A-Za-z0-9_.\-]{1,200}$"
 NO_NUL_PATTERN: Final = r"^[^\x00]*$"
 HEADER_VALUE_PATTERN: Final = r"^[^\x00-\x08\x0a-\x1f\x7f]*$"
-# A share of a map's items: "10%", "2.5%", "100%".
-PERCENT_PATTERN: Final = r"^[0-9]{1,3}(\.[0-9]{1,4})?%$"
+# A share of a map's items, at most all of them: "10%", "2.5%", "100%".
+PERCENT_PATTERN: Final = r"^(100(\.0{1,4})?|[0-9]{1,2}(\.[0-9]{1,4})?)%$"
+# The step URLs the document promises to accept: http(s), a host name (labels of at most 63 characters) or an
+# IPv4 address, an optional port up to 65535, then printable ASCII. The server accepts more (IPv6 literals, printable
+# non-ASCII text, which it encodes when it calls), as ApiStepIn._http_url checks.
+URL_PATTERN: Final = (r"^[Hh][Tt][Tt][Pp][Ss]?://([A-Za-z0-9._~!$&'()*+,;=%-]*@)?"
+                      r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+                      r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?"
+                      r"([/?#][!-~]*)?$")
 # What each pattern asks for, in words: a 422 says this instead of the regular expression.
 PATTERN_HINTS: Final = {
     NAME_PATTERN: "must be 1–200 letters, digits, '-', '_' or '.', and not dots alone (such as '.' or '..')",
@@ -27,6 +45,7 @@ PATTERN_HINTS: Final = {
     NO_NUL_PATTERN: "must not contain NUL characters (\\u0000)",
     HEADER_VALUE_PATTERN: "must not contain control characters such as line breaks or NUL",
     PERCENT_PATTERN: "must be a whole count of items, or a percentage of them such as \"10%\"",
+    CURSOR_PATTERN: "must be the next_cursor of a previous page (microseconds, a dot, and 32 hexadecimal digits)",
 }
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=200,
@@ -41,21 +60,22 @@ MAX_CHILDREN = 100_000
 JsonValue = Annotated[Any, AfterValidator(check_json)]
 
 
-def http_url(value: str, field: str) -> str:
-    """`value` when it is an absolute http(s) URL AETR can call; ValueError naming `field` and the fix otherwise."""
+def http_url(value: str) -> str:
+    """`value` when it is an absolute http(s) URL AETR can call; ValueError saying what is wrong and the fix
+    otherwise (the field's name is added by the validation error's location)."""
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError as exc:
-        raise ValueError(f"{field} is not a valid URL: {exc}") from None
+        raise ValueError(f"is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{field} must be an absolute http:// or https:// URL with a host")
+        raise ValueError("must be an absolute http:// or https:// URL with a host")
     if any(c.isspace() or not c.isprintable() for c in value):
-        raise ValueError(f"{field} must not contain spaces, control or invisible characters: percent-encode them")
+        raise ValueError("must not contain spaces, control or invisible characters: percent-encode them")
     try:
         URL(value)  # what calls it: a host it cannot encode (an over-long label, say) would fail every call
     except ValueError as exc:
-        raise ValueError(f"{field} is not a valid URL: {exc}") from None
+        raise ValueError(f"is not a valid URL: {exc}") from None
     return value
 
 
@@ -71,6 +91,22 @@ class RetryIn(Strict):
     max_backoff_s: float = Field(60.0, ge=0, le=86_400)
 
 
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in word)  # names: letters and "-"
+
+
+HEADER_NAME_PATTERN: Final = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
+FRAMING_PATTERN: Final = "^(" + "|".join(_any_case(name) for name in sorted(FRAMING_HEADERS)) + ")$"
+
+
+def _headers_schema(schema: dict[str, Any]) -> None:
+    """State every rule on a step's headers: any name not a token, and the framing names, are refused."""
+    value = next(iter(schema.pop("patternProperties", {}).values()), {"type": "string"})
+    schema["propertyNames"] = {"minLength": 1, "maxLength": 256, "pattern": HEADER_NAME_PATTERN,
+                               "not": {"pattern": FRAMING_PATTERN}}
+    schema["additionalProperties"] = value
+
+
 class StepBase(Strict):
     name: Name
     # Read-only fields that GET returns; accepted so that a fetched tree can be edited and PUT back.
@@ -80,14 +116,17 @@ class StepBase(Strict):
 
 class ApiStepIn(StepBase):
     kind: Literal["api"]
-    url: str = Field(max_length=4096, description="http:// or https://; with AETR_ALLOWED_STEP_HOSTS set, its host "
-                                                  "must be allowed (422 otherwise)")
+    url: str = Field(max_length=4096, json_schema_extra={"pattern": URL_PATTERN},
+                     description="an absolute http:// or https:// URL with a host; spaces, control and invisible "
+                                 "characters must be percent-encoded. With AETR_ALLOWED_STEP_HOSTS set, its host must "
+                                 "be allowed (422 otherwise)")
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
-    headers: dict[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")],
+    headers: dict[Annotated[str, Field(min_length=1, max_length=256, pattern=HEADER_NAME_PATTERN)],
                   Annotated[str, Field(max_length=8192, pattern=HEADER_VALUE_PATTERN)]] = Field(
-        default_factory=dict, description="sent with each call; framing and hop-by-hop headers (Content-Length, "
-                                          "Transfer-Encoding, Connection, Keep-Alive, Upgrade, TE, Trailer, Host) "
-                                          "are refused")
+        default_factory=dict, json_schema_extra=_headers_schema,
+        description="sent with each call; framing and hop-by-hop headers (Content-Length, "
+                    "Transfer-Encoding, Connection, Keep-Alive, Upgrade, TE, Trailer, Host) "
+                    "are refused")
     mode: Literal["callback", "sync"] = "callback"
     timeout_s: float = Field(3600.0, gt=0, le=MAX_TIMEOUT_S)
     heartbeat_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
@@ -100,7 +139,7 @@ class ApiStepIn(StepBase):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        return http_url(value, "url")
+        return http_url(value)
 
     @field_validator("headers")
     @classmethod
@@ -168,7 +207,20 @@ class ChoiceIn(StepBase):
         return self
 
 
+# Exactly one way to wait, as JSON Schema says it; null stands for an absent field, as pydantic reads it.
+_ABSENT: Final[JsonDict] = {"type": "null"}
+WAIT_WAYS: Final[JsonDict] = {"oneOf": [
+    {"required": ["seconds"], "properties": {"seconds": {"type": "number"}, "until": _ABSENT,
+                                             "signal": {"enum": [False, None]}, "timeout_s": _ABSENT}},
+    {"required": ["until"], "properties": {"seconds": _ABSENT, "until": {"type": "string"},
+                                           "signal": {"enum": [False, None]}, "timeout_s": _ABSENT}},
+    {"required": ["signal"], "properties": {"seconds": _ABSENT, "until": _ABSENT, "signal": {"const": True}}},
+]}
+
+
 class WaitIn(StepBase):
+    model_config = ConfigDict(json_schema_extra=WAIT_WAYS)
+
     kind: Literal["wait"]
     seconds: float | None = Field(None, ge=0, le=MAX_WAIT_S, description="wait this long")
     until: Script | None = Field(None, description="JavaScript (input, ctx) => ISO 8601 time or epoch seconds")
@@ -204,10 +256,14 @@ class RunIn(Strict):
     @field_validator("notify")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        return None if value is None else http_url(value, "notify")
+        return None if value is None else http_url(value)
 
 
 class SignalIn(Strict):
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["output"], "not": {"required": ["error"]}},
+        {"required": ["error"], "not": {"required": ["output"]}, "properties": {"error": {"type": "string"}}}]})
+
     output: JsonValue = Field(None, description="completes the wait with this output")
     error: Annotated[str, Field(min_length=1, max_length=65_536)] | None = Field(
         None, description="fails the wait (error kind `signal`) with this message")
@@ -227,6 +283,11 @@ class FailIn(Strict):
 
 
 class EvaluateIn(Strict):
+    # A reducer is given the list of child outputs: its input must be an array.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"properties": {"kind": {"const": "mapper"}}},
+        {"required": ["kind", "input"], "properties": {"kind": {"const": "reducer"}, "input": {"type": "array"}}}]})
+
     source: Script
     kind: Literal["mapper", "reducer"] = "mapper"
     input: JsonValue = None

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Header, HTTPException, Path, Request, Response
 from yarl import URL
 
-from aetr.api.answers import StepOut, StepSummary
+from aetr.api.answers import StepOut, StepSummary, errors
 from aetr.api.http import JSON, engine_of
 from aetr.api.schemas import Name, StepIn, StepInModel, StepRef, flatten, scripts_of
 from aetr.domain.kinds import ApiSpec
@@ -21,15 +21,29 @@ from aetr.store import StepsRefused
 router = APIRouter(tags=["steps"])
 StepKey = Annotated[StepRef, Path(description="a step's name, or its id")]
 VERSION_TAG = re.compile(r'(?:W/)?"?([0-9]{1,18})"?')  # If-Match: 3, "3" or W/"3"
+# The same, for the document: FastAPI does not check it (a bad If-Match is answered 400, as HTTP would).
+IF_MATCH_PATTERN = r'^[ \t]*(W/)?"?[0-9]{1,18}"?[ \t]*$'
+ETAG = {"ETag": {"description": "the step's version", "schema": {"type": "string"}}}
+# Where a client can go from a step it was given: its tree, its parents, its runs; starting one; deleting it.
+STEP_LINKS = {
+    "GetStep": {"operationId": "get_step", "parameters": {"name": "$response.body#/name"}},
+    "StepParents": {"operationId": "step_parents", "parameters": {"name": "$response.body#/name"}},
+    "ListRunsOfStep": {"operationId": "list_runs", "parameters": {"step": "$response.body#/name"}},
+    "StartRun": {"operationId": "start_run", "requestBody": {"step": "$response.body#/name"}},
+    "DeleteStep": {"operationId": "delete_step", "parameters": {"name": "$response.body#/name"}},
+}
 
 
-@router.put("/steps/{name}", status_code=200, responses={200: {"model": StepOut, "description": "replaced"},
-                                                         201: {"model": StepOut, "description": "created"}})
+@router.put("/steps/{name}", status_code=200, responses={
+    200: {"model": StepOut, "description": "replaced", "headers": ETAG, "links": STEP_LINKS},
+    201: {"model": StepOut, "description": "created", "headers": ETAG, "links": STEP_LINKS},
+    **errors(400, 404, 412, 415)})
 async def put_step(
     request: Request,
     name: Annotated[Name, Path()],
     body: Annotated[StepIn, Body()],
-    if_match: Annotated[str | None, Header(description="the version the change is based on")] = None,
+    if_match: Annotated[str | None, Header(description="the version the change is based on: 3, \"3\" or W/\"3\"",
+                                           json_schema_extra={"pattern": IF_MATCH_PATTERN})] = None,
 ) -> Response:
     """Create or replace a step and every inline child, in one transaction."""
     step: StepInModel = body
@@ -73,16 +87,18 @@ async def list_steps(request: Request) -> Response:
     return JSON(await engine_of(request).store.list_steps())
 
 
-@router.get("/steps/{key}", responses={200: {"model": StepOut}})
-async def get_step(request: Request, key: StepKey) -> Response:
+@router.get("/steps/{name}", responses={
+    200: {"model": StepOut, "headers": ETAG, "links": {k: v for k, v in STEP_LINKS.items() if k != "GetStep"}},
+    **errors(404)})
+async def get_step(request: Request, name: StepKey) -> Response:
     """The resolved tree of a step, by name or id, rebuilt in one recursive query."""
-    tree = await engine_of(request).store.get_step_tree(key)
+    tree = await engine_of(request).store.get_step_tree(name)
     if tree is None:
-        raise HTTPException(404, f"no step named (or with id) '{key}'")
+        raise HTTPException(404, f"no step named (or with id) '{name}'")
     return JSON(tree.to_json(), headers={"ETag": str(tree.config.version)})
 
 
-@router.get("/steps/{name}/parents", responses={200: {"model": list[str]}})
+@router.get("/steps/{name}/parents", responses={200: {"model": list[str]}, **errors(404)})
 async def step_parents(request: Request, name: Annotated[StepRef, Path()]) -> Response:
     """The names of the steps that have this one as a child."""
     parents = await engine_of(request).store.step_parents(name)
@@ -91,7 +107,7 @@ async def step_parents(request: Request, name: Annotated[StepRef, Path()]) -> Re
     return JSON(parents)
 
 
-@router.delete("/steps/{name}", status_code=204)
+@router.delete("/steps/{name}", status_code=204, responses=errors(404, 409))
 async def delete_step(request: Request, name: Annotated[StepRef, Path()]) -> Response:
     """Delete a step that no parent uses (409 with the parents' names otherwise)."""
     try:
