@@ -20,12 +20,15 @@ NO_NUL_PATTERN: Final = r"^[^\x00]*$"
 HEADER_VALUE_PATTERN: Final = r"^[^\x00-\x08\x0a-\x1f\x7f]*$"
 # A share of a map's items: "10%", "2.5%", "100%".
 PERCENT_PATTERN: Final = r"^[0-9]{1,3}(\.[0-9]{1,4})?%$"
+# The start of a run's id: 4 to 32 of its hex digits, hyphens anywhere (they are left out when matching).
+ID_PREFIX_PATTERN: Final = r"^-*(?:[0-9a-fA-F]-*){4,32}$"
 # What each pattern asks for, in words: a 422 says this instead of the regular expression.
 PATTERN_HINTS: Final = {
     NAME_PATTERN: "must be 1–200 letters, digits, '-', '_' or '.', and not dots alone (such as '.' or '..')",
     LOOKUP_PATTERN: "must be 1–200 letters, digits, '-', '_' or '.'",
     NO_NUL_PATTERN: "must not contain NUL characters (\\u0000)",
     HEADER_VALUE_PATTERN: "must not contain control characters such as line breaks or NUL",
+    ID_PREFIX_PATTERN: "must be the start of a run id: 4 to 32 of its hex digits (0-9, a-f), e.g. 01a23b06",
     PERCENT_PATTERN: "must be a whole count of items, or a percentage of them such as \"10%\"",
 }
 

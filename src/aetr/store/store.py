@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from aetr.domain.decide import RunScript, ScriptResult
+from aetr.domain.ids import prefix_bounds
 from aetr.domain.runs import Node
 from aetr.domain.steps import DEFAULT_MAX_TREE_NODES, StepDef, StepTree
 from aetr.store import codec, step_trees
@@ -300,13 +301,21 @@ class Store:
                 select(run_nodes.c.id).where(run_nodes.c.idempotency_key == key))
             return found
 
-    async def list_runs(self, state: str | None, step: str | None, limit: int, cursor: str | None) -> RunPage:
-        """Root runs, newest first, filtered by state and step name, keyset-paginated."""
+    async def list_runs(self, state: str | None, step: str | None, limit: int, cursor: str | None,
+                        id_prefix: str | None = None) -> RunPage:
+        """Root runs, newest first, filtered by state, step name and the start of their id (as
+        aetr.domain.ids.normal_prefix gives it), keyset-paginated."""
         q = select(*codec.NODE_COLUMNS).where(run_nodes.c.parent_id.is_(None))
         if state:
             q = q.where(run_nodes.c.state == state)
         if step:
             q = q.where(run_nodes.c.step_name == step)
+        if id_prefix:
+            # A range, not LIKE: an index on the id answers it whatever the column's collation.
+            low, high = prefix_bounds(id_prefix)
+            q = q.where(run_nodes.c.id >= low)
+            if high is not None:
+                q = q.where(run_nodes.c.id < high)
         if cursor:
             at, last_id = decode_cursor(cursor)
             q = q.where(tuple_(run_nodes.c.created_at, run_nodes.c.id) < tuple_(at, last_id))
