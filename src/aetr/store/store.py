@@ -327,9 +327,13 @@ class Store:
         return RunPage(nodes, encode_cursor(nodes[-1].created_at, nodes[-1].id) if more and nodes else None)
 
     async def run_events(self, root_id: str) -> list[dict[str, Any]]:
-        """A run's history, oldest first."""
+        """A run's history in the order things happened: by time, then in the order written.
+
+        Not by the order written alone: a callback-mode call's answer is held a few milliseconds and written
+        with later answers, after events that happened since (a cancellation, another step's callback)."""
         async with self.engine.connect() as conn:
-            rows = await conn.execute(select(events).where(events.c.root_id == root_id).order_by(events.c.id))
+            rows = await conn.execute(select(events).where(events.c.root_id == root_id)
+                                      .order_by(events.c.at, events.c.id))
             return [_plain(r._mapping) for r in rows]
 
     async def lease_holders(self, prefix: str) -> list[str]:
