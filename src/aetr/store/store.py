@@ -29,6 +29,7 @@ from aetr.store import codec, step_trees
 from aetr.store.errors import Conflict, Duplicate, StepsRefused
 from aetr.store.operations import Op, OpStream, Sql
 from aetr.store.requests import Program
+from aetr.store.step_trees import StepsApplied
 from aetr.store.statements import Statements
 from aetr.store.tables import events, run_nodes, settings, step_children, steps, work
 from aetr.store.views import nest, nest_json
@@ -256,11 +257,25 @@ class Store:
 
     async def put_steps(self, defs: Sequence[StepDef], if_match: int | None, now: datetime,
                         max_nodes: int = DEFAULT_MAX_TREE_NODES) -> tuple[bool, StepTree]:
-        """Create or replace `defs[0]` and its inline children in one transaction; (created, resolved tree).
+        """Create or replace `defs[0]` and its inline children in one transaction; (created, resolved tree)."""
+        applied = await self.apply_steps(defs, if_match, now, max_nodes)
+        return applied.created, applied.tree
+
+    async def apply_steps(self, defs: Sequence[StepDef], if_match: int | None, now: datetime,
+                          max_nodes: int = DEFAULT_MAX_TREE_NODES, dry_run: bool = False) -> StepsApplied:
+        """Create or replace `defs[0]` and its inline children in one transaction; a step defined as stored is
+        left as it is (its version too). With `dry_run`, what it would do, with nothing kept.
 
         Refused, with nothing kept: StepsRefused, CycleError, and TreeTooBig when a stored tree containing a
         changed step would resolve to more than `max_nodes` nodes.
         """
+        try:
+            return await self._apply_steps(defs, if_match, now, max_nodes, dry_run)
+        except _RolledBack as done:
+            return done.applied
+
+    async def _apply_steps(self, defs: Sequence[StepDef], if_match: int | None, now: datetime, max_nodes: int,
+                           dry_run: bool) -> StepsApplied:
         async with self._transaction() as conn:
             if self.dialect == "postgresql":
                 # One change of step trees at a time, across processes: the cycle, depth and size checks read the
@@ -270,7 +285,10 @@ class Store:
                 # The recursive queries' row estimates are far too high, so PostgreSQL would compile them (JIT):
                 # 300-400 ms per query for a 100,000-child parallel, more than running them takes.
                 await conn.execute(text("SET LOCAL jit = off"))
-            return await step_trees.put_steps(conn, defs, if_match, now, max_nodes)
+            applied = await step_trees.put_steps(conn, defs, if_match, now, max_nodes)
+            if dry_run:
+                raise _RolledBack(applied)  # leaving the block by an exception rolls the transaction back
+            return applied
 
     async def delete_step(self, name: str) -> bool:
         """Delete a step no parent uses; False when there is none; StepsRefused(409) while one does."""
@@ -356,6 +374,14 @@ class Store:
             await conn.execute(self._insert_ignore(settings, {"key": key, "value": default}))
             value = await conn.scalar(select(settings.c.value).where(settings.c.key == key))
             return str(value)
+
+
+class _RolledBack(Exception):  # noqa: N818 -- not an error: how a dry run leaves its transaction
+    """Carries a dry run's result out of the transaction it rolls back."""
+
+    def __init__(self, applied: StepsApplied) -> None:
+        super().__init__("dry run")
+        self.applied = applied
 
 
 def _plain(row: Any) -> dict[str, Any]:
