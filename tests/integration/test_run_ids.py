@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import os
-
 from aetr.domain.ids import normal_prefix, prefix_bounds
 from tests.integration.conftest import Server
 
 
 def common_start(ids: list[str]) -> str:
-    return os.path.commonprefix(ids)
+    """The characters every id starts with."""
+    first, last = min(ids), max(ids)
+    n = 0
+    while n < len(first) and first[n] == last[n]:
+        n += 1
+    return first[:n]
 
 
 async def runs_with_prefix(aetr: Server, prefix: str) -> list[str]:

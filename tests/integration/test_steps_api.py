@@ -349,7 +349,7 @@ async def test_only_the_steps_whose_definition_differs_get_a_new_version(aetr: S
     await put_applied(aetr, PIPE)
     changed = {**PIPE, "children": [
         {"step": {"name": "fetch", **API, "timeout_s": 6}, "mapper": "(x) => x"}, PIPE["children"][1]]}
-    status, body, applied = await put_applied(aetr, changed)
+    _, body, applied = await put_applied(aetr, changed)
     assert applied == {"pipe": "unchanged", "fetch": "changed", "store": "unchanged"}, applied
     assert body["version"] == 1 and [c["step"]["version"] for c in body["children"]] == [2, 1], body
     # A new mapper is a change of the parent, whose link holds it.

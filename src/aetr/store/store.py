@@ -29,8 +29,8 @@ from aetr.store import codec, step_trees
 from aetr.store.errors import Conflict, Duplicate, StepsRefused
 from aetr.store.operations import Op, OpStream, Sql
 from aetr.store.requests import Program
-from aetr.store.step_trees import StepsApplied
 from aetr.store.statements import Statements
+from aetr.store.step_trees import StepsApplied
 from aetr.store.tables import events, run_nodes, settings, step_children, steps, work
 from aetr.store.views import nest, nest_json
 
@@ -376,7 +376,7 @@ class Store:
             return str(value)
 
 
-class _RolledBack(Exception):  # noqa: N818 -- not an error: how a dry run leaves its transaction
+class _RolledBack(Exception):
     """Carries a dry run's result out of the transaction it rolls back."""
 
     def __init__(self, applied: StepsApplied) -> None:
