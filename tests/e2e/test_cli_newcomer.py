@@ -18,7 +18,6 @@ from tests.e2e.harness import CLI_TIMEOUT_S, AetrServer, Api, aetr_command, clea
 from tests.e2e.test_cli_runs import awaiting_signal, put_approval
 
 
-
 def _read_all(fd: int) -> bytes:
     chunks = []
     while True:
