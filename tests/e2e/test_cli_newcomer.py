@@ -137,3 +137,14 @@ async def test_running_a_step_that_does_not_exist_points_to_aetr_apply(aetr: Aet
     assert ran.code == 2, ran
     assert ran.stderr == ("error: no step named (or with id) 'nope': create it with `aetr apply FILE`; "
                           "`aetr steps list` shows the steps there are\n"), ran
+
+
+async def test_apply_of_a_mapper_that_does_not_parse_names_its_line_and_column(
+        aetr: AetrServer, tmp_path: Path) -> None:
+    steps = tmp_path / "broken.yaml"
+    steps.write_text("name: flow\nkind: sequential\nchildren:\n  - step: {name: pause, kind: wait, seconds: 1}\n"
+                     "    mapper: |\n      (input) => ({\n        n: input.n,\n        m: ,\n      })\n")
+    applied = await cli("--url", aetr.url, "apply", str(steps))
+    assert applied.code == 2, applied
+    assert applied.stderr == ("error: step 'flow', child 0 ('pause') mapper does not compile (line 3, column 6 of "
+                              "the script): SyntaxError: Unexpected token ',' (HTTP 422)\n"), applied

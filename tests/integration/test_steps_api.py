@@ -371,3 +371,21 @@ async def test_a_dry_run_answers_what_would_change_and_keeps_nothing(aetr: Serve
     assert body["children"][1]["step"]["version"] == 2 and body["children"][1]["step"]["timeout_s"] == 9
     _, stored = await aetr.call("GET", "/api/v1/steps/store")
     assert stored["version"] == 1 and stored["timeout_s"] != 9, stored
+
+
+async def test_a_mapper_that_does_not_parse_is_refused_with_its_own_line_and_column(aetr: Server) -> None:
+    body = {"name": "s", "kind": "sequential", "children": [
+        {"step": api("k"), "mapper": "(input) => ({\n  sku: input.id,\n  price: input.price +* 100,\n})"}]}
+    status, answer = await aetr.call("PUT", "/api/v1/steps/s", body)
+    assert status == 422, answer
+    assert answer["detail"] == ("step 's', child 0 ('k') mapper does not compile (line 3, column 23 of the "
+                                "script): SyntaxError: Unexpected token '*'"), answer
+    body["children"][0]["mapper"] = "(input) => {"
+    status, answer = await aetr.call("PUT", "/api/v1/steps/s", body)
+    assert status == 422 and "(line 1, column 12 of the script)" in answer["detail"], answer
+    assert "brace opened on line 1, column 12 is closed" in answer["detail"] and "')'" not in answer["detail"]
+    assert (await aetr.call("GET", "/api/v1/steps/s"))[0] == 404
+
+    status, answer = await aetr.call("POST", "/api/v1/sandbox/evaluate", {"source": "(input) => {", "input": 1})
+    assert status == 200 and answer["ok"] is False, answer
+    assert (answer["error"]["line"], answer["error"]["column"], answer["error"]["kind"]) == (1, 12, "syntax"), answer

@@ -60,8 +60,8 @@ async def put_step(
         try:
             await asyncio.to_thread(engine.sandbox.check, source)  # up to the time limit: off the event loop
         except ScriptError as exc:
-            line = f" (line {exc.line})" if exc.line else ""
-            raise HTTPException(422, f"{where} does not compile{line}: {exc.message}") from None
+            at = f" ({exc.where} of the script)" if exc.where else ""
+            raise HTTPException(422, f"{where} does not compile{at}: {exc.message}") from None
     try:
         applied = await engine.store.apply_steps(defs, expected, utcnow(), engine.settings.max_tree_nodes,
                                                  dry_run=dry_run)

@@ -185,7 +185,8 @@ def apply(
                 if done and not diff:
                     err.print(f"{done} of {len(definitions)} step(s) applied before {name!r} failed")
                 # Name the step: the server's detail is about one PUT, the user gave a whole file.
-                raise AetrError(exc.status, f"step {name!r}: {exc.detail}") from None
+                named = exc.detail if exc.detail.startswith(f"step {name!r}") else f"step {name!r}: {exc.detail}"
+                raise AetrError(exc.status, named) from None
             before = _steps_of(stored) if stored else {}
             after = _steps_of(applied.step)
             for step, outcome, version in _outcomes(applied, definition, diff):
