@@ -107,7 +107,8 @@ async def list_runs(
     cursor: Annotated[str | None, Query(max_length=500)] = None,
     id_prefix: Annotated[str | None, Query(
         max_length=ids.ID_CHARS, pattern=ID_PREFIX_PATTERN,
-        description="only runs whose id starts with this: 4 to 32 of its hex digits, hyphens optional")] = None,
+        description="only runs whose id starts with this: 4 to 32 of its hex digits, hyphens optional; "
+                    "the page is then ordered by id, newest first")] = None,
 ) -> Response:
     """Root runs, newest first: `{runs: [...], next_cursor}`."""
     if cursor is not None:

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, event, select, text, tuple_, update
+from sqlalchemy import Select, delete, event, select, text, tuple_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -323,21 +323,7 @@ class Store:
                         id_prefix: str | None = None) -> RunPage:
         """Root runs, newest first, filtered by state, step name and the start of their id (as
         aetr.domain.ids.normal_prefix gives it), keyset-paginated."""
-        q = select(*codec.NODE_COLUMNS).where(run_nodes.c.parent_id.is_(None))
-        if state:
-            q = q.where(run_nodes.c.state == state)
-        if step:
-            q = q.where(run_nodes.c.step_name == step)
-        if id_prefix:
-            # A range, not LIKE: an index on the id answers it whatever the column's collation.
-            low, high = prefix_bounds(id_prefix)
-            q = q.where(run_nodes.c.id >= low)
-            if high is not None:
-                q = q.where(run_nodes.c.id < high)
-        if cursor:
-            at, last_id = decode_cursor(cursor)
-            q = q.where(tuple_(run_nodes.c.created_at, run_nodes.c.id) < tuple_(at, last_id))
-        q = q.order_by(run_nodes.c.created_at.desc(), run_nodes.c.id.desc()).limit(limit + 1)
+        q = runs_query(state, step, limit, cursor, id_prefix)
         async with self.engine.connect() as conn:
             nodes = [codec.node_from_row(r._mapping) for r in await conn.execute(q)]
         more = len(nodes) > limit
@@ -382,6 +368,31 @@ class _RolledBack(Exception):
     def __init__(self, applied: StepsApplied) -> None:
         super().__init__("dry run")
         self.applied = applied
+
+
+def runs_query(state: str | None, step: str | None, limit: int, cursor: str | None,
+               id_prefix: str | None = None) -> Select[Any]:
+    """The query of Store.list_runs: one more run than `limit`, to know whether there is a next page."""
+    q = select(*codec.NODE_COLUMNS).where(run_nodes.c.parent_id.is_(None))
+    if state:
+        q = q.where(run_nodes.c.state == state)
+    if step:
+        q = q.where(run_nodes.c.step_name == step)
+    if id_prefix:
+        # A range, not LIKE: an index on the id answers it whatever the column's collation. Ordered by id (the
+        # millisecond each run was made, then random digits), which that index gives as it reads: ordered by
+        # created_at, PostgreSQL walked every run's entry in the created_at index to find the few in range.
+        low, high = prefix_bounds(id_prefix)
+        q = q.where(run_nodes.c.id >= low)
+        if high is not None:
+            q = q.where(run_nodes.c.id < high)
+        if cursor:
+            q = q.where(run_nodes.c.id < decode_cursor(cursor)[1])
+        return q.order_by(run_nodes.c.id.desc()).limit(limit + 1)
+    if cursor:
+        at, last_id = decode_cursor(cursor)
+        q = q.where(tuple_(run_nodes.c.created_at, run_nodes.c.id) < tuple_(at, last_id))
+    return q.order_by(run_nodes.c.created_at.desc(), run_nodes.c.id.desc()).limit(limit + 1)
 
 
 def _plain(row: Any) -> dict[str, Any]:
