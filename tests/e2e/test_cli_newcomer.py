@@ -126,7 +126,7 @@ async def test_applying_a_file_again_changes_nothing_and_diff_shows_a_change_wit
     steps.write_text(steps.read_text().replace("seconds: 1", "seconds: 2"))
     diff = await cli(*url, "apply", "--diff", str(steps))
     assert diff.code == 0, diff
-    assert "unchanged  flow  version 1" in diff.stdout, diff
+    assert "unchanged     flow  version 1" in diff.stdout, diff
     assert "would change  pause  version 2  (inline)" in diff.stdout, diff
     assert "-seconds: 1.0" in diff.stdout and "+seconds: 2.0" in diff.stdout, diff
     assert (await Api(http, aetr.url).call("GET", "/api/v1/steps/pause"))[1]["version"] == 1

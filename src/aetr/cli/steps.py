@@ -195,7 +195,7 @@ def apply(
                 if diff and outcome != "unchanged":
                     entry["diff"] = _diff(step, before.get(step), after.get(step))
                 if not as_json:
-                    _print_outcome(entry)
+                    _print_outcome(entry, len("would change") if diff else len("unchanged"))
                 report.append(entry)
         return report
 
@@ -214,12 +214,12 @@ async def _stored(client: Client, name: str) -> dict[str, Any] | None:
         raise
 
 
-def _print_outcome(entry: dict[str, Any]) -> None:
+def _print_outcome(entry: dict[str, Any], width: int) -> None:
     """One line per step: what became of it (or would), its name, its version; then its diff, if any."""
     outcome = entry["outcome"]
     style = OUTCOME_STYLES.get(outcome, "")
     inline = "  [dim](inline)[/]" if entry["inline"] else ""
-    out.print(f"[{style}]{escape(outcome):<9}[/]  [bold]{escape(entry['step'])}[/]  version "
+    out.print(f"[{style}]{escape(outcome):<{width}}[/]  [bold]{escape(entry['step'])}[/]  version "
               f"{escape(str(entry['version']))}{inline}", soft_wrap=True)
     if entry.get("diff"):
         for line in entry["diff"].splitlines():
