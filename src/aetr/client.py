@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self, cast
 from urllib.parse import quote
@@ -32,6 +32,7 @@ REQUEST_TIMEOUT_S: Final = 30.0  # seconds; for requests that do not long-poll
 # A server that ignores `?wait=` must not turn `wait_run` into a busy loop.
 MIN_POLL_INTERVAL_S: Final = 0.25  # seconds
 DETAIL_MAX_CHARS: Final = 500
+APPLIED_HEADER: Final = "AETR-Applied"  # what a PUT of a step did to each step it defines
 
 
 class AetrError(Exception):
@@ -62,10 +63,13 @@ UNSET: Final = _Unset.UNSET
 
 @dataclass(frozen=True, slots=True)
 class Applied:
-    """The outcome of a PUT of a step: whether it was created, and the resolved tree."""
+    """The outcome of a PUT of a step: whether it was created, the resolved tree, and what became of each step
+    the definition holds, inline ones too ("created", "changed" or "unchanged"; empty from a server that does
+    not say)."""
 
     created: bool
     step: dict[str, Any]
+    outcomes: dict[str, str] = field(default_factory=dict)
 
 
 def _segment(value: str) -> str:
@@ -133,6 +137,22 @@ class Client:
         timeout_s: float | None = None,
     ) -> tuple[int, Any]:
         """Send one request; return (status, decoded JSON body or None), raising AetrError on non-2xx."""
+        status, body, _ = await self._exchange(method, path, body=body, params=params, headers=headers,
+                                               timeout_s=timeout_s)
+        return status, body
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[int, Any, dict[str, str]]:
+        """Send one request; return (status, decoded JSON body or None, answer headers with lowercase names),
+        raising AetrError on non-2xx."""
         if self._session is None:
             raise RuntimeError("Client is not open: use `async with Client(...) as client:`")
         # encoded=True: keep our quoting as is (yarl would otherwise normalise a step named "..").
@@ -149,6 +169,7 @@ class Client:
             async with self._session.request(method, url, data=data, headers=send_headers, timeout=timeout) as response:
                 raw = await response.read()
                 status, reason = response.status, response.reason
+                answer_headers = {k.lower(): v for k, v in response.headers.items()}
         except TimeoutError as exc:
             # Checked first: aiohttp's ServerTimeoutError is also a ClientConnectionError.
             limit = timeout_s if timeout_s is not None else self._timeout_s
@@ -171,22 +192,29 @@ class Client:
         if not 200 <= status < 300:
             raise AetrError(status, _detail(status, reason, raw))
         if not raw:
-            return status, None
+            return status, None, answer_headers
         try:
-            return status, orjson.loads(raw)
+            return status, orjson.loads(raw), answer_headers
         except orjson.JSONDecodeError as exc:
             raise AetrError(status, f"the server answered with a body that is not JSON: {raw[:80]!r}") from exc
 
     # Steps
 
-    async def apply_step(self, spec: dict[str, Any], if_match: int | None = None) -> Applied:
-        """Create or replace the step `spec["name"]` (and its inline children)."""
+    async def apply_step(self, spec: dict[str, Any], if_match: int | None = None, *,
+                         dry_run: bool = False) -> Applied:
+        """Create or replace the step `spec["name"]` (and its inline children); a step defined as it is stored
+        is left unchanged. With `dry_run`, what it would do, with nothing changed."""
         name = spec.get("name")
         if not isinstance(name, str) or not name:
             raise ValueError('a step definition needs a "name" (a non-empty string)')
         headers = {"If-Match": str(if_match)} if if_match is not None else None
-        status, tree = await self._request("PUT", f"/steps/{_segment(name)}", body=spec, headers=headers)
-        return Applied(created=status == 201, step=cast(dict[str, Any], tree))
+        params = {"dry_run": "true"} if dry_run else None
+        status, tree, answer = await self._exchange("PUT", f"/steps/{_segment(name)}", body=spec, headers=headers,
+                                                    params=params)
+        said = answer.get(APPLIED_HEADER.lower(), "")
+        outcomes = dict(pair.split("=", 1) for pair in said.split() if "=" in pair)
+        return Applied(created=status == 201 or outcomes.get(name) == "created", step=cast(dict[str, Any], tree),
+                       outcomes=outcomes)
 
     async def put_step(self, spec: dict[str, Any], if_match: int | None = None) -> dict[str, Any]:
         """Create or replace a step; return its resolved tree."""
@@ -254,9 +282,10 @@ class Client:
         step: str | None = None,
         limit: int | None = None,
         cursor: str | None = None,
+        id_prefix: str | None = None,
     ) -> dict[str, Any]:
-        """One page of root runs, newest first."""
-        given = {"state": state, "step": step, "limit": limit, "cursor": cursor}
+        """One page of root runs, newest first; `id_prefix` keeps those whose id starts with it."""
+        given = {"state": state, "step": step, "limit": limit, "cursor": cursor, "id_prefix": id_prefix}
         params = {key: str(value) for key, value in given.items() if value is not None}
         _, page = await self._request("GET", "/runs", params=params)
         return cast(dict[str, Any], page)

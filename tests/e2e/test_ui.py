@@ -272,6 +272,11 @@ async def test_a_user_builds_the_catalog_pipeline_tries_its_mapper_and_watches_a
     await expect(mapper).to_be_focused()
     assert await mapper.evaluate("t => t.value.slice(t.selectionStart, t.selectionEnd)") == \
         "  return items.nope.map((item) => item.id);"
+    # A mapper cut short is reported where its author left a brace open, not at a token they never wrote.
+    await mapper.fill("(input) => {")
+    await mapper.press("Control+Enter")
+    await expect(result).to_contain_text("Script error on line 1, column 12")
+    await expect(result).to_contain_text("the brace opened on line 1, column 12 is closed")
     await mapper.fill(NORMALIZE_MAPPER)
 
     await page.get_by_role("button", name="Create step").click()

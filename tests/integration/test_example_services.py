@@ -39,6 +39,9 @@ NORMALIZED = {
 IMAGES = {"images": {f"sku-{i}": f"https://images.example.com/acme/sku-{i}.jpg" for i in (1, 2, 3)}}
 
 
+RUN_ID = "01a23caf-e775-70ac-9fd3-d8b698495148"
+
+
 class Aetr:
     """Just enough of AETR for the example services: dispatch a step, collect its callback."""
 
@@ -71,7 +74,7 @@ class Aetr:
         self._count += 1
         token = f"tok-{self._count}"
         self.callbacks[token] = asyncio.get_running_loop().create_future()
-        headers = {"AETR-Callback": f"{self.base_url}/api/v1/callbacks/{token}", "AETR-Run-Id": "run-12345678",
+        headers = {"AETR-Callback": f"{self.base_url}/api/v1/callbacks/{token}", "AETR-Run-Id": RUN_ID,
                    "AETR-Node-Id": "node-1", "AETR-Attempt": "1"}
         started = time.monotonic()
         async with http.post(url, data=orjson.dumps(body), headers=headers) as response:
@@ -176,7 +179,8 @@ async def test_each_service_calls_back_after_its_short_delay_and_logs_one_line(
     assert len(log) == len(SERVICES)
     for service in SERVICES:
         (line,) = [line for line in log if f" {service.path.lstrip('/')} " in line]
-        assert "run run-1234" in line and "attempt 1" in line and "\n" not in line
+        # The millisecond the run was made, which runs of the same minute do not share.
+        assert "run 01a23caf-e775 attempt 1" in line and "\n" not in line
 
 
 async def test_a_malformed_input_fails_the_step_without_retry_and_says_what_was_expected(

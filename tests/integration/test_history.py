@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
+from sqlalchemy import insert
+
+from aetr.store import Store
+from aetr.store.tables import events as events_table
 from aetr.testing import Call, StepService, never
 from tests.integration.conftest import Server
 
@@ -143,6 +148,13 @@ async def test_the_history_records_every_kind_of_event_in_the_order_it_happened(
         assert sorted(got, key=repr) == sorted(group, key=repr), (
             f"events {start}..{start + len(group) - 1}: expected {group}, got {got}; the whole history: {lines}")
         start += len(group)
+    # What a step reported is listed before what it caused, and every line about a node names its step.
+    assert lines.index(("callback", "a", (1, "accepted"))) < lines.index(("state", "a", ("executing", "complete")))
+    assert lines.index(("callback.fail", "b", (1, "accepted"))) < lines.index(("retry", "b", (1, 2)))
+    assert lines.index(("callback", "b", (4, "accepted"))) < lines.index(("state", "b", ("executing", "complete")))
+    assert all(e["data"]["step"] == names[e["node_id"]] for e in events), events
+    (failed,) = [e for e in events if e["kind"] == "callback.fail"]
+    assert failed["data"]["report"] == "failure" and failed["data"]["error"] == "disk full", failed
     event_ids = [e["id"] for e in events]
     assert event_ids == sorted(event_ids) and len(set(event_ids)) == len(event_ids), event_ids
     times = [datetime.fromisoformat(e["at"]) for e in events]
@@ -153,3 +165,30 @@ async def test_the_history_records_every_kind_of_event_in_the_order_it_happened(
     assert refusals == ["attempt 1 was superseded by attempt 2", "node is already cancelled"], refusals
     (timeout,) = [e for e in events if e["kind"] == "timeout"]
     assert timeout["data"]["timeout_s"] == TIMEOUT_S
+
+
+async def test_a_refused_connection_is_reported_as_a_failed_call_not_as_accepted(aetr: Server) -> None:
+    with socket.socket() as closed:  # bound, never listening: connections to it are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/x"
+        await aetr.put_step({"name": "nowhere", "kind": "api", "url": url, "retry": {"max_attempts": 1}})
+        run_id = await aetr.start("nowhere", {})
+        assert (await aetr.wait_run(run_id))["state"] == "error"
+    events = await History(aetr, run_id).read()
+    (report,) = [e for e in events if e["kind"] == "dispatch"]
+    assert report["data"]["report"] == "failure" and "failed" in report["data"]["error"], report
+    kinds = [(e["kind"], e["data"].get("to")) for e in events]
+    assert kinds.index(("dispatch", None)) < kinds.index(("state", "error")), kinds
+    assert {e["data"]["step"] for e in events} == {"nowhere"}, events
+
+
+async def test_history_is_listed_by_time_whatever_order_it_was_written_in(store: Store) -> None:
+    # A held answer to a call is written after events that happened later (here, a cancellation).
+    now = datetime.now(UTC)
+    async with store.engine.begin() as conn:
+        await conn.execute(insert(events_table), [
+            {"root_id": "r", "node_id": "r", "at": now, "kind": "cancel", "data": {"from": "executing"}},
+            {"root_id": "r", "node_id": "n", "at": now - timedelta(milliseconds=3), "kind": "dispatch",
+             "data": {"attempt": 1, "status": 202}},
+            {"root_id": "r", "node_id": "r", "at": now, "kind": "state", "data": {"to": "cancelled"}}])
+    assert [e["kind"] for e in await store.run_events("r")] == ["dispatch", "cancel", "state"]

@@ -136,7 +136,8 @@ async def test_each_ended_run_is_announced_once_by_a_receiver_that_refuses_twice
             assert event["data"]["output"] == run["output"] and event["data"]["error"] == run["error"]
             assert event["data"]["ended_at"] is not None
             queued, *history = [e for e in await aetr.events(run_id) if e["kind"] == "notify"]
-            assert queued["data"] == {"outcome": "queued", "id": event["id"], "url": rec.url}
+            assert queued["data"] == {"outcome": "queued", "id": event["id"], "url": rec.url,
+                                      "step": run["step"]["name"]}
             assert [(e["data"]["attempt"], e["data"]["status"], e["data"]["outcome"]) for e in history] == [
                 (1, 503, "failed"), (2, 503, "failed"), (3, 204, "delivered")]
             assert {e["data"]["id"] for e in history} == {event["id"]}

@@ -16,12 +16,14 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from sqlalchemy.dialects import postgresql
 
 from aetr.engine.coordinator import Coordinator
 from aetr.store import open_store
 from aetr.store.migrate import upgrade_engine
 from aetr.store.postgres import EVENTS_SESSION
 from aetr.store.postgres_sql import COUNT_CHILDREN_PG, PostgresStatements
+from aetr.store.store import runs_query
 from aetr.testing.engine import KeptCalls, coordinator_without_http
 from tests.integration.conftest import TABLES
 
@@ -108,3 +110,40 @@ async def test_counting_children_of_a_wide_parent_reads_only_the_children_counte
         assert visited <= ROWS_PER_NODE * counted, visited
     finally:
         await conn.close()
+
+
+def blocks_read(plan_json: str) -> int:
+    """The buffer pages an EXPLAIN (ANALYZE, BUFFERS) plan touched, cached or not."""
+    top = orjson.loads(plan_json)[0]["Plan"]
+    return int(top.get("Shared Hit Blocks", 0)) + int(top.get("Shared Read Blocks", 0))
+
+
+async def test_runs_by_the_start_of_their_id_read_a_few_pages_whatever_the_number_of_runs_and_nodes(
+        pg_url: str) -> None:
+    store = open_store(pg_url)
+    await upgrade_engine(store.engine)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+        # One run of 10,000 nodes, whose ids all share its first 8 characters, and 50,000 small runs.
+        node = ("INSERT INTO run_nodes (id, root_id, parent_id, position, step_id, step_name, step_kind, step_version,"
+                " config, n_children, state, attempt, version, created_at)"
+                " SELECT {id}, {root}, {parent}, g, 's', 's', 'api', 1, '{{}}', 0, 'pending', 0, 1,"
+                " now() + g * interval '1 ms' FROM generate_series({first}, {last}) AS g")
+        big = "'00001000-0000-7000-8000-000000000000'"
+        await conn.execute(node.format(id=big, root=big, parent="NULL", first=0, last=0))
+        await conn.execute(node.format(id="'00001000-0000-7000-8000-' || lpad(to_hex(g), 12, '0')", root=big,
+                                       parent=big, first=1, last=10_000))
+        small = "lpad(to_hex(65536 + g), 8, '0') || '-0000-7000-8000-000000000000'"
+        await conn.execute(node.format(id=small, root=small, parent="NULL", first=1, last=50_000))
+        await conn.execute("ANALYZE run_nodes")
+        for prefix, expected in (("00001000", "00001000-0000-7000-8000-000000000000"),
+                                 ("0001c350", "0001c350-0000-7000-8000-000000000000")):
+            query = str(runs_query(None, None, 10, None, prefix).compile(
+                dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+            assert [r["id"] for r in await conn.fetch(query)] == [expected]
+            plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
+            assert blocks_read(plan) <= 20, plan
+    finally:
+        await conn.close()
+        await store.close()

@@ -321,3 +321,71 @@ async def test_a_few_kilobytes_resolving_to_ten_million_nodes_are_refused_under_
     assert status == 422, answer
     assert "10010101 nodes" in answer["detail"] and "at most 200000" in answer["detail"], answer
     assert (await aetr.call("GET", "/api/v1/steps/b3"))[0] == 404
+
+
+async def put_applied(aetr: Server, spec: dict[str, Any], query: str = "") -> tuple[int, Any, dict[str, str]]:
+    """(status, body, what the AETR-Applied header says of each step) of one PUT."""
+    async with aetr.http.put(f"{aetr.base_url}/api/v1/steps/{spec['name']}{query}", json=spec) as resp:
+        applied = dict(pair.split("=") for pair in resp.headers.get("AETR-Applied", "").split())
+        return resp.status, await resp.json(), applied
+
+
+PIPE = {"name": "pipe", "kind": "sequential", "children": [
+    {"step": {"name": "fetch", **API, "timeout_s": 5}, "mapper": "(x) => x"},
+    {"step": {"name": "store", **API}}]}
+
+
+async def test_putting_the_same_definition_again_changes_nothing_and_says_unchanged(aetr: Server) -> None:
+    status, first, applied = await put_applied(aetr, PIPE)
+    assert status == 201 and applied == {"pipe": "created", "fetch": "created", "store": "created"}, applied
+    _, before = await aetr.call("GET", "/api/v1/steps")
+    status, again, applied = await put_applied(aetr, PIPE)
+    assert status == 200 and applied == {"pipe": "unchanged", "fetch": "unchanged", "store": "unchanged"}
+    assert again == first  # same versions, same ids
+    assert (await aetr.call("GET", "/api/v1/steps"))[1] == before  # updated_at too
+
+
+async def test_only_the_steps_whose_definition_differs_get_a_new_version(aetr: Server) -> None:
+    await put_applied(aetr, PIPE)
+    changed = {**PIPE, "children": [
+        {"step": {"name": "fetch", **API, "timeout_s": 6}, "mapper": "(x) => x"}, PIPE["children"][1]]}
+    _, body, applied = await put_applied(aetr, changed)
+    assert applied == {"pipe": "unchanged", "fetch": "changed", "store": "unchanged"}, applied
+    assert body["version"] == 1 and [c["step"]["version"] for c in body["children"]] == [2, 1], body
+    # A new mapper is a change of the parent, whose link holds it.
+    remapped = {**changed, "children": [{**changed["children"][0], "mapper": "(x) => x.y"}, PIPE["children"][1]]}
+    _, body, applied = await put_applied(aetr, remapped)
+    assert applied == {"pipe": "changed", "fetch": "unchanged", "store": "unchanged"}, applied
+    assert body["version"] == 2, body
+
+
+async def test_a_dry_run_answers_what_would_change_and_keeps_nothing(aetr: Server) -> None:
+    status, body, applied = await put_applied(aetr, PIPE, "?dry_run=true")
+    assert status == 200 and applied == {"pipe": "created", "fetch": "created", "store": "created"}, applied
+    assert body["name"] == "pipe" and len(body["children"]) == 2
+    assert (await aetr.call("GET", "/api/v1/steps"))[1] == []
+    await put_applied(aetr, PIPE)
+    changed = {**PIPE, "children": [PIPE["children"][0], {"step": {"name": "store", **API, "timeout_s": 9}}]}
+    status, body, applied = await put_applied(aetr, changed, "?dry_run=true")
+    assert applied == {"pipe": "unchanged", "fetch": "unchanged", "store": "changed"}, applied
+    assert body["children"][1]["step"]["version"] == 2 and body["children"][1]["step"]["timeout_s"] == 9
+    _, stored = await aetr.call("GET", "/api/v1/steps/store")
+    assert stored["version"] == 1 and stored["timeout_s"] != 9, stored
+
+
+async def test_a_mapper_that_does_not_parse_is_refused_with_its_own_line_and_column(aetr: Server) -> None:
+    body = {"name": "s", "kind": "sequential", "children": [
+        {"step": api("k"), "mapper": "(input) => ({\n  sku: input.id,\n  price: input.price +* 100,\n})"}]}
+    status, answer = await aetr.call("PUT", "/api/v1/steps/s", body)
+    assert status == 422, answer
+    assert answer["detail"] == ("step 's', child 0 ('k') mapper does not compile (line 3, column 23 of the "
+                                "script): SyntaxError: Unexpected token '*'"), answer
+    body["children"][0]["mapper"] = "(input) => {"
+    status, answer = await aetr.call("PUT", "/api/v1/steps/s", body)
+    assert status == 422 and "(line 1, column 12 of the script)" in answer["detail"], answer
+    assert "brace opened on line 1, column 12 is closed" in answer["detail"] and "')'" not in answer["detail"]
+    assert (await aetr.call("GET", "/api/v1/steps/s"))[0] == 404
+
+    status, answer = await aetr.call("POST", "/api/v1/sandbox/evaluate", {"source": "(input) => {", "input": 1})
+    assert status == 200 and answer["ok"] is False, answer
+    assert (answer["error"]["line"], answer["error"]["column"], answer["error"]["kind"]) == (1, 12, "syntax"), answer

@@ -439,3 +439,124 @@ def test_a_big_map_without_failures_shows_only_its_counts_and_the_summary() -> N
 
 def test_a_map_without_items_says_so() -> None:
     assert "no items" in text_of(render.run_tree(run_node("prices", "map", "complete")))
+
+
+# Tables: 80 columns on a terminal, tab-separated in a pipe
+
+RUNS = [{"id": f"01a23caf-e{i}d5-789a-be48-e21a20e7f25{i}", "step": {"name": "catalog-pipeline-with-a-long-name"},
+         "state": state, "created_at": f"2026-12-03T16:14:5{i}+00:00", "started_at": f"2026-12-03T16:14:5{i}+00:00",
+         "completed_at": "2026-12-03T16:14:59+00:00"} for i, state in enumerate(["complete", "executing", "error"])]
+
+
+def drawn_lines(table: render.Rows, width: int = 80) -> list[str]:
+    console = Console(file=io.StringIO(), width=width, color_system=None, record=True, force_terminal=True)
+    console.print(render.drawn(table, width))
+    return console.export_text().splitlines()
+
+
+def test_the_runs_table_fits_80_columns_one_line_a_run_with_ids_states_and_times_whole() -> None:
+    lines = drawn_lines(render.runs_table(RUNS))
+    assert len(lines) == 1 + len(RUNS), lines
+    assert all(len(line) <= 80 for line in lines), lines
+    for line, run in zip(lines[1:], RUNS, strict=True):
+        short = run["id"][:11]  # they differ at the 11th character
+        assert line.startswith(f"{short}  "), line
+        assert run["state"] in line and run["created_at"][11:19] in line, line
+    # The step's name gives way, and only it: 80 columns hold all but its last characters.
+    assert "catalog-pipeline-with-a-long…" in lines[1], lines
+    wide = drawn_lines(render.runs_table(RUNS), 120)
+    assert "catalog-pipeline-with-a-long-name" in wide[1] and "…" not in wide[1], wide
+    narrow = drawn_lines(render.runs_table(RUNS), 60)
+    assert all(len(line) <= 60 for line in narrow) and len(narrow) == 4, narrow
+    assert "executing" in narrow[2] and "2026-12-03 16:14:51" in narrow[2], narrow
+
+
+def test_a_table_in_a_pipe_is_tab_separated_whole_with_a_header() -> None:
+    text = render.tab_separated(render.runs_table(RUNS))
+    lines = text.splitlines()
+    assert lines[0] == "run\tstep\tstate\tcreated (UTC)\ttook"
+    assert lines[1].split("\t")[:3] == [RUNS[0]["id"], "catalog-pipeline-with-a-long-name", "complete"]
+    assert all(len(line.split("\t")) == 5 for line in lines)
+
+
+def history(*events: tuple[str, str | None, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"at": f"2026-12-03T16:14:5{i}.123+00:00", "kind": kind, "node_id": node, "data": data}
+            for i, (kind, node, data) in enumerate(events)]
+
+
+NODE = "01a23caf-e0d5-789a-be48-e21a20e7f25d"
+
+
+def test_each_history_line_names_its_step_and_says_what_a_report_was() -> None:
+    events = history(
+        ("state", NODE, {"from": "pending", "to": "executing", "step": "ingest"}),
+        ("dispatch", NODE, {"attempt": 1, "report": "failure", "outcome": "accepted", "step": "ingest",
+                            "error": "POST http://x/ingest failed: Cannot connect to host x:80"}),
+        ("retry", NODE, {"attempt": 1, "next_attempt": 2, "delay_s": 1.5, "error": "POST http://x failed",
+                         "step": "ingest"}),
+        ("dispatch", NODE, {"attempt": 2, "status": 202, "ms": 3.3}),  # recorded before lines named their step
+        ("callback", NODE, {"attempt": 2, "report": "output", "outcome": "accepted", "step": "ingest"}),
+        ("callback", NODE, {"attempt": 1, "outcome": "refused", "reason": "attempt 1 was superseded by attempt 2"}))
+    table = render.events_table(events, {NODE: "ingest"})
+    rows = [[cell.text for cell in row] for row in table.rows]
+    assert [row[2] for row in rows] == ["ingest"] * 6
+    assert [row[1] for row in rows] == ["20e7f25d"] * 6
+    assert rows[0][3] == "→ executing"
+    assert rows[1][3] == "call failed" and "Cannot connect" in rows[1][4], rows[1]
+    assert not any("accepted" in cell or "taken" in cell for cell in rows[1]), rows[1]
+    assert rows[2][3] == "will retry" and "attempt 2 in 1.50 s" in rows[2][4]
+    assert rows[3][3:] == ["called", "HTTP 202 in 3.3 ms, attempt 2"]
+    assert rows[4][3:] == ["callback", "output taken, attempt 2"]
+    assert rows[5][3] == "callback ignored" and "superseded" in rows[5][4]
+    lines = drawn_lines(table)
+    assert all(len(line) <= 80 for line in lines) and len(lines) == 7, lines
+    assert lines[1].startswith("16:14:50.123  20e7f25d  ingest"), lines[1]
+
+
+# --help
+
+
+def all_commands(group: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for name, command in group.commands.items():
+        yield (*path, name), command
+        if hasattr(command, "commands"):
+            yield from all_commands(command, (*path, name))
+
+
+def test_help_names_no_python_types_and_every_command_has_a_one_line_summary() -> None:
+    from typer.main import get_command
+
+    root = get_command(app)
+    commands = list(all_commands(root))
+    assert {" ".join(p) for p, _ in commands} >= {"apply", "run", "runs show", "runs signal", "steps list"}
+    for path, command in [((), root), *commands]:
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
+        assert result.exit_code == 0, (path, result.output)
+        for python_type in ("<bool>", "<str>", "<float", "<int"):
+            assert python_type not in result.output, (path, result.output)
+        assert all(len(line) <= 80 for line in result.output.splitlines()), path
+        summary = (command.help or "").strip().splitlines()
+        assert summary and summary[0].endswith((".", ")")), (path, command.help)
+    signal = runner.invoke(app, ["runs", "signal", "--help"], env={"COLUMNS": "80"}).output
+    assert "{RUN} {NODE}" in signal and "--output" in signal and "JSON" in signal
+    assert "Short ids" in runner.invoke(app, ["runs", "--help"], env={"COLUMNS": "80"}).output
+
+
+def test_apply_takes_the_file_as_an_argument_or_with_f_but_not_both(tmp_path: Path, closed_url: str) -> None:
+    good = tmp_path / "a.yaml"
+    good.write_text("name: a\nkind: api\nurl: http://x/a\n")
+    for args in (["apply", str(good)], ["apply", "-f", str(good)], ["apply", "--diff", str(good)]):
+        result = invoke("--url", closed_url, *args)
+        assert_clean_exit(result, 2)
+        assert result.stderr == FRIENDLY.format(url=closed_url), args  # read, and on its way to the server
+    both = invoke("--url", closed_url, "apply", str(good), "-f", str(good))
+    assert_clean_exit(both, 2)
+    assert "give the file of step definitions once: aetr apply FILE" in both.stderr
+    assert "give the file" in invoke("apply").stderr
+
+
+def test_a_run_id_that_is_not_hex_is_refused_before_contacting_the_server(closed_url: str) -> None:
+    for args in (["runs", "show", "run-1"], ["runs", "events", "01a"], ["runs", "cancel", "01a2x"]):
+        result = invoke("--url", closed_url, *args)
+        assert_clean_exit(result, 2)
+        assert "is not a run id or the start of one: give at least 4 of its hex digits" in result.stderr, result

@@ -37,12 +37,20 @@ def test_a_schedule_with_a_name_that_cannot_be_a_path_segment_is_refused_before_
 def test_the_table_shows_paused_schedules_and_the_latest_run_state() -> None:
     from rich.console import Console
 
-    console = Console(width=160, record=True)
-    console.print(schedules_table([
+    from aetr.cli import render
+
+    table = schedules_table([
         {"name": "nightly", "step": "report", "cron": "30 2 * * *", "timezone": "Europe/Paris", "enabled": True,
          "next_run_at": "2026-05-01T00:30:00+00:00", "last_runs": [{"state": "complete"}, {"state": "error"}]},
         {"name": "weekly", "step": "report", "cron": "0 4 * * 0", "timezone": "UTC", "enabled": False,
-         "next_run_at": None, "last_runs": []}]))
+         "next_run_at": None, "last_runs": []}])
+    header, nightly, weekly = render.tab_separated(table).splitlines()
+    assert header.split("\t") == ["name", "step", "cron", "tz", "enabled", "next run (UTC)", "last run"]
+    assert nightly.split("\t") == ["nightly", "report", "30 2 * * *", "Europe/Paris", "yes", "2026-05-01 00:30:00",
+                                   "complete"]
+    assert weekly.split("\t")[-3:] == ["paused", "paused", "-"]
+    console = Console(width=80, record=True)
+    console.print(render.drawn(table, 80))
     lines = console.export_text().splitlines()
-    assert "2026-05-01 00:30:00" in lines[1] and "complete" in lines[1] and "yes" in lines[1]
-    assert lines[2].split()[-2:] == ["paused", "-"] and "weekly" in lines[2]
+    assert len(lines) == 3 and all(len(line) <= 80 for line in lines)  # at 80 columns: one line a schedule
+    assert "2026-05-01 00:30:00" in lines[1] and "30 2 * * *" in lines[1]

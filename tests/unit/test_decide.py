@@ -296,11 +296,11 @@ def test_cancel_and_redrive_are_recorded_before_the_state_changes_they_cause() -
     history.clear()
     store.event(root, lambda plan: recorded(plan, decide.redrive(plan, root)))
 
-    assert cancelled[0] == ("cancel", root, {"from": "executing"})
+    assert cancelled[0] == ("cancel", root, {"from": "executing", "step": "s"})
     assert sorted((node, data["from"], data["to"]) for kind, node, data in cancelled[1:] if kind == "state") == sorted(
         [(root, "executing", "cancelled"), (a, "executing", "cancelled"), (b, "pending", "cancelled")])
     assert [kind for kind, _, _ in cancelled] == ["cancel", "state", "state", "state"]
-    assert history[0] == ("run.retried", root, {"from": "cancelled"})
+    assert history[0] == ("run.retried", root, {"from": "cancelled", "step": "s"})
     assert [kind for kind, _, _ in history[1:]] == ["state"] * (len(history) - 1) and len(history) > 1
     # A refused cancel (the run is over) leaves no trace in the history.
     succeed(store, a)

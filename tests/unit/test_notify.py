@@ -40,7 +40,7 @@ def test_a_run_that_ends_with_a_notify_url_queues_one_notification_due_at_once(s
     (row,) = [w for w in plan.work if w.kind == "notify"]
     assert (row.node_id, row.root_id, row.attempt, row.due_at) == (notification_id(root), "r1", 0, NOW)
     (line,) = [e for e in plan.events if e.kind == "notify"]
-    assert line.data == {"outcome": "queued", "id": row.node_id, "url": HOOK}
+    assert line.data == {"outcome": "queued", "id": row.node_id, "url": HOOK, "step": "nightly"}
 
 
 def test_the_queued_line_hides_a_password_in_the_notify_url() -> None:

@@ -20,6 +20,7 @@ from aetr.sandbox import pool as pool_module
 from aetr.sandbox.isolate import Isolate
 from aetr.sandbox.prelude import REMOVED_GLOBALS
 from aetr.sandbox.process import WorkerProcess
+from aetr.sandbox.syntax import unclosed
 
 TIME_LIMIT_S = 0.5
 KILL_SLACK_S = 1.0  # killing a worker and reporting back, on a loaded CI machine
@@ -365,6 +366,38 @@ def test_a_syntax_error_is_reported_by_call_and_by_check(sandbox: Sandbox) -> No
     with pytest.raises(ScriptError) as caught:
         sandbox.check("(x) => {")
     assert caught.value.kind == "syntax"
+
+
+@pytest.mark.parametrize(("source", "message", "line", "column"), [
+    # Cut short: reported at the brace left open, not at a ')' the sandbox's wrapping adds.
+    ("(input) => {", "SyntaxError: the script ends before the brace opened on line 1, column 12 is closed", 1, 12),
+    ("(input) => ({\n  sku: input.id,\n  tags: [input.a, input.b\n})",
+     "SyntaxError: Unexpected token '}'", 4, 1),
+    ("(input) => {\n  const rate = 2;\n  return input.n +* rate;\n}", "SyntaxError: Unexpected token '*'", 3, 19),
+    ("function apply(input) {\n  return input;\n  }}\n",
+     "SyntaxError: the '}' on line 3, column 4 closes nothing that is open", 3, 4),
+    ("(input) => `total: ${input.n", "SyntaxError: the script ends before the template literal placeholder "
+                                   "opened on line 1, column 20 is closed", 1, 20),
+    ("(input) => 'open string", "SyntaxError: Invalid or unexpected token", 1, 12),
+    ("(input) => input.", "SyntaxError: the script ends too early: something is missing after its last character",
+     1, 18),
+])
+def test_a_syntax_error_names_the_line_and_column_of_the_script_as_written(
+        sandbox: Sandbox, source: str, message: str, line: int, column: int) -> None:
+    with pytest.raises(ScriptError) as caught:
+        sandbox.check(source)
+    assert (caught.value.kind, caught.value.message, caught.value.line, caught.value.column) == (
+        "syntax", message, line, column)
+    assert caught.value.where == f"line {line}, column {column}"
+    assert "')'" not in caught.value.message or "')'" in source
+
+
+def test_the_scan_for_what_a_script_leaves_open_skips_strings_comments_and_templates() -> None:
+    assert unclosed("(x) => ({ a: '}', b: \"{\", c: `${x.y}` }) // {") is None
+    assert unclosed("(x) => { /* } */") == ("brace", 1, 8)
+    assert unclosed("(x) => [\n  1,\n  2") == ("bracket", 1, 8)
+    assert unclosed("(x) => x /* note") == ("comment", 1, 10)
+    assert unclosed("(x) => x)") == ("stray )", 1, 9)
 
 
 @pytest.mark.parametrize("source", ["42", "'not a function'", "const x = 1;\nfunction helper() {}"])

@@ -193,7 +193,8 @@ class EventOut(BaseModel):
 
 class ScriptFailure(BaseModel):
     message: str
-    line: int | None
+    line: int | None = Field(description="the line of the script's own source it is on, from 1")
+    column: int | None = Field(None, description="the column on that line, from 1 (syntax errors)")
     kind: ScriptErrorKind
 
 

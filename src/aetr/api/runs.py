@@ -15,7 +15,8 @@ from yarl import URL
 from aetr.api.answers import EventOut, RunPage, RunTreeOut, errors
 from aetr.api.http import JSON, answer_below_routing, engine_of, read_body, replay, token_ok
 from aetr.api.render import nest, node_json, run_tree_json
-from aetr.api.schemas import RunIn, SignalIn, StepRef
+from aetr.api.schemas import ID_PREFIX_PATTERN, PATTERN_HINTS, RunIn, SignalIn, StepRef
+from aetr.domain import ids
 from aetr.domain.decide import Verdict
 from aetr.domain.runs import TERMINAL
 from aetr.engine.runtime import Engine
@@ -122,10 +123,19 @@ async def list_runs(
         pattern=CURSOR_PATTERN, description="where the page starts: the `next_cursor` of the page before (the "
                                             "creation time, in microseconds since 1970, and the id of the last run "
                                             "shown; runs older than it come next)")] = None,
+    id_prefix: Annotated[str | None, Query(
+        max_length=ids.ID_CHARS, pattern=ID_PREFIX_PATTERN,
+        description="only runs whose id starts with this: 4 to 32 of its hex digits, hyphens optional; "
+                    "the page is then ordered by id, newest first")] = None,
 ) -> Response:
     """Root runs, newest first: `{runs: [...], next_cursor}`."""
+    prefix = None
+    if id_prefix is not None:
+        prefix = ids.normal_prefix(id_prefix)
+        if prefix is None:  # the pattern lets none through: kept for a pattern changed without this
+            raise HTTPException(422, f"query.id_prefix: {PATTERN_HINTS[ID_PREFIX_PATTERN]}")
     try:
-        page = await engine_of(request).store.list_runs(state, step, limit, cursor)
+        page = await engine_of(request).store.list_runs(state, step, limit, cursor, prefix)
     except ValueError as exc:
         raise HTTPException(422, f"cursor: {exc}") from None
     return JSON({"runs": [node_json(n) for n in page.runs], "next_cursor": page.next_cursor})

@@ -38,12 +38,15 @@ URL_PATTERN: Final = (r"^[Hh][Tt][Tt][Pp][Ss]?://([A-Za-z0-9._~!$&'()*+,;=%-]*@)
                       r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
                       r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?"
                       r"([/?#][!-~]*)?$")
+# The start of a run's id: 4 to 32 of its hex digits, hyphens anywhere (they are left out when matching).
+ID_PREFIX_PATTERN: Final = r"^-*(?:[0-9a-fA-F]-*){4,32}$"
 # What each pattern asks for, in words: a 422 says this instead of the regular expression.
 PATTERN_HINTS: Final = {
     NAME_PATTERN: "must be 1–200 letters, digits, '-', '_' or '.', and not dots alone (such as '.' or '..')",
     LOOKUP_PATTERN: "must be 1–200 letters, digits, '-', '_' or '.'",
     NO_NUL_PATTERN: "must not contain NUL characters (\\u0000)",
     HEADER_VALUE_PATTERN: "must not contain control characters such as line breaks or NUL",
+    ID_PREFIX_PATTERN: "must be the start of a run id: 4 to 32 of its hex digits (0-9, a-f), e.g. 01a23b06",
     PERCENT_PATTERN: "must be a whole count of items, or a percentage of them such as \"10%\"",
     CURSOR_PATTERN: "must be the next_cursor of a previous page (microseconds, a dot, and 32 hexadecimal digits)",
 }

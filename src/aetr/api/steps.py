@@ -6,7 +6,7 @@ import asyncio
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Request, Response
 from yarl import URL
 
 from aetr.api.answers import StepOut, StepSummary, errors
@@ -20,6 +20,7 @@ from aetr.store import StepsRefused
 
 router = APIRouter(tags=["steps"])
 StepKey = Annotated[StepRef, Path(description="a step's name, or its id")]
+APPLIED_HEADER = "AETR-Applied"
 VERSION_TAG = re.compile(r'(?:W/)?"?([0-9]{1,18})"?')  # If-Match: 3, "3" or W/"3"
 # The same, for the document: FastAPI does not check it (a bad If-Match is answered 400, as HTTP would).
 IF_MATCH_PATTERN = r'^[ \t]*(W/)?"?[0-9]{1,18}"?[ \t]*$'
@@ -44,8 +45,11 @@ async def put_step(
     body: Annotated[StepIn, Body()],
     if_match: Annotated[str | None, Header(description="the version the change is based on: 3, \"3\" or W/\"3\"",
                                            json_schema_extra={"pattern": IF_MATCH_PATTERN})] = None,
+    dry_run: Annotated[bool, Query(description="answer what the change would do, and keep nothing")] = False,
 ) -> Response:
-    """Create or replace a step and every inline child, in one transaction."""
+    """Create or replace a step and every inline child, in one transaction. A step defined as it is stored is
+    left unchanged, its version too. The `AETR-Applied` header says what became of each step defined:
+    `name=created`, `name=changed` or `name=unchanged`, separated by spaces."""
     step: StepInModel = body
     if step.name != name:
         raise HTTPException(422, f"name: '{step.name}' in the body differs from '{name}' in the path")
@@ -70,15 +74,20 @@ async def put_step(
         try:
             await asyncio.to_thread(engine.sandbox.check, source)  # up to the time limit: off the event loop
         except ScriptError as exc:
-            line = f" (line {exc.line})" if exc.line else ""
-            raise HTTPException(422, f"{where} does not compile{line}: {exc.message}") from None
+            at = f" ({exc.where} of the script)" if exc.where else ""
+            raise HTTPException(422, f"{where} does not compile{at}: {exc.message}") from None
     try:
-        created, tree = await engine.store.put_steps(defs, expected, utcnow(), engine.settings.max_tree_nodes)
+        applied = await engine.store.apply_steps(defs, expected, utcnow(), engine.settings.max_tree_nodes,
+                                                 dry_run=dry_run)
     except (CycleError, TreeTooBig) as exc:
         raise HTTPException(422, str(exc)) from None
     except StepsRefused as exc:
         raise HTTPException(exc.status, exc.detail) from None
-    return JSON(tree.to_json(), status_code=201 if created else 200, headers={"ETag": str(tree.config.version)})
+    tree = applied.tree
+    # Step names are letters, digits, '-', '_' and '.': safe in a header as they are.
+    outcomes = " ".join(f"{name}={outcome}" for name, outcome in applied.outcomes.items())
+    headers = {"ETag": str(tree.config.version), APPLIED_HEADER: outcomes}
+    return JSON(tree.to_json(), status_code=201 if applied.created and not dry_run else 200, headers=headers)
 
 
 @router.get("/steps", responses={200: {"model": list[StepSummary]}})

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from aetr.client import TERMINAL_STATES
+from aetr.domain.ids import node_tails, run_prefixes
 from aetr.domain.urls import redact_userinfo
 
 __all__ = [
+    "Cell",
+    "Column",
+    "Rows",
+    "drawn",
     "duration",
     "events_table",
     "one_line",
@@ -24,6 +31,7 @@ __all__ = [
     "state",
     "step_tree",
     "steps_table",
+    "tab_separated",
     "timestamp",
 ]
 
@@ -238,69 +246,195 @@ def _add_step_children(tree: Tree, step: dict[str, Any]) -> None:
             tree.add(_step_label({"name": child, "kind": "?"}, link, choice))
 
 
-def _fit(values: list[str], cap: int = 40) -> int:
-    """The width that shows the longest of `values` whole, up to `cap`."""
-    return min(cap, max((len(v) for v in values), default=0))
+# Tables: drawn to the terminal's width, or tab-separated for pipes
 
 
-def runs_table(runs: Iterable[dict[str, Any]]) -> Table:
-    """Root runs: id, step, state, when created, how long."""
-    rows = []
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A table's column; `keep` ones (ids, states, times: what the next command or a reader needs whole) are
+    never cut, the others share what width is left and end in an ellipsis when they must."""
+
+    header: str
+    keep: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """One cell: its text, its Rich style on a terminal, and its text in tab-separated output when that
+    differs (a whole time where the terminal shows the time of day)."""
+
+    text: str
+    style: str = ""
+    plain: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """A table before it is drawn or written out."""
+
+    columns: tuple[Column, ...]
+    rows: list[tuple[Cell, ...]] = field(default_factory=list)
+
+
+GAP: Final = 2  # spaces between two columns
+MIN_CUT_WIDTH: Final = 6  # a cut column still shows this much
+
+
+def _widths(table: Rows, width: int) -> list[int]:
+    """Each column's width: kept columns whole, the others sharing the rest as evenly as their text allows."""
+    natural = [max([len(c.header), *(len(row[i].text) for row in table.rows)]) for i, c in enumerate(table.columns)]
+    flexible = sorted((i for i, c in enumerate(table.columns) if not c.keep), key=lambda i: natural[i])
+    left = width - GAP * (len(natural) - 1) - sum(n for i, n in enumerate(natural) if i not in flexible)
+    widths = list(natural)
+    # Columns narrower than an even share of what is left keep their width; the others split the rest.
+    while flexible:
+        share = max(MIN_CUT_WIDTH, left // len(flexible))
+        if natural[flexible[0]] <= share:
+            left -= natural[flexible.pop(0)]
+            continue
+        for n, i in enumerate(flexible):
+            widths[i] = max(MIN_CUT_WIDTH, share + (1 if n < left % len(flexible) else 0))
+        break
+    return widths
+
+
+def drawn(table: Rows, width: int) -> Table:
+    """`table` as a Rich table that fits in `width` columns: one line a row, cut text ending in '…'."""
+    shown = Table(box=None, pad_edge=False, padding=(0, GAP, 0, 0), show_edge=False, header_style="bold")
+    for column, size in zip(table.columns, _widths(table, width), strict=True):
+        shown.add_column(column.header, width=size, no_wrap=True, overflow="fold" if column.keep else "ellipsis")
+    for row in table.rows:
+        shown.add_row(*(Text(cell.text, style=cell.style) for cell in row))
+    return shown
+
+
+def _field(text: str) -> str:
+    return " ".join(text.replace("\t", " ").splitlines())
+
+
+def tab_separated(table: Rows) -> str:
+    """`table` as lines of tab-separated fields, a header line first (tabs and line breaks in a field become
+    spaces)."""
+    lines = ["\t".join(_field(c.header) for c in table.columns)]
+    lines.extend("\t".join(_field(cell.text if cell.plain is None else cell.plain) for cell in row)
+                 for row in table.rows)
+    return "\n".join(lines) + "\n"
+
+
+def _state_cell(value: Any) -> Cell:
+    name = str(value or "?")
+    return Cell(name, STATE_STYLES.get(name, ""))
+
+
+def runs_table(runs: Iterable[dict[str, Any]]) -> Rows:
+    """Root runs: the shortest start of each id that tells it from the others listed (with `--json`, whole
+    ids), step, state, when created, how long."""
+    runs = list(runs)
+    prefixes = run_prefixes(str(run.get("id", "?")) for run in runs)
+    table = Rows((Column("run", keep=True), Column("step"), Column("state", keep=True),
+                  Column("created (UTC)", keep=True), Column("took", keep=True)))
     for run in runs:
+        run_id = str(run.get("id", "?"))
         step = run.get("step")
         name = step.get("name") if isinstance(step, dict) else step
-        rows.append(
-            (
-                str(run.get("id", "?")),
-                str(name or "?"),
-                run.get("state"),
-                timestamp(run.get("created_at")),
-                duration(run.get("started_at"), run.get("completed_at")),
-            )
-        )
-    table = Table(box=None, pad_edge=False)
-    # Ids and names are copied into the next command: never cut them, let the other columns give way.
-    table.add_column("id", no_wrap=True, min_width=_fit([r[0] for r in rows]))
-    table.add_column("step", no_wrap=True, min_width=_fit([r[1] for r in rows]))
-    table.add_column("state", no_wrap=True, min_width=9)  # "executing", "cancelled"
-    table.add_column("created (UTC)")
-    table.add_column("duration", no_wrap=True)
-    for run_id, name, run_state, created, took in rows:
-        table.add_row(escape(run_id), escape(name), state(run_state), created, took)
+        table.rows.append((Cell(prefixes[run_id], "bold", plain=run_id), Cell(str(name or "?")),
+                           _state_cell(run.get("state")), Cell(timestamp(run.get("created_at"))),
+                           Cell(duration(run.get("started_at"), run.get("completed_at")))))
     return table
 
 
-def steps_table(steps: Iterable[dict[str, Any]]) -> Table:
+def steps_table(steps: Iterable[dict[str, Any]]) -> Rows:
     """Steps: name, kind, version, last change (ids are in `--json` and `steps show`)."""
-    rows = [
-        (
-            str(step.get("name", "?")),
-            str(step.get("kind", "?")),
-            str(step.get("version", "?")),
-            timestamp(step.get("updated_at")),
-        )
-        for step in steps
-    ]
-    table = Table(box=None, pad_edge=False)
-    table.add_column("name", no_wrap=True, min_width=_fit([r[0] for r in rows]))
-    table.add_column("kind", no_wrap=True)
-    table.add_column("version", no_wrap=True)
-    table.add_column("updated (UTC)")
-    for row in rows:
-        table.add_row(*(escape(cell) for cell in row))
+    table = Rows((Column("name"), Column("kind", keep=True), Column("version", keep=True),
+                  Column("updated (UTC)", keep=True)))
+    for step in steps:
+        table.rows.append((Cell(str(step.get("name", "?")), "bold"), Cell(str(step.get("kind", "?"))),
+                           Cell(str(step.get("version", "?"))), Cell(timestamp(step.get("updated_at")))))
     return table
 
 
-def events_table(events: Iterable[dict[str, Any]]) -> Table:
-    """A run's events (`{at, kind, node_id, data}`), oldest first."""
-    table = Table("time (UTC)", "event", "node", "detail", box=None, pad_edge=False)
+def _clock(value: Any) -> str:
+    """The time of day of an ISO 8601 time, to the millisecond, in UTC."""
+    parsed = _parse_time(value)
+    return parsed.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3] if parsed else "-"
+
+
+def _attempt(data: dict[str, Any]) -> str:
+    return f"attempt {data['attempt']}" if data.get("attempt") else ""
+
+
+def _joined(*parts: Any) -> str:
+    return ", ".join(str(p) for p in parts if p)
+
+
+def _report(kind: str, data: dict[str, Any]) -> tuple[str, str]:
+    """What a step's report was and what became of it: a callback, or the answer to a call."""
+    attempt = _attempt(data)
+    outcome = data.get("outcome")
+    said = data.get("report")
+    what = {"callback": "callback", "callback.fail": "failure callback", "callback.heartbeat": "heartbeat",
+            "signal": "signal"}.get(kind, "call answered" if said == "output" else "call failed")
+    if kind == "dispatch" and said == "failure":
+        return "call failed", _joined(attempt, one_line(data.get("error") or "no message"))
+    if outcome == "accepted":
+        taken = {"output": "output taken", "failure": "failure taken"}.get(str(said), "taken")
+        error = one_line(data["error"]) if kind != "dispatch" and data.get("error") else ""
+        return what, _joined(taken, error, attempt)
+    if outcome == "duplicate":
+        return f"{what} ignored", _joined(attempt, "already taken")
+    return f"{what} ignored", _joined(attempt, outcome, data.get("reason"))
+
+
+def _event_words(kind: str, data: dict[str, Any]) -> tuple[str, str]:
+    """(what happened, its detail) for one history line, in words."""
+    match kind:
+        case "run.started":
+            return "run started", f"version {data['version']}" if data.get("version") else ""
+        case "state":
+            error = data.get("error")
+            message = one_line(error.get("message", "")) if isinstance(error, dict) else ""
+            kind_of = f"({error['kind']}) " if isinstance(error, dict) and error.get("kind") else ""
+            # The state it left is the one the line before about that node entered: the one entered is news.
+            return f"→ {data.get('to', '?')}", f"{kind_of}{message}".strip()
+        case "dispatch" if "status" in data:
+            took = f" in {data['ms']:g} ms" if isinstance(data.get("ms"), int | float) else ""
+            return "called", _joined(f"HTTP {data['status']}{took}", _attempt(data))
+        case "retry":
+            delay = data.get("delay_s")
+            later = f"attempt {data.get('next_attempt', '?')} in {delay:.2f} s" \
+                if isinstance(delay, int | float) else ""
+            return "will retry", _joined(_attempt(data), one_line(data.get("error") or ""), later)
+        case "timeout":
+            limit = (f"no heartbeat within {data['heartbeat_s']:g} s" if data.get("heartbeat_s") is not None
+                     else f"no answer within {data.get('timeout_s', '?')} s")
+            return "timed out", _joined(_attempt(data), limit)
+        case "cancel":
+            return "cancel asked", f"the run was {data.get('from', '?')}"
+        case "run.retried":
+            return "run retried", f"the run was {data.get('from', '?')}"
+        case "item.failed":
+            return "item failed", _joined(f"item {data.get('position', '?')} of {data.get('map', '?')}",
+                                          "tolerated")
+        case "dispatch" | "callback" | "callback.fail" | "callback.heartbeat" | "signal":
+            return _report(kind, data)
+    rest = {k: v for k, v in data.items() if k != "step"}
+    return kind, one_line(rest) if rest else ""
+
+
+def events_table(events: Sequence[dict[str, Any]], steps: dict[str, str] | None = None) -> Rows:
+    """A run's history (`{at, kind, node_id, data}`) in the order it happened: time, node (the end of its id),
+    its step, what happened and the detail. `steps` names the step of each node id, for events recorded before
+    events named their step."""
+    tails = node_tails(sorted({str(e["node_id"]) for e in events if e.get("node_id")}))
+    table = Rows((Column("time (UTC)", keep=True), Column("node", keep=True), Column("step"),
+                  Column("event", keep=True), Column("detail")))
     for event in events:
+        data = _mapping(event.get("data"))
         node = event.get("node_id")
-        data = event.get("data")
-        table.add_row(
-            timestamp(event.get("at")),
-            escape(str(event.get("kind") or "?")),
-            escape(str(node)[:8] if node else "-"),
-            escape(one_line(data)) if data else "",
-        )
+        step = data.get("step") or (steps or {}).get(str(node)) or "-"
+        what, detail = _event_words(str(event.get("kind") or "?"), data)
+        style = STATE_STYLES.get(str(data.get("to")), "") if event.get("kind") == "state" else ""
+        table.rows.append((Cell(_clock(event.get("at")), "dim", plain=str(event.get("at") or "-")),
+                           Cell(tails[str(node)] if node else "-", plain=str(node or "-")),
+                           Cell(str(step), "bold"), Cell(what, style), Cell(detail)))
     return table

@@ -8,9 +8,9 @@ from typing import Annotated, Any, Final
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from aetr.cli import render
+from aetr.cli.common import AsJson, Command, api, emit_table, err, noun_app, out, print_json
 from aetr.client import AetrConnectionError, AetrError, Client
 from aetr.domain.steps import is_step_name
 
@@ -19,8 +19,9 @@ __all__ = ["SCHEDULE_KIND", "ScheduleFileError", "apply_schedules", "schedules_a
 
 SCHEDULE_KIND: Final = "schedule"  # `kind: schedule` marks a schedule among a file's step definitions
 
-schedules_app = typer.Typer(help="List, pause, resume and delete schedules (runs started by the clock).",
-                            no_args_is_help=True)
+schedules_app = noun_app("List, pause, resume and delete schedules (runs started by the clock; create and change "
+                         "them with `kind: schedule` documents in `aetr apply FILE`).")
+ScheduleArg = Annotated[str, typer.Argument(metavar="SCHEDULE", help="Schedule name.", show_default=False)]
 
 
 class ScheduleFileError(ValueError):
@@ -65,60 +66,55 @@ def _next(schedule: dict[str, Any]) -> str:
     return render.timestamp(schedule.get("next_run_at"))
 
 
-def schedules_table(schedules: Iterable[dict[str, Any]]) -> Table:
+def schedules_table(schedules: Iterable[dict[str, Any]]) -> render.Rows:
     """Schedules: name, step, cron, zone, enabled, next run (UTC), and the state of the latest run."""
-    table = Table(box=None, pad_edge=False)
-    for column in ("name", "step", "cron", "tz", "enabled"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("next run (UTC)", no_wrap=True)
-    table.add_column("last run", no_wrap=True)
+    table = render.Rows((render.Column("name"), render.Column("step"), render.Column("cron", keep=True),
+                         render.Column("tz"), render.Column("enabled", keep=True),
+                         render.Column("next run (UTC)", keep=True), render.Column("last run", keep=True)))
     for s in schedules:
         runs = s.get("last_runs") or []
-        last = render.state(runs[0].get("state")) if runs else "-"
-        table.add_row(*(escape(str(s.get(k, "?"))) for k in ("name", "step", "cron", "timezone")),
-                      "yes" if s.get("enabled") else "[yellow]paused[/]", escape(_next(s)), last)
+        last = str(runs[0].get("state") or "?") if runs else "-"
+        table.rows.append((render.Cell(str(s.get("name", "?")), "bold"), render.Cell(str(s.get("step", "?"))),
+                           render.Cell(str(s.get("cron", "?"))), render.Cell(str(s.get("timezone", "?"))),
+                           render.Cell("yes") if s.get("enabled") else render.Cell("paused", "yellow"),
+                           render.Cell(_next(s)), render.Cell(last, render.STATE_STYLES.get(last, ""))))
     return table
 
 
-@schedules_app.command("list")
-def schedules_list(
-    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False
-) -> None:
+@schedules_app.command("list", cls=Command)
+def schedules_list(ctx: typer.Context, as_json: AsJson = False) -> None:
     """List every schedule with its next run and the state of its latest run."""
-    from aetr.cli import main  # here, not at the top: main registers this module's commands
-
-    schedules = main._api(ctx, lambda client: client.list_schedules())
+    schedules = api(ctx, lambda client: client.list_schedules())
     if as_json:
-        main._print_json(schedules)
+        print_json(schedules)
     elif not schedules:
-        main.out.print("no schedules yet: add `kind: schedule` documents to a file for `aetr apply -f FILE`")
+        err.print("no schedules yet: add `kind: schedule` documents to a file for `aetr apply FILE`")
     else:
-        main.out.print(schedules_table(schedules))
+        emit_table(schedules_table(schedules))
 
 
-def _set_enabled(ctx: typer.Context, name: str, enabled: bool) -> None:
-    from aetr.cli import main
+def _set_enabled(ctx: typer.Context, name: str, enabled: bool, as_json: bool) -> None:
+    stored = api(ctx, lambda client: client.set_schedule_enabled(name, enabled))
+    if as_json:
+        print_json(stored)
+    else:
+        out.print(f"schedule {escape(name)}: {'resumed, next run ' + _next(stored) if enabled else 'paused'}")
 
-    stored = main._api(ctx, lambda client: client.set_schedule_enabled(name, enabled))
-    main.out.print(f"schedule {escape(name)}: {'resumed, next run ' + _next(stored) if enabled else 'paused'}")
 
-
-@schedules_app.command("pause")
-def schedules_pause(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Schedule name.")]) -> None:
+@schedules_app.command("pause", cls=Command)
+def schedules_pause(ctx: typer.Context, name: ScheduleArg, as_json: AsJson = False) -> None:
     """Pause a schedule: it starts no run until it is resumed."""
-    _set_enabled(ctx, name, False)
+    _set_enabled(ctx, name, False, as_json)
 
 
-@schedules_app.command("resume")
-def schedules_resume(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Schedule name.")]) -> None:
+@schedules_app.command("resume", cls=Command)
+def schedules_resume(ctx: typer.Context, name: ScheduleArg, as_json: AsJson = False) -> None:
     """Resume a paused schedule from its next due time (the times it missed while paused are not run)."""
-    _set_enabled(ctx, name, True)
+    _set_enabled(ctx, name, True, as_json)
 
 
-@schedules_app.command("delete")
-def schedules_delete(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Schedule name.")]) -> None:
+@schedules_app.command("delete", cls=Command)
+def schedules_delete(ctx: typer.Context, name: ScheduleArg) -> None:
     """Delete a schedule (the runs it started are kept)."""
-    from aetr.cli import main
-
-    main._api(ctx, lambda client: client.delete_schedule(name))
-    main.out.print(f"deleted schedule {escape(name)}")
+    api(ctx, lambda client: client.delete_schedule(name))
+    out.print(f"deleted schedule {escape(name)}")

@@ -196,9 +196,11 @@ class Plan:
         return new
 
     def event(self, node: Node | None, kind: str, data: dict[str, Any], root_id: str | None = None) -> None:
-        """Append a history line about `node` (or about the run when node is None)."""
+        """Append a history line about `node` (or about the run when node is None), naming the node's step."""
         rid = node.root_id if node is not None else root_id
         assert rid is not None
+        if node is not None:
+            data.setdefault("step", node.step.name)
         self.events.append(EventRecord(rid, node.id if node else None, kind, data, self.now))
 
     @property

@@ -223,7 +223,7 @@ class Coordinator:
     async def step_succeeded(self, node_id: str, attempt: int, output: Any, source: str) -> decide.Verdict:
         """A step reported its output (`source`: "callback" or "sync")."""
         return await self._event(node_id, lambda plan: decide.step_succeeded(plan, node_id, attempt, output),
-                                 source, attempt)
+                                 source, attempt, said={"report": "output"})
 
     async def attempt_failed(self, node_id: str, attempt: int, message: str, kind: str, retryable: bool,
                              source: str, retry_after_s: float | None = None) -> decide.Verdict:
@@ -231,7 +231,7 @@ class Coordinator:
         return await self._event(
             node_id,
             lambda plan: decide.attempt_failed(plan, node_id, attempt, message, kind, retryable, retry_after_s),
-            source, attempt)
+            source, attempt, said={"report": "failure", "error": message})
 
     async def deadline_passed(self, node_id: str, attempt: int, heartbeat: bool = False) -> decide.Verdict:
         """An attempt's deadline, or its heartbeat deadline, passed; its work row goes in the same transaction.
@@ -344,7 +344,7 @@ class Coordinator:
             await asyncio.gather(*self._flushes, return_exceptions=True)
 
     async def _event(self, node_id: str, handler: Handler, source: str | None, attempt: int,
-                     done: FinishCall | None = None) -> decide.Verdict:
+                     done: FinishCall | None = None, said: dict[str, Any] | None = None) -> decide.Verdict:
         answered = [c for c in (self._answered.pop(node_id, None), done) if c is not None]
         answers = ScriptAnswers(self._script)  # kept across lost races: a script's answer depends on its args only
         # Ids for the nodes the event may create (a map's items), drawn the same on every pass of the event.
@@ -353,7 +353,8 @@ class Coordinator:
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
                 out: Outcome = await self._run_with_scripts(
-                    lambda: self._program(node_id, handler, source, attempt, answered, replaying(ids, source_ids)),
+                    lambda: self._program(node_id, handler, source, attempt, answered, replaying(ids, source_ids),
+                                          said),
                     answers)
             except Conflict:
                 self.conflicts += 1
@@ -375,7 +376,8 @@ class Coordinator:
         raise RuntimeError(f"an event still asked for new scripts after {MAX_SCRIPT_PASSES} passes")
 
     def _program(self, node_id: str, handler: Handler, source: str | None, attempt: int,
-                 answered: list[FinishCall], new_id: Callable[[], str]) -> Program:
+                 answered: list[FinishCall], new_id: Callable[[], str],
+                 said: dict[str, Any] | None = None) -> Program:
         plan = Plan(now=utcnow(), jitter=_RANDOM.random(), count_later=self.count_later, new_id=new_id,
                     max_nodes=self.max_tree_nodes)
         chain: Chain = yield LoadChain(node_id)
@@ -397,12 +399,16 @@ class Coordinator:
                 yield Apply(plan, finished=[call])
                 return Outcome(decide.Verdict("refused", "the attempt's call was made late: its deadline counts "
                                                          "from the call"))
+        before = len(plan.events)
         verdict: decide.Verdict = yield from _answering(handler(plan), _sibling_reader(chain.following))
         if source is not None:
-            data: dict[str, Any] = {"attempt": attempt, "outcome": verdict.outcome}
+            # What was reported (an output, a failure and its message) and what became of it, listed before the
+            # changes it caused: history keeps the order things happened in.
+            data: dict[str, Any] = {"attempt": attempt, **(said or {}), "outcome": verdict.outcome}
             if verdict.reason:
                 data["reason"] = verdict.reason
             plan.event(plan.nodes[node_id], source, data)
+            plan.events.insert(before, plan.events.pop())
         # The call's answer goes first in its history; its row goes last, after the nodes' rows are locked in
         # id order like every other event's (taking a work row's lock first could deadlock with them).
         plan.events[:0] = [c.record for c in answered if c.record is not None]

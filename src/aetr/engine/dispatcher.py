@@ -278,7 +278,7 @@ class Dispatcher:
                                        "(answer with where the data is) or raise the limit", retryable=False)
                 return
             if step.mode == "callback":
-                answer = {"attempt": node.attempt, "status": status, "ms": ms}
+                answer = {"attempt": node.attempt, "status": status, "ms": ms, "step": node.step.name}
                 record = EventRecord(node.root_id, node.id, "dispatch", answer, utcnow())
                 late = called_at - w.due_at > timedelta(seconds=LATE_CALL_S)
                 self.coordinator.call_answered(FinishCall(

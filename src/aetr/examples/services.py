@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from aetr.domain.ids import RUN_TIME_CHARS
 from aetr.testing import Behaviour, StepRequest, StepService
 
 __all__ = [
@@ -194,7 +195,9 @@ def _behaviour(service: ExampleService, log: Callable[[str], None]) -> Behaviour
 
     async def behaviour(request: StepRequest) -> web.StreamResponse:
         call = request.call
-        run = (call.run_id or "-")[:8]
+        # The millisecond the run was made tells runs apart where their first 8 characters, its minute, do not;
+        # `aetr runs show` takes it as it is.
+        run = (call.run_id or "-")[:RUN_TIME_CHARS]
         log(f"{_clock()} {name:<9} run {run} attempt {call.attempt or '-'} input {_short(call.json)}")
         if call.callback_url is None:
             detail = "no AETR-Callback header: this example service is called by AETR, in callback mode"

@@ -29,7 +29,6 @@ from __future__ import annotations
 import itertools
 import json
 import queue
-import re
 from collections import OrderedDict
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, Final, cast, get_args
@@ -40,6 +39,7 @@ from py_mini_racer import JSEvalException, JSOOMException, MiniRacer
 from aetr.sandbox.errors import ScriptError, ScriptErrorKind
 from aetr.sandbox.limits import MIB, SandboxLimits
 from aetr.sandbox.prelude import PRELUDE_JS, REMOVED_GLOBALS, SCRIPT_NAME
+from aetr.sandbox.syntax import located
 
 if TYPE_CHECKING:
     from py_mini_racer import JSArray, JSFunction, PythonJSConvertedTypes
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 COMPILED_PER_ISOLATE: Final = 256  # most recently used sources kept compiled in one isolate
 COMPILED_SHARE: Final = 16  # their sources may take at most 1/16 of the memory limit, counted in characters
 _IN_ORDER_CALLBACK_ID: Final = 0  # mini-racer queues the results for this callback id in submission order
-_LOCATED_MESSAGE = re.compile(r"[^\n]*?:(\d+): ([^\n]*)")  # "<script>:<line>: SyntaxError: ..."
 _KINDS: Final = frozenset(get_args(ScriptErrorKind))
 
 
@@ -213,12 +212,8 @@ class Isolate:
 
     def _compile_error(self, error: JSEvalException, source: str) -> ScriptError:
         """Turn mini-racer's report of a compile failure into a ScriptError with the user's line."""
-        text = str(error)
-        located = _LOCATED_MESSAGE.match(text)
-        if located is None:
-            return ScriptError(text.strip().split("\n", 1)[0], kind="syntax")
-        line = _source_line(int(located[1]) - self._line_offset, source)
-        return ScriptError(located[2], kind="syntax", line=line)
+        report = located(str(error), source, self._line_offset)
+        return ScriptError(report.message, kind="syntax", line=report.line, column=report.column)
 
     def _script_error(self, payload: str, source: str) -> ScriptError:
         """Turn the runner's `{"kind", "message", "line"}` into a ScriptError."""

@@ -70,7 +70,8 @@ def _decode_result(payload: bytes) -> Any:
 def _script_error(payload: bytes) -> ScriptError:
     """Rebuild the ScriptError a worker described."""
     described = json.loads(payload)
-    return ScriptError(described["message"], kind=described["kind"], line=described["line"])
+    return ScriptError(described["message"], kind=described["kind"], line=described["line"],
+                       column=described.get("column"))
 
 
 class Sandbox:

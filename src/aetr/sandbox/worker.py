@@ -70,7 +70,7 @@ def serve(requests: int, responses: int, limits: SandboxLimits, use_internals: b
             else:
                 raise ValueError(f"unknown sandbox request {op!r}")
         except ScriptError as e:
-            error = {"kind": e.kind, "message": e.message, "line": e.line}
+            error = {"kind": e.kind, "message": e.message, "line": e.line, "column": e.column}
             response = encode_response(SCRIPT_ERROR, json.dumps(error).encode())
         write_all(responses, response)
         if isolate.exhausted:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -94,8 +95,43 @@ async def parent_names(conn: AsyncConnection, step_id: str) -> list[str]:
     return [r.name for r in rows]
 
 
+@dataclass(frozen=True)
+class StepsApplied:
+    """What a change of step trees did: whether its first step was created, that step's resolved tree, and
+    what became of each step it defined ("created", "changed" or "unchanged"), in the order defined."""
+
+    created: bool
+    tree: StepTree
+    outcomes: dict[str, str]
+
+
+async def _unchanged(conn: AsyncConnection, ids: Sequence[str], defined: dict[str, StepDef],
+                     names_of: dict[str, str]) -> set[str]:
+    """The names of the stored steps (by id) whose definition is the same as the one given: same kind, same
+    fields, same children with the same mappers in the same order."""
+    same: set[str] = set()
+    for i in range(0, len(ids), CHUNK):
+        chunk = ids[i:i + CHUNK]
+        stored = {r.id: r for r in await conn.execute(
+            select(steps.c.id, steps.c.name, steps.c.kind, steps.c.config).where(steps.c.id.in_(chunk)))}
+        links: dict[str, list[tuple[str, str | None]]] = {step_id: [] for step_id in chunk}
+        for r in await conn.execute(select(step_children.c.parent_id, step_children.c.child_id,
+                                           step_children.c.mapper)
+                                    .where(step_children.c.parent_id.in_(chunk))
+                                    .order_by(step_children.c.parent_id, step_children.c.position)):
+            links[r.parent_id].append((names_of.get(r.child_id, r.child_id), r.mapper))
+        for step_id, row in stored.items():
+            d = defined[row.name]
+            # Through JSON both: the stored config was parsed from JSON, the new one may hold tuples.
+            fields = orjson.loads(orjson.dumps(d.config.fields_json()))
+            if (row.kind == d.config.kind and row.config == fields
+                    and links[step_id] == [(link.step, link.mapper) for link in d.links]):
+                same.add(row.name)
+    return same
+
+
 async def put_steps(conn: AsyncConnection, defs: Sequence[StepDef], if_match: int | None,
-                     now: datetime, max_nodes: int) -> tuple[bool, StepTree]:
+                    now: datetime, max_nodes: int) -> StepsApplied:
     root = defs[0].config.name
     defined = {d.config.name: d for d in defs}
     referenced = {link.step for d in defs for link in d.links} - set(defined)
@@ -124,8 +160,15 @@ async def put_steps(conn: AsyncConnection, defs: Sequence[StepDef], if_match: in
     if cycle:
         raise CycleError(cycle)
     ids = {n: v[0] for n, v in existing.items()}
+    # Applying a definition again changes nothing, its version included: a file applied twice is not news.
+    unchanged = await _unchanged(conn, [ids[n] for n in defined if n in existing], defined,
+                                 {step_id: name for name, step_id in ids.items()})
+    outcomes = {name: "unchanged" if name in unchanged else "changed" if name in existing else "created"
+                for name in defined}
     for name, d in defined.items():
         values = {"kind": d.config.kind, "config": d.config.fields_json(), "updated_at": now}
+        if name in unchanged:
+            continue
         if name in existing:
             await conn.execute(update(steps).where(steps.c.id == ids[name])
                                .values(**values, version=steps.c.version + 1))
@@ -134,7 +177,7 @@ async def put_steps(conn: AsyncConnection, defs: Sequence[StepDef], if_match: in
             ids[name] = str(uuid.uuid4())
             await conn.execute(insert(steps).values(id=ids[name], name=name, version=1, created_at=now, **values))
     links = [{"parent_id": ids[name], "position": pos, "child_id": ids[link.step], "mapper": link.mapper}
-             for name, d in defined.items() for pos, link in enumerate(d.links)]
+             for name, d in defined.items() if name not in unchanged for pos, link in enumerate(d.links)]
     for i in range(0, len(links), CHUNK):
         await conn.execute(insert(step_children), links[i:i + CHUNK])
     deepest = (await conn.execute(_DEPTH_SQL, {"now": now, "limit": MAX_TREE_DEPTH})).scalar()
@@ -145,7 +188,7 @@ async def put_steps(conn: AsyncConnection, defs: Sequence[StepDef], if_match: in
     await _check_sizes(conn, now, max_nodes)
     tree = await load_tree(conn, ids[root])
     assert tree is not None
-    return root not in existing, tree
+    return StepsApplied(root not in existing, tree, outcomes)
 
 
 # How deep the deepest stored tree containing a step changed at `now` is (the steps just written carry

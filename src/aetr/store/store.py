@@ -18,11 +18,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, event, select, text, tuple_, update
+from sqlalchemy import Select, delete, event, select, text, tuple_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from aetr.domain.decide import RunScript, ScriptResult
+from aetr.domain.ids import prefix_bounds
 from aetr.domain.runs import Node
 from aetr.domain.steps import DEFAULT_MAX_TREE_NODES, StepDef, StepTree
 from aetr.store import codec, step_trees
@@ -31,6 +32,7 @@ from aetr.store.operations import Op, OpStream, Sql
 from aetr.store.requests import Program
 from aetr.store.schedules import ScheduleStore
 from aetr.store.statements import Statements
+from aetr.store.step_trees import StepsApplied
 from aetr.store.tables import events, run_nodes, settings, step_children, steps, work
 from aetr.store.views import nest, nest_json
 
@@ -258,11 +260,25 @@ class Store:
 
     async def put_steps(self, defs: Sequence[StepDef], if_match: int | None, now: datetime,
                         max_nodes: int = DEFAULT_MAX_TREE_NODES) -> tuple[bool, StepTree]:
-        """Create or replace `defs[0]` and its inline children in one transaction; (created, resolved tree).
+        """Create or replace `defs[0]` and its inline children in one transaction; (created, resolved tree)."""
+        applied = await self.apply_steps(defs, if_match, now, max_nodes)
+        return applied.created, applied.tree
+
+    async def apply_steps(self, defs: Sequence[StepDef], if_match: int | None, now: datetime,
+                          max_nodes: int = DEFAULT_MAX_TREE_NODES, dry_run: bool = False) -> StepsApplied:
+        """Create or replace `defs[0]` and its inline children in one transaction; a step defined as stored is
+        left as it is (its version too). With `dry_run`, what it would do, with nothing kept.
 
         Refused, with nothing kept: StepsRefused, CycleError, and TreeTooBig when a stored tree containing a
         changed step would resolve to more than `max_nodes` nodes.
         """
+        try:
+            return await self._apply_steps(defs, if_match, now, max_nodes, dry_run)
+        except _RolledBack as done:
+            return done.applied
+
+    async def _apply_steps(self, defs: Sequence[StepDef], if_match: int | None, now: datetime, max_nodes: int,
+                           dry_run: bool) -> StepsApplied:
         async with self._transaction() as conn:
             if self.dialect == "postgresql":
                 # One change of step trees at a time, across processes: the cycle, depth and size checks read the
@@ -272,7 +288,10 @@ class Store:
                 # The recursive queries' row estimates are far too high, so PostgreSQL would compile them (JIT):
                 # 300-400 ms per query for a 100,000-child parallel, more than running them takes.
                 await conn.execute(text("SET LOCAL jit = off"))
-            return await step_trees.put_steps(conn, defs, if_match, now, max_nodes)
+            applied = await step_trees.put_steps(conn, defs, if_match, now, max_nodes)
+            if dry_run:
+                raise _RolledBack(applied)  # leaving the block by an exception rolls the transaction back
+            return applied
 
     async def delete_step(self, name: str) -> bool:
         """Delete a step no parent uses; False when there is none; StepsRefused(409) while one does."""
@@ -303,17 +322,11 @@ class Store:
                 select(run_nodes.c.id).where(run_nodes.c.idempotency_key == key))
             return found
 
-    async def list_runs(self, state: str | None, step: str | None, limit: int, cursor: str | None) -> RunPage:
-        """Root runs, newest first, filtered by state and step name, keyset-paginated."""
-        q = select(*codec.NODE_COLUMNS).where(run_nodes.c.parent_id.is_(None))
-        if state:
-            q = q.where(run_nodes.c.state == state)
-        if step:
-            q = q.where(run_nodes.c.step_name == step)
-        if cursor:
-            at, last_id = decode_cursor(cursor)
-            q = q.where(tuple_(run_nodes.c.created_at, run_nodes.c.id) < tuple_(at, last_id))
-        q = q.order_by(run_nodes.c.created_at.desc(), run_nodes.c.id.desc()).limit(limit + 1)
+    async def list_runs(self, state: str | None, step: str | None, limit: int, cursor: str | None,
+                        id_prefix: str | None = None) -> RunPage:
+        """Root runs, newest first, filtered by state, step name and the start of their id (as
+        aetr.domain.ids.normal_prefix gives it), keyset-paginated."""
+        q = runs_query(state, step, limit, cursor, id_prefix)
         async with self.engine.connect() as conn:
             nodes = [codec.node_from_row(r._mapping) for r in await conn.execute(q)]
         more = len(nodes) > limit
@@ -321,9 +334,13 @@ class Store:
         return RunPage(nodes, encode_cursor(nodes[-1].created_at, nodes[-1].id) if more and nodes else None)
 
     async def run_events(self, root_id: str) -> list[dict[str, Any]]:
-        """A run's history, oldest first."""
+        """A run's history in the order things happened: by time, then in the order written.
+
+        Not by the order written alone: a callback-mode call's answer is held a few milliseconds and written
+        with later answers, after events that happened since (a cancellation, another step's callback)."""
         async with self.engine.connect() as conn:
-            rows = await conn.execute(select(events).where(events.c.root_id == root_id).order_by(events.c.id))
+            rows = await conn.execute(select(events).where(events.c.root_id == root_id)
+                                      .order_by(events.c.at, events.c.id))
             return [_plain(r._mapping) for r in rows]
 
     async def lease_holders(self, prefix: str) -> list[str]:
@@ -346,6 +363,39 @@ class Store:
             await conn.execute(self._insert_ignore(settings, {"key": key, "value": default}))
             value = await conn.scalar(select(settings.c.value).where(settings.c.key == key))
             return str(value)
+
+
+class _RolledBack(Exception):
+    """Carries a dry run's result out of the transaction it rolls back."""
+
+    def __init__(self, applied: StepsApplied) -> None:
+        super().__init__("dry run")
+        self.applied = applied
+
+
+def runs_query(state: str | None, step: str | None, limit: int, cursor: str | None,
+               id_prefix: str | None = None) -> Select[Any]:
+    """The query of Store.list_runs: one more run than `limit`, to know whether there is a next page."""
+    q = select(*codec.NODE_COLUMNS).where(run_nodes.c.parent_id.is_(None))
+    if state:
+        q = q.where(run_nodes.c.state == state)
+    if step:
+        q = q.where(run_nodes.c.step_name == step)
+    if id_prefix:
+        # A range, not LIKE: an index on the id answers it whatever the column's collation. Ordered by id (the
+        # millisecond each run was made, then random digits), which that index gives as it reads: ordered by
+        # created_at, PostgreSQL walked every run's entry in the created_at index to find the few in range.
+        low, high = prefix_bounds(id_prefix)
+        q = q.where(run_nodes.c.id >= low)
+        if high is not None:
+            q = q.where(run_nodes.c.id < high)
+        if cursor:
+            q = q.where(run_nodes.c.id < decode_cursor(cursor)[1])
+        return q.order_by(run_nodes.c.id.desc()).limit(limit + 1)
+    if cursor:
+        at, last_id = decode_cursor(cursor)
+        q = q.where(tuple_(run_nodes.c.created_at, run_nodes.c.id) < tuple_(at, last_id))
+    return q.order_by(run_nodes.c.created_at.desc(), run_nodes.c.id.desc()).limit(limit + 1)
 
 
 def _plain(row: Any) -> dict[str, Any]:

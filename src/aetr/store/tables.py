@@ -117,6 +117,10 @@ run_nodes = Table(
     # for a node's next sibling, filtering every sibling by position (a 10,000-wide parent: 10,000 rows a step).
     Index("ix_run_nodes_roots", "created_at", "id", postgresql_where=text("parent_id IS NULL"),
           sqlite_where=text("parent_id IS NULL")),
+    # Runs by the start of their id (GET /runs?id_prefix=), as a range: only roots, so a prefix shared by a
+    # big run's thousands of nodes costs nothing.
+    Index("ix_run_nodes_root_ids", "id", postgresql_where=text("parent_id IS NULL"),
+          sqlite_where=text("parent_id IS NULL")),
 )
 
 # A parent's count of finished children, only ever changed by an atomic `done = done + 1`: siblings finishing

@@ -190,12 +190,14 @@ export function createBench({kind, editor, source, link}) {
         }
         replace(result, notice('ok', '✓ Result', ...parts));
       } else {
-        const {message, line, kind: errorKind} = answer.error;
+        const {message, line, column, kind: errorKind} = answer.error;
         const builtin = note && kind === 'reducer';
         const goTo = line && editor && !builtin
           ? h('button', {type: 'button', class: 'small', onclick: () => editor.goToLine(line)}, `Go to line ${line}`) : null;
         if (line && !builtin) editor?.markLine(line);
-        replace(result, notice('error', `✕ Script error${line && !builtin ? ` on line ${line}` : ''}`,
+        // Line and column in the script as written in the editor (a syntax error's column too).
+        const at = line && !builtin ? ` on line ${line}${column ? `, column ${column}` : ''}` : '';
+        replace(result, notice('error', `✕ Script error${at}`,
           h('p', {class: 'mono'}, message), h('p', {class: 'hint'}, `kind: ${errorKind}`), goTo));
       }
     } catch (error) {
