@@ -54,3 +54,18 @@ def test_the_table_shows_paused_schedules_and_the_latest_run_state() -> None:
     lines = console.export_text().splitlines()
     assert len(lines) == 3 and all(len(line) <= 80 for line in lines)  # at 80 columns: one line a schedule
     assert "2026-05-01 00:30:00" in lines[1] and "30 2 * * *" in lines[1]
+
+
+def test_the_readmes_schedule_is_one_aetr_apply_and_the_api_accept() -> None:
+    import re
+    from pathlib import Path
+
+    from aetr.api.schedules import ScheduleIn
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "kind: schedule" in b]
+    steps, (schedule,) = split_schedules(parse_step_definitions(block, "README.md"), "README.md")
+    assert steps == []
+    stored = ScheduleIn(**{k: v for k, v in schedule.items() if k != "name"})
+    assert (stored.cron, stored.timezone, stored.notify) == ("30 2 * * *", "Europe/Paris",
+                                                             "https://hooks.example.com/aetr")
