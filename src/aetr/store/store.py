@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, delete, event, select, text, tuple_, update
+from sqlalchemy import QueuePool, Select, delete, event, func, select, text, tuple_, union_all, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -356,6 +356,26 @@ class Store:
             done = await conn.execute(update(work).where(work.c.lease_owner == owner)
                                       .values(lease_owner=None, lease_until=None))
             return int(done.rowcount)
+
+    async def claimable_since(self) -> datetime | None:
+        """When the work row that has waited longest to be claimed became claimable (its due time, or the end of
+        a lease nobody renewed), if that is now or earlier; None when no row waits. Both halves are indexed."""
+        now = datetime.now(UTC)
+        unleased = select(func.min(work.c.due_at).label("at")).where(work.c.lease_until.is_(None),
+                                                                      work.c.due_at <= now)
+        expired = select(func.min(work.c.lease_until).label("at")).where(work.c.lease_until <= now)
+        both = union_all(unleased, expired).subquery()
+        async with self.engine.connect() as conn:
+            since: datetime | None = await conn.scalar(select(func.min(both.c.at)))
+        return since
+
+    def pool_use(self) -> list[tuple[str, int, int]]:
+        """Each connection pool of this process: (name, the connections it may open, those in use now)."""
+        pool = self.engine.pool
+        # QueuePool tells its overflow limit only by this attribute; size() is the connections it keeps.
+        if not isinstance(pool, QueuePool):
+            return []
+        return [("sqlalchemy", pool.size() + max(0, pool._max_overflow), pool.checkedout())]
 
     async def setting(self, key: str, default: str) -> str:
         """The stored value of `key`, storing `default` first when there is none (first writer wins)."""
