@@ -7,7 +7,6 @@ prometheus_client's multiprocess mode, a scrape of `aetr serve --workers N` read
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import weakref
@@ -18,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Final
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from aetr.engine.outage import OUTAGE, is_outage
 
 if TYPE_CHECKING:
     from aetr.domain.runs import Plan
@@ -51,7 +52,6 @@ OLDEST_DUE = Gauge("aetr_oldest_due_work_age_seconds", "Seconds the longest-wait
                    "Read from the database at each scrape.")
 
 MAX_CALLS_TIMED = 100_000  # calls whose start is remembered at most: an outcome handled elsewhere leaves one behind
-SCRAPE_QUERY_S = 2.0  # seconds a scrape waits for the oldest due work's query before it shows the last value
 
 # Label children, looked up once: prometheus_client's .labels() takes a lock and builds a key on every call.
 _started: dict[str, Any] = {}
@@ -161,9 +161,13 @@ async def refresh(store: Store, now: datetime | None = None) -> None:
     """Bring the gauges read from the database up to date, before a scrape: one indexed query."""
     POOLS.store = weakref.ref(store)
     try:
-        since = await asyncio.wait_for(store.claimable_since(), SCRAPE_QUERY_S)
-    except Exception as exc:  # a scrape must answer when the database does not: the gauge keeps its last value
-        log.warning("metrics: the oldest due work could not be read: %s", type(exc).__name__)
+        since = await store.claimable_since()
+    except Exception as exc:  # a scrape answers when the database does not: the gauge keeps its last value
+        if is_outage(exc):
+            OUTAGE.failed("reading the oldest due work for /metrics", type(exc).__name__)
+        else:
+            log.exception("reading the oldest due work for /metrics failed")
         return
+    OUTAGE.reached()
     now = now or datetime.now(UTC)
     OLDEST_DUE.set(max(0.0, (now - since).total_seconds()) if since is not None else 0.0)
