@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -23,7 +24,7 @@ from aetr.store import open_store
 from aetr.store.migrate import upgrade_engine
 from aetr.store.postgres import EVENTS_SESSION
 from aetr.store.postgres_sql import COUNT_CHILDREN_PG, PostgresStatements
-from aetr.store.store import runs_query
+from aetr.store.store import claimable_since_query, runs_query
 from aetr.testing.engine import KeptCalls, coordinator_without_http
 from tests.integration.conftest import TABLES
 
@@ -144,6 +145,35 @@ async def test_runs_by_the_start_of_their_id_read_a_few_pages_whatever_the_numbe
             assert [r["id"] for r in await conn.fetch(query)] == [expected]
             plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
             assert blocks_read(plan) <= 20, plan
+    finally:
+        await conn.close()
+        await store.close()
+
+
+async def test_the_oldest_due_work_a_scrape_reads_is_a_few_pages_whatever_the_work_waiting(pg_url: str) -> None:
+    store = open_store(pg_url)
+    await upgrade_engine(store.engine)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+        # 60,000 rows no one may claim now (due later, or leased to a living process), and three that wait.
+        row = ("INSERT INTO work (kind, node_id, root_id, attempt, due_at, lease_owner, lease_until)"
+               " SELECT 'dispatch', 'n' || g, 'r', 1, {due}, {owner}, {until} FROM generate_series(1, {n}) AS g")
+        await conn.execute(row.format(due="now() + g * interval '1 s'", owner="NULL", until="NULL", n=30_000))
+        await conn.execute(row.format(due="now() - g * interval '1 s'", owner="'p'",
+                                      until="now() + g * interval '1 s'", n=30_000))
+        await conn.execute(row.format(due="now() - interval '5 min' + g * interval '1 s'", owner="NULL", until="NULL",
+                                      n=2))
+        await conn.execute(row.format(due="now() - interval '1 h'", owner="'dead'",
+                                      until="now() - interval '2 min'", n=1))
+        await conn.execute("ANALYZE work")
+        query = str(claimable_since_query(datetime.now(UTC)).compile(
+            dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+        since = min(t for t in await conn.fetchrow(query) if t is not None)
+        waited = await conn.fetchval("SELECT extract(epoch FROM now() - $1::timestamptz)", since)
+        assert 299 <= waited < 320  # the first unleased due time: earlier than the dead lease's end
+        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
+        assert blocks_read(plan) <= 20, plan
     finally:
         await conn.close()
         await store.close()

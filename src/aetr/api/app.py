@@ -26,6 +26,7 @@ from aetr.api.http import JSON, engine_of, replay, require_token, safe_text, una
 from aetr.api.schemas import PATTERN_HINTS
 from aetr.config import Settings
 from aetr.domain.jsonvalue import MAX_JSON_DEPTH
+from aetr.engine import metrics as engine_metrics
 from aetr.engine.outage import OUTAGE, is_outage
 from aetr.engine.runtime import Engine
 from aetr.store import Unavailable
@@ -245,8 +246,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     @app.get("/metrics", tags=["operations"], response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
                               "description": "Prometheus text exposition format"}, **errors(413)})
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
         """Prometheus metrics."""
+        await engine_metrics.refresh(engine_of(request).store)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     build_document = app.openapi

@@ -187,8 +187,6 @@ class Coordinator:
             if existing is None:
                 raise
             return Started(False, existing)
-        if out.created and out.plan is not None:
-            metrics.RUNS_STARTED.inc()
         refused = out.verdict.reason if out.verdict.outcome == "refused" else ""
         return Started(out.created, out.run_id, out.plan, refused)
 
@@ -361,7 +359,7 @@ class Coordinator:
                 metrics.CONFLICTS.inc()
                 continue
             if source is not None:
-                metrics.REPORTS.labels(source, out.verdict.outcome).inc()
+                metrics.report(source, out.verdict.outcome)
             return out.verdict
         raise RuntimeError(f"node {node_id}: gave up after {MAX_CONFLICT_RETRIES} conflicting updates")
 
@@ -440,6 +438,7 @@ class Coordinator:
         plan = out.plan
         if plan is None:
             return
+        metrics.committed(plan)
         if self.sink is not None:
             if out.calls:
                 self.sink.perform(out.calls)

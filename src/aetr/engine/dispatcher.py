@@ -242,6 +242,7 @@ class Dispatcher:
         failure: BaseException | None = None
         async with self._slots:  # calls wait for a slot before their time-out starts (see __init__)
             started, called_at = time.monotonic(), utcnow()
+            metrics.call_made(node.id, node.attempt, started)
             try:
                 # Redirects are not followed: they would carry the input and the callback token to wherever
                 # Location points (and a 301/302 turns the POST into a GET without its body).

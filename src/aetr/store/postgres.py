@@ -408,6 +408,11 @@ class PostgresStore(Store):
             rows: list[Any] = await pool.fetch(text, *args)
         return rows
 
+    def pool_use(self) -> list[tuple[str, int, int]]:
+        pool = self._pool  # opened by the first event
+        in_use = pool.get_size() - pool.get_idle_size() if pool is not None else 0
+        return [*super().pool_use(), ("events", self.pool_size, in_use)]
+
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, delete, event, select, text, tuple_, update
+from sqlalchemy import QueuePool, Select, delete, event, select, text, tuple_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -357,6 +357,21 @@ class Store:
                                       .values(lease_owner=None, lease_until=None))
             return int(done.rowcount)
 
+    async def claimable_since(self) -> datetime | None:
+        """When the work row that has waited longest to be claimed became claimable (its due time, or the end of
+        a lease nobody renewed), if that is now or earlier; None when no row waits."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(claimable_since_query(datetime.now(UTC)))).one()
+        return min((t for t in row if t is not None), default=None)
+
+    def pool_use(self) -> list[tuple[str, int, int]]:
+        """Each connection pool of this process: (name, the connections it may open, those in use now)."""
+        pool = self.engine.pool
+        # QueuePool tells its overflow limit only by this attribute; size() is the connections it keeps.
+        if not isinstance(pool, QueuePool):
+            return []
+        return [("sqlalchemy", pool.size() + max(0, pool._max_overflow), pool.checkedout())]
+
     async def setting(self, key: str, default: str) -> str:
         """The stored value of `key`, storing `default` first when there is none (first writer wins)."""
         async with self._write_connection() as conn:
@@ -396,6 +411,16 @@ def runs_query(state: str | None, step: str | None, limit: int, cursor: str | No
         at, last_id = decode_cursor(cursor)
         q = q.where(tuple_(run_nodes.c.created_at, run_nodes.c.id) < tuple_(at, last_id))
     return q.order_by(run_nodes.c.created_at.desc(), run_nodes.c.id.desc()).limit(limit + 1)
+
+
+def claimable_since_query(now: datetime) -> Select[tuple[datetime | None, datetime | None]]:
+    """The first unleased due time and the first lease end passed, at or before `now`: one row of ix_work_lease
+    each. (Ordered by the index's columns rather than min(): PostgreSQL plans min(due_at) on ix_work_due, and
+    walks every leased row due earlier.)"""
+    unleased = (select(work.c.due_at).where(work.c.lease_until.is_(None), work.c.due_at <= now)
+                .order_by(work.c.lease_until, work.c.due_at).limit(1))
+    expired = select(work.c.lease_until).where(work.c.lease_until <= now).order_by(work.c.lease_until).limit(1)
+    return select(unleased.scalar_subquery(), expired.scalar_subquery())
 
 
 def _plain(row: Any) -> dict[str, Any]:
