@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -12,6 +13,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from aetr.domain.runs import Node
 from aetr.engine import tracing
 from aetr.testing import StepService, callback, never, sequence, status, sync
 from tests.integration.conftest import Server, running_server
@@ -156,14 +158,17 @@ async def test_a_run_ended_by_a_process_that_did_not_start_it_keeps_its_trace(
     (call,) = await steps_service.wait_for_calls("/mute", 1)
     tracing._runs.clear()  # what this process knew of the run: another process knows only the database
     tracing._called.clear()
+    # A call made now by a process that never saw the run names the same attempt span, read from the database.
+    attempt = cast(Node, SimpleNamespace(id=run_id, root_id=run_id, attempt=1))
+    assert await tracing.traceparent(attempt, traced.engine.store) == call.headers["traceparent"]
     status_, _ = await traced.call("POST", f"/api/v1/runs/{run_id}/cancel")
     assert status_ == 200
     exported = await finished(spans, 2)
-    whole, (attempt,) = run_span(exported), attempt_spans(exported)
+    whole, (span,) = run_span(exported), attempt_spans(exported)
     assert (whole.attributes or {})["aetr.state"] == "cancelled"
-    assert (attempt.attributes or {})["aetr.state"] == "cancelled"
-    assert attempt.context is not None and whole.context is not None
-    assert sent(call.headers) == (whole.context.trace_id, attempt.context.span_id)
+    assert (span.attributes or {})["aetr.state"] == "cancelled"
+    assert span.context is not None and whole.context is not None
+    assert sent(call.headers) == (whole.context.trace_id, span.context.span_id)
 
 
 async def test_without_tracing_nothing_is_stored_and_the_call_names_the_run_as_its_trace(

@@ -183,7 +183,12 @@ async def traceparent(node: Node, store: Store) -> str | None:
     """The `traceparent` of an attempt's call: its span in its run's trace; None for a run that is not traced."""
     run = _runs.get(node.root_id, ...)
     if run is ...:
-        stored = await store.run_trace(node.root_id)
+        try:
+            stored = await store.run_trace(node.root_id)
+        except Exception as exc:  # the call goes ahead untraced; the next call of the run reads again
+            log.warning("the trace context of run %s could not be read (%s): its call is sent untraced",
+                        node.root_id, type(exc).__name__)
+            return None
         run = _remember(node.root_id, stored)
     if run is None:
         return None
@@ -214,9 +219,10 @@ def committed(plan: Plan) -> None:
 
 
 def _committed(plan: Plan) -> None:
-    for root in plan.nodes.values():
-        if root.parent_id is None and root.trace is not None and root.id not in _runs:
-            _remember(root.id, root.trace)
+    for run_id in {event.root_id for event in plan.events}:  # the runs this commit touched, not all its nodes
+        root = plan.nodes.get(run_id)
+        if root is not None and root.trace is not None and run_id not in _runs:
+            _remember(run_id, root.trace)
     for event in plan.events:
         if event.kind not in ("state", "retry") or event.node_id is None:
             continue
