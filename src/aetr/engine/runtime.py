@@ -135,6 +135,7 @@ class Engine:
             await self.notifier.close()
         await self.store.close()
         self.sandbox.close()
+        await asyncio.to_thread(tracing.flush)  # a worker process of `serve --workers` ends without atexit hooks
 
     @contextlib.contextmanager
     def watching(self, root_id: str) -> Iterator[RunWatch]:

@@ -141,6 +141,12 @@ def install(*processors: SpanProcessor) -> TracerProvider:
     return provider
 
 
+def flush() -> None:
+    """Export the spans still waiting in the batch processors (the process is stopping)."""
+    if _PROVIDER is not None:
+        _PROVIDER.force_flush()
+
+
 def uninstall() -> None:
     """Stop tracing, exporting what is pending."""
     global TRACER, _PROVIDER
