@@ -182,3 +182,20 @@ async def test_without_tracing_nothing_is_stored_and_the_call_names_the_run_as_i
         assert await server.engine.store.run_trace(run_id) is None
     (call,) = steps_service.calls("/one")
     assert sent(call.headers)[0] == int(run_id.replace("-", ""), 16)
+
+
+async def test_a_run_the_sampler_leaves_out_exports_nothing_and_tells_its_steps_so(
+        database_url: str, steps_service: StepService, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")  # read by the SDK as the provider is made
+    exporter = InMemorySpanExporter()
+    tracing.install(SimpleSpanProcessor(exporter))
+    try:
+        steps_service.route("/one", sync(lambda x: x))
+        async with running_server(database_url) as server:
+            await server.put_step(api(steps_service, "one", mode="sync"))
+            await server.wait_run(await server.start("one"))
+    finally:
+        tracing.uninstall()
+    (call,) = steps_service.calls("/one")
+    assert call.headers["traceparent"].endswith("-00")  # not sampled: the step's own spans need not be kept
+    assert exporter.get_finished_spans() == ()

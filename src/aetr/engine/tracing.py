@@ -174,7 +174,10 @@ def new_run(run_id: str, traceparent: str | None) -> str | None:
     if parent is not None:
         return RunTrace(parent.trace_id, span_id, parent.span_id, int(parent.trace_flags) & 1).encode()
     trace_id = int(run_id.replace("-", ""), 16)
-    decision = _PROVIDER.sampler.should_sample(None, trace_id, "run").decision
+    from opentelemetry.context import Context
+
+    # An empty context: the run has no parent, whatever span the request's task may carry.
+    decision = _PROVIDER.sampler.should_sample(Context(), trace_id, "run").decision
     sampled = decision.is_sampled()  # type: ignore[no-untyped-call]  # the SDK leaves this method unannotated
     return RunTrace(trace_id, span_id, 0, int(sampled)).encode()
 
