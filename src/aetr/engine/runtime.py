@@ -135,7 +135,7 @@ class Engine:
             await self.notifier.close()
         await self.store.close()
         self.sandbox.close()
-        await asyncio.to_thread(tracing.flush)  # a worker process of `serve --workers` ends without atexit hooks
+        await asyncio.to_thread(tracing.flush)  # the SDK's exit hook did not export them when `aetr serve` stopped
 
     @contextlib.contextmanager
     def watching(self, root_id: str) -> Iterator[RunWatch]:
