@@ -40,7 +40,7 @@ def test_every_builder_writes_a_node_as_node_json_does(tmp_path: object) -> None
         "step_id": node.step.id, "step_name": node.step.name, "step_kind": node.step.kind,
         "step_version": node.step.version, "config": node.step.fields_text, "mapper": node.mapper,
         "n_children": node.n_children, "created_at": st.time_in(node.created_at), "snapshot": None,
-        "idempotency_key": None, "notify": None, **st.state_values(node)}
+        "idempotency_key": None, "notify": None, "trace": None, **st.state_values(node)}
     conn = sqlite3.connect(path)
     conn.execute(st.insert_node.text, st.insert_node.args(row))
     # GET /runs on PostgreSQL (and the UI's stream): the plain columns, written by view_of_row.

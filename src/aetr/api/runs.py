@@ -61,16 +61,17 @@ async def start_run(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Response:
     """Start a run of a step tree with an input; the tree is frozen into the run."""
-    return await _start(engine_of(request), body, idempotency_key)
+    return await _start(engine_of(request), body, idempotency_key, request.headers.get("traceparent"))
 
 
-async def _start(engine: Engine, body: RunIn, idempotency_key: str | None) -> Response:
+async def _start(engine: Engine, body: RunIn, idempotency_key: str | None,
+                 traceparent: str | None = None) -> Response:
     allowed = engine.settings.allowed_step_hosts
     if body.notify is not None and allowed is not None and (
             problem := allowed.url_host_problem(URL(body.notify).raw_host or "")):
         raise HTTPException(422, f"notify: {problem}: notifications go only to hosts steps may call; use a host "
                                  "it allows, or have the server's operator add this one")
-    started = await engine.coordinator.start_run(body.step, body.input, idempotency_key, body.notify)
+    started = await engine.coordinator.start_run(body.step, body.input, idempotency_key, body.notify, traceparent)
     if started.refused:
         raise HTTPException(422, f"step: {started.refused}")
     if not started.run_id:
@@ -226,4 +227,6 @@ class FastStarts:
         if run_in is None:
             await self.app(scope, replay(body, receive), send)
             return
-        await answer_below_routing(scope, receive, send, _start(engine, run_in, None))
+        parent = headers.get(b"traceparent")
+        await answer_below_routing(scope, receive, send,
+                                   _start(engine, run_in, None, parent.decode("latin-1") if parent else None))

@@ -42,6 +42,7 @@ class Node:
     awaits_signal: bool = False  # a signal wait, waiting for its answer while executing
     holds_slot: bool = False  # an api step with max_concurrency: its current attempt holds one of its slots
     notify: str | None = None  # a run's root: where the run's end is announced (a CloudEvent POSTed to it)
+    trace: str | None = None  # a traced run's root: its span's context (aetr.engine.tracing writes and reads it)
 
     @property
     def terminal(self) -> bool:

@@ -20,7 +20,7 @@ from aetr.domain.jsonvalue import MAX_TREE_DEPTH, check_json
 from aetr.domain.kinds import api
 from aetr.domain.runs import Node, Plan, Work, evolve
 from aetr.domain.steps import DEFAULT_MAX_TREE_NODES, TreeTooBig
-from aetr.engine import metrics
+from aetr.engine import metrics, tracing
 from aetr.engine.outage import OUTAGE, is_outage
 from aetr.store import ClaimedWork, Conflict, NeedsScripts, Store
 from aetr.store.sql import (
@@ -164,11 +164,12 @@ class Coordinator:
         self._flushes: set[asyncio.Task[None]] = set()
 
     async def start_run(self, step: str, run_input: Any, idempotency_key: str | None,
-                        notify: str | None = None) -> Started:
+                        notify: str | None = None, traceparent: str | None = None) -> Started:
         """Freeze the tree of `step` (a name or id) into a new run and start it, in one transaction.
 
         A known idempotency key answers with its run (not created); an unknown step with no run at all.
-        `notify` (a URL the caller checked) is told of the run's end with a CloudEvent.
+        `notify` (a URL the caller checked) is told of the run's end with a CloudEvent; a run traced (when
+        tracing is on) is a child of the span a valid W3C `traceparent` names.
         """
         # The run's ids and time are drawn once: a program run again (for its scripts) builds the same run,
         # so its mappers are asked the same (`ctx.run.id`) and their answers serve.
@@ -177,7 +178,7 @@ class Coordinator:
         try:
             out: Outcome = await self._run_with_scripts(
                 lambda: self._start_program(step, run_input, idempotency_key, now, replaying(ids, source),
-                                            notify),
+                                            notify, traceparent),
                 ScriptAnswers(self._script))
         except Exception as exc:
             # Two requests with one new key raced: the loser answers with the winner's run.
@@ -191,7 +192,8 @@ class Coordinator:
         return Started(out.created, out.run_id, out.plan, refused)
 
     def _start_program(self, step: str, run_input: Any, key: str | None, now: datetime,
-                       new_id: Callable[[], str], notify: str | None = None) -> Program:
+                       new_id: Callable[[], str], notify: str | None = None,
+                       traceparent: str | None = None) -> Program:
         if key is not None:
             existing = yield FindRunByKey(key)
             if existing is not None:
@@ -207,6 +209,8 @@ class Coordinator:
         nodes = build_run_nodes(tree, run_input, now, new_id)
         if notify is not None:
             nodes[0] = evolve(nodes[0], {"notify": notify})
+        if tracing.TRACER is not None:
+            nodes[0] = evolve(nodes[0], {"trace": tracing.new_run(nodes[0].id, traceparent)})
         root_id = nodes[0].id
         plan = Plan(now=nodes[0].created_at, new_id=new_id, max_nodes=self.max_tree_nodes)
         insert(plan, nodes)
@@ -439,6 +443,8 @@ class Coordinator:
         if plan is None:
             return
         metrics.committed(plan)
+        if tracing.TRACER is not None:
+            tracing.committed(plan)
         if self.sink is not None:
             if out.calls:
                 self.sink.perform(out.calls)

@@ -26,7 +26,7 @@ from aetr.domain.kinds import api
 from aetr.domain.runs import EventRecord, Node
 from aetr.domain.steps import framing_headers
 from aetr.domain.urls import redact_userinfo
-from aetr.engine import metrics
+from aetr.engine import metrics, tracing
 from aetr.engine.coordinator import Coordinator, utcnow
 from aetr.engine.tokens import TokenSigner, redact
 from aetr.store import ClaimedWork
@@ -230,9 +230,11 @@ class Dispatcher:
         if (problem := self._host_problem(url.raw_host or "")) is not None:
             await self._fail(node, f"{target} not called: {problem}", retryable=False)
             return
+        # Traced, the attempt's own span; else (or for a run started untraced) a span of the run's id as trace.
+        traced = await tracing.traceparent(node, self.coordinator.store) if tracing.TRACER is not None else None
         headers = {**step.headers, "Content-Type": "application/json", "AETR-Callback": callback,
                    "AETR-Run-Id": node.root_id, "AETR-Node-Id": node.id, "AETR-Attempt": str(node.attempt),
-                   "traceparent": f"00-{node.root_id.replace('-', '')}-{_span_id()}-01"}
+                   "traceparent": traced or f"00-{node.root_id.replace('-', '')}-{_span_id()}-01"}
         timeout_s = step.timeout_s if step.mode == "sync" else min(step.timeout_s, ANSWER_TIMEOUT_S)
         raw = orjson.dumps(node.input)
         # aiohttp streams file-like bodies instead of writing a large one in one go
@@ -243,6 +245,8 @@ class Dispatcher:
         async with self._slots:  # calls wait for a slot before their time-out starts (see __init__)
             started, called_at = time.monotonic(), utcnow()
             metrics.call_made(node.id, node.attempt, started)
+            if traced is not None:
+                tracing.called(node)
             try:
                 # Redirects are not followed: they would carry the input and the callback token to wherever
                 # Location points (and a 301/302 turns the POST into a GET without its body).

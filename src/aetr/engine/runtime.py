@@ -12,6 +12,7 @@ from typing import Any
 
 from aetr.config import MIB, Settings
 from aetr.domain.notify import Backoff
+from aetr.engine import tracing
 from aetr.engine.coordinator import Coordinator
 from aetr.engine.dispatcher import Dispatcher
 from aetr.engine.notifier import Notifier
@@ -74,6 +75,7 @@ class Engine:
         if not any(isinstance(f, QuietDriverDuringOutage) for f in driver_log.filters):
             driver_log.addFilter(QuietDriverDuringOutage())
         await upgrade_engine(self.store.engine)
+        tracing.configure()  # once per process, as the OTEL_* variables say
         secret = self.settings.secret or await self.store.setting(SECRET_SETTING, secrets.token_urlsafe(32))
         self.signer = TokenSigner(secret)
         self.dispatcher = Dispatcher(self.coordinator, self.signer, self.settings.callback_base,
@@ -133,6 +135,7 @@ class Engine:
             await self.notifier.close()
         await self.store.close()
         self.sandbox.close()
+        await asyncio.to_thread(tracing.flush)  # the SDK's exit hook did not export them when `aetr serve` stopped
 
     @contextlib.contextmanager
     def watching(self, root_id: str) -> Iterator[RunWatch]:

@@ -48,7 +48,7 @@ class RowCodec:
         """A Node from a row of NODE_COLUMNS."""
         (id_, root_id, parent_id, position, step_id, step_name, step_kind, step_version, config, mapper,
          n_children, state, input_, output, error, attempt, attempt_base, version, created_at, started_at,
-         completed_at, _key, wait_until, awaits_signal, holds_slot, notify) = row
+         completed_at, _key, wait_until, awaits_signal, holds_slot, notify, trace) = row
         time_out = self.time_out
         return node_of({"id": id_, "root_id": root_id, "parent_id": parent_id, "position": position,
                         "step": _step(step_name, step_kind, config, step_id, step_version), "mapper": mapper,
@@ -57,7 +57,7 @@ class RowCodec:
                         "attempt": attempt, "attempt_base": attempt_base, "version": version,
                         "started_at": time_out(started_at), "completed_at": time_out(completed_at),
                         "wait_until": time_out(wait_until), "awaits_signal": bool(awaits_signal),
-                        "holds_slot": bool(holds_slot), "notify": notify})
+                        "holds_slot": bool(holds_slot), "notify": notify, "trace": trace})
 
     def state_values(self, node: Node) -> dict[str, Any]:
         """The columns an event may change on a node (STATE_COLUMNS), as driver values."""
@@ -83,7 +83,7 @@ assert [c.name for c in NODE_COLUMNS] == [
     "id", "root_id", "parent_id", "position", "step_id", "step_name", "step_kind", "step_version", "config",
     "mapper", "n_children", "state", "input", "output", "error", "attempt", "attempt_base", "version",
     "created_at", "started_at", "completed_at", "idempotency_key", "wait_until", "awaits_signal", "holds_slot",
-    "notify",
+    "notify", "trace",
 ], "RowCodec.node unpacks these"
 
 
@@ -97,7 +97,7 @@ def node_from_row(row: Mapping[Any, Any]) -> Node:
         state=row["state"], input=row["input"], output=row["output"], error=row["error"],
         attempt=row["attempt"], attempt_base=row["attempt_base"], version=row["version"], started_at=row["started_at"],
         completed_at=row["completed_at"], wait_until=row["wait_until"], awaits_signal=bool(row["awaits_signal"]),
-        holds_slot=bool(row["holds_slot"]), notify=row["notify"],
+        holds_slot=bool(row["holds_slot"]), notify=row["notify"], trace=row["trace"],
     )
 
 

@@ -231,7 +231,7 @@ def _new_rows(plan: Plan, run: InsertRun | None, st: Statements,
                      "step_version": n.step.version, "config": n.step.fields_text,
                      "mapper": n.mapper, "n_children": n.n_children,
                      "created_at": st.time_in(n.created_at), "snapshot": None, "idempotency_key": None,
-                     "notify": n.notify, **st.state_values(n)})
+                     "notify": n.notify, "trace": n.trace, **st.state_values(n)})
     if run is not None:
         rows[0]["snapshot"] = run.snapshot
         rows[0]["idempotency_key"] = run.idempotency_key

@@ -26,7 +26,7 @@ _NODE_TYPES_PG = tuple({"id": "varchar", "root_id": "varchar", "parent_id": "var
                         "attempt_base": "integer", "version": "integer", "created_at": "timestamptz",
                         "started_at": "timestamptz", "completed_at": "timestamptz", "snapshot": "text",
                         "idempotency_key": "varchar", "wait_until": "timestamptz", "awaits_signal": "boolean",
-                        "holds_slot": "boolean", "notify": "text",
+                        "holds_slot": "boolean", "notify": "text", "trace": "varchar",
                         }[c.name] for c in run_nodes.c)
 _STATE_TYPES_PG = {"k_id": "varchar", "k_version": "integer", "state": "varchar", "input": "text", "output": "text",
                    "error": "text", "attempt": "integer", "attempt_base": "integer", "version": "integer",

@@ -315,6 +315,12 @@ class Store:
             found: str | None = await conn.scalar(select(run_nodes.c.root_id).where(run_nodes.c.id == node_id))
             return found
 
+    async def run_trace(self, root_id: str) -> str | None:
+        """A traced run's stored span context (aetr.engine.tracing), or None."""
+        async with self.engine.connect() as conn:
+            found: str | None = await conn.scalar(select(run_nodes.c.trace).where(run_nodes.c.id == root_id))
+            return found
+
     async def find_run_by_key(self, key: str) -> str | None:
         """The id of the run started with this idempotency key."""
         async with self.engine.connect() as conn:

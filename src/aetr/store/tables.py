@@ -109,6 +109,7 @@ run_nodes = Table(
     Column("awaits_signal", Boolean, nullable=False, server_default=false()),  # a signal wait
     Column("holds_slot", Boolean, nullable=False, server_default=false()),  # its attempt holds a step's slot
     Column("notify", Text, nullable=True),  # root only: the URL the run's end is announced to
+    Column("trace", String(80), nullable=True),  # root only, when traced: the run span's context (engine.tracing)
     Index("ix_run_nodes_root", "root_id"),
     # The attempts holding a slot of a step with max_concurrency, counted when another wants one.
     Index("ix_run_nodes_slots", "step_id", postgresql_where=text("holds_slot"), sqlite_where=text("holds_slot")),
