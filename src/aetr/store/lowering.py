@@ -268,7 +268,7 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
     moved = [{"node_id": c.node_id, "attempt": c.attempt, "kind": kind, "at": st.time_in(at)}
              for c in req.finished if c.node_id not in plan.drop_work_for
              for kind, at in (("deadline", c.deadline_at), ("heartbeat", c.heartbeat_at)) if at is not None]
-    if moved:  # rare: calls made late, their deadlines moved to count from the call
+    if moved and st.write_all is None:  # calls made late: their deadlines count from the call
         yield ExecMany(st.move_deadline, moved)
     lease = req.lease
     work_rows = [st.work_values(w, lease.owner, lease.until)
@@ -285,10 +285,10 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
         # statement's main query reads (it runs first, its rows locked in id order); the work and history
         # changes run after it. A node changed meanwhile aborts the whole statement (SerializationError).
         moves, look = _slot_moves(plan) if plan.released or plan.parked else ([], [])
-        if node_rows or drop or beats or work_rows or event_rows or finished or new_nodes:
+        if node_rows or drop or beats or work_rows or event_rows or finished or new_nodes or moved:
             values = {"drop": drop, "beats": beats, "expected": len(node_rows)}
             for group, rows in (("i_", new_nodes), ("c_", new_counters), ("n_", node_rows), ("w_", work_rows),
-                                ("e_", event_rows), ("f_", finished), ("s_", moves)):
+                                ("e_", event_rows), ("f_", finished), ("s_", moves), ("m_", moved)):
                 if rows:
                     for key, name in st.array_keys[group]:
                         values[key] = [r[name] for r in rows]

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from aetr.store.errors import Conflict, Duplicate, Unavailable, is_outage_sqlstate
 from aetr.store.lowering import lower
 from aetr.store.operations import Exec, ExecMany, Fetch, Op, OpStream, Sql
-from aetr.store.postgres_sql import FINISHED_FIELDS, NODE_FIELDS, WRITE_ALL_NAMES, PostgresStatements
+from aetr.store.postgres_sql import FINISHED_FIELDS, MOVED_FIELDS, NODE_FIELDS, WRITE_ALL_NAMES, PostgresStatements
 from aetr.store.requests import Program
 from aetr.store.store import AfterCommit, ScriptAnswers, Store, _round_trips
 from aetr.store.views import view_of_row
@@ -66,7 +66,9 @@ def _merged(writes: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {name: [v for w in writes for v in w[name]] for name in WRITE_ALL_NAMES
                               if name != "expected"}
     merged["expected"] = sum(w["expected"] for w in writes)
-    for group, key in (((f"n_{k}" for k in NODE_FIELDS), "n_k_id"), ((f"f_{k}" for k in FINISHED_FIELDS), "f_node_id")):
+    groups = (((f"n_{k}" for k in NODE_FIELDS), "n_k_id"), ((f"f_{k}" for k in FINISHED_FIELDS), "f_node_id"),
+              ((f"m_{k}" for k in MOVED_FIELDS), "m_node_id"))
+    for group, key in groups:
         names = list(group)
         order = sorted(range(len(merged[key])), key=merged[key].__getitem__)
         for name in names:

@@ -33,6 +33,7 @@ _STATE_TYPES_PG = {"k_id": "varchar", "k_version": "integer", "state": "varchar"
                    "started_at": "timestamptz", "completed_at": "timestamptz", "n_children": "integer",
                    "wait_until": "timestamptz", "awaits_signal": "boolean", "holds_slot": "boolean"}
 SLOT_FIELDS = ("old", "new", "attempt")  # a slot freed by node `old`, now held by attempt `attempt` of `new` (or none)
+MOVED_FIELDS = ("node_id", "attempt", "kind", "at")  # a late call's deadline or heartbeat row, moved to `at`
 COUNTER_NAMES = ("node_id", "done", "failed", "next_item", "items")
 _COUNTER_TYPES_PG = ("varchar", "integer", "integer", "integer", "text")
 
@@ -53,6 +54,7 @@ def _write_all_pg() -> str:
     new_nodes = arrays(list(_NODE_TYPES_PG))
     new_counters = arrays(list(_COUNTER_TYPES_PG))
     slots_ = arrays(["varchar", "varchar", "integer"])
+    moved_ = arrays(["varchar", "integer", "varchar", "timestamptz"])
     sets = ", ".join(f"{c} = v.{c}" for c in STATE_COLUMNS)
     return (
         f"WITH dropped AS (DELETE FROM work WHERE node_id = ANY(${drop}::varchar[])),"
@@ -71,7 +73,10 @@ def _write_all_pg() -> str:
         # Slots freed by attempts that ended: free again, or held by the attempt they were handed to.
         " slots AS (UPDATE step_slots AS s SET holder_id = v.new, holder_attempt = v.attempt,"
         " taken_at = CASE WHEN v.new IS NULL THEN NULL ELSE now() END"
-        f" FROM unnest({slots_}) AS v(old, new, attempt) WHERE s.holder_id = v.old)"
+        f" FROM unnest({slots_}) AS v(old, new, attempt) WHERE s.holder_id = v.old),"
+        # Calls made late: their deadlines count from the call (moved later, never earlier).
+        f" moved AS (UPDATE work AS w SET due_at = v.at FROM unnest({moved_}) AS v(node_id, attempt, kind, at)"
+        " WHERE w.node_id = v.node_id AND w.attempt = v.attempt AND w.kind = v.kind AND w.due_at < v.at)"
         # A node changed meanwhile: aetr_expect_rows (migration 0004) aborts the whole statement, which is atomic
         # by itself and so runs without BEGIN and COMMIT.
         f" SELECT aetr_expect_rows(count(*), ${expected}::integer) FROM updated"
@@ -97,13 +102,13 @@ FINISHED_FIELDS = ("node_id", "attempt", "kind")
 RUN_NODE_NAMES = tuple(c.name for c in run_nodes.c)
 ARRAY_KEYS = {prefix: tuple((prefix + name, name) for name in names) for prefix, names in (
     ("i_", RUN_NODE_NAMES), ("c_", COUNTER_NAMES), ("n_", NODE_FIELDS), ("w_", WORK_FIELDS), ("e_", EVENT_FIELDS),
-    ("f_", FINISHED_FIELDS), ("s_", SLOT_FIELDS))}
+    ("f_", FINISHED_FIELDS), ("s_", SLOT_FIELDS), ("m_", MOVED_FIELDS))}
 NO_ROWS: dict[str, dict[str, tuple[()]]] = {prefix: {key: () for key, _ in keys}
                                              for prefix, keys in ARRAY_KEYS.items()}
 WRITE_ALL_NAMES = ("drop", "beats", *(f"w_{k}" for k in WORK_FIELDS), *(f"e_{k}" for k in EVENT_FIELDS),
                    *(f"n_{k}" for k in NODE_FIELDS), *(f"f_{k}" for k in FINISHED_FIELDS), "expected",
                    *(f"i_{name}" for name in RUN_NODE_NAMES), *(f"c_{name}" for name in COUNTER_NAMES),
-                   *(f"s_{name}" for name in SLOT_FIELDS))
+                   *(f"s_{name}" for name in SLOT_FIELDS), *(f"m_{name}" for name in MOVED_FIELDS))
 
 # A slot row held by a node whose attempt does not hold it (its event failed or its process died between taking
 # the slot and writing the node) is free again after this long: far longer than any event takes.
