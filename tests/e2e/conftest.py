@@ -10,8 +10,11 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, Page, async_playwright
 
 from tests.e2e.harness import AetrServer, Launcher
+from tests.e2e.ui_helpers import CHROMIUM, CHROMIUM_ARGS, DESKTOP, require_chromium
 
 PG_ADMIN_URL = os.environ.get("AETR_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_PG = os.environ.get("AETR_REQUIRE_POSTGRES") == "1"
@@ -82,3 +85,32 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """An HTTP client session, closed after the test."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         yield session
+
+# The web UI's browser, for the UI tests of every module (tests/e2e/ui_helpers.py has the rest).
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def chromium() -> AsyncIterator[Browser]:
+    """Debian's Chromium; Playwright gives each launch a fresh temporary profile."""
+    require_chromium()
+    async with async_playwright() as playwright:
+        # headless=False: Playwright would add its own --headless; CHROMIUM_ARGS already says --headless=new.
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=False)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def page(chromium: Browser) -> AsyncIterator[Page]:
+    """A tab in a fresh browser context (no cookies, no storage); the test fails if the page's scripts throw."""
+    context = await chromium.new_context(viewport=DESKTOP, locale="en-GB", timezone_id="UTC", reduced_motion="reduce")
+    tab = await context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        yield tab
+    finally:
+        await context.close()
+    assert not errors, f"the page threw: {errors}"

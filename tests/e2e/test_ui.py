@@ -18,21 +18,18 @@ import aiohttp
 import orjson
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+from playwright.async_api import Locator, Page, expect
 
 from aetr.testing import StepService, callback, never, status
 from tests.e2e.conftest import LOGS
 from tests.e2e.harness import AetrServer, Api, Launcher, free_port, wait_listening
 from tests.e2e.ui_helpers import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     DESKTOP,
     EXPECT_TIMEOUT_MS,
     NARROW,
     TALL,
     needs_browser,
     publish,
-    require_chromium,
     screenshot_path,
 )
 
@@ -102,32 +99,6 @@ async def services_port(example_services: int) -> int:
     await wait_listening(example_services)
     return example_services
 
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def chromium() -> AsyncIterator[Browser]:
-    """Debian's Chromium; Playwright gives each launch a fresh temporary profile."""
-    require_chromium()
-    async with async_playwright() as playwright:
-        # headless=False: Playwright would add its own --headless; CHROMIUM_ARGS already says --headless=new.
-        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=False)
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def page(chromium: Browser) -> AsyncIterator[Page]:
-    """A tab in a fresh browser context (no cookies, no storage); the test fails if the page's scripts throw."""
-    context = await chromium.new_context(viewport=DESKTOP, locale="en-GB", timezone_id="UTC", reduced_motion="reduce")
-    tab = await context.new_page()
-    errors: list[str] = []
-    tab.on("pageerror", lambda error: errors.append(str(error)))
-    try:
-        yield tab
-    finally:
-        await context.close()
-    assert not errors, f"the page threw: {errors}"
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -14,19 +14,15 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Page, expect
 
 from tests.e2e.conftest import LOGS
 from tests.e2e.harness import AetrServer, Api, Launcher
 from tests.e2e.ui_helpers import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    DESKTOP,
     EXPECT_TIMEOUT_MS,
     NARROW,
     needs_browser,
     publish,
-    require_chromium,
     screenshot_path,
 )
 
@@ -55,29 +51,6 @@ async def server(processes: Launcher) -> AetrServer:
     env = {"AETR_TEST_SCHEDULE_CLOCK": f"{time.time():.3f}*60", "AETR_SCHEDULE_TICK_S": "0.1"}
     return await processes.serve(f"sqlite:///{processes.workdir / 'aetr.db'}", env=env)
 
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def chromium() -> AsyncIterator[Browser]:
-    require_chromium()
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=False)
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def page(chromium: Browser) -> AsyncIterator[Page]:
-    context = await chromium.new_context(viewport=DESKTOP, locale="en-GB", timezone_id="UTC", reduced_motion="reduce")
-    tab = await context.new_page()
-    errors: list[str] = []
-    tab.on("pageerror", lambda error: errors.append(str(error)))
-    try:
-        yield tab
-    finally:
-        await context.close()
-    assert not errors, f"the page threw: {errors}"
 
 
 @needs_browser
