@@ -45,4 +45,3 @@ def publish(name: str) -> None:
     if UPDATE_DOCS:
         DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(screenshot_path(name), DOCS_SCREENSHOTS / f"{name}.png")
-
