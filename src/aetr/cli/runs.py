@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, Final
 
@@ -297,23 +298,21 @@ def runs_events(ctx: typer.Context, run_id: RunArg, as_json: AsJson = False) -> 
 @app.command("cancel", cls=Command)
 def runs_cancel(ctx: typer.Context, run_id: RunArg, as_json: AsJson = False) -> None:
     """Cancel every node of a run that has not finished."""
-
-    async def work(client: Client) -> dict[str, Any]:
-        return await client.cancel_run(await resolve_run(client, run_id))
-
-    found = api(ctx, work)
-    if as_json:
-        print_json(found)
-    else:
-        out.print(f"run {escape(str(found.get('id')))}: {render.state(found.get('state'))}")
+    _act(ctx, run_id, as_json, Client.cancel_run)
 
 
 @app.command("retry", cls=Command)
 def runs_retry(ctx: typer.Context, run_id: RunArg, as_json: AsJson = False) -> None:
     """Run the failed and cancelled nodes of a run again (complete nodes are kept)."""
+    _act(ctx, run_id, as_json, Client.retry_run)
+
+
+def _act(ctx: typer.Context, run_id: str, as_json: bool,
+         action: Callable[[Client, str], Awaitable[dict[str, Any]]]) -> None:
+    """Do `action` to the run `run_id` names (any unique start of its id); print the run's new state."""
 
     async def work(client: Client) -> dict[str, Any]:
-        return await client.retry_run(await resolve_run(client, run_id))
+        return await action(client, await resolve_run(client, run_id))
 
     found = api(ctx, work)
     if as_json:
