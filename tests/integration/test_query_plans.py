@@ -24,6 +24,7 @@ from aetr.store import open_store
 from aetr.store.migrate import upgrade_engine
 from aetr.store.postgres import EVENTS_SESSION
 from aetr.store.postgres_sql import COUNT_CHILDREN_PG, PostgresStatements
+from aetr.store.statements import next_due_query
 from aetr.store.store import claimable_since_query, runs_query
 from aetr.testing.engine import KeptCalls, coordinator_without_http
 from tests.integration.conftest import TABLES
@@ -172,6 +173,11 @@ async def test_the_oldest_due_work_a_scrape_reads_is_a_few_pages_whatever_the_wo
         since = min(t for t in await conn.fetchrow(query) if t is not None)
         waited = await conn.fetchval("SELECT extract(epoch FROM now() - $1::timestamptz)", since)
         assert 299 <= waited < 320  # the first unleased due time: earlier than the dead lease's end
+        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
+        assert blocks_read(plan) <= 20, plan
+        # What a worker with nothing to claim asks, to know how long it may sleep: as cheap.
+        query = str(next_due_query().compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+        assert min(t for t in await conn.fetchrow(query) if t is not None) == since
         plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
         assert blocks_read(plan) <= 20, plan
     finally:

@@ -327,5 +327,5 @@ def _claim(req: Claim, st: Statements) -> Generator[Op, Any, ClaimResult]:
                for kind, node_id, root_id, attempt, due_at in rows]
     if len(rows) == req.limit:
         return ClaimResult(claimed)  # the worker claims again at once: when the next row is due can wait
-    ((due,),) = yield Fetch(st.next_due, {})
-    return ClaimResult(claimed, st.time_out(due))
+    ((unleased, leased),) = yield Fetch(st.next_due, {})
+    return ClaimResult(claimed, min(filter(None, (st.time_out(unleased), st.time_out(leased))), default=None))
