@@ -99,15 +99,19 @@ def serve(insecure: bool = False, **overrides: Any) -> None:
     except ConfigError as exc:
         sys.exit(f"aetr: {exc}")
     logs: dict[str, Any] = {"log_level": "info", "access_log": False, "log_config": log_config()}
+    # The schema is brought up to date once, here, before any worker starts (each would otherwise race to),
+    # and a database this release cannot serve is refused with a sentence rather than a traceback.
+    from aetr.store.migrate import SchemaTooNew, upgrade
+
+    try:
+        upgrade(settings.database_url)
+    except SchemaTooNew as exc:
+        sys.exit(f"aetr: {exc}")
     if settings.workers == 1:
         from aetr.api.app import create_app
 
         run(server_config(settings, create_app(settings, on_started=settle_heap), **logs))
         return
-    # The schema is brought up to date once, here, before the workers start (each would otherwise race to).
-    from aetr.store.migrate import upgrade
-
-    upgrade(settings.database_url)
     os.environ.update(settings.environ(*PASSED_TO_WORKERS))
     run(server_config(settings, "aetr.api.server:worker_app", factory=True, workers=settings.workers, **logs))
 

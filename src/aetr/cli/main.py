@@ -95,14 +95,14 @@ def migrate(
     try:
         from aetr.config import ConfigError
         from aetr.config import Settings as ServerSettings
-        from aetr.store.migrate import upgrade
+        from aetr.store.migrate import SchemaTooNew, upgrade
     except ModuleNotFoundError as exc:
         fail(f"cannot migrate: module {exc.name} is missing; reinstall aetr with its dependencies")
     try:
         settings = ServerSettings.from_env(database_url=database_url)
-    except ConfigError as exc:
+        upgrade(settings.database_url)
+    except (ConfigError, SchemaTooNew) as exc:
         fail(str(exc))
-    upgrade(settings.database_url)
     out.print("database schema is up to date")
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -15,6 +17,10 @@ from aetr.store import async_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x4145_5452  # "AETR": the advisory lock key that serialises migrations on PostgreSQL
+
+
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer release of AETR: this one does not know its schema."""
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -31,7 +37,19 @@ async def upgrade_engine(engine: AsyncEngine) -> None:
         if engine.dialect.name == "postgresql":
             # Several `aetr serve` processes may start at once on one database: migrate one at a time.
             await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
-        await conn.run_sync(lambda sync_conn: command.upgrade(alembic_config(sync_conn), "head"))
+        await conn.run_sync(_upgrade)
+
+
+def _upgrade(connection: Connection) -> None:
+    cfg = alembic_config(connection)
+    current = MigrationContext.configure(connection).get_current_revision()
+    known = {script.revision for script in ScriptDirectory.from_config(cfg).walk_revisions()}
+    if current is not None and current not in known:
+        raise SchemaTooNew(
+            f"the database's schema is at revision {current}, which this release of AETR does not know: a newer "
+            "release migrated it. Run that release, or restore the backup taken before the upgrade "
+            "(docs/operations.md, Upgrades)")
+    command.upgrade(cfg, "head")
 
 
 def upgrade(database_url: str) -> None:
