@@ -151,6 +151,33 @@ async def test_runs_by_the_start_of_their_id_read_a_few_pages_whatever_the_numbe
         await store.close()
 
 
+async def test_runs_of_a_state_or_step_few_runs_have_read_a_few_pages_whatever_the_number_of_runs(pg_url: str) -> None:
+    store = open_store(pg_url)
+    await upgrade_engine(store.engine)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+        # 50,000 ended runs of one pipeline, then three failed runs of another, each long before the rest.
+        root = ("INSERT INTO run_nodes (id, root_id, parent_id, position, step_id, step_name, step_kind, step_version,"
+                " config, n_children, state, attempt, version, created_at)"
+                " SELECT md5({seed} || g)::uuid, md5({seed} || g)::uuid, NULL, 0, 's', {step}, 'sequential', 1, '{{}}',"
+                " 0, {state}, 0, 1, now() - {age} - g * interval '1 ms' FROM generate_series(1, {n}) AS g")
+        await conn.execute(root.format(seed="'ok'", step="'nightly'", state="'complete'", age="interval '0 s'",
+                                       n=50_000))
+        await conn.execute(root.format(seed="'bad'", step="'hourly'", state="'error'", age="interval '1 day'", n=3))
+        await conn.execute("ANALYZE run_nodes")
+        for state, step, found in (("error", None, 3), (None, "hourly", 3), ("executing", None, 0),
+                                   ("complete", "hourly", 0)):
+            query = str(runs_query(state, step, 10, None).compile(
+                dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+            assert len(await conn.fetch(query)) == found
+            plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
+            assert blocks_read(plan) <= 20, (state, step, plan)
+    finally:
+        await conn.close()
+        await store.close()
+
+
 async def test_the_oldest_due_work_a_scrape_reads_is_a_few_pages_whatever_the_work_waiting(pg_url: str) -> None:
     store = open_store(pg_url)
     await upgrade_engine(store.engine)

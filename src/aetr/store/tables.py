@@ -118,6 +118,12 @@ run_nodes = Table(
     # for a node's next sibling, filtering every sibling by position (a 10,000-wide parent: 10,000 rows a step).
     Index("ix_run_nodes_roots", "created_at", "id", postgresql_where=text("parent_id IS NULL"),
           sqlite_where=text("parent_id IS NULL")),
+    # Runs of one state or one step, newest first (GET /runs?state=, ?step=): a rare state or step would
+    # otherwise be found by walking every run.
+    Index("ix_run_nodes_roots_by_state", "state", "created_at", "id", postgresql_where=text("parent_id IS NULL"),
+          sqlite_where=text("parent_id IS NULL")),
+    Index("ix_run_nodes_roots_by_step", "step_name", "created_at", "id", postgresql_where=text("parent_id IS NULL"),
+          sqlite_where=text("parent_id IS NULL")),
     # Runs by the start of their id (GET /runs?id_prefix=), as a range: only roots, so a prefix shared by a
     # big run's thousands of nodes costs nothing.
     Index("ix_run_nodes_root_ids", "id", postgresql_where=text("parent_id IS NULL"),
