@@ -19,6 +19,7 @@ from typer.testing import CliRunner, Result
 from aetr.cli import render
 from aetr.cli.main import StepFileError, app, load_step_definitions, parse_step_definitions
 from aetr.client import Client
+from aetr.store.migrate import SchemaTooNew
 
 # No AETR_* from the developer's shell may leak into what these tests see.
 runner = CliRunner(env={"AETR_URL": None, "AETR_API_TOKEN": None, "AETR_DATABASE_URL": None})
@@ -314,6 +315,7 @@ def test_serve_refuses_a_worker_count_out_of_range() -> None:
 
 def test_migrate_uses_the_option_then_aetr_database_url_then_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = fake_module(monkeypatch, "aetr.store.migrate", "upgrade")
+    monkeypatch.setattr(sys.modules["aetr.store.migrate"], "SchemaTooNew", SchemaTooNew, raising=False)
     assert_clean_exit(invoke("migrate", "--database-url", "sqlite:///x.db"), 0)
     assert_clean_exit(invoke("migrate"), 0)
     assert_clean_exit(runner.invoke(app, ["migrate"], env={"AETR_DATABASE_URL": "sqlite:///from-env.db"}), 0)
