@@ -334,6 +334,9 @@ def test_each_allowed_statement_is_unkeyed_and_its_section_of_the_docs_exists() 
     "SELECT n.* FROM run_nodes AS n JOIN work AS w ON w.node_id = n.id WHERE w.kind = 'dispatch'",
     "INSERT INTO events (at, kind, data) SELECT now(), 'x', '{}' FROM run_nodes WHERE id = $1",
     "SELECT * FROM run_nodes WHERE id IN (SELECT holder_id FROM step_slots WHERE step_id = $1)",
+    "WITH x AS (SELECT id FROM run_nodes WHERE state = 'a') SELECT n.* FROM run_nodes AS n JOIN x ON n.id = x.id",
+    "WITH RECURSIVE up(id, parent_id) AS (SELECT id, parent_id FROM run_nodes WHERE state = $1 UNION ALL"
+    " SELECT p.id, p.parent_id FROM run_nodes AS p JOIN up ON p.id = up.parent_id) SELECT * FROM up",
     "UPDATE schedules SET next_run_at = $1 WHERE id = $2",
     "UPDATE steps SET version = version + 1 WHERE id = $1",
 ])
@@ -348,6 +351,11 @@ def test_the_check_finds_statements_not_keyed_by_a_run(sql: str) -> None:
     " $3::timestamptz[], $4::varchar[], $5::text[])",
     "SELECT * FROM run_nodes WHERE id = (SELECT root_id FROM run_nodes WHERE id = $1)",
     "SELECT s.* FROM run_nodes AS s JOIN run_nodes AS me ON s.parent_id = me.parent_id WHERE me.id = $1",
+    "UPDATE run_nodes AS n SET state = v.state FROM unnest($1::varchar[], $2::varchar[]) AS v(id, state)"
+    " WHERE n.id = v.id",
+    "WITH RECURSIVE up(id, parent_id) AS (SELECT id, parent_id FROM run_nodes WHERE id = $1 UNION ALL"
+    " SELECT p.id, p.parent_id FROM run_nodes AS p JOIN up ON p.id = up.parent_id) SELECT * FROM up",
+    "SELECT * FROM work WHERE node_id IN (SELECT id FROM run_nodes WHERE root_id = $1)",
     "SELECT * FROM steps WHERE name = $1",
     "SELECT * FROM schedules WHERE next_run_at <= $1 ORDER BY next_run_at LIMIT 10",
 ])
