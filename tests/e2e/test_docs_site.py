@@ -58,7 +58,7 @@ def text_of(site: Path, page: str) -> str:
 
 def test_the_site_builds_strictly_with_every_page_of_the_navigation(site: Path) -> None:
     for page in ("getting-started", "concepts", "step-service", "step-kinds", "api", "cli", "client", "operations",
-                 "reliability", "performance", "performance-history", "changelog"):
+                 "scaling", "reliability", "performance", "performance-history", "changelog"):
         assert (site / page / "index.html").is_file(), f"{page} was not built"
 
 
