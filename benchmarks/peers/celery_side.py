@@ -43,6 +43,7 @@ CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG: Final = 1
 REDIS_URL: Final = os.environ.get("AETR_PEERS_REDIS_URL", "redis://127.0.0.1:6379/11")
 PREFETCH_MULTIPLIER: Final = int(os.environ.get("AETR_PEERS_PREFETCH", "4"))  # Celery's default
+OWNER_KEY: Final = "aetr-peers:owner"  # the pid of the case using the Redis database now
 
 app = Celery("aetr_peer", broker=REDIS_URL, backend=REDIS_URL)
 app.conf.update(
@@ -222,6 +223,34 @@ class Worker:
             self.popen.wait()
 
 
+def claim_database() -> None:
+    """Flush the Redis database for this case alone; exit when another live case is using it."""
+    client = redis.Redis.from_url(REDIS_URL)
+    holder = client.get(OWNER_KEY)
+    if holder is not None and int(holder) != os.getpid() and _alive(int(holder)):
+        sys.exit(f"Redis database {REDIS_URL} is in use by another `benchmarks/run --peers` (process {int(holder)}): "
+                 "wait for it to end, or pass another database number with --peers-redis-url")
+    client.flushdb()
+    client.set(OWNER_KEY, os.getpid())
+
+
+def release_database() -> None:
+    """Leave the database to the next case (when this one still holds it)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    if client.get(OWNER_KEY) == str(os.getpid()).encode():
+        client.delete(OWNER_KEY)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def records() -> tuple[list[tuple[int, int, str, int, int]], dict[str, int]]:
     """Everything the worker recorded since the last call."""
     got = collect.si().apply_async().get(timeout=RESULT_TIMEOUT_S)
@@ -342,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--log", type=Path, default=Path(os.devnull), help="the worker's log")
     parser.add_argument("--out", type=Path, help="write the metrics here (default: stdout)")
     args = parser.parse_args(argv)
-    redis.Redis.from_url(REDIS_URL).flushdb()  # the database is this benchmark's alone
+    claim_database()
     worker = Worker(args.pool, args.log)
     try:
         pid = worker.start()
@@ -359,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             metrics = workloads[args.scenario]()
     finally:
         worker.stop()
+        release_database()
     server = redis.Redis.from_url(REDIS_URL).info("server")
     metrics["peer"] = {
         "celery": celery_version, "kombu": kombu.__version__, "billiard": billiard.__version__,
