@@ -23,10 +23,15 @@ import orjson
 
 from benchmarks.common import Context, Sizes, calibration_ms
 from benchmarks.databases import DEFAULT_POSTGRES_URL, check_postgres, fresh_database
+from benchmarks.peers.celery_case import DEFAULT_REDIS_URL, check_redis, run_celery_case
+from benchmarks.peers.celery_case import SCENARIOS as PEER_SCENARIOS
+from benchmarks.peers.summary import render, summarise, summary_line
+from benchmarks.peers.venv import PeerSetupError, ensure_venv
 from benchmarks.processes import PROFILE_FLAGS, REPO, AetrServer, StepServiceProcess, log, machine_busy_seconds
 from benchmarks.scenarios import Case, Metrics, cases
 
 SCENARIOS: Final = ("chain", "throughput", "fanout", "load", "sandbox", "map", "map-large", "concurrency")
+STANDIN_SCENARIOS: Final = ("chain", "throughput")  # what benchmarks/standin.py answers
 # What `aetr serve` runs with: the defaults, written out so that a change of default does not move the numbers.
 SERVER_SETTINGS: Final = {"AETR_POLL_S": "1.0", "AETR_LEASE_S": "60", "AETR_MAX_IN_FLIGHT": "256"}
 # Keys kept out of the median: they describe the setup, or are lists and maps.
@@ -54,6 +59,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--standin", action="store_true",
                         help="measure the floor: benchmarks/standin.py (in memory, no database) in aetr's place; "
                              "chain and throughput only")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run each case on the stand-in (chain, throughput) and on Celery 5 + Redis (in a "
+                             "venv of its own, made on first use), interleaved, and print AETR's ratios to them; "
+                             "chain, throughput and fanout only")
+    parser.add_argument("--peers-redis-url", default=os.environ.get("AETR_BENCH_REDIS_URL", DEFAULT_REDIS_URL),
+                        help="Redis for Celery's broker and results: a database number of its own, flushed before "
+                             "each case (env AETR_BENCH_REDIS_URL)")
+    parser.add_argument("--peers-pool", choices=("solo", "prefork"), default="solo",
+                        help="the Celery worker's pool: solo (default; one process, as one aetr serve) or prefork "
+                             "(a parent and one child process)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each case N times, each on a fresh database and server; report medians")
     parser.add_argument("--postgres-url", default=os.environ.get("AETR_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
@@ -159,13 +174,13 @@ async def wait_quiet(threshold_pct: float) -> float:
 
 
 async def run_case(case: Case, db: str, args: argparse.Namespace, sizes: Sizes, workdir: Path,
-                   http: aiohttp.ClientSession) -> Metrics:
+                   http: aiohttp.ClientSession, standin: bool) -> Metrics:
     """One case on a fresh database, a fresh server and a fresh step service; its metrics (or its error)."""
     async with fresh_database(db, workdir, case.label, args.postgres_url) as url:
         tag = f"{case.label}-{db}-{time.strftime('%H%M%S')}"
         settings = {**SERVER_SETTINGS, "AETR_WORKERS": str(args.workers),
                     **dict(kv.split("=", 1) for kv in args.settings)}
-        server = AetrServer(url, workdir / f"{tag}-aetr.log", settings, standin=args.standin)
+        server = AetrServer(url, workdir / f"{tag}-aetr.log", settings, standin=standin)
         svc = StepServiceProcess(workdir / f"{tag}-stepsvc.log")
         ctx = Context(db=db, database_url=url, server=server, svc=svc, http=http, sizes=sizes, quick=args.quick,
                       timeout_factor=args.timeout_factor, label=case.label, profile_dir=args.profile,
@@ -201,11 +216,11 @@ async def run_case(case: Case, db: str, args: argparse.Namespace, sizes: Sizes, 
 
 
 async def run_repeat(case: Case, db: str, args: argparse.Namespace, sizes: Sizes, workdir: Path,
-                     http: aiohttp.ClientSession) -> Metrics:
+                     http: aiohttp.ClientSession, standin: bool) -> Metrics:
     """One repeat of a case; with --wait-quiet, run again (a bounded number of times) when other work took
     more than the threshold of the machine while it was measured."""
     for attempt in range(1 + CONTENDED_RETRIES):
-        metrics = await run_case(case, db, args, sizes, workdir, http)
+        metrics = await run_case(case, db, args, sizes, workdir, http, standin)
         if not args.wait_quiet or "error" in metrics or metrics["other_load_pct"] <= args.wait_quiet:
             break
         if attempt < CONTENDED_RETRIES:
@@ -215,10 +230,77 @@ async def run_repeat(case: Case, db: str, args: argparse.Namespace, sizes: Sizes
     return metrics
 
 
+def emit(line: Metrics, quick: bool) -> Metrics:
+    """Print a result line on stdout (as soon as it is known: a long run shows its progress)."""
+    if quick:
+        line["quick"] = True
+    print(orjson.dumps(line).decode(), flush=True)
+    return line
+
+
+async def run_each(args: argparse.Namespace, selected: list[Case], dbs: list[str], sizes: Sizes, workdir: Path,
+                   http: aiohttp.ClientSession) -> list[Metrics]:
+    """Each case on each database, its repeats one after another; the lines printed."""
+    lines = []
+    for db in dbs:
+        for case in selected:
+            results = []
+            for i in range(args.repeat):
+                log(f"{case.label} on {db} ({i + 1}/{args.repeat})")
+                results.append(await run_repeat(case, db, args, sizes, workdir, http, args.standin))
+            line = judge(case, db, merge(results), args.quick)
+            if args.standin:
+                line["db"] = "none (standin)"
+            lines.append(emit(line, args.quick))
+    return lines
+
+
+PEER_DB: Final = {"standin": "none (standin)", "celery": "redis (celery)"}  # the `db` of a peer's line
+
+
+async def run_peers(args: argparse.Namespace, selected: list[Case], dbs: list[str], sizes: Sizes, workdir: Path,
+                    http: aiohttp.ClientSession, peers_python: Path) -> list[Metrics]:
+    """Each case on the stand-in (chain and throughput), on Celery and on AETR with each database, interleaved:
+    each repeat runs every system once, in an order that turns by one from a repeat to the next, so that the
+    machine's drift hits them all. The lines printed, then the summary (a table on stderr, a line on stdout)."""
+    def systems(case: Case) -> list[tuple[str, str]]:
+        standin = [("standin", "sqlite")] if case.scenario in STANDIN_SCENARIOS else []
+        return [*standin, ("celery", "redis"), *(("aetr", db) for db in dbs)]
+
+    results: dict[tuple[str, str, str], list[Metrics]] = {}
+    for i in range(args.repeat):
+        for case in selected:
+            order = systems(case)
+            turn = i % len(order)
+            for system, db in order[turn:] + order[:turn]:
+                log(f"{case.label} on {db if system == 'aetr' else system} ({i + 1}/{args.repeat})")
+                if system == "celery":
+                    if args.wait_quiet:
+                        await wait_quiet(args.wait_quiet)
+                    metrics = await run_celery_case(case.label, peers_python, sizes, workdir, args.peers_redis_url,
+                                                    args.peers_pool, case.deadline_s * args.timeout_factor)
+                else:
+                    metrics = await run_repeat(case, db, args, sizes, workdir, http, standin=system == "standin")
+                results.setdefault((case.label, system, db), []).append(metrics)
+    lines = []
+    for case in selected:
+        for system, db in systems(case):
+            merged = merge(results[(case.label, system, db)])
+            if system == "aetr":
+                line = judge(case, db, merged, args.quick)
+            else:
+                line = {"scenario": case.scenario, "db": PEER_DB[system], **merged, "target": {}, "met": None}
+            lines.append(emit({**line, "case": case.label, "system": system}, args.quick))
+    rows = summarise(lines)
+    print(render(rows, lines), file=sys.stderr, flush=True)
+    print(orjson.dumps(summary_line(rows, lines)).decode(), flush=True)
+    return lines
+
+
 async def main_async(args: argparse.Namespace) -> int:
     """Run the selected cases; the exit code."""
     sizes = Sizes.quick() if args.quick else Sizes()
-    chosen = set(args.scenario or SCENARIOS)
+    chosen = set(args.scenario or (PEER_SCENARIOS if args.peers else SCENARIOS))
     every = cases(sizes.fanout)
     unknown = chosen - {c.scenario for c in every} - {c.label for c in every}
     if unknown:
@@ -227,13 +309,29 @@ async def main_async(args: argparse.Namespace) -> int:
         return 2
     selected = [c for c in every if c.scenario in chosen or c.label in chosen]
     dbs = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    if args.peers:
+        if args.standin:
+            log("--peers runs the stand-in itself: leave out --standin")
+            return 2
+        if any(c.scenario not in PEER_SCENARIOS for c in selected):
+            log(f"--peers compares the {', '.join(PEER_SCENARIOS)} scenarios only: pick them with --scenario")
+            return 2
+        if why := await check_redis(args.peers_redis_url):
+            log(f"Redis at {args.peers_redis_url} does not answer ({why}): start it (redis-server), pass "
+                "--peers-redis-url, or leave out --peers")
+            return 2
     if args.standin:
-        if any(c.scenario not in ("chain", "throughput") for c in selected):
+        if any(c.scenario not in STANDIN_SCENARIOS for c in selected):
             log("--standin answers the chain and throughput scenarios only: pick them with --scenario")
             return 2
         dbs = ["sqlite"]  # it keeps nothing: one (unused) database
     if "postgres" in dbs and (why := await check_postgres(args.postgres_url)):
         log(f"PostgreSQL at {args.postgres_url} does not answer ({why}): start it, or pass --db sqlite")
+        return 2
+    try:
+        peers_python = await ensure_venv() if args.peers else None
+    except PeerSetupError as exc:
+        log(str(exc))
         return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="aetr-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -244,20 +342,12 @@ async def main_async(args: argparse.Namespace) -> int:
     connector = aiohttp.TCPConnector(limit=100)
     try:
         async with aiohttp.ClientSession(connector=connector) as http:
-            for db in dbs:
-                for case in selected:
-                    results = []
-                    for i in range(args.repeat):
-                        log(f"{case.label} on {db} ({i + 1}/{args.repeat})")
-                        results.append(await run_repeat(case, db, args, sizes, workdir, http))
-                    line = judge(case, db, merge(results), args.quick)
-                    if args.standin:
-                        line["db"] = "none (standin)"
-                    if args.quick:
-                        line["quick"] = True
-                    print(orjson.dumps(line).decode(), flush=True)
-                    failures += "error" in line
-                    misses += line["met"] is False
+            if peers_python is not None:
+                lines = await run_peers(args, selected, dbs, sizes, workdir, http, peers_python)
+            else:
+                lines = await run_each(args, selected, dbs, sizes, workdir, http)
+        failures = sum("error" in line for line in lines)
+        misses = sum(line["met"] is False for line in lines)
     finally:
         if args.keep or failures:
             log(f"logs kept in {workdir}")

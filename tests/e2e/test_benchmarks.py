@@ -7,6 +7,7 @@ checked is that every scenario ran to the end against the real server and report
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,55 @@ def test_the_quick_benchmark_runs_every_scenario_to_the_end(db: str, tmp_path: P
     # `aetr serve` tunes its collector once started (settle_heap): at Python's defaults the fan-out of 100 alone
     # makes about 20 young and 2 middle-aged collections; tuned, none or hardly any.
     assert sum(fan_large["aetr_gc_collections"]) <= 3, fan_large["aetr_gc_collections"]
+
+
+PEERS_DEADLINE_S = 120  # the smoke run of --peers, making Celery's venv included; about 20 s here
+
+
+def redis_answers(host: str = "127.0.0.1", port: int = 6379) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2) as conn:
+            conn.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def test_peers_runs_the_chain_on_the_stand_in_celery_and_aetr_and_prints_the_ratios(tmp_path: Path) -> None:
+    if not redis_answers():
+        pytest.skip("Redis does not answer on 127.0.0.1:6379 (Celery's broker for --peers)")
+    env = {**os.environ, "AETR_BENCH_PEERS_VENV": str(tmp_path / "peers-venv")}  # made afresh, as on first use
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--peers", "--quick", "--scenario", "chain", "--db",
+                           "sqlite", "--workdir", str(tmp_path / "work"),
+                           # a database of its own, apart from the default one of a benchmark run meanwhile
+                           "--peers-redis-url", "redis://127.0.0.1:6379/12"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=PEERS_DEADLINE_S, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *lines, summary = [orjson.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+    assert [(line["system"], line["db"]) for line in lines] == [
+        ("standin", "none (standin)"), ("celery", "redis (celery)"), ("aetr", "sqlite")]
+    for line in lines:
+        assert line["case"] == "chain" and line["gaps"] == line["runs"] * (line["steps"] - 1) > 0, line
+        assert line["runs_not_complete"] == 0 and line["p50_ms"] > 0 and line["calibration_ms"] > 0, line
+    celery = lines[1]
+    assert celery["peer"]["celery"].startswith("5.") and celery["peer"]["pool"] == "solo", celery["peer"]
+    assert celery["cpu_s"]["celery"] > 0, "the worker's CPU is measured"
+    p50 = summary["rows"][0]
+    assert summary["summary"] == "peers" and p50["figure"] == "p50_ms"
+    assert p50["aetr_speed_ratio"]["sqlite/celery"] == round(celery["p50_ms"] / lines[2]["p50_ms"], 3)
+    assert "AETR sqlite vs Celery" in done.stderr and "calibration_ms" in done.stderr
+
+
+def test_peers_without_redis_says_so_and_runs_nothing(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--peers", "--quick", "--scenario", "chain", "--db",
+                           "sqlite", "--peers-redis-url", f"redis://127.0.0.1:{closed}/11"],
+                          cwd=ROOT, env={**os.environ, "AETR_BENCH_PEERS_VENV": str(tmp_path / "never-made")},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert f"Redis at redis://127.0.0.1:{closed}/11 does not answer" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert not (tmp_path / "never-made").exists()
