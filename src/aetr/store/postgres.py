@@ -294,7 +294,9 @@ class PostgresStore(Store):
         ids = list({m.op.values["node_id"] for m in members})
         by_node: dict[str, list[tuple[Any, ...]]] = {i: [] for i in ids}
         for row in await conn.fetch(st.load_chains.text, *st.load_chains.args({"ids": ids})):
-            by_node[row[0]].append(tuple(row)[1:])
+            node = tuple(row)[1:]
+            for start in row[0]:
+                by_node[start].append(node)
         for m in members:
             m.saw(st.load_chains)
         return [m for m in members if m.advance(by_node[m.op.values["node_id"]])]

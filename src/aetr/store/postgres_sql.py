@@ -185,19 +185,24 @@ def claim_waiting_stmt() -> Any:
 
 
 def chains_stmt() -> Any:
-    """PostgreSQL: _chain_stmt for several nodes at once (an array `ids`), each row led by the node it is for."""
+    """PostgreSQL: _chain_stmt for several nodes at once (an array `ids`), each row led by the nodes it is for.
+
+    A node in the chains of several (a map's node, a wide parallel's, their root) is one row for all of them:
+    its input (a map's is its whole list of items) is read, sent and parsed once a batch, not once an event.
+    """
     step = run_nodes.alias("step")
     chain = (select(run_nodes.c.id.label("start"), run_nodes.c.id, run_nodes.c.parent_id)
              .where(run_nodes.c.id == func.any(p("ids"))).cte("chain", recursive=True))
     chain = chain.union_all(select(chain.c.start, step.c.id, step.c.parent_id)
                             .join(chain, step.c.id == chain.c.parent_id))
     me, sib = run_nodes.alias("me"), run_nodes.alias("sib")
-    following = (select(me.c.id.label("start"), literal_column("1").label("extra"),
+    following = (select(func.array_agg(me.c.id).label("starts"), literal_column("1").label("extra"),
                         *[sib.c[c.name] for c in NODE_COLUMNS])
                  .join(me, and_(sib.c.parent_id == me.c.parent_id, sib.c.position == me.c.position + 1))
-                 .where(me.c.id == func.any(p("ids"))).where(parent_kind(me) == "sequential"))
-    ancestors = (select(chain.c.start, literal_column("0").label("extra"), *NODE_COLUMNS)
-                 .join(chain, run_nodes.c.id == chain.c.id))
+                 .where(me.c.id == func.any(p("ids"))).where(parent_kind(me) == "sequential").group_by(sib.c.id))
+    ancestors = (select(func.array_agg(chain.c.start).label("starts"), literal_column("0").label("extra"),
+                        *NODE_COLUMNS)
+                 .join(chain, run_nodes.c.id == chain.c.id).group_by(run_nodes.c.id))
     return union_all(ancestors, following)
 
 
