@@ -313,43 +313,58 @@ async def map_large(ctx: Context) -> Metrics:
 
 # ---- api max_concurrency -----------------------------------------------------------------------------
 
-_limit_order = itertools.count()  # each concurrency case alternates which of its two steps goes first
+_limit_order = itertools.count()  # each concurrency case rotates which of its three bursts goes first
 
 
 async def concurrency(ctx: Context) -> Metrics:
-    """Runs of one api step with max_concurrency against the same step without it, the same number started
-    together for each: runs per second of both, their ratio, and the most calls in flight at the step service."""
+    """`n` calls of an api step with max_concurrency `limit`, against the same `n` calls with no limit made two
+    ways: `n` runs of one step started together (up to `n` in flight: the issue's first comparison), and `limit`
+    runs of a sequence of `n / limit` steps started together (`limit` in flight, no limit set: the same
+    concurrency without the slot machinery). Calls per second of each over the whole burst, and while `limit`
+    were in flight (from the arrival of the `limit`-th call to that of the last: no ramp, no tail); the most calls
+    in flight at the step service."""
     n, limit = ctx.sizes.concurrency_runs, ctx.sizes.concurrency_limit
     await put_step(ctx, api_step("free", f"{ctx.svc.url}/step"))
     await put_step(ctx, {**api_step("limited", f"{ctx.svc.url}/step"), "max_concurrency": limit})
+    await put_step(ctx, {"name": "chains", "kind": "sequential", "children": [{"step": "free"}] * (n // limit)})
     warm = ctx.sizes.warmup_runs
     for step in ("free", "limited"):
         await asyncio.gather(*(start_run(ctx, step) for _ in range(warm)))
     await ctx.svc.wait(ctx.http, ctx.timeout(RUN_WAIT_S), accepted=2 * warm)
-    order = ("limited", "free") if next(_limit_order) % 2 == 0 else ("free", "limited")
+    await ctx.svc.reset(ctx.http)
+    await wait_run(ctx, await start_run(ctx, "chains"), timeout_s=ctx.timeout(RUN_WAIT_S))
+    shift = next(_limit_order) % 3
+    order = ("limited", "free", "chains")[shift:] + ("limited", "free", "chains")[:shift]
     results: dict[str, Metrics] = {}
     for step in order:
         await ctx.svc.reset(ctx.http)
-        results[step] = await _burst(ctx, step, n)
-        results[step]["runs_complete"] = await count_runs(ctx, step, "complete") - warm
-    free, limited = results["free"], results["limited"]
+        runs, calls = (limit, n // limit * limit) if step == "chains" else (n, n)
+        results[step] = await _burst(ctx, step, runs, calls, limit)
+        results[step]["runs_complete"] = await count_runs(ctx, step, "complete") - (
+            1 if step == "chains" else warm)
+    free, limited, chains = results["free"], results["limited"], results["chains"]
+    whole = ("calls_per_s", "steady_calls_per_s", "in_flight_max", "in_flight_to_callback_max")
     return {
         "runs": n, "limit": limit, "first": order[0],
-        "limited_runs_per_s": limited["runs_per_s"], "free_runs_per_s": free["runs_per_s"],
-        "limited_to_free": round(limited["runs_per_s"] / free["runs_per_s"], 3),
+        "limited_calls_per_s": limited["calls_per_s"], "free_calls_per_s": free["calls_per_s"],
+        "chains_calls_per_s": chains["calls_per_s"],
+        "limited_to_free": round(limited["calls_per_s"] / free["calls_per_s"], 3),
+        "limited_to_chains": round(limited["calls_per_s"] / chains["calls_per_s"], 3),
+        "limited_steady_calls_per_s": limited["steady_calls_per_s"],
+        "chains_steady_calls_per_s": chains["steady_calls_per_s"],
+        "limited_to_chains_steady": round(limited["steady_calls_per_s"] / chains["steady_calls_per_s"], 3),
         "limited_in_flight_max": limited["in_flight_max"], "free_in_flight_max": free["in_flight_max"],
+        "chains_in_flight_max": chains["in_flight_max"],
         "limited_in_flight_to_callback_max": limited["in_flight_to_callback_max"],
         "free_in_flight_to_callback_max": free["in_flight_to_callback_max"],
-        **{f"limited_{k}": v for k, v in limited.items() if k not in ("runs_per_s", "in_flight_max",
-                                                                      "in_flight_to_callback_max")},
-        **{f"free_{k}": v for k, v in free.items() if k not in ("runs_per_s", "in_flight_max",
-                                                                "in_flight_to_callback_max")},
+        **{f"{name}_{k}": v for name, got in results.items() for k, v in got.items() if k not in whole},
     }
 
 
-async def _burst(ctx: Context, step: str, n: int) -> Metrics:
-    """`n` runs of the one-step tree `step` started together as the throughput scenario starts them, until
-    every callback is accepted: runs per second, and the calls in flight at the step service."""
+async def _burst(ctx: Context, step: str, runs: int, calls: int, full: int) -> Metrics:
+    """`runs` runs of `step` started together as the throughput scenario starts them, until the `calls` they
+    make have every callback accepted: calls per second over the whole burst and while `full` were in flight,
+    and the calls in flight at the step service."""
     statuses: list[str] = []
 
     async def one() -> None:
@@ -361,13 +376,14 @@ async def _burst(ctx: Context, step: str, n: int) -> Metrics:
 
     async with ctx.measure(step) as phase:
         t0 = time.time_ns()
-        await asyncio.gather(*(one() for _ in range(n)))
+        await asyncio.gather(*(one() for _ in range(runs)))
         posted_ns = time.time_ns()
-        await ctx.svc.wait(ctx.http, ctx.timeout(600), accepted=statuses.count("ok"))
+        await ctx.svc.wait(ctx.http, ctx.timeout(600), accepted=statuses.count("ok") * (calls // runs))
     stats = await ctx.svc.stats(ctx.http)
     seconds = (max(c[3] for c in stats["callbacks"]) - t0) / 1e9
     return {
-        "runs_per_s": round(stats["accepted"] / seconds, 1), "seconds": round(seconds, 3),
+        "calls_per_s": round(stats["accepted"] / seconds, 1), "seconds": round(seconds, 3),
+        "steady_calls_per_s": steady_rate(stats, full, posted_ns),
         "start_phase_s": round((posted_ns - t0) / 1e9, 3),
         "in_flight_max": in_flight_max(stats, answered=True),
         "in_flight_to_callback_max": in_flight_max(stats, answered=False),
@@ -375,6 +391,19 @@ async def _burst(ctx: Context, step: str, n: int) -> Metrics:
         "callback_answer_p50_ms": ms(percentile([c[3] - c[2] for c in stats["callbacks"]], 0.5)),
         "cpu_s": phase.cpu_s, **pg(phase), **describe_failures(stats),
     }
+
+
+def steady_rate(stats: dict[str, Any], full: int, started_ns: int) -> float:
+    """Calls per second reaching the step service from the arrival of the `full`-th call, or the last run's
+    start when later, to the arrival of the last call: the pace while `full` calls can be in flight and no run
+    is starting (the ramp, the starts and the tail left out)."""
+    arrivals = sorted(r[0] for r in stats["requests"])
+    if len(arrivals) <= full:
+        return math.nan
+    since = max(arrivals[full - 1], started_ns)
+    window = (arrivals[-1] - since) / 1e9
+    counted = sum(1 for at in arrivals if at > since)
+    return round(counted / window, 1) if window > 0 and counted else math.nan
 
 
 def in_flight_max(stats: dict[str, Any], answered: bool) -> int:
@@ -550,7 +579,7 @@ def cases(fanout_sizes: tuple[int, ...]) -> list[Case]:
              lambda db: [Bound("large_output_len", 100_000, at_most=False), Bound("peak_rss_mb", 500.0),
                          Bound("get_ratio", 15.0)], 1800),
         Case("concurrency", "concurrency", concurrency,
-             lambda db: [Bound("limited_to_free", 0.9, at_most=False),
+             lambda db: [Bound("limited_to_chains_steady", 0.9, at_most=False),
                          Bound("limited_in_flight_to_callback_max", 50)], 1800),
     ]
     return out

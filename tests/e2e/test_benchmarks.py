@@ -51,10 +51,12 @@ def test_the_quick_benchmark_runs_every_scenario_to_the_end(db: str, tmp_path: P
     assert map_large["large_root_state"] == "complete" and map_large["large_output_len"] == 500, map_large
     assert map_large["peak_rss_mb"] > 0 and map_large["get_ratio"] > 0
     assert limited["limited_runs_complete"] == limited["free_runs_complete"] == 40, limited
+    assert limited["chains_runs_complete"] == 5, limited  # 5 runs of a sequence of 8 calls
+    assert limited["limited_to_chains"] > 0 and limited["limited_to_free"] > 0, limited
     # The limit holds from a call's arrival to the step's callback; counted on to AETR's answer of the callback,
     # one more may show: the callback's transaction hands the slot on, and the next call may arrive first.
     assert 0 < limited["limited_in_flight_to_callback_max"] <= 5, limited
-    assert limited["limited_start_errors"] == limited["free_start_errors"] == []
+    assert limited["limited_start_errors"] == limited["free_start_errors"] == limited["chains_start_errors"] == []
     for line in (chain, throughput, fan_small, fan_large):  # the server's cycle collections, read from /metrics
         collections = line["aetr_gc_collections"]
         assert len(collections) == 3 and all(isinstance(n, int) and n >= 0 for n in collections), line

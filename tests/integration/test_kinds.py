@@ -212,6 +212,34 @@ async def test_an_api_step_max_concurrency_holds_across_runs_and_hands_slots_on_
     assert order == list(range(6))  # one slot: each waiting attempt is called in the order it became due
 
 
+async def test_max_concurrency_holds_when_many_runs_start_and_hand_slots_on_together(
+        aetr: Server, steps_service: StepService) -> None:
+    # Started together, the runs' events share batches: PostgreSQL takes their slots, and claims the attempts
+    # that slots freed together go to, in one statement per step. Never more than the limit, none left waiting.
+    in_flight = 0
+    most = 0
+    full = asyncio.Event()
+
+    async def slow(body: Any) -> Any:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        if in_flight >= 4:
+            full.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(full.wait(), 5)
+        await asyncio.sleep(0.005)
+        in_flight -= 1
+        return {"done": body}
+
+    steps_service.route("/crowded", sync(slow))
+    await aetr.put_step(api(steps_service, "crowded", mode="sync", max_concurrency=4))
+    runs = await asyncio.gather(*(aetr.start("crowded", i) for i in range(60)))
+    ended = [await aetr.wait_run(run_id, timeout=60) for run_id in runs]
+    assert [r["output"] for r in ended] == [{"done": i} for i in range(60)]
+    assert most == 4
+
+
 async def _until(condition: Any, what: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():

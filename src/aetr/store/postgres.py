@@ -8,6 +8,7 @@ migrations) on a small pool of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -293,7 +294,9 @@ class PostgresStore(Store):
         ids = list({m.op.values["node_id"] for m in members})
         by_node: dict[str, list[tuple[Any, ...]]] = {i: [] for i in ids}
         for row in await conn.fetch(st.load_chains.text, *st.load_chains.args({"ids": ids})):
-            by_node[row[0]].append(tuple(row)[1:])
+            node = tuple(row)[1:]
+            for start in row[0]:
+                by_node[start].append(node)
         for m in members:
             m.saw(st.load_chains)
         return [m for m in members if m.advance(by_node[m.op.values["node_id"]])]
@@ -349,19 +352,71 @@ class PostgresStore(Store):
                 going.append(m)
         return going
 
-    @staticmethod
-    async def _slots(conn: asyncpg.Connection, members: list[_Member]) -> list[_Member]:
+    async def _slots(self, conn: asyncpg.Connection, members: list[_Member]) -> list[_Member]:
         """Several events' slot takes and claims of waiting attempts in one transaction, one commit for all; each
-        event goes on once they are committed. The rows they lock are others' to skip until then (a moment)."""
+        event goes on once they are committed. The rows they lock are others' to skip until then (a moment).
+
+        The takes of one step share one statement, and so do the claims: each hand-on of a limited step under
+        load is one event of a batch, and a round trip each was most of what a batch spent."""
         if not members:
             return []
-        answers = []
-        async with conn.transaction():
-            for m in members:
-                sql = m.op.sql
-                m.saw(sql)
-                answers.append(await conn.fetch(sql.text, *sql.args(m.op.values)))
-        return [m for m, rows in zip(members, answers, strict=True) if m.advance(rows)]
+        st = self.statements
+        answers: dict[int, list[Any]] = {}
+        takes: dict[tuple[str, int], list[int]] = {}
+        claims: dict[str, list[int]] = {}
+        for i, m in enumerate(members):
+            m.saw(m.op.sql)
+            if m.op.sql is st.take_slot:
+                takes.setdefault((m.op.values["step_id"], m.op.values["limit"]), []).append(i)
+            elif m.op.sql is st.claim_waiting:
+                claims.setdefault(m.op.values["step_id"], []).append(i)
+        grouped = {i for group in (*takes.values(), *claims.values()) for i in group}
+        others = [i for i in range(len(members)) if i not in grouped]
+        # One statement is atomic by itself: no BEGIN and COMMIT around it (the usual batch under load).
+        alone = len(takes) + len(claims) + len(others) == 1
+        async with contextlib.nullcontext() if alone else conn.transaction():
+            for (step_id, limit), group in takes.items():
+                answers.update(await self._take_slots(conn, step_id, limit, [members[i] for i in group], group))
+            for step_id, group in claims.items():
+                answers.update(await self._claim_waiting(conn, step_id, [members[i] for i in group], group))
+            for i in others:
+                sql = members[i].op.sql
+                answers[i] = await conn.fetch(sql.text, *sql.args(members[i].op.values))
+        return [m for i, m in enumerate(members) if m.advance(answers[i])]
+
+    async def _take_slots(self, conn: asyncpg.Connection, step_id: str, limit: int, members: list[_Member],
+                          places: list[int]) -> dict[int, list[Any]]:
+        """Free slots of one step for several events' attempts, one statement; each member's take_slot answer."""
+        sql = self.statements.take_slots
+        assert sql is not None
+        # An attempt asked for twice (two events of one batch) takes one slot, and both are told of it.
+        pairs = list(dict.fromkeys((m.op.values["node_id"], m.op.values["attempt"]) for m in members))
+        rows = await conn.fetch(sql.text, *sql.args({"step_id": step_id, "limit": limit,
+                                                     "node_ids": [n for n, _ in pairs],
+                                                     "attempts": [a for _, a in pairs]}))
+        by_pair = {pair: [tuple(row)[1:]] for pair, row in zip(pairs, rows, strict=True)}
+        return {i: by_pair[(m.op.values["node_id"], m.op.values["attempt"])]
+                for i, m in zip(places, members, strict=True)}
+
+    async def _claim_waiting(self, conn: asyncpg.Connection, step_id: str, members: list[_Member],
+                             places: list[int]) -> dict[int, list[Any]]:
+        """The attempts of one step that waited longest, as many as several events freed slots for, claimed in
+        one statement and shared out among them. None is due later than the earliest event's time, and none is
+        an attempt any of the events changed itself."""
+        sql = self.statements.claim_waiting
+        assert sql is not None
+        values = [m.op.values for m in members]
+        if len(values) == 1:
+            return {places[0]: await conn.fetch(sql.text, *sql.args(values[0]))}
+        merged = {"step_id": step_id, "count": sum(v["count"] for v in values), "now": min(v["now"] for v in values),
+                  "besides": sorted({b for v in values for b in v["besides"]}),
+                  "until": max(v["until"] for v in values)}
+        rows = await conn.fetch(sql.text, *sql.args(merged))
+        out: dict[int, list[Any]] = {}
+        at = 0
+        for i, v in zip(places, values, strict=True):
+            out[i], at = rows[at:at + v["count"]], at + v["count"]
+        return out
 
     async def _wake(self, conn: asyncpg.Connection, members: list[_Member]) -> list[_Member]:
         """Several events' wake-ups of waiting attempts after their commits: one statement per step and limit,

@@ -129,6 +129,27 @@ TAKE_SLOT_PG = (
     " SELECT (SELECT min(slot) FROM mine), (SELECT slot FROM taken),"
     " EXISTS (SELECT 1 FROM step_slots WHERE step_id = $1 AND slot = $2 - 1)"
 )
+# TAKE_SLOT_PG for several attempts of one step at once ($3 node ids, $4 attempts, distinct pairs): the events of
+# a batch that take slots of one step share one statement, not one round trip each. Answers a row per attempt,
+# in their order: (its place, slot already held, slot taken, rows made).
+TAKE_SLOTS_PG = (
+    "WITH req AS (SELECT r.node_id, r.attempt, r.ord FROM unnest($3::varchar[], $4::integer[]) WITH ORDINALITY"
+    " AS r(node_id, attempt, ord)),"
+    " mine AS (SELECT r.ord, min(s.slot) AS slot FROM req AS r JOIN step_slots AS s ON s.step_id = $1"
+    " AND s.holder_id = r.node_id AND s.holder_attempt = r.attempt GROUP BY r.ord),"
+    " want AS (SELECT r.ord, row_number() OVER (ORDER BY r.ord) AS k FROM req AS r"
+    " WHERE NOT EXISTS (SELECT 1 FROM mine WHERE mine.ord = r.ord)),"
+    " free AS (SELECT f.slot, row_number() OVER (ORDER BY f.slot) AS k FROM (SELECT s.slot FROM step_slots AS s"
+    " WHERE s.step_id = $1 AND s.slot < $2 AND (s.holder_id IS NULL"
+    f" OR (s.taken_at < now() - interval '{SLOT_ABANDONED_S} seconds' AND NOT EXISTS (SELECT 1 FROM run_nodes AS n"
+    " WHERE n.id = s.holder_id AND n.holds_slot AND n.attempt = s.holder_attempt)))"
+    " ORDER BY s.slot LIMIT (SELECT count(*) FROM want) FOR UPDATE SKIP LOCKED) AS f),"
+    " taken AS (UPDATE step_slots AS s SET holder_id = r.node_id, holder_attempt = r.attempt, taken_at = now()"
+    " FROM free JOIN want ON want.k = free.k JOIN req AS r ON r.ord = want.ord"
+    " WHERE s.step_id = $1 AND s.slot = free.slot RETURNING want.ord, s.slot)"
+    " SELECT r.ord, mine.slot, taken.slot, EXISTS (SELECT 1 FROM step_slots WHERE step_id = $1 AND slot = $2 - 1)"
+    " FROM req AS r LEFT JOIN mine ON mine.ord = r.ord LEFT JOIN taken ON taken.ord = r.ord ORDER BY r.ord"
+)
 # A step's slot rows up to its limit, made the first time an attempt finds them missing.
 MAKE_SLOTS_PG = ("INSERT INTO step_slots (step_id, slot) SELECT $1, g FROM generate_series(0, $2 - 1) AS g"
                  " ON CONFLICT DO NOTHING")
@@ -164,19 +185,24 @@ def claim_waiting_stmt() -> Any:
 
 
 def chains_stmt() -> Any:
-    """PostgreSQL: _chain_stmt for several nodes at once (an array `ids`), each row led by the node it is for."""
+    """PostgreSQL: _chain_stmt for several nodes at once (an array `ids`), each row led by the nodes it is for.
+
+    A node in the chains of several (a map's node, a wide parallel's, their root) is one row for all of them:
+    its input (a map's is its whole list of items) is read, sent and parsed once a batch, not once an event.
+    """
     step = run_nodes.alias("step")
     chain = (select(run_nodes.c.id.label("start"), run_nodes.c.id, run_nodes.c.parent_id)
              .where(run_nodes.c.id == func.any(p("ids"))).cte("chain", recursive=True))
     chain = chain.union_all(select(chain.c.start, step.c.id, step.c.parent_id)
                             .join(chain, step.c.id == chain.c.parent_id))
     me, sib = run_nodes.alias("me"), run_nodes.alias("sib")
-    following = (select(me.c.id.label("start"), literal_column("1").label("extra"),
+    following = (select(func.array_agg(me.c.id).label("starts"), literal_column("1").label("extra"),
                         *[sib.c[c.name] for c in NODE_COLUMNS])
                  .join(me, and_(sib.c.parent_id == me.c.parent_id, sib.c.position == me.c.position + 1))
-                 .where(me.c.id == func.any(p("ids"))).where(parent_kind(me) == "sequential"))
-    ancestors = (select(chain.c.start, literal_column("0").label("extra"), *NODE_COLUMNS)
-                 .join(chain, run_nodes.c.id == chain.c.id))
+                 .where(me.c.id == func.any(p("ids"))).where(parent_kind(me) == "sequential").group_by(sib.c.id))
+    ancestors = (select(func.array_agg(chain.c.start).label("starts"), literal_column("0").label("extra"),
+                        *NODE_COLUMNS)
+                 .join(chain, run_nodes.c.id == chain.c.id).group_by(run_nodes.c.id))
     return union_all(ancestors, following)
 
 
@@ -197,6 +223,7 @@ class PostgresStatements(Statements):
         # Slots as rows (step_slots). Each of these commits on its own when the event has no transaction open
         # yet (writes=False: it never opens one), so the rows it locks are free again at once.
         self.take_slot = Sql(TAKE_SLOT_PG, ("step_id", "limit", "node_id", "attempt"), {}, writes=False)
+        self.take_slots = Sql(TAKE_SLOTS_PG, ("step_id", "limit", "node_ids", "attempts"), {}, writes=False)
         self.make_slots = Sql(MAKE_SLOTS_PG, ("step_id", "limit"), {}, writes=False)
         self.wake_waiters = Sql(WAKE_WAITERS_PG, ("step_id", "limit", "count"), {}, writes=False)
         self.claim_waiting = replace(self.read(claim_waiting_stmt()), writes=False)

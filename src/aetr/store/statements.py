@@ -190,6 +190,7 @@ class Statements(RowCodec):
         # Slots of a step with max_concurrency, on SQLite (one writer at a time): the nodes whose current attempt
         # holds one, counted (a partial index finds them). PostgreSQL has slot rows instead (postgres_sql).
         self.take_slot: Sql | None = None
+        self.take_slots: Sql | None = None  # take_slot for several attempts of one step in one statement
         self.make_slots: Sql | None = None
         self.wake_waiters: Sql | None = None
         self.claim_waiting: Sql | None = None
