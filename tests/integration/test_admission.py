@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
+
+import asyncpg
 
 from aetr.engine.admission import StartGate
 from aetr.testing import StepService, never
@@ -83,3 +86,67 @@ async def test_a_start_past_the_full_queue_is_refused_with_503_and_retry_after_a
         assert status == 200
         assert sorted(run["input"] for run in page["runs"]) == [0, 1]  # the refused start made no run
         assert len(steps_service.calls("/held")) == 2
+
+
+@asynccontextmanager
+async def starts_held(aetr: Server) -> AsyncIterator[None]:
+    """Keep the server's starts from committing: on SQLite every write waits for the file's write lock, held
+    here; on PostgreSQL the step trees starts read are locked (a callback's event does not read them)."""
+    if aetr.engine.store.dialect == "sqlite":
+        conn = sqlite3.connect(aetr.engine.store.path, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.rollback()
+            conn.close()
+        return
+    url = aetr.engine.store.dsn
+    conn_pg = await asyncpg.connect(url)
+    tx = conn_pg.transaction()
+    await tx.start()
+    await conn_pg.execute("LOCK TABLE steps IN ACCESS EXCLUSIVE MODE")
+    try:
+        yield
+    finally:
+        await tx.rollback()
+        await conn_pg.close()
+
+
+async def test_a_callback_is_committed_before_the_starts_queued_with_it(
+        database_url: str, steps_service: StepService) -> None:
+    async with running_server(database_url) as aetr:
+        await held_step(aetr, steps_service)
+        run_id = await aetr.start("held")
+        (call,) = await steps_service.wait_for_calls("/held", 1)
+        assert call.node_id is not None and call.attempt is not None
+        coordinator = aetr.engine.coordinator
+        finished: list[str] = []
+
+        async def start(i: int) -> None:
+            await coordinator.start_run("held", i, None)  # past the gate: the store's own order is tested
+            finished.append(f"start {i}")
+
+        async def callback() -> None:
+            await coordinator.step_succeeded(call.node_id or "", call.attempt or 0, {"done": True}, "callback")
+            finished.append("callback")
+
+        n = 40
+        async with starts_held(aetr):
+            starts = []
+            for i in range(n):
+                starts.append(asyncio.create_task(start(i)))
+                await asyncio.sleep(0)  # one turn: the start reaches the store (each its own batch, if it may)
+            answered = asyncio.create_task(callback())
+            if aetr.engine.store.dialect == "postgresql":
+                # The starts wait for the lock; the callback's event does not.
+                await asyncio.wait_for(answered, WAIT_S)
+                assert finished == ["callback"]
+            else:
+                await asyncio.sleep(0)  # one turn: the callback reaches the writer's queue behind the starts
+        await asyncio.wait_for(asyncio.gather(answered, *starts), WAIT_S)
+        # SQLite: only the start whose group was already waiting for the lock may commit before the callback.
+        assert finished.index("callback") <= 1
+        assert (await aetr.wait_run(run_id))["output"] == {"done": True}
+        status, page = await aetr.call("GET", "/api/v1/runs?limit=100")
+        assert status == 200 and len(page["runs"]) == n + 1

@@ -26,8 +26,8 @@ from aetr.store.views import view_of_row
 BUSY_TIMEOUT_MS = 30_000  # milliseconds another process may hold the write lock before we give up
 BUSY_POLL_S = 0.002  # seconds between attempts to take the write lock while another connection holds it
 MAX_GROUP = 256  # events committed together at most: bounds how long one COMMIT keeps the others waiting
-# Run starts committed together at most, after every other event queued: a start inserts a whole run, and a group
-# of many keeps the loop (and a callback queued behind it) waiting that long.
+# Run starts committed together at most, after the other events queued (up to MAX_GROUP of them): a start inserts
+# a whole run, and a group of many keeps the loop (and a callback queued behind it) waiting that long.
 MAX_STARTS_IN_GROUP = 16
 # temp_store=MEMORY: each event runs in a SAVEPOINT, and SQLite keeps the pages a savepoint may have to restore
 # in a statement journal, a temporary file by default: 40 pwrite() calls per event here, 87 % of all the
@@ -118,8 +118,8 @@ class Writer:
             self._ready.clear()
             while self._jobs or self._starts:
                 group, self._jobs = self._jobs[:MAX_GROUP], self._jobs[MAX_GROUP:]
-                room = min(MAX_STARTS_IN_GROUP, MAX_GROUP - len(group))
-                group, self._starts = group + self._starts[:room], self._starts[room:]
+                # A few starts in every group, however many other events wait: starts wait, but never forever.
+                group, self._starts = group + self._starts[:MAX_STARTS_IN_GROUP], self._starts[MAX_STARTS_IN_GROUP:]
                 await self._commit(group)
                 _deliver(group)
             if self._closing:
