@@ -180,6 +180,7 @@ class Context:
     profile_flags: tuple[str, ...] = ()
     profiled: bool = False
     phases: dict[str, Phase] = field(default_factory=dict)
+    refused_starts: int = 0  # starts answered 503 (the server's start queue full) and sent again
 
     def _sandbox_worker_cpu(self) -> dict[int, float]:
         """CPU seconds used so far by each of the server's sandbox worker processes."""
@@ -359,13 +360,24 @@ async def put_step(ctx: Context, body: dict[str, Any]) -> Any:
         return await _json(resp, (200, 201))
 
 
+MAX_START_RETRIES: Final = 100  # 503s (a full start queue) one start is sent again after, at most
+
+
 async def start_run(ctx: Context, step: str, run_input: Any = None, timeout_s: float = 120) -> str:
-    """POST /runs; the new run's id."""
-    async with ctx.http.post(f"{ctx.api}/runs", data=orjson.dumps({"step": step, "input": run_input}),
-                             headers={"Content-Type": "application/json"},
-                             timeout=aiohttp.ClientTimeout(total=ctx.timeout(timeout_s))) as resp:
-        run = await _json(resp, (201,))
-        return str(run["id"])
+    """POST /runs; the new run's id. A 503 (the server's start queue full) is sent again after its Retry-After,
+    as a client would, and counted in `ctx.refused_starts`."""
+    for _ in range(MAX_START_RETRIES):
+        async with ctx.http.post(f"{ctx.api}/runs", data=orjson.dumps({"step": step, "input": run_input}),
+                                 headers={"Content-Type": "application/json"},
+                                 timeout=aiohttp.ClientTimeout(total=ctx.timeout(timeout_s))) as resp:
+            if resp.status == 503 and "Retry-After" in resp.headers:
+                ctx.refused_starts += 1
+                await resp.read()
+                await asyncio.sleep(float(resp.headers["Retry-After"]))  # the wait the server asked for
+                continue
+            run = await _json(resp, (201,))
+            return str(run["id"])
+    raise ApiError(f"POST /runs answered 503 {MAX_START_RETRIES} times")
 
 
 async def wait_run(ctx: Context, run_id: str, timeout_s: float = 120) -> dict[str, Any]:

@@ -174,7 +174,8 @@ async def throughput(ctx: Context) -> Metrics:
         "runs_per_s": round(complete / seconds, 1), "transitions_per_s": round(transitions / seconds, 1),
         "callback_answer_p50_ms": ms(percentile([c[3] - c[2] for c in stats["callbacks"]], 0.5)),
         "callback_answer_p99_ms": ms(percentile([c[3] - c[2] for c in stats["callbacks"]], 0.99)),
-        "start_errors": [s for s in statuses if s != "ok"][:3], "cpu_s": phase.cpu_s, **pg(phase),
+        "start_errors": [s for s in statuses if s != "ok"][:3], "starts_refused_503": ctx.refused_starts,
+        "cpu_s": phase.cpu_s, **pg(phase),
         **describe_failures(stats),
     }
 

@@ -115,6 +115,7 @@ def _test_clock(raw: object, info: ValidationInfo) -> str | None:
 # The kinds of value a setting may have: each checks its value and names the variable when it is wrong.
 Positive = Annotated[float, BeforeValidator(_positive)]  # a finite number > 0, e.g. seconds
 Whole = Annotated[int, BeforeValidator(_whole_number(1))]
+Count = Annotated[int, BeforeValidator(_whole_number(0))]  # a whole number that may be 0
 Port = Annotated[int, BeforeValidator(_whole_number(1, 65535))]
 Workers = Annotated[int, BeforeValidator(_whole_number(1, MAX_WORKERS))]
 Text = Annotated[str, BeforeValidator(_text)]
@@ -174,6 +175,7 @@ class Settings(BaseSettings):
     header_timeout_s: Positive = 10.0
     body_timeout_s: Positive = 60.0
     max_connections: Whole = 1000
+    max_pending_starts: Count = 1000  # run starts that may wait for a place at once; the next answers 503
     max_tree_nodes: Whole = DEFAULT_MAX_TREE_NODES
     schedule_tick_s: Positive = 1.0  # seconds between a process's looks for due schedules
     test_schedule_clock: TestClock = None  # tests only: schedules' time runs faster (see engine.schedules)

@@ -19,12 +19,16 @@ from aetr.api.schemas import ID_PREFIX_PATTERN, PATTERN_HINTS, RunIn, SignalIn, 
 from aetr.domain import ids
 from aetr.domain.decide import Verdict
 from aetr.domain.runs import TERMINAL
+from aetr.engine.admission import StartsFull
 from aetr.engine.runtime import Engine
 from aetr.store.store import CURSOR_PATTERN
 
 router = APIRouter(tags=["runs"])
 
 MAX_WAIT_S = 60.0
+START_RETRY_AFTER_S = 1  # seconds a start refused for a full queue is told to wait (Retry-After)
+START_REFUSED = ("the database is unreachable, or more starts wait for a place than AETR_MAX_PENDING_STARTS allows; "
+                 "nothing was started: try again after `Retry-After` seconds")
 RunId = Annotated[str, Path(description="the run's id, or any node id of the run")]
 # Where a client can go from a run it was given.
 RUN_LINKS = {
@@ -54,7 +58,7 @@ async def _view(engine: Engine, run_id: str) -> dict[str, Any]:
 @router.post("/runs", status_code=201, responses={
     201: {"model": RunTreeOut, "description": "the run, started", "headers": LOCATION, "links": RUN_LINKS},
     200: {"model": RunTreeOut, "description": "an earlier run with this Idempotency-Key", "links": RUN_LINKS},
-    **errors(400, 415)})
+    **errors(400, 415), 503: {**errors(503)[503], "description": START_REFUSED}})
 async def start_run(
     request: Request,
     body: Annotated[RunIn, Body()],
@@ -71,6 +75,18 @@ async def _start(engine: Engine, body: RunIn, idempotency_key: str | None,
             problem := allowed.url_host_problem(URL(body.notify).raw_host or "")):
         raise HTTPException(422, f"notify: {problem}: notifications go only to hosts steps may call; use a host "
                                  "it allows, or have the server's operator add this one")
+    try:
+        async with engine.starts.place():
+            return await _started(engine, body, idempotency_key, traceparent)
+    except StartsFull:
+        raise HTTPException(503, f"too many runs are being started at once (AETR_MAX_PENDING_STARTS="
+                                 f"{engine.settings.max_pending_starts} wait already); nothing was started: try "
+                                 f"again in {START_RETRY_AFTER_S} s",
+                            headers={"Retry-After": str(START_RETRY_AFTER_S)}) from None
+
+
+async def _started(engine: Engine, body: RunIn, idempotency_key: str | None, traceparent: str | None) -> Response:
+    """Start the run, holding a place at the gate: the answer is built before the place is given back."""
     started = await engine.coordinator.start_run(body.step, body.input, idempotency_key, body.notify, traceparent)
     if started.refused:
         raise HTTPException(422, f"step: {started.refused}")

@@ -15,6 +15,7 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
+from aetr.api.accept import LOOP
 from aetr.api.connections import DEFAULT_PROTOCOL, PROTOCOLS, ConnectionLimits, ServerConfig
 from aetr.config import ConfigError, Settings
 from aetr.domain.urls import redact_userinfo
@@ -120,12 +121,13 @@ def server_config(settings: Settings, app: Any, protocol: str = DEFAULT_PROTOCOL
     """uvicorn's configuration for `app` under these settings: `aetr serve` and the tests' servers use it.
 
     The HTTP protocol is uvicorn's own (httptools when installed, else h11) with AETR's limits on reading a
-    request and on open connections; idle connections are kept AETR_KEEP_ALIVE_S.
+    request and on open connections; idle connections are kept AETR_KEEP_ALIVE_S. The loop takes every waiting
+    connection at each turn (`api.accept`).
     """
     limits = ConnectionLimits(header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s,
                               max_connections=settings.max_connections)
     return ServerConfig(app, limits=limits, http=PROTOCOLS[protocol], host=settings.host, port=settings.port,
-                        timeout_keep_alive=math.ceil(settings.keep_alive_s), **options)
+                        timeout_keep_alive=math.ceil(settings.keep_alive_s), **{"loop": LOOP, **options})
 
 
 def run(config: ServerConfig) -> None:

@@ -179,7 +179,7 @@ class Coordinator:
             out: Outcome = await self._run_with_scripts(
                 lambda: self._start_program(step, run_input, idempotency_key, now, replaying(ids, source),
                                             notify, traceparent),
-                ScriptAnswers(self._script))
+                ScriptAnswers(self._script), start=True)
         except Exception as exc:
             # Two requests with one new key raced: the loser answers with the winner's run.
             if idempotency_key is None or not is_integrity_error(exc):
@@ -367,12 +367,13 @@ class Coordinator:
             return out.verdict
         raise RuntimeError(f"node {node_id}: gave up after {MAX_CONFLICT_RETRIES} conflicting updates")
 
-    async def _run_with_scripts(self, program: Callable[[], Program], answers: ScriptAnswers) -> Any:
+    async def _run_with_scripts(self, program: Callable[[], Program], answers: ScriptAnswers,
+                                start: bool = False) -> Any:
         """Run an event's program; when the store stops it for scripts (SQLite's writer runs none), run them
         here, outside any transaction, and the event again from the start, new program, same answers."""
         for _ in range(MAX_SCRIPT_PASSES):
             try:
-                return await self.store.run(program(), answers, self._committed)
+                return await self.store.run(program(), answers, self._committed, start)
             except NeedsScripts as need:
                 await answers.run_all(need.requests)
         raise RuntimeError(f"an event still asked for new scripts after {MAX_SCRIPT_PASSES} passes")

@@ -13,6 +13,7 @@ from typing import Any
 from aetr.config import MIB, Settings
 from aetr.domain.notify import Backoff
 from aetr.engine import tracing
+from aetr.engine.admission import StartGate
 from aetr.engine.coordinator import Coordinator
 from aetr.engine.dispatcher import Dispatcher
 from aetr.engine.notifier import Notifier
@@ -59,6 +60,7 @@ class Engine:
         self.sandbox = Sandbox(SandboxLimits(time_limit_s=settings.sandbox_time_limit_s,
                                              memory_limit_bytes=int(settings.sandbox_memory_mb * MIB)))
         self.coordinator = Coordinator(self.store, self.sandbox, ScriptError, settings.max_tree_nodes)
+        self.starts = StartGate(settings.max_pending_starts)  # POST /runs waits here; callbacks never do
         self.signer: TokenSigner | None = None
         self.dispatcher: Dispatcher | None = None
         self.worker: Worker | None = None

@@ -58,6 +58,7 @@ def _translated() -> Iterator[None]:
 
 
 MAX_BATCHES = 4  # batches of events in flight at once, each on a connection of its own
+MAX_START_BATCHES = 2  # batches of run starts in flight at once, besides those: starts never hold up the others
 MAX_BATCH = 256  # events in one batch
 
 
@@ -177,8 +178,10 @@ class PostgresStore(Store):
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
-        self._queue: list[_Member] = []  # events waiting for a batch
+        self._queue: list[_Member] = []  # events waiting for a batch, run starts aside
+        self._start_queue: list[_Member] = []  # run starts waiting for a batch of their own
         self._batches = 0
+        self._start_batches_running = 0
         self._starting = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -192,40 +195,56 @@ class PostgresStore(Store):
         return self._pool
 
     async def run(self, program: Program, scripts: ScriptAnswers | None = None,
-                  after_commit: Callable[[Any], None] | None = None) -> Any:
+                  after_commit: Callable[[Any], None] | None = None, start: bool = False) -> Any:
         # Shielded: a caller that goes away (a client hanging up) must not cut an event between its
         # statements, nor skip what follows its commit (calling the steps it started).
         member = _Member(lower(program, self.statements), scripts, after_commit, _round_trips.get(),
                          asyncio.get_running_loop().create_future())
-        self._queue.append(member)
+        (self._start_queue if start else self._queue).append(member)
         self._start_batches()
         return await asyncio.shield(member.done)
 
     # ---- batches: the events that arrive together share their round trips --------------------------------
 
     def _start_batches(self) -> None:
-        # One batch at a time is starting: it takes every event queued by the time it runs.
-        if self._queue and not self._starting and self._batches < MAX_BATCHES:
+        # One batch at a time is starting: it takes every event queued by the time it runs. Run starts go in
+        # batches of their own, on connections of their own, so a callback never waits for a run's insert.
+        if self._starting:
+            return
+        if self._queue and self._batches < MAX_BATCHES:
             self._starting = True
             self._batches += 1
-            self._spawn(self._batch(), batch=True)
+            self._spawn(self._batch(starts=False), batch=self._batch_done)
+        elif self._start_queue and self._start_batches_running < MAX_START_BATCHES:
+            self._starting = True
+            self._start_batches_running += 1
+            self._spawn(self._batch(starts=True), batch=self._start_batch_done)
 
-    def _spawn(self, work: Coroutine[Any, Any, None], batch: bool = False) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None],
+               batch: Callable[[asyncio.Task[None]], None] | None = None) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._batch_done if batch else self._tasks.discard)
+        task.add_done_callback(batch or self._tasks.discard)
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._batches -= 1
         self._start_batches()
 
-    async def _batch(self) -> None:
+    def _start_batch_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._start_batches_running -= 1
+        self._start_batches()
+
+    async def _batch(self, starts: bool) -> None:
         """Run programs side by side on one connection while they only read their chains and write once: one
         chain query and one write statement serve them all. A program that asks anything else goes on alone."""
         st = self.statements
         slot_ops = (st.take_slot, st.make_slots, st.claim_waiting)
-        members, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        if starts:
+            members, self._start_queue = self._start_queue[:MAX_BATCH], self._start_queue[MAX_BATCH:]
+        else:
+            members, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         self._starting = False
         self._start_batches()
         try:

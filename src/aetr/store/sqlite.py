@@ -26,6 +26,9 @@ from aetr.store.views import view_of_row
 BUSY_TIMEOUT_MS = 30_000  # milliseconds another process may hold the write lock before we give up
 BUSY_POLL_S = 0.002  # seconds between attempts to take the write lock while another connection holds it
 MAX_GROUP = 256  # events committed together at most: bounds how long one COMMIT keeps the others waiting
+# Run starts committed together at most, after the other events queued (up to MAX_GROUP of them): a start inserts
+# a whole run, and a group of many keeps the loop (and a callback queued behind it) waiting that long.
+MAX_STARTS_IN_GROUP = 16
 # temp_store=MEMORY: each event runs in a SAVEPOINT, and SQLite keeps the pages a savepoint may have to restore
 # in a statement journal, a temporary file by default: 40 pwrite() calls per event here, 87 % of all the
 # writer's system calls, for a journal that is thrown away at every RELEASE.
@@ -87,16 +90,18 @@ class Writer:
         for pragma in pragmas:
             self.conn.execute(pragma)
         self.conn.execute("PRAGMA busy_timeout=0")
-        self._jobs: list[_Job] = []
+        self._jobs: list[_Job] = []  # every event but starts, first come first served
+        self._starts: list[_Job] = []  # run starts: each group takes them after the others
         self._ready = asyncio.Event()
         self._closing = False
         self._task = asyncio.create_task(self._main(), name="aetr-sqlite-writer")
 
     def submit(self, program: Program, scripts: ScriptAnswers | None,
-               after_commit: AfterCommit | None) -> asyncio.Future[Any]:
-        """Queue an event; the future resolves once its transaction committed (or failed)."""
+               after_commit: AfterCommit | None, start: bool = False) -> asyncio.Future[Any]:
+        """Queue an event (a run's start behind the others); the future resolves once its transaction committed
+        (or failed)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(program, scripts, after_commit, future))
+        (self._starts if start else self._jobs).append(_Job(program, scripts, after_commit, future))
         self._ready.set()
         return future
 
@@ -111,8 +116,10 @@ class Writer:
         while True:
             await self._ready.wait()
             self._ready.clear()
-            while self._jobs:
+            while self._jobs or self._starts:
                 group, self._jobs = self._jobs[:MAX_GROUP], self._jobs[MAX_GROUP:]
+                # A few starts in every group, however many other events wait: starts wait, but never forever.
+                group, self._starts = group + self._starts[:MAX_STARTS_IN_GROUP], self._starts[MAX_STARTS_IN_GROUP:]
                 await self._commit(group)
                 _deliver(group)
             if self._closing:
@@ -276,10 +283,10 @@ class SqliteStore(Store):
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     async def run(self, program: Program, scripts: ScriptAnswers | None = None,
-                  after_commit: Callable[[Any], None] | None = None) -> Any:
+                  after_commit: Callable[[Any], None] | None = None, start: bool = False) -> Any:
         if self._writer is None:
             self._writer = Writer(self.path, self.statements, self.pragmas)
-        return await self._writer.submit(program, scripts, after_commit)
+        return await self._writer.submit(program, scripts, after_commit, start)
 
     async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
         # In a thread, on a connection of that thread's own: a 10,000-node run is tens of milliseconds of

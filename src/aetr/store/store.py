@@ -147,8 +147,11 @@ class Store:
     # ---- events -------------------------------------------------------------------------------------
 
     async def run(self, program: Program, scripts: ScriptAnswers | None = None,
-                  after_commit: AfterCommit | None = None) -> Any:
+                  after_commit: AfterCommit | None = None, start: bool = False) -> Any:
         """Run an event's program in one transaction and return its result once committed.
+
+        `start` marks a run's start: it waits behind the other events queued (callbacks, answers, deadlines),
+        which are never kept waiting by a burst of starts.
 
         (PostgreSQL sends no BEGIN and COMMIT for a program whose only write is one statement atomic by
         itself: see postgres._LazyTransaction.)
