@@ -233,7 +233,8 @@ async def test_an_unreachable_step_fails_after_its_attempts(aetr: Server) -> Non
 
 async def test_a_step_that_never_calls_back_times_out(aetr: Server, steps_service: StepService) -> None:
     steps_service.route("/mute", never())
-    await aetr.put_step(api(steps_service, "mute", timeout_s=0.3, retry={"max_attempts": 1}))
+    # Long enough for the call's own 202 to come back on a loaded machine (else the call itself fails first).
+    await aetr.put_step(api(steps_service, "mute", timeout_s=1.0, retry={"max_attempts": 1}))
     run = await aetr.wait_run(await aetr.start("mute"))
     assert run["state"] == "error" and run["error"]["kind"] == "timeout"
 
