@@ -62,6 +62,8 @@ ALLOWED: dict[str, tuple[frozenset[str], str, str]] = {
     # A slot held past SLOT_ABANDONED_S is checked against its holder's node: run_nodes by a step_slots column.
     "take_slot": (frozenset({"step_slots", "run_nodes"}), "a step's slots are shared by the runs that call it",
                   "step-slots"),
+    "take_slots": (frozenset({"step_slots", "run_nodes"}), "a batch's takes of one step's slots, for several runs",
+                   "step-slots"),
     "make_slots": (frozenset({"step_slots"}), "a step's slots are shared by the runs that call it", "step-slots"),
     "wake_waiters": (frozenset({"work", "run_nodes", "step_slots"}), "attempts of any run wait for a slot of the step",
                      "step-slots"),
