@@ -25,4 +25,4 @@ async def test_upgrading_twice_changes_nothing(store: Store) -> None:
     await upgrade_engine(store.engine)
     async with store.engine.connect() as conn:
         version = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar_one()
-    assert version == "0011"
+    assert version == "0012"
