@@ -2,7 +2,7 @@
 
 100,000 ended 3-step runs are stored in bulk (benchmarks.bulk), then the throughput scenario's workload (runs of
 a 3-step sequence) runs twice on the same server, started at a steady rate rather than all at once: once
-quietly, once while `POST /runs/purge` deletes those runs beside it, in the batches and pauses retention uses.
+quietly, once while `POST /retention/purge` deletes those runs beside it, in the batches and pauses retention uses.
 The p99 of running work — how long AETR takes to answer a step's callback, and from a step's callback to the
 next step's call (a transition) — is compared between the two.
 """
@@ -57,9 +57,9 @@ async def _workload(ctx: Context, name: str, rate: float, seconds: float) -> Met
 
 
 async def _purge(ctx: Context, older_than_s: float) -> tuple[int, float]:
-    """POST /runs/purge; (runs deleted, seconds it took)."""
+    """POST /retention/purge; (runs deleted, seconds it took)."""
     t0 = time.monotonic()
-    async with ctx.http.post(f"{ctx.api}/runs/purge", data=orjson.dumps({"older_than_s": older_than_s}),
+    async with ctx.http.post(f"{ctx.api}/retention/purge", data=orjson.dumps({"older_than_s": older_than_s}),
                              headers={"Content-Type": "application/json"},
                              timeout=aiohttp.ClientTimeout(total=ctx.timeout(PURGE_WAIT_S))) as resp:
         body = await resp.read()

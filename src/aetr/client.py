@@ -312,7 +312,7 @@ class Client:
 
     async def purge_runs(self, older_than_s: float) -> int:
         """Delete every run that ended more than `older_than_s` seconds ago; how many were deleted."""
-        _, answer = await self._request("POST", "/runs/purge", body={"older_than_s": older_than_s},
+        _, answer = await self._request("POST", "/retention/purge", body={"older_than_s": older_than_s},
                                         timeout_s=PURGE_TIMEOUT_S)
         return int(cast(dict[str, Any], answer)["deleted"])
 

@@ -134,23 +134,23 @@ async def test_purge_deletes_only_the_runs_that_ended_before_the_age_given(aetr:
     for run_id in new:
         await aetr.wait_run(run_id)
 
-    for bad in ({"older_than_s": -1}, {"older_than_s": "1d"}, {}, {"older_than_s": 1, "extra": 1},
-                {"older_than_s": 1e300}, {"older_than_s": None}, [1]):
-        status, body = await aetr.call("POST", "/api/v1/runs/purge", bad)
+    for bad in ({"older_than_s": -1}, {"older_than_s": "1d"}, {"older_than_s": False}, {},
+                {"older_than_s": 1, "extra": 1}, {"older_than_s": 1e300}, {"older_than_s": None}, [1]):
+        status, body = await aetr.call("POST", "/api/v1/retention/purge", bad)
         assert status == 422, (bad, body)
     _, page = await aetr.call("GET", "/api/v1/runs?limit=500")
     assert len(page["runs"]) == 10  # nothing was deleted by the refused requests
 
     # Half a second after the old runs' last end: they ended before it, the new ones a second after it.
     age = (datetime.now(ended.tzinfo) - ended).total_seconds() - 0.5
-    status, body = await aetr.call("POST", "/api/v1/runs/purge", {"older_than_s": age})
+    status, body = await aetr.call("POST", "/api/v1/retention/purge", {"older_than_s": age})
     assert status == 200 and body == {"deleted": 5}, body
     _, page = await aetr.call("GET", "/api/v1/runs?limit=500")
     # The notification of one old run is still being tried: it is kept until that is done or given up.
     assert {r["id"] for r in page["runs"]} == {*new, running, old_notifying}
     for run_id in old:
         assert (await aetr.call("GET", f"/api/v1/runs/{run_id}"))[0] == 404
-    status, body = await aetr.call("POST", "/api/v1/runs/purge", {"older_than_s": 0})
+    status, body = await aetr.call("POST", "/api/v1/retention/purge", {"older_than_s": 0})
     assert status == 200 and body == {"deleted": 3}, body  # every ended run; the running one stays
     assert (await aetr.call("GET", f"/api/v1/runs/{running}"))[0] == 200
     assert (await deleted_metric(aetr)).get("purge", 0) >= 8

@@ -182,7 +182,7 @@ async def delete_run(request: Request, run_id: RunId) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/runs/purge", responses={200: {"model": PurgeOut}, **errors(400, 415)})
+@router.post("/retention/purge", responses={200: {"model": PurgeOut}, **errors(400, 415)})
 async def purge_runs(request: Request, body: Annotated[PurgeIn, Body()]) -> Response:
     """Delete every run that ended more than `older_than_s` seconds ago, in small batches beside running work:
     `{deleted: N}`. A run whose end notification is still being delivered is kept until that is done."""

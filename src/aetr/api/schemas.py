@@ -94,7 +94,7 @@ MAX_OLDER_THAN_S = 36_525 * 86_400  # a hundred years, in seconds
 class PurgeIn(Strict):
     """Which ended runs a purge deletes."""
 
-    older_than_s: float = Field(ge=0, le=MAX_OLDER_THAN_S, allow_inf_nan=False,
+    older_than_s: float = Field(ge=0, le=MAX_OLDER_THAN_S, allow_inf_nan=False, strict=True,
                                 description="seconds since their end: runs that ended longer ago are deleted "
                                             "(0: every ended run)")
 
