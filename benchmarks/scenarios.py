@@ -37,6 +37,7 @@ from benchmarks.common import (
     start_run,
     wait_run,
 )
+from benchmarks.purge import purge
 from benchmarks.sandbox_bench import MAPPER, one_kilobyte_input
 
 Metrics = dict[str, Any]
@@ -582,6 +583,9 @@ def cases(fanout_sizes: tuple[int, ...]) -> list[Case]:
         Case("concurrency", "concurrency", concurrency,
              lambda db: [Bound("limited_to_chains_steady", 0.9, at_most=False),
                          Bound("limited_in_flight_to_callback_max", 50)], 1800),
+        # Not run unless asked for (--scenario purge): it stores 100,000 runs first.
+        Case("purge", "purge", purge, lambda db: [Bound("callback_answer_p99_ratio", 1.10),
+                                                  Bound("transition_p99_ratio", 1.10)], 3600),
     ]
     return out
 

@@ -29,6 +29,7 @@ DEFAULT_URL: Final = "http://127.0.0.1:9999"
 TERMINAL_STATES: Final = frozenset({"complete", "error", "cancelled", "skipped"})
 MAX_WAIT_S: Final = 60.0  # seconds; the server's cap on `?wait=`
 REQUEST_TIMEOUT_S: Final = 30.0  # seconds; for requests that do not long-poll
+PURGE_TIMEOUT_S: Final = 3600.0  # seconds; a purge answers once every run it deletes is gone, batch after batch
 # A server that ignores `?wait=` must not turn `wait_run` into a busy loop.
 MIN_POLL_INTERVAL_S: Final = 0.25  # seconds
 DETAIL_MAX_CHARS: Final = 500
@@ -304,6 +305,16 @@ class Client:
         """Run the failed and cancelled nodes of a run in `error` or `cancelled` again."""
         _, run = await self._request("POST", f"/runs/{_segment(id)}/retry")
         return cast(dict[str, Any], run)
+
+    async def delete_run(self, id: str) -> None:
+        """Delete an ended run with its nodes and history (AetrError 409 while it has not ended)."""
+        await self._request("DELETE", f"/runs/{_segment(id)}")
+
+    async def purge_runs(self, older_than_s: float) -> int:
+        """Delete every run that ended more than `older_than_s` seconds ago; how many were deleted."""
+        _, answer = await self._request("POST", "/retention/purge", body={"older_than_s": older_than_s},
+                                        timeout_s=PURGE_TIMEOUT_S)
+        return int(cast(dict[str, Any], answer)["deleted"])
 
     async def signal(
         self, run_id: str, node_id: str, *, output: Any = UNSET, error: str | None = None

@@ -19,6 +19,7 @@ from aetr.store import DEFAULT_DATABASE_URL, DEFAULT_POOL_SIZE
 MIB = 1024 * 1024
 ENV_PREFIX = "AETR_"
 MAX_WORKERS = 64
+MAX_RETENTION_DAYS = 36_525  # a hundred years: any longer is forever, and beyond the calendar's dates
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,21 @@ def _positive(raw: object, info: ValidationInfo) -> float:
     value = _number(raw, info)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{_named(info)}={raw!r} must be a finite number greater than 0")
+    return value
+
+
+def _days(raw: object, info: ValidationInfo) -> float | None:
+    """A number of days greater than 0, fractions allowed; unset (None) when not given."""
+    if raw is None:
+        return None
+    try:
+        value = _positive(raw, info)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_RETENTION_DAYS:
+        raise ValueError(f"{_named(info)}={raw!r} must be a number of days greater than 0 and at most "
+                         f"{MAX_RETENTION_DAYS}, fractions allowed (e.g. 30 or 0.5); leave it unset to keep runs "
+                         "forever")
     return value
 
 
@@ -114,6 +130,7 @@ def _test_clock(raw: object, info: ValidationInfo) -> str | None:
 
 # The kinds of value a setting may have: each checks its value and names the variable when it is wrong.
 Positive = Annotated[float, BeforeValidator(_positive)]  # a finite number > 0, e.g. seconds
+Days = Annotated[float | None, BeforeValidator(_days)]  # None: unset
 Whole = Annotated[int, BeforeValidator(_whole_number(1))]
 Count = Annotated[int, BeforeValidator(_whole_number(0))]  # a whole number that may be 0
 Port = Annotated[int, BeforeValidator(_whole_number(1, 65535))]
@@ -184,6 +201,7 @@ class Settings(BaseSettings):
     notify_backoff_s: Positive = 1.0
     notify_max_backoff_s: Positive = 300.0
     notify_window_s: Positive = 3600.0
+    retention_days: Days = None  # runs that ended longer ago are deleted; None: kept forever
 
     @property
     def callback_base(self) -> str:

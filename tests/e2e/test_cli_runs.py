@@ -111,3 +111,25 @@ async def test_runs_signal_error_fails_the_run_and_the_client_sends_a_null_outpu
         assert nodes_by_name(answered)["approve"]["state"] == "complete", answered
         run = await api.wait_run(approved)
         assert run["state"] == "complete" and run["output"] == {"recorded": None}, run
+
+
+async def test_runs_delete_and_purge_remove_ended_runs_and_say_how_many(
+        aetr: AetrServer, http: aiohttp.ClientSession) -> None:
+    api = Api(http, aetr.url)
+    await api.put_step({"name": "quick", "kind": "sequential"})
+    first, *others = [await api.start_run("quick", i) for i in range(4)]
+    for run_id in (first, *others):
+        await api.wait_run(run_id)
+
+    deleted = await cli("--url", aetr.url, "runs", "delete", first[:13])
+    assert deleted.code == 0 and deleted.stdout.strip() == f"run {first}: deleted", deleted
+    assert (await api.call("GET", f"/api/v1/runs/{first}"))[0] == 404
+    again = await cli("--url", aetr.url, "runs", "delete", first)
+    assert again.code == 2 and f"no run with id '{first}' (HTTP 404)" in again.stderr, again
+
+    kept = await cli("--url", aetr.url, "runs", "purge", "--older-than", "30d", "--json")
+    assert kept.code == 0 and orjson.loads(kept.stdout) == {"deleted": 0}, kept
+    purged = await cli("--url", aetr.url, "runs", "purge", "--older-than", "0s")
+    assert purged.code == 0 and purged.stdout.strip() == "deleted 3 runs that ended more than 0s ago", purged
+    _, page = await api.call("GET", "/api/v1/runs")
+    assert page["runs"] == []

@@ -26,7 +26,7 @@ async def test_upgrading_twice_changes_nothing(store: Store) -> None:
     await upgrade_engine(store.engine)
     async with store.engine.connect() as conn:
         version = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar_one()
-    assert version == "0012"
+    assert version == "0013"
 
 
 async def test_a_database_migrated_by_a_newer_release_is_refused_with_a_sentence_and_left_alone(store: Store) -> None:

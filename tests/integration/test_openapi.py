@@ -14,7 +14,8 @@ from tests.integration.conftest import Server, running_server
 
 ROUTES = {
     "/api/v1/runs": "GET, POST, OPTIONS",
-    "/api/v1/runs/01a23b06-0000-7000-8000-000000000000": "GET, OPTIONS",
+    "/api/v1/runs/01a23b06-0000-7000-8000-000000000000": "GET, DELETE, OPTIONS",
+    "/api/v1/retention/purge": "POST, OPTIONS",
     "/api/v1/runs/01a23b06-0000-7000-8000-000000000000/cancel": "POST, OPTIONS",
     "/api/v1/steps": "GET, OPTIONS",
     "/api/v1/steps/some-step": "GET, PUT, DELETE, OPTIONS",

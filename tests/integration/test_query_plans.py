@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -24,6 +24,7 @@ from aetr.store import open_store
 from aetr.store.migrate import upgrade_engine
 from aetr.store.postgres import EVENTS_SESSION
 from aetr.store.postgres_sql import COUNT_CHILDREN_PG, PostgresStatements
+from aetr.store.retention import due_query
 from aetr.store.statements import next_due_query
 from aetr.store.store import claimable_since_query, runs_query
 from aetr.testing.engine import KeptCalls, coordinator_without_http
@@ -209,6 +210,39 @@ async def test_the_oldest_due_work_a_scrape_reads_is_a_few_pages_whatever_the_wo
         assert min(t for t in await conn.fetchrow(query) if t is not None) == since
         plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
         assert blocks_read(plan) <= 20, plan
+    finally:
+        await conn.close()
+        await store.close()
+
+
+async def test_finding_runs_due_for_deletion_reads_a_few_pages_whatever_the_runs_kept(pg_url: str) -> None:
+    store = open_store(pg_url)
+    await upgrade_engine(store.engine)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+        # 50,000 runs ended within the hour (kept), 20,000 nodes still running, and 15 runs ended a day ago (due),
+        # of which 5 still have their end notification being delivered.
+        node = ("INSERT INTO run_nodes (id, root_id, parent_id, position, step_id, step_name, step_kind, step_version,"
+                " config, n_children, state, attempt, version, created_at, completed_at)"
+                " SELECT {id}, {id}, {parent}, 0, 's', 's', 'api', 1, '{{}}', 0, {state}, 0, 1, now(), {ended}"
+                " FROM generate_series(1, {n}) AS g")
+        await conn.execute(node.format(id="'kept-' || g", parent="NULL", state="'complete'",
+                                       ended="now() - g * interval '50 ms'", n=50_000))
+        await conn.execute(node.format(id="'running-' || g", parent="'kept-1'", state="'executing'", ended="NULL",
+                                       n=20_000))
+        await conn.execute(node.format(id="'due-' || g", parent="NULL", state="'error'",
+                                       ended="now() - interval '1 day' - g * interval '1 s'", n=15))
+        await conn.execute("INSERT INTO work (kind, node_id, root_id, attempt, due_at)"
+                           " SELECT 'notify', 'note-' || g, 'due-' || g, 0, now() FROM generate_series(1, 5) AS g")
+        await conn.execute("ANALYZE run_nodes")
+        await conn.execute("ANALYZE work")
+        query = str(due_query("postgresql").bindparams(ended_before=datetime.now(UTC) - timedelta(hours=2), limit=100)
+                    .compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+        assert sorted(r["id"] for r in await conn.fetch(query)) == sorted(f"due-{g}" for g in range(6, 16))
+        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
+        assert blocks_read(plan) <= 40, plan
+        assert "ix_run_nodes_ended" in plan, plan
     finally:
         await conn.close()
         await store.close()

@@ -18,6 +18,7 @@ from typer.testing import CliRunner, Result
 
 from aetr.cli import render
 from aetr.cli.main import StepFileError, app, load_step_definitions, parse_step_definitions
+from aetr.cli.runs import parse_duration
 from aetr.client import Client
 from aetr.store.migrate import SchemaTooNew
 
@@ -161,6 +162,22 @@ def test_run_timeout_must_not_be_negative() -> None:
     result = invoke("run", "ingest", "--timeout", "-1")
     assert_clean_exit(result, 2)
     assert "--timeout" in result.output
+
+
+# `aetr runs purge` durations
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30d", 2_592_000), ("12h", 43_200), ("15m", 900), ("0s", 0),
+                                               ("1.5d", 129_600), (" 2H ", 7_200)])
+def test_a_purge_duration_is_a_number_and_a_unit(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["30", "d", "-1d", "1w", "1d2h", "", "1e3d", "36526d"])
+def test_a_bad_purge_duration_is_a_usage_error_before_contacting_the_server(closed_url: str, text: str) -> None:
+    result = invoke("--url", closed_url, "runs", "purge", "--older-than", text)
+    assert_clean_exit(result, 2)
+    assert "--older-than" in result.stderr and "cannot reach" not in result.stderr, result.stderr
 
 
 # `aetr runs signal` arguments

@@ -182,6 +182,10 @@ class RunPage(BaseModel):
     next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last one")
 
 
+class PurgeOut(BaseModel):
+    deleted: int = Field(description="how many ended runs were deleted, with their nodes and history")
+
+
 class EventOut(BaseModel):
     id: int
     root_id: str

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Request, Response
@@ -12,14 +13,16 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 from yarl import URL
 
-from aetr.api.answers import EventOut, RunPage, RunTreeOut, errors
+from aetr.api.answers import EventOut, PurgeOut, RunPage, RunTreeOut, errors
 from aetr.api.http import JSON, answer_below_routing, engine_of, read_body, replay, token_ok
 from aetr.api.render import nest, node_json, run_tree_json
-from aetr.api.schemas import ID_PREFIX_PATTERN, PATTERN_HINTS, RunIn, SignalIn, StepRef
+from aetr.api.schemas import ID_PREFIX_PATTERN, PATTERN_HINTS, PurgeIn, RunIn, SignalIn, StepRef
 from aetr.domain import ids
 from aetr.domain.decide import Verdict
 from aetr.domain.runs import TERMINAL
+from aetr.engine import metrics
 from aetr.engine.admission import StartsFull
+from aetr.engine.retention import purge
 from aetr.engine.runtime import Engine
 from aetr.store.store import CURSOR_PATTERN
 
@@ -178,6 +181,30 @@ async def _act(request: Request, run_id: str, verb: str,
     if verdict.outcome != "accepted":
         raise HTTPException(409, f"cannot {verb}: {verdict.reason}")
     return JSON(await _view(engine, run_id))
+
+
+@router.delete("/runs/{run_id}", status_code=204, response_class=Response, responses=errors(404, 409))
+async def delete_run(request: Request, run_id: RunId) -> Response:
+    """Delete an ended run with its nodes and history (its end notification too, if still being delivered);
+    409 while it has not ended (cancel it first), then 404."""
+    engine = engine_of(request)
+    root_id = await engine.store.root_of(_uuid(run_id))
+    outcome = "unknown" if root_id is None else await engine.store.retention.delete_run(root_id)
+    if outcome == "unknown":
+        raise HTTPException(404, f"no run with id '{run_id}'")
+    if outcome == "running":
+        raise HTTPException(409, f"cannot delete run '{run_id}': it has not ended; cancel it first")
+    metrics.RUNS_DELETED.labels("api").inc()
+    return Response(status_code=204)
+
+
+@router.post("/retention/purge", responses={200: {"model": PurgeOut}, **errors(400, 415)})
+async def purge_runs(request: Request, body: Annotated[PurgeIn, Body()]) -> Response:
+    """Delete every run that ended more than `older_than_s` seconds ago, in small batches beside running work:
+    `{deleted: N}`. A run whose end notification is still being delivered is kept until that is done."""
+    engine = engine_of(request)
+    ended_before = datetime.now(UTC) - timedelta(seconds=body.older_than_s)
+    return JSON({"deleted": await purge(engine.store, ended_before, "purge")})
 
 
 @router.post("/runs/{run_id}/nodes/{node_id}/signal", responses={200: {"model": RunTreeOut},

@@ -88,6 +88,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+MAX_OLDER_THAN_S = 36_525 * 86_400  # a hundred years, in seconds
+
+
+class PurgeIn(Strict):
+    """Which ended runs a purge deletes."""
+
+    older_than_s: float = Field(ge=0, le=MAX_OLDER_THAN_S, allow_inf_nan=False, strict=True,
+                                description="seconds since their end: runs that ended longer ago are deleted "
+                                            "(0: every ended run)")
+
+
 class RetryIn(Strict):
     max_attempts: int = Field(3, ge=1, le=100)
     backoff_s: float = Field(1.0, ge=0, le=86_400)

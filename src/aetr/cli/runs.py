@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -28,7 +29,7 @@ SHORT_IDS: Final = (
 )
 CANDIDATES_SHOWN: Final = 10  # runs (or nodes) listed when a short id matches several
 
-app = noun_app(f"Inspect, cancel and retry runs, and answer their signal waits.\n\n{SHORT_IDS}")
+app = noun_app(f"Inspect, cancel, retry and delete runs, and answer their signal waits.\n\n{SHORT_IDS}")
 
 RunArg = Annotated[str, typer.Argument(
     metavar="RUN", help="Run id, or its start (see Short ids in `aetr runs --help`).", show_default=False)]
@@ -319,6 +320,58 @@ def _act(ctx: typer.Context, run_id: str, as_json: bool,
         print_json(found)
     else:
         out.print(f"run {escape(str(found.get('id')))}: {render.state(found.get('state'))}")
+
+
+@app.command("delete", cls=Command)
+def runs_delete(ctx: typer.Context, run_id: RunArg, as_json: AsJson = False) -> None:
+    """Delete an ended run with its nodes and history (a run still going must be cancelled first)."""
+
+    async def work(client: Client) -> str:
+        whole = await resolve_run(client, run_id)
+        await client.delete_run(whole)
+        return whole
+
+    deleted = api(ctx, work)
+    if as_json:
+        print_json({"id": deleted, "deleted": True})
+    else:
+        out.print(f"run {escape(deleted)}: deleted")
+
+
+DURATION_UNITS: Final = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}  # seconds in one of each
+DURATION_EXAMPLES: Final = "30d, 12h, 15m or 0s"
+MAX_PURGE_S: Final = 36_525 * 86_400  # seconds; the server refuses longer
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration written as a number and one unit (30d, 12h, 15m, 0s; 1.5d too)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([dhms])\s*", text.lower())
+    if match is None:
+        fail(f"--older-than {text!r} is not a duration: write a number and a unit, e.g. {DURATION_EXAMPLES}")
+    seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if seconds > MAX_PURGE_S:
+        fail(f"--older-than {text!r} is more than a hundred years: no run ended that long ago")
+    return seconds
+
+
+@app.command("purge", cls=Command)
+def runs_purge(
+    ctx: typer.Context,
+    older_than: Annotated[str, typer.Option(
+        "--older-than", metavar="DURATION",
+        help=f"Delete the runs that ended longer ago than this: {DURATION_EXAMPLES} (0s: every ended run).",
+        show_default=False)],
+    as_json: AsJson = False,
+) -> None:
+    """Delete the runs that ended longer ago than a duration, with their nodes and history; say how many.
+
+    Runs still going are kept, and so is a run whose end notification is still being delivered."""
+    seconds = parse_duration(older_than)
+    deleted = api(ctx, lambda client: client.purge_runs(seconds))
+    if as_json:
+        print_json({"deleted": deleted})
+    else:
+        out.print(f"deleted {deleted} run{'' if deleted == 1 else 's'} that ended more than {older_than.strip()} ago")
 
 
 SIGNAL_ANSWERS: Final = "--output, --output-file or --error"

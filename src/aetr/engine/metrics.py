@@ -45,6 +45,8 @@ MAP_BATCHES = Counter("aetr_map_batches", "Batches of a map's items made into no
 CONFLICTS = Counter("aetr_optimistic_lock_retries", "Events handled again after losing a race on a node version.")
 SCHEDULE_LAG = Histogram("aetr_schedule_lag_seconds", "Seconds from a schedule's due time to the start of its run.",
                          buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600))
+RUNS_DELETED = Counter("aetr_runs_deleted", "Ended runs deleted, by how: retention (AETR_RETENTION_DAYS), purge "
+                       "(POST /retention/purge) or api (DELETE /runs/{id}).", ["how"])
 NOTIFICATIONS = Counter("aetr_notifications", "Tries to deliver a run's end notification, by outcome "
                         "(delivered, failed: to be tried again, gave_up, superseded).", ["outcome"])
 OLDEST_DUE = Gauge("aetr_oldest_due_work_age_seconds", "Seconds the longest-waiting work item (a call, timer, "

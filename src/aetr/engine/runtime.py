@@ -18,6 +18,7 @@ from aetr.engine.coordinator import Coordinator
 from aetr.engine.dispatcher import Dispatcher
 from aetr.engine.notifier import Notifier
 from aetr.engine.outage import QuietDriverDuringOutage
+from aetr.engine.retention import RetentionLoop
 from aetr.engine.schedules import ScheduleTicker, warped_clock
 from aetr.engine.tokens import TokenSigner
 from aetr.engine.worker import Worker
@@ -70,6 +71,7 @@ class Engine:
         self.schedules = ScheduleTicker(self.store, self.coordinator, settings.schedule_tick_s)
         if settings.test_schedule_clock:
             self.schedules.clock = warped_clock(settings.test_schedule_clock)
+        self.retention = RetentionLoop(self.store, settings.retention_days) if settings.retention_days else None
 
     async def start(self) -> None:
         """Migrate the schema, load the signing key, start calling steps."""
@@ -120,6 +122,8 @@ class Engine:
         self.coordinator.sink = self.worker  # from now on, commits hand the calls they start to the worker
         self.worker.start()
         self.schedules.start()  # like the worker, only once this process can receive the runs' callbacks
+        if self.retention is not None:
+            self.retention.start()
 
     async def stop(self) -> None:
         """Stop the worker, close HTTP and database connections and the sandbox."""
@@ -127,6 +131,8 @@ class Engine:
             self._starter.cancel()
             await asyncio.gather(self._starter, return_exceptions=True)
         await self.schedules.stop()
+        if self.retention is not None:
+            await self.retention.stop()
         self.coordinator.sink = None
         if self.worker is not None:
             await self.worker.stop()

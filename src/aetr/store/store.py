@@ -30,6 +30,7 @@ from aetr.store import codec, step_trees
 from aetr.store.errors import Conflict, Duplicate, StepsRefused
 from aetr.store.operations import Op, OpStream, Sql
 from aetr.store.requests import Program
+from aetr.store.retention import RetentionStore
 from aetr.store.schedules import ScheduleStore
 from aetr.store.statements import Statements
 from aetr.store.step_trees import StepsApplied
@@ -122,6 +123,7 @@ class Store:
         self.engine = engine
         self.statements = statements
         self.schedules = ScheduleStore(engine, self._transaction)
+        self.retention = RetentionStore(engine, self._transaction)
 
         def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
             seen = _round_trips.get()
@@ -132,6 +134,7 @@ class Store:
 
     async def close(self) -> None:
         """Release every connection."""
+        await self.retention.release_lock()
         await self.engine.dispose()
 
     # ---- hooks the backends override -------------------------------------------------------------

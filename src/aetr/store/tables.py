@@ -128,6 +128,9 @@ run_nodes = Table(
     # big run's thousands of nodes costs nothing.
     Index("ix_run_nodes_root_ids", "id", postgresql_where=text("parent_id IS NULL"),
           sqlite_where=text("parent_id IS NULL")),
+    # Ended runs by their end time (retention): one row a run that has ended.
+    Index("ix_run_nodes_ended", "completed_at", postgresql_where=text("parent_id IS NULL AND completed_at IS NOT NULL"),
+          sqlite_where=text("parent_id IS NULL AND completed_at IS NOT NULL")),
 )
 
 # A parent's count of finished children, only ever changed by an atomic `done = done + 1`: siblings finishing
@@ -157,6 +160,8 @@ work = Table(
     Index("ix_work_node_attempt", "node_id", "attempt"),
     # Attempts queued for a slot of a step with max_concurrency, in due order.
     Index("ix_work_queued", "due_at", postgresql_where=text("kind = 'queued'"), sqlite_where=text("kind = 'queued'")),
+    # A run's end notification still being delivered, by the run (retention keeps the run until it is done).
+    Index("ix_work_notify", "root_id", postgresql_where=text("kind = 'notify'"), sqlite_where=text("kind = 'notify'")),
 )
 
 # PostgreSQL: the slots of each step with max_concurrency, one row a slot, made the first time a step needs

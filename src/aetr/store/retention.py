@@ -1,0 +1,128 @@
+"""Retention's storage: deleting ended runs with every row that belongs to them, a batch per transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import Integer, TextClause, and_, bindparam, delete, select, text, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from aetr.store.tables import UTCDateTime, events, run_counters, run_nodes, step_slots, work
+
+ENDED = ("complete", "error", "cancelled")  # the states a run (its root) ends in
+RETENTION_LOCK = 0x4145_5452_5245_5445  # PostgreSQL advisory lock key held by the one process that deletes
+Transaction = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
+Deleted = Literal["deleted", "running", "unknown"]
+
+
+class RetentionStore:
+    """The retention part of the Store (cold paths, through SQLAlchemy Core)."""
+
+    def __init__(self, engine: AsyncEngine, transaction: Transaction) -> None:
+        self.engine = engine
+        self._transaction = transaction
+        self._lock_conn: AsyncConnection | None = None
+
+    async def delete_run(self, run_id: str) -> Deleted:
+        """Delete the ended run `run_id` (its root's id) and all its rows, its end notification too if still
+        being delivered; "running" (nothing deleted) while it has not ended, "unknown" when there is no such run."""
+        async with self._transaction() as conn:
+            # FOR UPDATE (PostgreSQL): an event changing the run (a retry) waits for us, then finds no row and
+            # is refused; one that committed first is seen here, its state checked again.
+            row = (await conn.execute(
+                select(run_nodes.c.state).where(run_nodes.c.id == run_id, run_nodes.c.parent_id.is_(None))
+                .with_for_update())).first()
+            if row is None:
+                return "unknown"
+            if row[0] not in ENDED:
+                return "running"
+            await _delete_roots(conn, [run_id])
+            return "deleted"
+
+    async def delete_ended(self, ended_before: datetime, limit: int) -> int:
+        """Delete up to `limit` runs that ended before `ended_before` (the earliest first) with all their rows,
+        in one transaction; how many. A run whose end notification is still being delivered is kept until the
+        delivery is done or given up. On PostgreSQL runs another transaction is deleting are skipped."""
+        async with self._transaction() as conn:
+            due = due_query(self.engine.dialect.name)
+            roots = [str(r) for (r,) in await conn.execute(due, {"ended_before": ended_before, "limit": limit})]
+            if roots:
+                await _delete_roots(conn, roots)
+            return len(roots)
+
+    async def hold_lock(self) -> bool:
+        """Whether this process is (now) the one deleting by retention: on PostgreSQL it holds a session advisory
+        lock on a connection of its own, kept from one call to the next; other databases need no lock."""
+        if self.engine.dialect.name != "postgresql":
+            return True
+        if self._lock_conn is not None:
+            try:
+                await self._lock_conn.execute(text("SELECT 1"))
+                await self._lock_conn.commit()
+                return True
+            except DBAPIError:  # the connection was lost, and the lock with it: take it again if free
+                await self.release_lock()
+        conn = await self.engine.connect()
+        try:
+            held = bool(await conn.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": RETENTION_LOCK}))
+            await conn.commit()  # not left idle in a transaction: a session lock outlives it
+        except BaseException:
+            await conn.invalidate()
+            await conn.close()
+            raise
+        if held:
+            self._lock_conn = conn
+            return True
+        await conn.close()
+        return False
+
+    async def release_lock(self) -> None:
+        """Let another process delete: the lock's connection is closed, not returned to the pool holding it."""
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is not None:
+            try:
+                await conn.invalidate()
+            finally:
+                await conn.close()
+
+
+# How each database reads the runs due: SQLite's planner, which has no statistics, takes the index of a node's
+# children for `parent_id IS NULL` (every run) and sorts them all (46 ms a batch with 20,000 runs kept), so it is
+# told the index; PostgreSQL picks it itself, and skips the runs another transaction is deleting.
+DUE_FROM = {"sqlite": "run_nodes INDEXED BY ix_run_nodes_ended", "postgresql": "run_nodes"}
+DUE_LOCK = {"sqlite": "", "postgresql": " FOR UPDATE OF run_nodes SKIP LOCKED"}
+
+
+def due_query(dialect: str) -> TextClause:
+    """The ids of up to `:limit` runs that ended before `:ended_before`, earliest first, whose end notification is
+    not being delivered: a range of ix_run_nodes_ended, and one probe of ix_work_notify per run."""
+    states = ", ".join(f"'{state}'" for state in ENDED)
+    return text(
+        f"SELECT run_nodes.id FROM {DUE_FROM[dialect]}"
+        " WHERE run_nodes.parent_id IS NULL AND run_nodes.completed_at IS NOT NULL"
+        f" AND run_nodes.completed_at < :ended_before AND run_nodes.state IN ({states})"
+        " AND NOT EXISTS (SELECT 1 FROM work WHERE work.kind = 'notify' AND work.root_id = run_nodes.id)"
+        f" ORDER BY run_nodes.completed_at LIMIT :limit{DUE_LOCK[dialect]}",
+    ).bindparams(bindparam("ended_before", type_=UTCDateTime()), bindparam("limit", type_=Integer()))
+
+
+async def _delete_roots(conn: AsyncConnection, roots: Sequence[str]) -> None:
+    """Delete every row of the runs `roots`: what refers to their nodes first, the nodes last. Nodes are
+    found through ix_run_nodes_root and the rows that refer to them through their own indexes."""
+    nodes = select(run_nodes.c.id).where(run_nodes.c.root_id.in_(roots))
+    statements: list[Any] = [
+        delete(run_counters).where(run_counters.c.node_id.in_(nodes)),
+        # An ended run holds no slot; were one left behind, it is freed rather than lost to its step.
+        update(step_slots).where(step_slots.c.holder_id.in_(nodes))
+        .values(holder_id=None, holder_attempt=None, taken_at=None),
+        delete(work).where(work.c.node_id.in_(nodes)),
+        delete(work).where(and_(work.c.kind == "notify", work.c.root_id.in_(roots))),
+        delete(events).where(events.c.root_id.in_(roots)),
+        delete(run_nodes).where(run_nodes.c.root_id.in_(roots)),
+    ]
+    for statement in statements:
+        await conn.execute(statement)
