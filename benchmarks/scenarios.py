@@ -320,7 +320,7 @@ _limit_order = itertools.count()  # each concurrency case rotates which of its t
 
 async def concurrency(ctx: Context) -> Metrics:
     """`n` calls of an api step with max_concurrency `limit`, against the same `n` calls with no limit made two
-    ways: `n` runs of one step started together (up to `n` in flight: the issue's first comparison), and `limit`
+    ways: `n` runs of one step started together (up to `n` in flight: the first comparison made), and `limit`
     runs of a sequence of `n / limit` steps started together (`limit` in flight, no limit set: the same
     concurrency without the slot machinery). Calls per second of each over the whole burst, and while `limit`
     were in flight (from the arrival of the `limit`-th call to that of the last: no ramp, no tail); the most calls
