@@ -48,6 +48,20 @@ async def coordinator(pg_url: str) -> AsyncIterator[tuple[Coordinator, KeptCalls
         await store.close()
 
 
+@pytest.fixture
+async def conn(pg_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the migrated database, its tables emptied, for tests that fill them by SQL."""
+    store = open_store(pg_url)
+    await upgrade_engine(store.engine)
+    connection = await asyncpg.connect(pg_url)
+    try:
+        await connection.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+        yield connection
+    finally:
+        await connection.close()
+        await store.close()
+
+
 async def grow(co: Coordinator, calls: KeptCalls, runs: int) -> None:
     """Start `runs` runs and finish their first step."""
     await asyncio.gather(*(co.start_run("seq", {"n": n}, None) for n in range(runs)))
@@ -124,125 +138,96 @@ def blocks_read(plan_json: str) -> int:
 
 
 async def test_runs_by_the_start_of_their_id_read_a_few_pages_whatever_the_number_of_runs_and_nodes(
-        pg_url: str) -> None:
-    store = open_store(pg_url)
-    await upgrade_engine(store.engine)
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
-        # One run of 10,000 nodes, whose ids all share its first 8 characters, and 50,000 small runs.
-        node = ("INSERT INTO run_nodes (id, root_id, parent_id, position, step_id, step_name, step_kind, step_version,"
-                " config, n_children, state, attempt, version, created_at)"
-                " SELECT {id}, {root}, {parent}, g, 's', 's', 'api', 1, '{{}}', 0, 'pending', 0, 1,"
-                " now() + g * interval '1 ms' FROM generate_series({first}, {last}) AS g")
-        big = "'00001000-0000-7000-8000-000000000000'"
-        await conn.execute(node.format(id=big, root=big, parent="NULL", first=0, last=0))
-        await conn.execute(node.format(id="'00001000-0000-7000-8000-' || lpad(to_hex(g), 12, '0')", root=big,
-                                       parent=big, first=1, last=10_000))
-        small = "lpad(to_hex(65536 + g), 8, '0') || '-0000-7000-8000-000000000000'"
-        await conn.execute(node.format(id=small, root=small, parent="NULL", first=1, last=50_000))
-        await conn.execute("ANALYZE run_nodes")
-        for prefix, expected in (("00001000", "00001000-0000-7000-8000-000000000000"),
-                                 ("0001c350", "0001c350-0000-7000-8000-000000000000")):
-            query = str(runs_query(None, None, 10, None, prefix).compile(
-                dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
-            assert [r["id"] for r in await conn.fetch(query)] == [expected]
-            plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
-            assert blocks_read(plan) <= 20, plan
-    finally:
-        await conn.close()
-        await store.close()
-
-
-async def test_runs_of_a_state_or_step_few_runs_have_read_a_few_pages_whatever_the_number_of_runs(pg_url: str) -> None:
-    store = open_store(pg_url)
-    await upgrade_engine(store.engine)
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
-        # 50,000 ended runs of one pipeline, then three failed runs of another, each long before the rest.
-        root = ("INSERT INTO run_nodes (id, root_id, parent_id, position, step_id, step_name, step_kind, step_version,"
-                " config, n_children, state, attempt, version, created_at)"
-                " SELECT md5({seed} || g)::uuid, md5({seed} || g)::uuid, NULL, 0, 's', {step}, 'sequential', 1, '{{}}',"
-                " 0, {state}, 0, 1, now() - {age} - g * interval '1 ms' FROM generate_series(1, {n}) AS g")
-        await conn.execute(root.format(seed="'ok'", step="'nightly'", state="'complete'", age="interval '0 s'",
-                                       n=50_000))
-        await conn.execute(root.format(seed="'bad'", step="'hourly'", state="'error'", age="interval '1 day'", n=3))
-        await conn.execute("ANALYZE run_nodes")
-        for state, step, found in (("error", None, 3), (None, "hourly", 3), ("executing", None, 0),
-                                   ("complete", "hourly", 0)):
-            query = str(runs_query(state, step, 10, None).compile(
-                dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
-            assert len(await conn.fetch(query)) == found
-            plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
-            assert blocks_read(plan) <= 20, (state, step, plan)
-    finally:
-        await conn.close()
-        await store.close()
-
-
-async def test_the_oldest_due_work_a_scrape_reads_is_a_few_pages_whatever_the_work_waiting(pg_url: str) -> None:
-    store = open_store(pg_url)
-    await upgrade_engine(store.engine)
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
-        # 60,000 rows no one may claim now (due later, or leased to a living process), and three that wait.
-        row = ("INSERT INTO work (kind, node_id, root_id, attempt, due_at, lease_owner, lease_until)"
-               " SELECT 'dispatch', 'n' || g, 'r', 1, {due}, {owner}, {until} FROM generate_series(1, {n}) AS g")
-        await conn.execute(row.format(due="now() + g * interval '1 s'", owner="NULL", until="NULL", n=30_000))
-        await conn.execute(row.format(due="now() - g * interval '1 s'", owner="'p'",
-                                      until="now() + g * interval '1 s'", n=30_000))
-        await conn.execute(row.format(due="now() - interval '5 min' + g * interval '1 s'", owner="NULL", until="NULL",
-                                      n=2))
-        await conn.execute(row.format(due="now() - interval '1 h'", owner="'dead'",
-                                      until="now() - interval '2 min'", n=1))
-        await conn.execute("ANALYZE work")
-        query = str(claimable_since_query(datetime.now(UTC)).compile(
+        conn: asyncpg.Connection) -> None:
+    # One run of 10,000 nodes, whose ids all share its first 8 characters, and 50,000 small runs.
+    node = ("INSERT INTO run_nodes (id, root_id, parent_id, position, step_id, step_name, step_kind, step_version,"
+            " config, n_children, state, attempt, version, created_at)"
+            " SELECT {id}, {root}, {parent}, g, 's', 's', 'api', 1, '{{}}', 0, 'pending', 0, 1,"
+            " now() + g * interval '1 ms' FROM generate_series({first}, {last}) AS g")
+    big = "'00001000-0000-7000-8000-000000000000'"
+    await conn.execute(node.format(id=big, root=big, parent="NULL", first=0, last=0))
+    await conn.execute(node.format(id="'00001000-0000-7000-8000-' || lpad(to_hex(g), 12, '0')", root=big,
+                                   parent=big, first=1, last=10_000))
+    small = "lpad(to_hex(65536 + g), 8, '0') || '-0000-7000-8000-000000000000'"
+    await conn.execute(node.format(id=small, root=small, parent="NULL", first=1, last=50_000))
+    await conn.execute("ANALYZE run_nodes")
+    for prefix, expected in (("00001000", "00001000-0000-7000-8000-000000000000"),
+                             ("0001c350", "0001c350-0000-7000-8000-000000000000")):
+        query = str(runs_query(None, None, 10, None, prefix).compile(
             dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
-        since = min(t for t in await conn.fetchrow(query) if t is not None)
-        waited = await conn.fetchval("SELECT extract(epoch FROM now() - $1::timestamptz)", since)
-        assert 299 <= waited < 320  # the first unleased due time: earlier than the dead lease's end
+        assert [r["id"] for r in await conn.fetch(query)] == [expected]
         plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
         assert blocks_read(plan) <= 20, plan
-        # What a worker with nothing to claim asks, to know how long it may sleep: as cheap.
-        query = str(next_due_query().compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
-        assert min(t for t in await conn.fetchrow(query) if t is not None) == since
-        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
-        assert blocks_read(plan) <= 20, plan
-    finally:
-        await conn.close()
-        await store.close()
 
 
-async def test_finding_runs_due_for_deletion_reads_a_few_pages_whatever_the_runs_kept(pg_url: str) -> None:
-    store = open_store(pg_url)
-    await upgrade_engine(store.engine)
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
-        # 50,000 runs ended within the hour (kept), 20,000 nodes still running, and 15 runs ended a day ago (due),
-        # of which 5 still have their end notification being delivered.
-        node = ("INSERT INTO run_nodes (id, root_id, parent_id, position, step_id, step_name, step_kind, step_version,"
-                " config, n_children, state, attempt, version, created_at, completed_at)"
-                " SELECT {id}, {id}, {parent}, 0, 's', 's', 'api', 1, '{{}}', 0, {state}, 0, 1, now(), {ended}"
-                " FROM generate_series(1, {n}) AS g")
-        await conn.execute(node.format(id="'kept-' || g", parent="NULL", state="'complete'",
-                                       ended="now() - g * interval '50 ms'", n=50_000))
-        await conn.execute(node.format(id="'running-' || g", parent="'kept-1'", state="'executing'", ended="NULL",
-                                       n=20_000))
-        await conn.execute(node.format(id="'due-' || g", parent="NULL", state="'error'",
-                                       ended="now() - interval '1 day' - g * interval '1 s'", n=15))
-        await conn.execute("INSERT INTO work (kind, node_id, root_id, attempt, due_at)"
-                           " SELECT 'notify', 'note-' || g, 'due-' || g, 0, now() FROM generate_series(1, 5) AS g")
-        await conn.execute("ANALYZE run_nodes")
-        await conn.execute("ANALYZE work")
-        query = str(due_query("postgresql").bindparams(ended_before=datetime.now(UTC) - timedelta(hours=2), limit=100)
-                    .compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
-        assert sorted(r["id"] for r in await conn.fetch(query)) == sorted(f"due-{g}" for g in range(6, 16))
+async def test_runs_of_a_state_or_step_few_runs_have_read_a_few_pages_whatever_the_number_of_runs(
+        conn: asyncpg.Connection) -> None:
+    # 50,000 ended runs of one pipeline, then three failed runs of another, each long before the rest.
+    root = ("INSERT INTO run_nodes (id, root_id, parent_id, position, step_id, step_name, step_kind, step_version,"
+            " config, n_children, state, attempt, version, created_at)"
+            " SELECT md5({seed} || g)::uuid, md5({seed} || g)::uuid, NULL, 0, 's', {step}, 'sequential', 1, '{{}}',"
+            " 0, {state}, 0, 1, now() - {age} - g * interval '1 ms' FROM generate_series(1, {n}) AS g")
+    await conn.execute(root.format(seed="'ok'", step="'nightly'", state="'complete'", age="interval '0 s'",
+                                   n=50_000))
+    await conn.execute(root.format(seed="'bad'", step="'hourly'", state="'error'", age="interval '1 day'", n=3))
+    await conn.execute("ANALYZE run_nodes")
+    for state, step, found in (("error", None, 3), (None, "hourly", 3), ("executing", None, 0),
+                               ("complete", "hourly", 0)):
+        query = str(runs_query(state, step, 10, None).compile(
+            dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+        assert len(await conn.fetch(query)) == found
         plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
-        assert blocks_read(plan) <= 40, plan
-        assert "ix_run_nodes_ended" in plan, plan
-    finally:
-        await conn.close()
-        await store.close()
+        assert blocks_read(plan) <= 20, (state, step, plan)
+
+
+async def test_the_oldest_due_work_a_scrape_reads_is_a_few_pages_whatever_the_work_waiting(
+        conn: asyncpg.Connection) -> None:
+    # 60,000 rows no one may claim now (due later, or leased to a living process), and three that wait.
+    row = ("INSERT INTO work (kind, node_id, root_id, attempt, due_at, lease_owner, lease_until)"
+           " SELECT 'dispatch', 'n' || g, 'r', 1, {due}, {owner}, {until} FROM generate_series(1, {n}) AS g")
+    await conn.execute(row.format(due="now() + g * interval '1 s'", owner="NULL", until="NULL", n=30_000))
+    await conn.execute(row.format(due="now() - g * interval '1 s'", owner="'p'",
+                                  until="now() + g * interval '1 s'", n=30_000))
+    await conn.execute(row.format(due="now() - interval '5 min' + g * interval '1 s'", owner="NULL", until="NULL",
+                                  n=2))
+    await conn.execute(row.format(due="now() - interval '1 h'", owner="'dead'",
+                                  until="now() - interval '2 min'", n=1))
+    await conn.execute("ANALYZE work")
+    query = str(claimable_since_query(datetime.now(UTC)).compile(
+        dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    since = min(t for t in await conn.fetchrow(query) if t is not None)
+    waited = await conn.fetchval("SELECT extract(epoch FROM now() - $1::timestamptz)", since)
+    assert 299 <= waited < 320  # the first unleased due time: earlier than the dead lease's end
+    plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
+    assert blocks_read(plan) <= 20, plan
+    # What a worker with nothing to claim asks, to know how long it may sleep: as cheap.
+    query = str(next_due_query().compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    assert min(t for t in await conn.fetchrow(query) if t is not None) == since
+    plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
+    assert blocks_read(plan) <= 20, plan
+
+
+async def test_finding_runs_due_for_deletion_reads_a_few_pages_whatever_the_runs_kept(
+        conn: asyncpg.Connection) -> None:
+    # 50,000 runs ended within the hour (kept), 20,000 nodes still running, and 15 runs ended a day ago (due),
+    # of which 5 still have their end notification being delivered.
+    node = ("INSERT INTO run_nodes (id, root_id, parent_id, position, step_id, step_name, step_kind, step_version,"
+            " config, n_children, state, attempt, version, created_at, completed_at)"
+            " SELECT {id}, {id}, {parent}, 0, 's', 's', 'api', 1, '{{}}', 0, {state}, 0, 1, now(), {ended}"
+            " FROM generate_series(1, {n}) AS g")
+    await conn.execute(node.format(id="'kept-' || g", parent="NULL", state="'complete'",
+                                   ended="now() - g * interval '50 ms'", n=50_000))
+    await conn.execute(node.format(id="'running-' || g", parent="'kept-1'", state="'executing'", ended="NULL",
+                                   n=20_000))
+    await conn.execute(node.format(id="'due-' || g", parent="NULL", state="'error'",
+                                   ended="now() - interval '1 day' - g * interval '1 s'", n=15))
+    await conn.execute("INSERT INTO work (kind, node_id, root_id, attempt, due_at)"
+                       " SELECT 'notify', 'note-' || g, 'due-' || g, 0, now() FROM generate_series(1, 5) AS g")
+    await conn.execute("ANALYZE run_nodes")
+    await conn.execute("ANALYZE work")
+    query = str(due_query("postgresql").bindparams(ended_before=datetime.now(UTC) - timedelta(hours=2), limit=100)
+                .compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    assert sorted(r["id"] for r in await conn.fetch(query)) == sorted(f"due-{g}" for g in range(6, 16))
+    plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")
+    assert blocks_read(plan) <= 40, plan
+    assert "ix_run_nodes_ended" in plan, plan
