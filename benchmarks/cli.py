@@ -27,7 +27,8 @@ from benchmarks.peers.celery_case import DEFAULT_REDIS_URL, check_redis, run_cel
 from benchmarks.peers.celery_case import SCENARIOS as PEER_SCENARIOS
 from benchmarks.peers.summary import render, summarise, summary_line
 from benchmarks.peers.venv import PeerSetupError, ensure_venv
-from benchmarks.processes import PROFILE_FLAGS, REPO, AetrServer, StepServiceProcess, log, machine_busy_seconds
+from benchmarks.processes import PROFILE_FLAGS, REPO, AetrServer, StepServiceProcess, log
+from benchmarks.procstat import machine_busy_seconds
 from benchmarks.scenarios import Case, Metrics, cases
 
 SCENARIOS: Final = ("chain", "throughput", "fanout", "load", "sandbox", "map", "map-large", "concurrency")

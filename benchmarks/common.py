@@ -21,17 +21,8 @@ import aiohttp
 import asyncpg
 import orjson
 
-from benchmarks.processes import (
-    AetrServer,
-    Profiler,
-    StepServiceProcess,
-    children_of,
-    cpu_seconds,
-    load_average,
-    log,
-    machine_busy_seconds,
-    postgres_cpu_seconds,
-)
+from benchmarks.processes import AetrServer, Profiler, StepServiceProcess, load_average, log, postgres_cpu_seconds
+from benchmarks.procstat import children_of, cpu_seconds, machine_busy_seconds
 
 PROFILER_ATTACH_S: Final = 0.5  # seconds py-spy is given to attach before the measured phase starts
 SESSION_SAMPLE_S: Final = 0.25  # seconds between two looks at PostgreSQL's sessions during a measured phase

@@ -18,11 +18,12 @@ from typing import Any, Final
 import aiohttp
 import orjson
 
+from benchmarks.procstat import children_of, cpu_seconds
+
 READY_TIMEOUT_S: Final = 60.0  # seconds for `aetr serve` to answer /healthz (it imports the app and migrates)
 STOP_TIMEOUT_S: Final = 15.0  # seconds a process gets to exit after SIGTERM before it is killed
 PROBE_INTERVAL_S: Final = 0.05  # seconds between two probes of a starting process
 PROFILER_STOP_TIMEOUT_S: Final = 60.0  # seconds py-spy gets to write its output after SIGINT
-CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES: Final = os.sysconf("SC_PAGE_SIZE")
 PR_SET_PDEATHSIG: Final = 1
 PROFILE_FLAGS: Final = "--rate 200 --threads"  # py-spy record options besides pid, format, output
@@ -70,21 +71,8 @@ def rss_mb(pid: int) -> float | None:
         return None
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds the process has used so far; None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores have spent busy since boot (from /proc/stat; idle and iowait excluded)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
 def postgres_cpu_seconds() -> dict[int, float]:
@@ -107,19 +95,6 @@ def load_average() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def children_of(pid: int) -> list[int]:
-    """The pids whose parent is `pid` (the sandbox workers of an aetr process)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
 
 
 def is_worker_process(pid: int) -> bool:

@@ -36,11 +36,13 @@ from celery import Celery, chain, chord, current_task, group, signals
 from celery import __version__ as celery_version
 from celery.result import AsyncResult
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/, for its stdlib-only procstat
+from procstat import children_of, cpu_seconds, machine_busy_seconds
+
 HERE: Final = Path(__file__).resolve().parent
 READY_TIMEOUT_S: Final = 60.0  # seconds the worker may take to run its first task
 STOP_TIMEOUT_S: Final = 15.0  # seconds the worker gets to exit after SIGTERM before it is killed
 RESULT_TIMEOUT_S: Final = 900.0  # seconds one awaited result may take
-CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG: Final = 1
 REDIS_URL: Final = os.environ.get("AETR_PEERS_REDIS_URL", "redis://127.0.0.1:6379/11")
 PREFETCH_MULTIPLIER: Final = int(os.environ.get("AETR_PEERS_PREFETCH", "4"))  # Celery's default
@@ -96,21 +98,8 @@ def _done(task_id: str | None = None, **_: Any) -> None:
 # ---- /proc ---------------------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds the process has used so far; None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores have spent busy since boot (idle and iowait excluded)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
 def pids_named(name: str) -> list[int]:
@@ -124,18 +113,6 @@ def pids_named(name: str) -> list[int]:
     return found
 
 
-def children_of(pid: int) -> list[int]:
-    """The pids whose parent is `pid` (a prefork worker's pool processes)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def peak_rss_mb(pid: int) -> float:
