@@ -339,6 +339,8 @@ class Store:
         """Root runs, newest first, filtered by state, step name and the start of their id (as
         aetr.domain.ids.normal_prefix gives it), keyset-paginated."""
         q = runs_query(state, step, limit, cursor, id_prefix)
+        if not state and not step:  # (SqliteStore reads it; by state or step, SQLite finds the index itself)
+            q = q.execution_options(aetr_indexed_by="ix_run_nodes_root_ids" if id_prefix else "ix_run_nodes_roots")
         async with self.engine.connect() as conn:
             nodes = [codec.node_from_row(r._mapping) for r in await conn.execute(q)]
         more = len(nodes) > limit
