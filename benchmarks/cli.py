@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both")
     parser.add_argument("--scenario", action="append", metavar="NAME",
                         help=f"run only these ({', '.join(SCENARIOS)}, or one fan-out size such as fanout-1000); "
-                             "repeat the option for several; `purge` (100,000 stored runs deleted beside the "
+                             "repeat the option for several; `stored` (1,000,000 ended runs stored, then the chain, "
+                             "throughput and listings again) and `purge` (100,000 stored runs deleted beside the "
                              "throughput workload) runs only when named")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes: a smoke test that finishes in under a minute (targets are not judged)")

@@ -558,6 +558,13 @@ async def _mapper_in_runs(ctx: Context, data: dict[str, Any]) -> Metrics:
 # ---- the cases ---------------------------------------------------------------------------------------
 
 
+async def stored_runs(ctx: Context) -> Metrics:
+    """The stored scenario (benchmarks/stored.py, which measures with this module's chain and throughput)."""
+    from benchmarks.stored import stored
+
+    return await stored(ctx)
+
+
 def cases(fanout_sizes: tuple[int, ...]) -> list[Case]:
     """Every case, in the order they run."""
     out = [
@@ -583,6 +590,11 @@ def cases(fanout_sizes: tuple[int, ...]) -> list[Case]:
         Case("concurrency", "concurrency", concurrency,
              lambda db: [Bound("limited_to_chains_steady", 0.9, at_most=False),
                          Bound("limited_in_flight_to_callback_max", 50)], 1800),
+        # Not run unless asked for (--scenario stored): it stores 1,000,000 runs.
+        Case("stored", "stored", stored_runs,
+             lambda db: [Bound("chain_p50_ratio", 1.10), Bound("chain_p99_ratio", 1.10),
+                         Bound("throughput_ratio", 0.90, at_most=False), Bound("list_first_ms", 20.0),
+                         Bound("list_filtered_max_ms", 50.0)], 3600),
         # Not run unless asked for (--scenario purge): it stores 100,000 runs first.
         Case("purge", "purge", purge, lambda db: [Bound("callback_answer_p99_ratio", 1.10),
                                                   Bound("transition_p99_ratio", 1.10)], 3600),
