@@ -77,14 +77,30 @@ def redis_answers(host: str = "127.0.0.1", port: int = 6379) -> bool:
         return False
 
 
+def unclaimed_redis_db(host: str = "127.0.0.1", port: int = 6379) -> int:
+    """A Redis database number from 12 to 15 that no `benchmarks/run --peers` claims now (another test session
+    on this machine may be using one)."""
+    for db in range(12, 16):
+        with socket.create_connection((host, port), timeout=2) as conn:
+            conn.sendall(f"*2\r\n$6\r\nSELECT\r\n${len(str(db))}\r\n{db}\r\n"
+                         "*2\r\n$6\r\nEXISTS\r\n$16\r\naetr-peers:owner\r\n".encode())
+            answer = b""
+            while answer.count(b"\r\n") < 2:
+                answer += conn.recv(64)
+            if answer.endswith(b":0\r\n"):
+                return db
+    pytest.fail("Redis databases 12 to 15 are all claimed by other `benchmarks/run --peers` runs")
+
+
 def test_peers_runs_the_chain_on_the_stand_in_celery_and_aetr_and_prints_the_ratios(tmp_path: Path) -> None:
     if not redis_answers():
         pytest.skip("Redis does not answer on 127.0.0.1:6379 (Celery's broker for --peers)")
+    db = unclaimed_redis_db()
     env = {**os.environ, "AETR_BENCH_PEERS_VENV": str(tmp_path / "peers-venv")}  # made afresh, as on first use
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--peers", "--quick", "--scenario", "chain", "--db",
                            "sqlite", "--workdir", str(tmp_path / "work"),
-                           # a database of its own, apart from the default one of a benchmark run meanwhile
-                           "--peers-redis-url", "redis://127.0.0.1:6379/12"],
+                           # a database of its own, apart from a benchmark run's or another test session's
+                           "--peers-redis-url", f"redis://127.0.0.1:6379/{db}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=PEERS_DEADLINE_S, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     *lines, summary = [orjson.loads(line) for line in done.stdout.splitlines() if line.strip()]
