@@ -65,6 +65,20 @@ def test_the_quick_benchmark_runs_every_scenario_to_the_end(db: str, tmp_path: P
     assert sum(fan_large["aetr_gc_collections"]) <= 3, fan_large["aetr_gc_collections"]
 
 
+def test_the_scenarios_run_only_when_named_store_runs_in_bulk_and_measure_before_and_after(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--db", "sqlite", "--scenario", "stored",
+                           "--scenario", "purge", "--workdir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE_S, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stored, purge = [orjson.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    assert (stored["scenario"], purge["scenario"]) == ("stored", "purge")
+    assert stored["stored_runs"] == 5_000 and stored["bytes_per_run"] > 0, stored
+    for figure in ("chain_p50_ratio", "chain_p99_ratio", "throughput_ratio", "list_first_ms", "list_filtered_max_ms"):
+        assert stored[figure] > 0, (figure, stored)
+    assert purge["purge_deleted"] == purge["stored_runs"] == 2_000, purge
+    assert purge["callback_answer_p99_ratio"] > 0 and purge["transition_p99_ratio"] > 0, purge
+
+
 PEERS_DEADLINE_S = 120  # the smoke run of --peers, making Celery's venv included; about 20 s here
 
 
