@@ -225,7 +225,7 @@ async def test_finding_runs_due_for_deletion_reads_a_few_pages_whatever_the_runs
                        " SELECT 'notify', 'note-' || g, 'due-' || g, 0, now() FROM generate_series(1, 5) AS g")
     await conn.execute("ANALYZE run_nodes")
     await conn.execute("ANALYZE work")
-    query = str(due_query("postgresql").bindparams(ended_before=datetime.now(UTC) - timedelta(hours=2), limit=100)
+    query = str(due_query().params(ended_before=datetime.now(UTC) - timedelta(hours=2), limit=100)
                 .compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
     assert sorted(r["id"] for r in await conn.fetch(query)) == sorted(f"due-{g}" for g in range(6, 16))
     plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}")

@@ -278,9 +278,10 @@ class SqliteStore(Store):
         @event.listens_for(engine.sync_engine, "before_cursor_execute", retval=True)
         def indexed_by(_conn: Any, _cursor: Any, statement: str, parameters: Any, context: Any,
                        _many: bool) -> tuple[str, Any]:
-            # Without statistics SQLite takes a listing's `parent_id IS NULL` to an equality on
-            # ix_run_nodes_parent, reads every root through it and sorts them (0.1 s a page with 50,000 runs,
-            # growing with them), where the newest-first index gives a page in its first rows.
+            # A statement's `aetr_indexed_by` option names the index SQLite must read its run_nodes through.
+            # Without statistics SQLite takes `parent_id IS NULL` (the roots: a listing's, retention's) to an
+            # equality on ix_run_nodes_parent, reads every root through it and sorts them (0.1 s a page with
+            # 50,000 runs, growing with them), where the index named gives the rows asked for first.
             index = context.execution_options.get("aetr_indexed_by") if context is not None else None
             if index:
                 statement = statement.replace("FROM run_nodes", f"FROM run_nodes INDEXED BY {index}", 1)
