@@ -6,6 +6,11 @@ first request is read: a step service's callback on a new connection waited 1.8 
 sent. `new_event_loop` makes uvloop's loop whose servers also watch each listening socket themselves and take
 every waiting connection when it is readable (up to ACCEPT_BATCH), as asyncio's own loop does; libuv's one
 per turn goes on beside them. Without uvloop, uvicorn runs asyncio's loop, which already does this.
+
+A connection taken is handed to its protocol a turn or two later, and only then does the connection cap
+(`api.connections`) close an idle one to make room. So no more than MAX_UNHANDED connections are taken ahead of
+their protocols: taking every waiting one at once ran the process out of file descriptors, and libuv, out of
+them, takes and drops waiting connections, a request to `/healthz` among them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Final
 log = logging.getLogger("aetr.api")
 
 ACCEPT_BATCH: Final = 1024  # connections taken at most per turn of the loop
+MAX_UNHANDED: Final = 16  # connections taken and not yet handed to their protocol, at most (within FILES_RESERVED)
 ACCEPT_PAUSE_S: Final = 1.0  # seconds accepting pauses when the process is out of file descriptors
 OUT_OF_FILES: Final = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -37,11 +43,15 @@ class Acceptor:
         self.sock.setblocking(False)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._resume: asyncio.TimerHandle | None = None
+        self._watching = False
         self.closed = False
-        loop.add_reader(self.sock.fileno(), self._accept)
+        self._watch()
 
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
+            if len(self._tasks) >= MAX_UNHANDED:
+                self._unwatch()  # watched again once a connection taken has been handed on (`_handed`)
+                return
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -54,20 +64,33 @@ class Acceptor:
                 # Out of descriptors: stop watching for a while (the socket stays readable, and the loop would
                 # spin on it); the server's own handle and the connection cap make room meanwhile.
                 log.warning("accepting connections paused for %g s: %s", ACCEPT_PAUSE_S, exc)
-                self.loop.remove_reader(self.sock.fileno())
-                self._resume = self.loop.call_later(ACCEPT_PAUSE_S, self._watch)
+                self._unwatch()
+                self._resume = self.loop.call_later(ACCEPT_PAUSE_S, self._resumed)
                 return
             conn.setblocking(False)
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the server's handle sets it
             task = self.loop.create_task(self._serve(conn))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._handed)
 
     def _watch(self) -> None:
-        self._resume = None
-        if not self.closed:
+        if not (self.closed or self._watching or self._resume is not None):
+            self._watching = True
             self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    def _resumed(self) -> None:
+        self._resume = None
+        self._watch()
+
+    def _handed(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._watch()
 
     async def _serve(self, conn: socket.socket) -> None:
         try:
@@ -82,8 +105,8 @@ class Acceptor:
         self.closed = True
         if self._resume is not None:
             self._resume.cancel()
-        else:
-            self.loop.remove_reader(self.sock.fileno())
+            self._resume = None
+        self._unwatch()
         self.sock.close()
 
 
