@@ -167,6 +167,23 @@ async def test_at_the_connection_cap_the_oldest_idle_socket_makes_room_and_healt
                 raw.writer.close()
 
 
+async def test_a_burst_of_connections_at_the_cap_closes_as_many_old_ones_and_holds_no_more_than_the_cap(
+        database_url: str, connect: Opener) -> None:
+    cap, burst = 8, 24
+    async with running_server(database_url, max_connections=cap) as aetr:
+        assert aetr.uvicorn is not None
+        connections = aetr.uvicorn.server_state.connections
+        await until(lambda: aetr.engine.coordinator.sink is not None and not connections, "the engine's probe")
+        idle = [await connect(aetr) for _ in range(cap)]
+        await until(lambda: len(connections) == cap, f"the server holds {cap} connections")
+        # Opened together, several are made at one turn of the loop, each over the cap.
+        await asyncio.gather(*(connect(aetr) for _ in range(burst)))
+        await until(lambda: len(connections) == cap, f"the server holds {cap} connections after the burst")
+        for raw in idle:  # the oldest were closed to make room
+            assert await raw.closed_within(SLACK_S) >= 0
+        assert (await (await connect(aetr)).request("GET", "/healthz"))[0] == 200
+
+
 async def test_a_connection_idle_for_10_s_serves_the_next_request(database_url: str, connect: Opener) -> None:
     async with running_server(database_url) as aetr:
         await aetr.put_step({"name": "e", "kind": "sequential"})

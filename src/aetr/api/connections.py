@@ -118,8 +118,15 @@ class Watch:
 
 def _make_room(newcomer: Any, connections: set[Any], limits: ConnectionLimits) -> None:
     """Over the cap: close the oldest connection with no request in progress (never-served ones first),
-    or the newcomer when every other connection is busy."""
-    idle = [c for c in connections if c is not newcomer and isinstance(getattr(c, "watch", None), Watch)
+    or the newcomer when every other connection is busy.
+
+    One closed stays in `connections` until its transport has let go of it, a turn or more later: it is not
+    counted, nor chosen again, meanwhile (when several connections opened at one turn, each chose the same one
+    and the process went on past the cap to its open-file limit)."""
+    open_ = [c for c in connections if not c.transport.is_closing()]
+    if len(open_) <= limits.max_connections:
+        return
+    idle = [c for c in open_ if c is not newcomer and isinstance(getattr(c, "watch", None), Watch)
             and (c.cycle is None or c.cycle.response_complete)]
     victim = min(idle, key=lambda c: (c.watch.served, c.watch.opened_at)) if idle else newcomer
     victim.transport.close()
@@ -128,7 +135,7 @@ def _make_room(newcomer: Any, connections: set[Any], limits: ConnectionLimits) -
     if now - _warned_at >= WARN_EVERY_S:  # a flood of connections must not become a flood of log lines
         _warned_at = now
         log.warning("%d connections are open, the most AETR_MAX_CONNECTIONS=%d allows: closing %s (said at most "
-                    "once a minute)", len(connections), limits.max_connections,
+                    "once a minute)", len(open_), limits.max_connections,
                     "the oldest idle one" if idle else "new ones, every other one is busy")
 
 
