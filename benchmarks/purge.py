@@ -4,7 +4,8 @@
 a 3-step sequence) runs twice on the same server, started at a steady rate rather than all at once: once
 quietly, once while `POST /retention/purge` deletes those runs beside it, in the batches and pauses retention uses.
 The p99 of running work — how long AETR takes to answer a step's callback, and from a step's callback to the
-next step's call (a transition) — is compared between the two.
+next step's call (a transition) — is compared between the two. Deleting slows down while work runs
+(`BUSY_PAUSE_S` between batches), so the runs the purge deleted during the second phase are reported too.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any, Final
 import aiohttp
 import orjson
 
-from aetr.engine.retention import BATCH_RUNS, PAUSE_S
+from aetr.engine.retention import BATCH_RUNS, BUSY_PAUSE_S, PAUSE_S
 from benchmarks.bulk import load_ended_runs
 from benchmarks.common import Context, api_step, chain_gaps, log, ms, percentile, put_step, start_run
 
+PURGED_METRIC: Final = 'aetr_runs_deleted_total{how="purge"} '  # in /metrics
 STORED_RUNS: Final = 100_000
 STORED_STEPS: Final = 3
 WORKLOAD_RATE: Final = 50.0  # runs started a second: 150 step transitions a second, a third of this machine's
@@ -67,6 +69,14 @@ async def _purge(ctx: Context, older_than_s: float) -> tuple[int, float]:
     return int(orjson.loads(body)["deleted"]), time.monotonic() - t0
 
 
+async def _purged(ctx: Context) -> int:
+    """Runs deleted by purges so far, from the server's /metrics."""
+    async with ctx.http.get(ctx.server.url + "/metrics") as response:
+        text = await response.text()
+    return next((int(float(line[len(PURGED_METRIC):])) for line in text.splitlines()
+                 if line.startswith(PURGED_METRIC)), 0)
+
+
 async def purge(ctx: Context) -> Metrics:
     """The workload quiet, then beside a purge of STORED_RUNS ended runs: p99s, their ratio, the purge's time."""
     stored = STORED_RUNS if not ctx.quick else 2_000
@@ -85,13 +95,16 @@ async def purge(ctx: Context) -> Metrics:
     quiet = await _workload(ctx, "quiet", WORKLOAD_RATE, seconds)
     purging = asyncio.create_task(_purge(ctx, older_than_s=3_600))  # the stored runs, not the workload's
     await asyncio.sleep(PURGE_HEAD_START_S)  # a head start, not a wait for a condition: the purge is under way
+    before = await _purged(ctx)
     busy = await _workload(ctx, "purging", WORKLOAD_RATE, seconds)
+    during = await _purged(ctx) - before
     overlapped = not purging.done()  # the workload ran whole beside the purge
     deleted, purge_s = await purging
     ratio = {f"{what}_p99_ratio": round(busy[f"purging_{what}_p99_ms"] / quiet[f"quiet_{what}_p99_ms"], 3)
              for what in ("callback_answer", "transition") if quiet[f"quiet_{what}_p99_ms"]}
     return {"stored_runs": stored, "workload_runs_per_s": WORKLOAD_RATE, "workload_s": seconds,
-            "batch_runs": BATCH_RUNS, "pause_ms": PAUSE_S * 1000,
+            "batch_runs": BATCH_RUNS, "pause_ms": PAUSE_S * 1000, "busy_pause_ms": BUSY_PAUSE_S * 1000,
+            "purged_during_workload": during,
             "load_s": round(loaded_s, 1), "purge_deleted": deleted, "purge_s": round(purge_s, 1),
             "purge_runs_per_s": round(deleted / purge_s, 1) if purge_s else 0.0, "overlapped": overlapped,
             **ratio, **quiet, **busy}

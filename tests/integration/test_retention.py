@@ -6,15 +6,16 @@ import asyncio
 import contextlib
 import re
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, or_, select
 
-from aetr.engine.retention import RetentionLoop
+from aetr.engine.retention import RetentionLoop, purge
 from aetr.store import open_store
 from aetr.store.tables import metadata
 from aetr.testing import StepService, callback, never
@@ -154,6 +155,45 @@ async def test_purge_deletes_only_the_runs_that_ended_before_the_age_given(aetr:
     assert status == 200 and body == {"deleted": 3}, body  # every ended run; the running one stays
     assert (await aetr.call("GET", f"/api/v1/runs/{running}"))[0] == 200
     assert (await deleted_metric(aetr)).get("purge", 0) >= 8
+
+
+async def test_deleting_slows_to_a_batch_per_busy_pause_while_other_events_run(aetr: Server) -> None:
+    batch, busy_pause_s, per_round = 5, 0.4, 20
+    await aetr.put_step({"name": "quick", "kind": "sequential"})
+    store = aetr.engine.store
+
+    async def ended_runs() -> datetime:
+        for run_id in [await aetr.start("quick", i) for i in range(per_round)]:
+            await aetr.wait_run(run_id)
+        return datetime.now(UTC)
+
+    async def timed_purge(ended_before: datetime) -> tuple[int, float]:
+        started = time.monotonic()
+        deleted = await purge(store, ended_before, "purge", batch=batch, pause_s=0.0, busy_pause_s=busy_pause_s)
+        return deleted, time.monotonic() - started
+
+    # Nothing else runs: batch after batch, with no pause.
+    quiet = await timed_purge(await ended_runs())
+    assert quiet[0] == per_round
+    assert quiet[1] < busy_pause_s, quiet
+
+    # Runs keep starting (each start an event) while the purge goes: it waits busy_pause_s after each batch.
+    ended_before = await ended_runs()
+    stop = asyncio.Event()
+
+    async def keep_starting() -> None:
+        while not stop.is_set():
+            await aetr.start("quick")
+
+    load = asyncio.create_task(keep_starting())
+    try:
+        busy = await timed_purge(ended_before)
+    finally:
+        stop.set()
+        await load
+    assert busy[0] == per_round  # the runs that ended meanwhile are not older than the age given
+    # A pause after every full batch but perhaps the first, which may end before the first start does.
+    assert busy[1] >= (per_round // batch - 1) * busy_pause_s, busy
 
 
 async def test_the_retention_loop_deletes_a_run_once_it_is_due(database_url: str) -> None:

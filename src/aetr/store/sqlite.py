@@ -18,7 +18,8 @@ from aetr.store.errors import Duplicate, NeedsScripts, Unavailable
 from aetr.store.lowering import lower
 from aetr.store.operations import Exec, Fetch, Op
 from aetr.store.requests import Program
-from aetr.store.sqlite_sql import SqliteStatements
+from aetr.store.retention import SqliteRetentionStore
+from aetr.store.sqlite_sql import SqliteStatements, indexed_by
 from aetr.store.statements import Statements
 from aetr.store.store import AfterCommit, ScriptAnswers, Store, _round_trips
 from aetr.store.views import view_of_row
@@ -52,6 +53,14 @@ class _Guess:
 
 GUESS = _Guess()
 GUESSED = ScriptResult(value=GUESS)
+
+
+class _Chore:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[sqlite3.Cursor], Any], future: asyncio.Future[Any]) -> None:
+        self.fn = fn
+        self.future = future
 
 
 class _Job:
@@ -92,6 +101,7 @@ class Writer:
         self.conn.execute("PRAGMA busy_timeout=0")
         self._jobs: list[_Job] = []  # every event but starts, first come first served
         self._starts: list[_Job] = []  # run starts: each group takes them after the others
+        self._chores: list[_Chore] = []  # housekeeping, one transaction each, after a group
         self._ready = asyncio.Event()
         self._closing = False
         self._task = asyncio.create_task(self._main(), name="aetr-sqlite-writer")
@@ -102,6 +112,15 @@ class Writer:
         (or failed)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         (self._starts if start else self._jobs).append(_Job(program, scripts, after_commit, future))
+        self._ready.set()
+        return future
+
+    def chore(self, fn: Callable[[sqlite3.Cursor], Any]) -> asyncio.Future[Any]:
+        """Queue `fn(cursor)` to run in a transaction of its own after the group of events under way (deleting
+        old runs); the future resolves to what it returned once committed. It runs on the loop's thread and
+        holds every event back while it does: keep it to a few milliseconds."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._chores.append(_Chore(fn, future))
         self._ready.set()
         return future
 
@@ -116,12 +135,15 @@ class Writer:
         while True:
             await self._ready.wait()
             self._ready.clear()
-            while self._jobs or self._starts:
+            while self._jobs or self._starts or self._chores:
                 group, self._jobs = self._jobs[:MAX_GROUP], self._jobs[MAX_GROUP:]
                 # A few starts in every group, however many other events wait: starts wait, but never forever.
                 group, self._starts = group + self._starts[:MAX_STARTS_IN_GROUP], self._starts[MAX_STARTS_IN_GROUP:]
-                await self._commit(group)
-                _deliver(group)
+                if group:
+                    await self._commit(group)
+                    _deliver(group)
+                if self._chores:  # one after each group: the events queued meanwhile go next
+                    await self._run_chore(self._chores.pop(0))
             if self._closing:
                 return
 
@@ -156,6 +178,22 @@ class Writer:
             failure = Unavailable(f"SQLite: {exc}") if isinstance(exc, sqlite3.OperationalError) else exc
             for job in group:
                 job.error = job.error or failure
+
+    async def _run_chore(self, chore: _Chore) -> None:
+        cur = self.conn.cursor()
+        try:
+            await self._begin()
+            result = chore.fn(cur)
+            cur.execute("COMMIT")
+        except Exception as exc:
+            if self.conn.in_transaction:
+                self.conn.rollback()
+            if not chore.future.done():
+                chore.future.set_exception(Unavailable(f"SQLite: {exc}") if isinstance(exc, sqlite3.OperationalError)
+                                           else exc)
+        else:
+            if not chore.future.done():
+                chore.future.set_result(result)
 
     def _run_job(self, job: _Job, cur: sqlite3.Cursor) -> Any:
         """Run a job's program to its end and return its result, or raise NeedsScripts.
@@ -265,6 +303,8 @@ class SqliteStore(Store):
         if not path or path == ":memory:":
             raise ValueError("AETR keeps its state in a SQLite file: give a path, sqlite:///path/to/aetr.db")
         self.path = path
+        self.retention = SqliteRetentionStore(engine, self._transaction,
+                                              lambda fn: self._the_writer().chore(fn))
 
         @event.listens_for(engine.sync_engine, "connect")
         def on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -276,7 +316,7 @@ class SqliteStore(Store):
             cur.close()
 
         @event.listens_for(engine.sync_engine, "before_cursor_execute", retval=True)
-        def indexed_by(_conn: Any, _cursor: Any, statement: str, parameters: Any, context: Any,
+        def tell_index(_conn: Any, _cursor: Any, statement: str, parameters: Any, context: Any,
                        _many: bool) -> tuple[str, Any]:
             # A statement's `aetr_indexed_by` option names the index SQLite must read its run_nodes through.
             # Without statistics SQLite takes `parent_id IS NULL` (the roots: a listing's, retention's) to an
@@ -284,7 +324,7 @@ class SqliteStore(Store):
             # 50,000 runs, growing with them), where the index named gives the rows asked for first.
             index = context.execution_options.get("aetr_indexed_by") if context is not None else None
             if index:
-                statement = statement.replace("FROM run_nodes", f"FROM run_nodes INDEXED BY {index}", 1)
+                statement = indexed_by(statement, index)
             return statement, parameters
 
         @event.listens_for(engine.sync_engine, "begin")
@@ -296,9 +336,13 @@ class SqliteStore(Store):
 
     async def run(self, program: Program, scripts: ScriptAnswers | None = None,
                   after_commit: Callable[[Any], None] | None = None, start: bool = False) -> Any:
+        self.events_run += 1
+        return await self._the_writer().submit(program, scripts, after_commit, start)
+
+    def _the_writer(self) -> Writer:
         if self._writer is None:
             self._writer = Writer(self.path, self.statements, self.pragmas)
-        return await self._writer.submit(program, scripts, after_commit, start)
+        return self._writer
 
     async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
         # In a thread, on a connection of that thread's own: a 10,000-node run is tens of milliseconds of

@@ -55,11 +55,17 @@ class SqliteStatements(Statements):
         self.run_json = Sql(RUN_JSON_SQLITE, ("node_id",), {}, writes=False)
 
     def time_in(self, at: datetime | None) -> Any:
-        return None if at is None else _sqlite_time(at)
+        return None if at is None else sqlite_time(at)
+
+
+def indexed_by(statement: str, index: str) -> str:
+    """`statement` with its run_nodes read through `index` (SQLite has no statistics to choose it by)."""
+    return statement.replace("FROM run_nodes", f"FROM run_nodes INDEXED BY {index}", 1)
 
 
 @functools.lru_cache(maxsize=1024)
-def _sqlite_time(at: datetime) -> str:
+def sqlite_time(at: datetime) -> str:
+    """A time as SQLite's columns hold it (as SQLAlchemy's DateTime writes it)."""
     # An event writes one time many times over (its `now`, in each history line, work row and node).
     if at.tzinfo is not UTC:
         at = at.astimezone(UTC)

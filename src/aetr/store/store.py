@@ -122,6 +122,7 @@ class Store:
     def __init__(self, engine: AsyncEngine, statements: Statements) -> None:
         self.engine = engine
         self.statements = statements
+        self.events_run = 0  # events this process has submitted: while it grows, deleting old runs slows down
         self.schedules = ScheduleStore(engine, self._transaction)
         self.retention = RetentionStore(engine, self._transaction)
 
