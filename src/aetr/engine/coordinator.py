@@ -295,6 +295,7 @@ class Coordinator:
         """Count a finished child of a parallel parent (a `count` work row). The last count also stores a
         `complete` row for the parent, leased to `owner`: True when the caller should now complete it."""
         now = utcnow()
+        self.store.ran_work()
         last: bool = await self.store.run(
             single(CountChild(parent_id, position, now, owner, now + timedelta(seconds=lease_s))))
         return last
@@ -371,6 +372,7 @@ class Coordinator:
                                 start: bool = False) -> Any:
         """Run an event's program; when the store stops it for scripts (SQLite's writer runs none), run them
         here, outside any transaction, and the event again from the start, new program, same answers."""
+        self.store.ran_work()
         for _ in range(MAX_SCRIPT_PASSES):
             try:
                 return await self.store.run(program(), answers, self._committed, start)

@@ -4,7 +4,8 @@ Every process runs one when the setting is on; on PostgreSQL only the process ho
 lock deletes (the others try to take it at each look, and one does once its holder stops), so several
 processes never fight over the same rows. Each batch is one short transaction, and the loop pauses between
 batches so that running work's transactions go first: PAUSE_S while the process is otherwise idle, BUSY_PAUSE_S
-once it has run any event since the batch before (a callback, a step's start or end). Old runs are deleted at
+once it has run any event of running work since the batch before (a callback, a run's start, a claim of due
+work; not an idle poll). Old runs are deleted at
 full pace when nothing runs, and at BATCH_RUNS a second while work runs (2 million a day), whose p99 it then
 leaves as it was (docs/performance.md, the purge scenario).
 """
@@ -41,7 +42,7 @@ async def purge(store: Store, ended_before: datetime, how: How, batch: int = BAT
     """Delete every run that ended before `ended_before`, `batch` runs per transaction with a pause between
     transactions, `busy_pause_s` long when other events ran since the transaction before; how many it deleted."""
     deleted = 0
-    seen = store.events_run
+    seen = store.work_events
     while True:
         done = await store.retention.delete_ended(ended_before, batch)
         deleted += done
@@ -50,7 +51,7 @@ async def purge(store: Store, ended_before: datetime, how: How, batch: int = BAT
         if done < batch:
             return deleted
         await asyncio.sleep(pause_s)
-        busy, seen = store.events_run != seen, store.events_run  # events ran since the look before
+        busy, seen = store.work_events != seen, store.work_events  # events ran since the look before
         if busy:  # running work goes first
             await asyncio.sleep(max(0.0, busy_pause_s - pause_s))
 

@@ -156,6 +156,8 @@ class Worker:
                 await asyncio.sleep(ERROR_BACKOFF_S)
                 continue
             OUTAGE.reached()
+            if result.claimed:
+                self.store.ran_work()
             queued = [c for c in result.claimed if c.work.kind == "queued"]
             if queued:
                 self._queue_for_slots(queued)

@@ -198,7 +198,6 @@ class PostgresStore(Store):
                   after_commit: Callable[[Any], None] | None = None, start: bool = False) -> Any:
         # Shielded: a caller that goes away (a client hanging up) must not cut an event between its
         # statements, nor skip what follows its commit (calling the steps it started).
-        self.events_run += 1
         member = _Member(lower(program, self.statements), scripts, after_commit, _round_trips.get(),
                          asyncio.get_running_loop().create_future())
         (self._start_queue if start else self._queue).append(member)

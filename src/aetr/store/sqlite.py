@@ -336,7 +336,6 @@ class SqliteStore(Store):
 
     async def run(self, program: Program, scripts: ScriptAnswers | None = None,
                   after_commit: Callable[[Any], None] | None = None, start: bool = False) -> Any:
-        self.events_run += 1
         return await self._the_writer().submit(program, scripts, after_commit, start)
 
     def _the_writer(self) -> Writer:

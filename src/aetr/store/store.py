@@ -122,7 +122,9 @@ class Store:
     def __init__(self, engine: AsyncEngine, statements: Statements) -> None:
         self.engine = engine
         self.statements = statements
-        self.events_run = 0  # events this process has submitted: while it grows, deleting old runs slows down
+        # Events of running work this process has run (callbacks, starts, claims of due work; not an empty poll):
+        # while it grows, deleting old runs slows down. The engine counts them (`ran_work`).
+        self.work_events = 0
         self.schedules = ScheduleStore(engine, self._transaction)
         self.retention = RetentionStore(engine, self._transaction)
 
@@ -132,6 +134,10 @@ class Store:
                 seen.append(statement)
 
         event.listen(engine.sync_engine, "before_cursor_execute", record)
+
+    def ran_work(self) -> None:
+        """Count an event of running work (see `work_events`)."""
+        self.work_events += 1
 
     async def close(self) -> None:
         """Release every connection."""
