@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -135,16 +136,22 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0)
         await asyncio.sleep(0.01)
 
 
+async def fill_to_cap(aetr: Server, connect: Opener, cap: int) -> tuple[set[Any], list[Raw]]:
+    """Open `cap` idle connections to a server whose cap is `cap`: the server's set of connections, and them."""
+    assert aetr.uvicorn is not None
+    connections: set[Any] = aetr.uvicorn.server_state.connections
+    # The engine connects to its own port once as it starts (to know it listens): let that be over.
+    await until(lambda: aetr.engine.coordinator.sink is not None and not connections, "the engine's probe")
+    idle = [await connect(aetr) for _ in range(cap)]
+    await until(lambda: len(connections) == cap, f"the server holds {cap} connections")
+    return connections, idle
+
+
 async def test_at_the_connection_cap_the_oldest_idle_socket_makes_room_and_healthz_answers(
         database_url: str, connect: Opener) -> None:
     cap = 8
     async with running_server(database_url, max_connections=cap) as aetr:
-        assert aetr.uvicorn is not None
-        connections = aetr.uvicorn.server_state.connections
-        # The engine connects to its own port once as it starts (to know it listens): let that be over.
-        await until(lambda: aetr.engine.coordinator.sink is not None and not connections, "the engine's probe")
-        idle = [await connect(aetr) for _ in range(cap)]
-        await until(lambda: len(connections) == cap, f"the server holds {cap} connections")
+        connections, idle = await fill_to_cap(aetr, connect, cap)
         client = await connect(aetr)
         try:
             assert (await client.request("GET", "/healthz"))[0] == 200
@@ -171,11 +178,7 @@ async def test_a_burst_of_connections_at_the_cap_closes_as_many_old_ones_and_hol
         database_url: str, connect: Opener) -> None:
     cap, burst = 8, 24
     async with running_server(database_url, max_connections=cap) as aetr:
-        assert aetr.uvicorn is not None
-        connections = aetr.uvicorn.server_state.connections
-        await until(lambda: aetr.engine.coordinator.sink is not None and not connections, "the engine's probe")
-        idle = [await connect(aetr) for _ in range(cap)]
-        await until(lambda: len(connections) == cap, f"the server holds {cap} connections")
+        connections, idle = await fill_to_cap(aetr, connect, cap)
         # Opened together, several are made at one turn of the loop, each over the cap.
         await asyncio.gather(*(connect(aetr) for _ in range(burst)))
         await until(lambda: len(connections) == cap, f"the server holds {cap} connections after the burst")

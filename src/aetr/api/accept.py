@@ -26,7 +26,7 @@ from typing import Any, Final
 log = logging.getLogger("aetr.api")
 
 ACCEPT_BATCH: Final = 1024  # connections taken at most per turn of the loop
-MAX_UNHANDED: Final = 16  # connections taken and not yet handed to their protocol, at most (within FILES_RESERVED)
+MAX_UNHANDED: Final = 64  # connections taken and not yet handed to their protocol, at most (within FILES_RESERVED)
 ACCEPT_PAUSE_S: Final = 1.0  # seconds accepting pauses when the process is out of file descriptors
 OUT_OF_FILES: Final = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
