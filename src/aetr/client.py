@@ -66,11 +66,13 @@ UNSET: Final = _Unset.UNSET
 class Applied:
     """The outcome of a PUT of a step: whether it was created, the resolved tree, and what became of each step
     the definition holds, inline ones too ("created", "changed" or "unchanged"; empty from a server that does
-    not say)."""
+    not say). A definition of thousands of steps has only the first ones said, created and changed ones first;
+    `unlisted` is how many are not."""
 
     created: bool
     step: dict[str, Any]
     outcomes: dict[str, str] = field(default_factory=dict)
+    unlisted: int = 0
 
 
 def _segment(value: str) -> str:
@@ -214,8 +216,9 @@ class Client:
                                                     params=params)
         said = answer.get(APPLIED_HEADER.lower(), "")
         outcomes = dict(pair.split("=", 1) for pair in said.split() if "=" in pair)
+        unlisted = outcomes.pop("+more", "0")
         return Applied(created=status == 201 or outcomes.get(name) == "created", step=cast(dict[str, Any], tree),
-                       outcomes=outcomes)
+                       outcomes=outcomes, unlisted=int(unlisted) if unlisted.isdigit() else 0)
 
     async def put_step(self, spec: dict[str, Any], if_match: int | None = None) -> dict[str, Any]:
         """Create or replace a step; return its resolved tree."""

@@ -11,6 +11,7 @@ import pytest
 import yarl
 
 from aetr.api.schemas import ParallelIn, flatten
+from aetr.client import Client
 from aetr.domain.kinds import ApiSpec, ParallelSpec
 from aetr.domain.steps import Link, StepConfig, StepDef
 from aetr.store import Store, open_store
@@ -357,6 +358,30 @@ async def test_only_the_steps_whose_definition_differs_get_a_new_version(aetr: S
     _, body, applied = await put_applied(aetr, remapped)
     assert applied == {"pipe": "changed", "fetch": "unchanged", "store": "unchanged"}, applied
     assert body["version"] == 2, body
+
+
+def wide_inline(n: int, timeout_of: dict[int, int] | None = None) -> dict[str, Any]:
+    """A parallel step `wide` of `n` inline api children `c-0000`, ... (child i's timeout from `timeout_of`)."""
+    return {"name": "wide", "kind": "parallel", "children": [
+        {"step": {"name": f"c-{i:04d}", **API, "timeout_s": (timeout_of or {}).get(i, 5)}} for i in range(n)]}
+
+
+async def test_a_tree_of_thousands_of_inline_steps_says_what_fits_in_a_header_a_client_reads(
+        aetr: Server) -> None:
+    # Every pair would take 22 KB: common clients (aiohttp here) refuse a header line over 8 KB.
+    async with aetr.http.put(f"{aetr.base_url}/api/v1/steps/wide", json=wide_inline(1500)) as resp:
+        said = resp.headers["AETR-Applied"]
+        assert resp.status == 201 and len((await resp.json())["children"]) == 1500
+    pairs = said.split()
+    assert len(said) <= 4096 and pairs[0] == "wide=created", said[:100]
+    listed, (left_out, count) = pairs[:-1], pairs[-1].split("=")
+    assert left_out == "+more" and len(listed) + int(count) == 1501, pairs[-1]
+    assert all(pair.endswith("=created") for pair in listed)
+    # Changed steps are said before unchanged ones, however far down the tree they are; the client counts the rest.
+    async with Client(aetr.base_url) as client:
+        applied = await client.apply_step(wide_inline(1500, {1400: 6}))
+    assert list(applied.outcomes.items())[:2] == [("wide", "unchanged"), ("c-1400", "changed")], applied.outcomes
+    assert len(applied.outcomes) + applied.unlisted == 1501 and applied.unlisted > 0
 
 
 async def test_a_dry_run_answers_what_would_change_and_keeps_nothing(aetr: Server) -> None:

@@ -21,6 +21,10 @@ from aetr.store import StepsRefused
 router = APIRouter(tags=["steps"])
 StepKey = Annotated[StepRef, Path(description="a step's name, or its id")]
 APPLIED_HEADER = "AETR-Applied"
+# Its most bytes: common HTTP clients and proxies refuse a header line over 8 KB, and a tree of thousands of
+# inline steps said them all. Past it, the pairs that fit (the step, then those created or changed) and `+more=N`.
+APPLIED_MAX_BYTES = 4096
+LEFT_OUT = "+more"  # not a step name: '+' is not allowed in one
 VERSION_TAG = re.compile(r'(?:W/)?"?([0-9]{1,18})"?')  # If-Match: 3, "3" or W/"3"
 # The same, for the document: FastAPI does not check it (a bad If-Match is answered 400, as HTTP would).
 IF_MATCH_PATTERN = r'^[ \t]*(W/)?"?[0-9]{1,18}"?[ \t]*$'
@@ -49,7 +53,8 @@ async def put_step(
 ) -> Response:
     """Create or replace a step and every inline child, in one transaction. A step defined as it is stored is
     left unchanged, its version too. The `AETR-Applied` header says what became of each step defined:
-    `name=created`, `name=changed` or `name=unchanged`, separated by spaces."""
+    `name=created`, `name=changed` or `name=unchanged`, separated by spaces, the step first; past 4,096 bytes
+    (thousands of inline steps), those that fit, created and changed ones first, then `+more=N` for the rest."""
     step: StepInModel = body
     if step.name != name:
         raise HTTPException(422, f"name: '{step.name}' in the body differs from '{name}' in the path")
@@ -84,10 +89,27 @@ async def put_step(
     except StepsRefused as exc:
         raise HTTPException(exc.status, exc.detail) from None
     tree = applied.tree
-    # Step names are letters, digits, '-', '_' and '.': safe in a header as they are.
-    outcomes = " ".join(f"{name}={outcome}" for name, outcome in applied.outcomes.items())
-    headers = {"ETag": str(tree.config.version), APPLIED_HEADER: outcomes}
+    headers = {"ETag": str(tree.config.version), APPLIED_HEADER: applied_header(applied.outcomes)}
     return JSON(tree.to_json(), status_code=201 if applied.created and not dry_run else 200, headers=headers)
+
+
+def applied_header(outcomes: dict[str, str]) -> str:
+    """`name=outcome` pairs, the step first (step names are letters, digits, '-', '_' and '.': safe in a header as
+    they are); when they would not fit in APPLIED_MAX_BYTES, the step, then as many created or changed ones, then
+    unchanged ones, as fit, and `+more=N` for the N left out."""
+    pairs = [f"{name}={outcome}" for name, outcome in outcomes.items()]
+    whole = " ".join(pairs)
+    if len(whole) <= APPLIED_MAX_BYTES:
+        return whole
+    first, rest = pairs[0], pairs[1:]
+    kept = [first]
+    size = len(first) + len(f" {LEFT_OUT}={len(pairs)}")
+    for pair in sorted(rest, key=lambda pair: pair.endswith("=unchanged")):  # stable: the given order otherwise
+        if size + 1 + len(pair) > APPLIED_MAX_BYTES:
+            break
+        kept.append(pair)
+        size += 1 + len(pair)
+    return " ".join([*kept, f"{LEFT_OUT}={len(pairs) - len(kept)}"])
 
 
 @router.get("/steps", responses={200: {"model": list[StepSummary]}})

@@ -200,6 +200,8 @@ def apply(
                 if not as_json:
                     _print_outcome(entry, len("would change") if diff else len("unchanged"))
                 report.append(entry)
+            if applied.unlisted and not as_json:
+                out.print(f"  … and {applied.unlisted} more inline step(s) of {name!r}, not listed by the server")
         if diff:
             for schedule in schedule_defs:  # --diff compares steps; a schedule is only a PUT away
                 err.print(f"schedule {schedule['name']!r}: not compared and not applied (--diff)")
