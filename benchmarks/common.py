@@ -52,7 +52,7 @@ class Sizes:
     map_items: int = 10_000  # the map scenario's map and parallel; map-large's small run
     map_large_items: int = 100_000
     map_large_samples: int = 5  # GETs of each run in map-large
-    concurrency_runs: int = 2_000  # runs of each api step (limited, free) in the concurrency scenario
+    concurrency_runs: int = 5_000  # runs of each api step (limited, free) in the concurrency scenario
     concurrency_limit: int = 50
 
     @staticmethod

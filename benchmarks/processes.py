@@ -309,6 +309,15 @@ class StepServiceProcess(Process):
             stats: dict[str, Any] = orjson.loads(await resp.read())
             return stats
 
+    async def gate(self, http: aiohttp.ClientSession, closed: bool) -> dict[str, int]:
+        """Hold the callbacks from now on (`closed`), or send the held ones and stop holding: how many were
+        released, and when (the service's time.time_ns())."""
+        async with http.post(f"{self.url}/gate", params={"closed": "1" if closed else "0"},
+                             timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            resp.raise_for_status()
+            answer: dict[str, int] = orjson.loads(await resp.read())
+            return answer
+
     async def reset(self, http: aiohttp.ClientSession) -> None:
         """Forget what was recorded so far (warm-up traffic)."""
         async with http.post(f"{self.url}/reset", timeout=aiohttp.ClientTimeout(total=30)) as resp:

@@ -322,9 +322,12 @@ async def concurrency(ctx: Context) -> Metrics:
     """`n` calls of an api step with max_concurrency `limit`, against the same `n` calls with no limit made two
     ways: `n` runs of one step started together (up to `n` in flight: the first comparison made), and `limit`
     runs of a sequence of `n / limit` steps started together (`limit` in flight, no limit set: the same
-    concurrency without the slot machinery). Calls per second of each over the whole burst, and while `limit`
-    were in flight (from the arrival of the `limit`-th call to that of the last: no ramp, no tail); the most calls
-    in flight at the step service."""
+    concurrency without the slot machinery).
+
+    The step service holds its callbacks while the runs start and their first calls arrive, then sends them all:
+    the steady pace is the calls answered from that moment to the last one, with `limit` in flight throughout
+    and no run starting (the starts' cost and ramp are in the whole burst's figure, not in it). Also the most
+    calls in flight at the step service."""
     n, limit = ctx.sizes.concurrency_runs, ctx.sizes.concurrency_limit
     await put_step(ctx, api_step("free", f"{ctx.svc.url}/step"))
     await put_step(ctx, {**api_step("limited", f"{ctx.svc.url}/step"), "max_concurrency": limit})
@@ -340,8 +343,9 @@ async def concurrency(ctx: Context) -> Metrics:
     results: dict[str, Metrics] = {}
     for step in order:
         await ctx.svc.reset(ctx.http)
-        runs, calls = (limit, n // limit * limit) if step == "chains" else (n, n)
-        results[step] = await _burst(ctx, step, runs, calls, limit)
+        runs, calls, first = {"chains": (limit, n // limit * limit, limit), "limited": (n, n, limit),
+                              "free": (n, n, n)}[step]
+        results[step] = await _burst(ctx, step, runs, calls, first)
         results[step]["runs_complete"] = await count_runs(ctx, step, "complete") - (
             1 if step == "chains" else warm)
     free, limited, chains = results["free"], results["limited"], results["chains"]
@@ -354,6 +358,7 @@ async def concurrency(ctx: Context) -> Metrics:
         "limited_to_chains": round(limited["calls_per_s"] / chains["calls_per_s"], 3),
         "limited_steady_calls_per_s": limited["steady_calls_per_s"],
         "chains_steady_calls_per_s": chains["steady_calls_per_s"],
+        "free_steady_calls_per_s": free["steady_calls_per_s"],
         "limited_to_chains_steady": round(limited["steady_calls_per_s"] / chains["steady_calls_per_s"], 3),
         "limited_in_flight_max": limited["in_flight_max"], "free_in_flight_max": free["in_flight_max"],
         "chains_in_flight_max": chains["in_flight_max"],
@@ -363,10 +368,11 @@ async def concurrency(ctx: Context) -> Metrics:
     }
 
 
-async def _burst(ctx: Context, step: str, runs: int, calls: int, full: int) -> Metrics:
-    """`runs` runs of `step` started together as the throughput scenario starts them, until the `calls` they
-    make have every callback accepted: calls per second over the whole burst and while `full` were in flight,
-    and the calls in flight at the step service."""
+async def _burst(ctx: Context, step: str, runs: int, calls: int, first: int) -> Metrics:
+    """`runs` runs of `step` started together as the throughput scenario starts them, their callbacks held until
+    every run has started and the `first` calls they make at once have arrived, then sent; until the `calls`
+    they make have every callback accepted. Calls per second over the whole burst and from the release (the
+    steady pace), and the calls in flight at the step service."""
     statuses: list[str] = []
 
     async def one() -> None:
@@ -376,36 +382,29 @@ async def _burst(ctx: Context, step: str, runs: int, calls: int, full: int) -> M
         except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
             statuses.append(f"{type(exc).__name__}: {exc}")
 
+    await ctx.svc.gate(ctx.http, closed=True)
     async with ctx.measure(step) as phase:
         t0 = time.time_ns()
         await asyncio.gather(*(one() for _ in range(runs)))
         posted_ns = time.time_ns()
+        try:
+            await ctx.svc.wait(ctx.http, ctx.timeout(600), requests=first)
+        finally:
+            released = await ctx.svc.gate(ctx.http, closed=False)
         await ctx.svc.wait(ctx.http, ctx.timeout(600), accepted=statuses.count("ok") * (calls // runs))
     stats = await ctx.svc.stats(ctx.http)
-    seconds = (max(c[3] for c in stats["callbacks"]) - t0) / 1e9
+    last_ns = max(c[3] for c in stats["callbacks"])
+    seconds, steady_s = (last_ns - t0) / 1e9, (last_ns - released["at"]) / 1e9
     return {
         "calls_per_s": round(stats["accepted"] / seconds, 1), "seconds": round(seconds, 3),
-        "steady_calls_per_s": steady_rate(stats, full, posted_ns),
-        "start_phase_s": round((posted_ns - t0) / 1e9, 3),
+        "steady_calls_per_s": round(stats["accepted"] / steady_s, 1), "steady_s": round(steady_s, 3),
+        "held": released["released"], "start_phase_s": round((posted_ns - t0) / 1e9, 3),
         "in_flight_max": in_flight_max(stats, answered=True),
         "in_flight_to_callback_max": in_flight_max(stats, answered=False),
         "start_errors": [s for s in statuses if s != "ok"][:3],
         "callback_answer_p50_ms": ms(percentile([c[3] - c[2] for c in stats["callbacks"]], 0.5)),
         "cpu_s": phase.cpu_s, **pg(phase), **describe_failures(stats),
     }
-
-
-def steady_rate(stats: dict[str, Any], full: int, started_ns: int) -> float:
-    """Calls per second reaching the step service from the arrival of the `full`-th call, or the last run's
-    start when later, to the arrival of the last call: the pace while `full` calls can be in flight and no run
-    is starting (the ramp, the starts and the tail left out)."""
-    arrivals = sorted(r[0] for r in stats["requests"])
-    if len(arrivals) <= full:
-        return math.nan
-    since = max(arrivals[full - 1], started_ns)
-    window = (arrivals[-1] - since) / 1e9
-    counted = sum(1 for at in arrivals if at > since)
-    return round(counted / window, 1) if window > 0 and counted else math.nan
 
 
 def in_flight_max(stats: dict[str, Any], answered: bool) -> int:

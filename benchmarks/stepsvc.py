@@ -8,6 +8,8 @@ Paths (any method but the control routes):
   /echo   answer 202, then POST the request's own body back as the output
   /hold   answer 202 and never call back
 Control routes:
+  POST /gate?closed=1             hold every callback from now on (the steps' requests are still answered)
+  POST /gate?closed=0             send the held callbacks and stop holding; answers {"released": N, "at": ns}
   GET  /stats                     every recorded request and callback (times are time.time_ns(), wall clock)
   GET  /wait?requests=N&accepted=N&timeout=S   answer once the counters reach N (408 when S seconds pass)
   POST /reset                     forget everything recorded
@@ -180,6 +182,8 @@ class StepService:
         self.recorder = Recorder()
         self.client = CallbackClient(self.recorder, pool_size)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.gate_closed = False
+        self._held: list[tuple[str, bytes, str, int]] = []  # callbacks waiting for the gate to open
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one kept-alive connection until the peer closes it."""
@@ -190,7 +194,7 @@ class StepService:
                 body = await _read_body(reader, headers)
                 method, target = request_line.split(" ", 2)[:2]
                 path, _, query = target.partition("?")
-                if path in ("/stats", "/wait", "/reset"):
+                if path in ("/stats", "/wait", "/reset", "/gate"):
                     writer.write(await self._control(method, path, query))
                 else:
                     writer.write(ACCEPTED_202)
@@ -212,6 +216,12 @@ class StepService:
         if path == "/hold" or not callback:
             return
         output = body if path == "/echo" and body else OK_BODY
+        if self.gate_closed:
+            self._held.append((callback, output, node_id, attempt))
+        else:
+            self._call_back(callback, output, node_id, attempt)
+
+    def _call_back(self, callback: str, output: bytes, node_id: str, attempt: int) -> None:
         task = asyncio.create_task(self.client.post(callback, output, node_id, attempt))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -221,6 +231,14 @@ class StepService:
         if path == "/reset" and method == "POST":
             rec.reset()
             return _response("200 OK", b'{"reset":true}')
+        if path == "/gate" and method == "POST":
+            self.gate_closed = parse_qs(query).get("closed", ["0"])[0] == "1"
+            at, held = time.time_ns(), []
+            if not self.gate_closed:
+                held, self._held = self._held, []
+                for args in held:
+                    self._call_back(*args)
+            return _response("200 OK", orjson.dumps({"released": len(held), "at": at}))
         if path == "/stats" and method == "GET":
             return _response("200 OK", orjson.dumps({
                 "requests": rec.requests, "callbacks": rec.callbacks, "callback_errors": rec.callback_errors[:100],
