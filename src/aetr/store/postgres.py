@@ -31,9 +31,13 @@ CONNECT_TIMEOUT_S = 10.0
 # never depends on the values or on the tables' size. So: generic plans, planned once per connection (planning
 # the chain query cost as much as running it), and no sequential scans or hash joins in them — a plan made
 # while the tables were nearly empty otherwise stays cached, and the chain query then scanned every node of a
-# 10,000-child run on each of its callbacks.
+# 10,000-child run on each of its callbacks. No bitmap scans either: the work table is a queue, whose statistics
+# are stale by the time a burst fills it (until autovacuum analyzes it, a minute later at best); believing a
+# handful of queued rows, the plan read all 5,000 attempts waiting for a slot and sorted them on each claim of
+# the oldest (10 ms), where the due-time index read in order stops at the first one (0.1 ms). And no JIT: a plan
+# with a disabled node is costed at 10^10, which set off 280 ms of compiling for a read of a few rows.
 EVENTS_SESSION = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off", "enable_hashjoin": "off",
-                  "enable_mergejoin": "off"}
+                  "enable_mergejoin": "off", "enable_bitmapscan": "off", "jit": "off"}
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:

@@ -22,10 +22,12 @@ from aetr.store.tables import UTCDateTime, step_children, steps
 CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
 
 
-# A step and everything under it, in one recursive query (trees reuse other trees: the union stops repeats).
+# A step and everything under it, in one recursive query (trees reuse other trees: the union stops repeats). The
+# step is looked up by id and by name as two indexed reads: `id = :key OR name = :key` needs a bitmap scan to use
+# both indexes, which PostgreSQL's events sessions do not make (see EVENTS_SESSION), and scanned every step.
 TREE_SQL = text(
     "WITH RECURSIVE reach(id) AS ("
-    " SELECT id FROM steps WHERE id = :key OR name = :key"
+    " SELECT id FROM (SELECT id FROM steps WHERE id = :key UNION ALL SELECT id FROM steps WHERE name = :key) AS k"
     " UNION SELECT sc.child_id FROM step_children sc JOIN reach r ON sc.parent_id = r.id)"
     " SELECT s.id, s.name, s.kind, s.config, s.version, sc.position, sc.child_id, sc.mapper"
     " FROM reach JOIN steps s ON s.id = reach.id LEFT JOIN step_children sc ON sc.parent_id = s.id"
