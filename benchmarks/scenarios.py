@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -315,7 +316,8 @@ async def map_large(ctx: Context) -> Metrics:
 
 # ---- api max_concurrency -----------------------------------------------------------------------------
 
-_limit_order = itertools.count()  # each concurrency case rotates which of its three bursts goes first
+_limit_order = itertools.count()  # each concurrency case rotates which of its bursts goes first
+PAIRS: Final = 3  # limited and chains bursts in one concurrency case, alternating
 
 
 async def concurrency(ctx: Context) -> Metrics:
@@ -338,33 +340,50 @@ async def concurrency(ctx: Context) -> Metrics:
     await ctx.svc.wait(ctx.http, ctx.timeout(RUN_WAIT_S), accepted=2 * warm)
     await ctx.svc.reset(ctx.http)
     await wait_run(ctx, await start_run(ctx, "chains"), timeout_s=ctx.timeout(RUN_WAIT_S))
-    shift = next(_limit_order) % 3
-    order = ("limited", "free", "chains")[shift:] + ("limited", "free", "chains")[:shift]
-    results: dict[str, Metrics] = {}
+    # The limited and the chains bursts alternate, PAIRS of each, so that the machine's drift within the case
+    # (a slower minute, autovacuum after the free burst) falls on both; the free burst once, in a rotating place.
+    shift = next(_limit_order)
+    order = [step for i in range(PAIRS) for step in (("limited", "chains") if (i + shift) % 2 == 0
+                                                      else ("chains", "limited"))]
+    order.insert(shift % (len(order) + 1), "free")
+    bursts: dict[str, list[Metrics]] = {"limited": [], "free": [], "chains": []}
     for step in order:
         await ctx.svc.reset(ctx.http)
         runs, calls, first = {"chains": (limit, n // limit * limit, limit), "limited": (n, n, limit),
                               "free": (n, n, n)}[step]
-        results[step] = await _burst(ctx, step, runs, calls, first)
-        results[step]["runs_complete"] = await count_runs(ctx, step, "complete") - (
-            1 if step == "chains" else warm)
-    free, limited, chains = results["free"], results["limited"], results["chains"]
+        before = await count_runs(ctx, step, "complete")
+        got = await _burst(ctx, step, runs, calls, first)
+        got["runs_complete"] = await count_runs(ctx, step, "complete") - before
+        bursts[step].append(got)
+    ratios = [lim["steady_calls_per_s"] / ch["steady_calls_per_s"]
+              for lim, ch in zip(bursts["limited"], bursts["chains"], strict=True)]
+
+    def median(step: str, key: str) -> float:
+        return round(statistics.median(b[key] for b in bursts[step]), 1)
+
+    free, limited, chains = (bursts[step][0] for step in ("free", "limited", "chains"))
     whole = ("calls_per_s", "steady_calls_per_s", "in_flight_max", "in_flight_to_callback_max")
     return {
-        "runs": n, "limit": limit, "first": order[0],
-        "limited_calls_per_s": limited["calls_per_s"], "free_calls_per_s": free["calls_per_s"],
-        "chains_calls_per_s": chains["calls_per_s"],
-        "limited_to_free": round(limited["calls_per_s"] / free["calls_per_s"], 3),
-        "limited_to_chains": round(limited["calls_per_s"] / chains["calls_per_s"], 3),
-        "limited_steady_calls_per_s": limited["steady_calls_per_s"],
-        "chains_steady_calls_per_s": chains["steady_calls_per_s"],
+        "runs": n, "limit": limit, "order": "".join(step[0] for step in order),
+        "limited_calls_per_s": median("limited", "calls_per_s"), "free_calls_per_s": free["calls_per_s"],
+        "chains_calls_per_s": median("chains", "calls_per_s"),
+        "limited_to_free": round(median("limited", "calls_per_s") / free["calls_per_s"], 3),
+        "limited_to_chains": round(median("limited", "calls_per_s") / median("chains", "calls_per_s"), 3),
+        "limited_steady_calls_per_s": median("limited", "steady_calls_per_s"),
+        "chains_steady_calls_per_s": median("chains", "steady_calls_per_s"),
         "free_steady_calls_per_s": free["steady_calls_per_s"],
-        "limited_to_chains_steady": round(limited["steady_calls_per_s"] / chains["steady_calls_per_s"], 3),
-        "limited_in_flight_max": limited["in_flight_max"], "free_in_flight_max": free["in_flight_max"],
-        "chains_in_flight_max": chains["in_flight_max"],
-        "limited_in_flight_to_callback_max": limited["in_flight_to_callback_max"],
+        "limited_to_chains_steady": round(statistics.median(ratios), 3),
+        "limited_to_chains_steady_pairs": [round(r, 3) for r in ratios],
+        "limited_in_flight_max": max(b["in_flight_max"] for b in bursts["limited"]),
+        "free_in_flight_max": free["in_flight_max"],
+        "chains_in_flight_max": max(b["in_flight_max"] for b in bursts["chains"]),
+        "limited_in_flight_to_callback_max": max(b["in_flight_to_callback_max"] for b in bursts["limited"]),
         "free_in_flight_to_callback_max": free["in_flight_to_callback_max"],
-        **{f"{name}_{k}": v for name, got in results.items() for k, v in got.items() if k not in whole},
+        "limited_runs_complete": sum(b["runs_complete"] for b in bursts["limited"]),
+        "chains_runs_complete": sum(b["runs_complete"] for b in bursts["chains"]),
+        "free_runs_complete": free["runs_complete"],
+        **{f"{name}_{k}": v for name, got in (("free", free), ("limited", limited), ("chains", chains))
+           for k, v in got.items() if k not in (*whole, "runs_complete")},
     }
 
 
@@ -383,14 +402,16 @@ async def _burst(ctx: Context, step: str, runs: int, calls: int, first: int) -> 
             statuses.append(f"{type(exc).__name__}: {exc}")
 
     await ctx.svc.gate(ctx.http, closed=True)
-    async with ctx.measure(step) as phase:
-        t0 = time.time_ns()
+    t0 = time.time_ns()
+    try:
         await asyncio.gather(*(one() for _ in range(runs)))
         posted_ns = time.time_ns()
-        try:
-            await ctx.svc.wait(ctx.http, ctx.timeout(600), requests=first)
-        finally:
-            released = await ctx.svc.gate(ctx.http, closed=False)
+        await ctx.svc.wait(ctx.http, ctx.timeout(600), requests=first)
+    except BaseException:
+        await ctx.svc.gate(ctx.http, closed=False)
+        raise
+    async with ctx.measure(step) as phase:  # CPU (and a profile) of the steady part alone
+        released = await ctx.svc.gate(ctx.http, closed=False)
         await ctx.svc.wait(ctx.http, ctx.timeout(600), accepted=statuses.count("ok") * (calls // runs))
     stats = await ctx.svc.stats(ctx.http)
     last_ns = max(c[3] for c in stats["callbacks"])
@@ -403,6 +424,8 @@ async def _burst(ctx: Context, step: str, runs: int, calls: int, first: int) -> 
         "in_flight_to_callback_max": in_flight_max(stats, answered=False),
         "start_errors": [s for s in statuses if s != "ok"][:3],
         "callback_answer_p50_ms": ms(percentile([c[3] - c[2] for c in stats["callbacks"]], 0.5)),
+        "steady_cpu_ms_per_call": {k: round(v * 1000 / max(stats["accepted"], 1), 3)
+                                   for k, v in phase.cpu_s.items() if k in ("aetr", "postgres", "stepsvc")},
         "cpu_s": phase.cpu_s, **pg(phase), **describe_failures(stats),
     }
 

@@ -50,8 +50,11 @@ def test_the_quick_benchmark_runs_every_scenario_to_the_end(db: str, tmp_path: P
     assert mapped["map_state"] == mapped["parallel_state"] == "complete" and mapped["map_to_parallel"] > 0
     assert map_large["large_root_state"] == "complete" and map_large["large_output_len"] == 500, map_large
     assert map_large["peak_rss_mb"] > 0 and map_large["get_ratio"] > 0
-    assert limited["limited_runs_complete"] == limited["free_runs_complete"] == 40, limited
-    assert limited["chains_runs_complete"] == 5, limited  # 5 runs of a sequence of 8 calls
+    # Three bursts of the limited step and of the chains each, alternating, and one of the free step.
+    assert limited["limited_runs_complete"] == 3 * 40 and limited["free_runs_complete"] == 40, limited
+    assert limited["chains_runs_complete"] == 3 * 5, limited  # 5 runs of a sequence of 8 calls, 3 times
+    assert sorted(limited["order"]) == sorted("lllcccf"), limited
+    assert len(limited["limited_to_chains_steady_pairs"]) == 3 and limited["limited_to_chains_steady"] > 0, limited
     assert limited["limited_to_chains"] > 0 and limited["limited_to_free"] > 0, limited
     # The limit holds from a call's arrival to the step's callback; counted on to AETR's answer of the callback,
     # one more may show: the callback's transaction hands the slot on, and the next call may arrive first.
