@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from aetr.testing import StepService, callback, fail, sync
+from aetr.testing import StepService, callback, fail, never, sync
 from tests.integration.conftest import Server
 from tests.integration.test_runs import api, by_name
 
@@ -240,6 +240,27 @@ async def test_max_concurrency_holds_when_many_runs_start_and_hand_slots_on_toge
     assert most == 4
 
 
+async def test_a_refused_report_from_a_slot_holder_leaves_the_waiting_attempt_waiting_for_the_next_slot(
+        aetr: Server, steps_service: StepService) -> None:
+    # On PostgreSQL an event that ends a slot holder's attempt claims the step's longest-waiting attempt with the
+    # chain it reads. A report that is then refused (an attempt superseded) frees no slot: what it claimed waits
+    # again at once, so the next slot freed goes to it, not after the claim's lease runs out (5 s).
+    steps_service.route("/one", never())
+    await aetr.put_step(api(steps_service, "one", max_concurrency=1))
+    await aetr.start("one", 1)
+    (holder,) = await steps_service.wait_for_calls("/one", 1)
+    waiting = await aetr.start("one", 2)
+    assert holder.node_id is not None
+    verdict = await aetr.engine.coordinator.step_succeeded(holder.node_id, 7, {"late": True}, "callback")
+    assert verdict.outcome == "refused" and "superseded" in verdict.reason, verdict
+    assert await aetr.call("POST", holder.callback_url.removeprefix(aetr.base_url), {"ok": 1}) == (
+        200, {"accepted": True})
+    started = asyncio.get_running_loop().time()
+    second = (await steps_service.wait_for_calls("/one", 2, timeout=10))[1]
+    assert second.run_id == waiting
+    assert asyncio.get_running_loop().time() - started < 3, "called only once the claim ran out"
+
+
 async def _until(condition: Any, what: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
@@ -274,7 +295,8 @@ async def test_a_slot_row_taken_by_an_event_that_never_wrote_is_free_again_only_
             ended = [await aetr.wait_run(run_id, timeout=20) for run_id in (first, second)]
             assert [r["state"] for r in ended] == ["complete", "complete"]
             assert [c.json for c in steps_service.calls("/ghosted")] == [2, 1]
-            held = await conn.fetchval("SELECT count(*) FROM step_slots WHERE holder_id IS NOT NULL")
+            held = await conn.fetchval("SELECT count(*) FROM step_slots WHERE step_id = $1 AND holder_id IS NOT NULL",
+                                       step["id"])
             assert held == 0
         finally:
             await conn.close()

@@ -69,6 +69,9 @@ ALLOWED: dict[str, tuple[frozenset[str], str, str]] = {
                      "step-slots"),
     "claim_waiting": (frozenset({"work", "run_nodes"}), "attempts of any run wait for a slot of the step",
                       "step-slots"),
+    # The chains are keyed; the attempts claimed with them for the slots the events free are claim_waiting's.
+    "load_chains_claiming": (frozenset({"work", "run_nodes"}), "attempts of any run wait for a slot of the step",
+                             "step-slots"),
     # SQLite's way of counting slots and finding waiters (PostgreSQL has step_slots): prebuilt, never sent here.
     "count_slots": (frozenset({"run_nodes"}), "SQLite counts a step's slot holders among all runs' nodes",
                     "step-slots"),

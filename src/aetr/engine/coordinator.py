@@ -385,7 +385,8 @@ class Coordinator:
                  said: dict[str, Any] | None = None) -> Program:
         plan = Plan(now=utcnow(), jitter=_RANDOM.random(), count_later=self.count_later, new_id=new_id,
                     max_nodes=self.max_tree_nodes)
-        chain: Chain = yield LoadChain(node_id)
+        ends = said is not None and said.get("report") in ("output", "failure")
+        chain: Chain = yield LoadChain(node_id, ends_attempt=ends, now=plan.now)
         if not chain.nodes:
             return Outcome(decide.Verdict("unknown", "no such node"))
         plan.absorb(chain.nodes)

@@ -66,7 +66,10 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
     if isinstance(req, LoadTree):
         return tree_from_rows((yield Fetch(st.load_tree, {"key": req.key})), req.key)
     if isinstance(req, LoadChain):
-        rows = yield Fetch(st.load_chain, {"node_id": req.node_id})
+        values: dict[str, Any] = {"node_id": req.node_id}
+        if req.ends_attempt and req.now is not None:
+            values.update(ends=True, now=st.time_in(req.now))  # PostgreSQL's batches claim with it (postgres.py)
+        rows = yield Fetch(st.load_chain, values)
         following = [st.node(r[1:]) for r in rows if r[0] == 1]
         return Chain([st.node(r[1:]) for r in rows if r[0] == 0], following[0] if following else None)
     if isinstance(req, decide.LoadChild):

@@ -11,18 +11,22 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
+import orjson
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from aetr.store.codec import NODE_COLUMNS
 from aetr.store.errors import Conflict, Duplicate, Unavailable, is_outage_sqlstate
 from aetr.store.lowering import lower
 from aetr.store.operations import Exec, ExecMany, Fetch, Op, OpStream, Sql
 from aetr.store.postgres_sql import FINISHED_FIELDS, MOVED_FIELDS, NODE_FIELDS, WRITE_ALL_NAMES, PostgresStatements
 from aetr.store.requests import Program
+from aetr.store.statements import HANDING_S
 from aetr.store.store import AfterCommit, ScriptAnswers, Store, _round_trips
 from aetr.store.views import view_of_row
 
@@ -96,6 +100,7 @@ class _Member:
     op: Any = None
     wrote: bool = False  # its one write, which committed by itself, is done
     alone: bool = False  # it left the batch to go on on a connection of its own
+    claimed_for: bool = False  # its chain read claimed a waiting attempt for the slot its event frees
 
     def advance(self, answer: Any) -> bool:
         """Hand the program its answer; True while it has another operation (now in `op`)."""
@@ -127,6 +132,35 @@ class _Member:
         if not self.done.done():
             self.done.set_exception(exc)
             self.done.exception()  # retrieved: a caller that went away need not see it
+
+
+_NODE_NAMES = [c.name for c in NODE_COLUMNS]
+_STEP_ID, _STATE, _HOLDS_SLOT, _CONFIG = (_NODE_NAMES.index(n) for n in ("step_id", "state", "holds_slot", "config"))
+
+
+def _limit_of(node: tuple[Any, ...]) -> int:
+    """The max_concurrency of a waiting api node's step, from its row."""
+    limit: int = orjson.loads(node[_CONFIG])["max_concurrency"]
+    return limit
+
+
+@dataclass
+class _Claimed:
+    """The attempts a batch's chain read claimed for the slots its events free (chains_claiming_stmt), by step,
+    until its events' NextWaiting take them; what is left is given back when the batch ends."""
+
+    until: Any = None
+    by_step: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+
+    def take(self, step_id: str, count: int, besides: set[str]) -> list[tuple[Any, ...]]:
+        rows = self.by_step.get(step_id, [])
+        got = [r for r in rows if r[0] not in besides][:count]
+        if got:
+            self.by_step[step_id] = [r for r in rows if r not in got]
+        return got
+
+    def left(self) -> list[str]:
+        return [r[0] for rows in self.by_step.values() for r in rows]
 
 
 class _LazyTransaction:
@@ -255,6 +289,7 @@ class PostgresStore(Store):
             with _translated():
                 pool = await self._events_pool()
                 async with pool.acquire() as conn:
+                    claimed = _Claimed()
                     active = [m for m in members if m.advance(None)]
                     while active:
                         chains: list[_Member] = []
@@ -280,9 +315,12 @@ class PostgresStore(Store):
                             else:
                                 m.alone = True
                                 self._spawn(self._alone(m))
-                        active = (await self._look_up(conn, lookups) + await self._read_chains(conn, chains)
-                                  + await self._slots(conn, slots) + await self._write(conn, writes)
+                        active = (await self._look_up(conn, lookups)
+                                  + await self._read_chains(conn, chains, claimed)
+                                  + await self._slots(conn, slots, claimed) + await self._write(conn, writes)
                                   + await self._count(conn, counts) + await self._wake(conn, wakes))
+                    if claimed.left():
+                        await self._unclaim(conn, claimed)
         except BaseException as exc:
             for m in members:
                 if not m.alone:
@@ -305,23 +343,43 @@ class PostgresStore(Store):
                 going.append(m)
         return going
 
-    async def _read_chains(self, conn: asyncpg.Connection, members: list[_Member]) -> list[_Member]:
+    async def _read_chains(self, conn: asyncpg.Connection, members: list[_Member],
+                           claimed: _Claimed) -> list[_Member]:
+        """The chains of several events in one statement. Events that end an attempt also claim, in it, the
+        longest-waiting attempts of the steps whose slots those attempts hold: what their NextWaiting asks
+        for after deciding (see _slots)."""
         if not members:
             return []
         st = self.statements
-        if len(members) == 1:
+        ending = [m for m in members if m.op.values.get("ends")]
+        if len(members) == 1 and not ending:
             (m,) = members
             m.saw(st.load_chain)
             return [m] if m.advance(await conn.fetch(st.load_chain.text, *st.load_chain.args(m.op.values))) else []
-        assert st.load_chains is not None
+        sql = st.load_chains_claiming if ending else st.load_chains
+        assert sql is not None
         ids = list({m.op.values["node_id"] for m in members})
+        values: dict[str, Any] = {"ids": ids}
+        if ending:
+            now = min(m.op.values["now"] for m in ending)
+            if claimed.until is None:  # one lease end a batch, which its leftovers are given back by
+                claimed.until = now + timedelta(seconds=HANDING_S)
+            values.update(ends=list({m.op.values["node_id"] for m in ending}), now=now, until=claimed.until)
         by_node: dict[str, list[tuple[Any, ...]]] = {i: [] for i in ids}
-        for row in await conn.fetch(st.load_chains.text, *st.load_chains.args({"ids": ids})):
+        for row in await conn.fetch(sql.text, *sql.args(values)):
+            if row[1] == 2:  # an attempt claimed for a slot
+                waiting = tuple(row)[2:]
+                claimed.by_step.setdefault(waiting[_STEP_ID], []).append(waiting)
+                continue
             node = tuple(row)[1:]
             for start in row[0]:
                 by_node[start].append(node)
+        for m in ending:
+            node_id = m.op.values["node_id"]
+            m.claimed_for = any(extra == 0 and own[0] == node_id and own[_HOLDS_SLOT] and own[_STATE] == "executing"
+                                for extra, *own in by_node[node_id])
         for m in members:
-            m.saw(st.load_chains)
+            m.saw(sql)
         return [m for m in members if m.advance(by_node[m.op.values["node_id"]])]
 
     async def _write(self, conn: asyncpg.Connection, members: list[_Member]) -> list[_Member]:
@@ -375,7 +433,7 @@ class PostgresStore(Store):
                 going.append(m)
         return going
 
-    async def _slots(self, conn: asyncpg.Connection, members: list[_Member]) -> list[_Member]:
+    async def _slots(self, conn: asyncpg.Connection, members: list[_Member], claimed: _Claimed) -> list[_Member]:
         """Several events' slot takes and claims of waiting attempts in one transaction, one commit for all; each
         event goes on once they are committed. The rows they lock are others' to skip until then (a moment).
 
@@ -393,15 +451,32 @@ class PostgresStore(Store):
                 takes.setdefault((m.op.values["step_id"], m.op.values["limit"]), []).append(i)
             elif m.op.sql is st.claim_waiting:
                 claims.setdefault(m.op.values["step_id"], []).append(i)
+        # The attempts the chain read claimed go first, to the events it claimed them for first. An event it
+        # claimed for that finds fewer than it asks for was looking at every waiting attempt its step had: one
+        # parked since is found after the commit, as when a claim finds none (see WAKE_WAITERS_PG).
+        short: dict[int, int] = {}
+        for step_id, group in list(claims.items()):
+            for i in sorted(group, key=lambda i: not members[i].claimed_for):
+                v = members[i].op.values
+                answers[i] = claimed.take(step_id, v["count"], set(v["besides"]))
+                if len(answers[i]) < v["count"] and not (members[i].claimed_for and v["count"] == 1):
+                    short[i] = v["count"] - len(answers[i])
+            claims[step_id] = [i for i in group if i in short]
+            if not claims[step_id]:
+                del claims[step_id]
         grouped = {i for group in (*takes.values(), *claims.values()) for i in group}
+        grouped |= {i for i, m in enumerate(members) if m.op.sql is st.claim_waiting}
         others = [i for i in range(len(members)) if i not in grouped]
         # One statement is atomic by itself: no BEGIN and COMMIT around it (the usual batch under load).
-        alone = len(takes) + len(claims) + len(others) == 1
+        alone = len(takes) + len(claims) + len(others) <= 1
         async with contextlib.nullcontext() if alone else conn.transaction():
             for (step_id, limit), group in takes.items():
                 answers.update(await self._take_slots(conn, step_id, limit, [members[i] for i in group], group))
             for step_id, group in claims.items():
-                answers.update(await self._claim_waiting(conn, step_id, [members[i] for i in group], group))
+                fetched = await self._claim_waiting(conn, step_id, [members[i] for i in group], group,
+                                                    [short[i] for i in group])
+                for i, rows in fetched.items():
+                    answers[i] = [*answers[i], *rows]
             for i in others:
                 sql = members[i].op.sql
                 answers[i] = await conn.fetch(sql.text, *sql.args(members[i].op.values))
@@ -422,13 +497,13 @@ class PostgresStore(Store):
                 for i, m in zip(places, members, strict=True)}
 
     async def _claim_waiting(self, conn: asyncpg.Connection, step_id: str, members: list[_Member],
-                             places: list[int]) -> dict[int, list[Any]]:
-        """The attempts of one step that waited longest, as many as several events freed slots for, claimed in
-        one statement and shared out among them. None is due later than the earliest event's time, and none is
-        an attempt any of the events changed itself."""
+                             places: list[int], counts: list[int]) -> dict[int, list[Any]]:
+        """The attempts of one step that waited longest, as many as several events freed slots for (`counts`
+        still to find), claimed in one statement and shared out among them. None is due later than the earliest
+        event's time, and none is an attempt any of the events changed itself."""
         sql = self.statements.claim_waiting
         assert sql is not None
-        values = [m.op.values for m in members]
+        values = [{**m.op.values, "count": count} for m, count in zip(members, counts, strict=True)]
         if len(values) == 1:
             return {places[0]: await conn.fetch(sql.text, *sql.args(values[0]))}
         merged = {"step_id": step_id, "count": sum(v["count"] for v in values), "now": min(v["now"] for v in values),
@@ -440,6 +515,19 @@ class PostgresStore(Store):
         for i, v in zip(places, values, strict=True):
             out[i], at = rows[at:at + v["count"]], at + v["count"]
         return out
+
+    async def _unclaim(self, conn: asyncpg.Connection, claimed: _Claimed) -> None:
+        """The attempts a batch's chain read claimed and no event of it was handed: waiting again, and woken
+        where their step has a slot free (their claim hid them from whoever freed it meanwhile)."""
+        st = self.statements
+        assert st.unclaim is not None and st.wake_waiters is not None
+        await conn.execute(st.unclaim.text, *st.unclaim.args({"node_ids": claimed.left(), "until": claimed.until}))
+        for step_id, rows in claimed.by_step.items():
+            if rows:
+                limit = _limit_of(rows[0])
+                await conn.execute(st.wake_waiters.text,
+                                   *st.wake_waiters.args({"step_id": step_id, "limit": limit, "count": len(rows)}))
+        claimed.by_step.clear()
 
     async def _wake(self, conn: asyncpg.Connection, members: list[_Member]) -> list[_Member]:
         """Several events' wake-ups of waiting attempts after their commits: one statement per step and limit,

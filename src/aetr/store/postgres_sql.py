@@ -206,6 +206,37 @@ def chains_stmt() -> Any:
     return union_all(ancestors, following)
 
 
+def chains_claiming_stmt() -> Any:
+    """chains_stmt, and for the nodes `ends` of those whose events end an attempt holding a slot, as many of the
+    step's longest-waiting attempts claimed as those nodes hold slots (claim_waiting's claim, leased to HANDING
+    until `until`): the events that free slots find the attempts to hand them to with the chain they read, not
+    in a round trip of their own. The claimed nodes are rows with `extra` 2 and no `starts`."""
+    now = p("now")
+    holder, w, n = run_nodes.alias("holder"), work.alias("w"), run_nodes.alias("n")
+    held = (select(holder.c.step_id, func.count().label("n"))
+            .where(holder.c.id == func.any(p("ends")), holder.c.holds_slot, holder.c.state == "executing")
+            .group_by(holder.c.step_id).cte("held"))
+    pick = (select(w.c.id).select_from(w.join(n, n.c.id == w.c.node_id))
+            .where(and_(w.c.kind == literal_column("'queued'"), n.c.step_id == held.c.step_id,
+                        w.c.attempt == n.c.attempt, w.c.due_at <= now,
+                        or_(w.c.lease_owner.is_(None), w.c.lease_owner == literal_column(f"'{PARKED}'"),
+                            w.c.lease_until < now)))
+            .order_by(w.c.due_at).limit(held.c.n).with_for_update(of=w, skip_locked=True).lateral("pick"))
+    picked = select(pick.c.id).select_from(held).join(pick, literal_column("true")).cte("picked")
+    claimed = (update(work).where(work.c.id.in_(select(picked.c.id)))
+               .values(lease_owner=literal_column(f"'{HANDING}'"), lease_until=p("until"))
+               .returning(work.c.node_id).cte("claimed"))
+    waiting = (select(literal_column("ARRAY[]::varchar[]").label("starts"), literal_column("2").label("extra"),
+                      *NODE_COLUMNS).where(run_nodes.c.id.in_(select(claimed.c.node_id))))
+    return union_all(*chains_stmt().selects, waiting)
+
+
+# Claimed with a chain (chains_claiming_stmt) and not handed a slot after all (the event was refused, or went on
+# alone): waiting again, as before the claim; and made claimable at once where a slot is free (WAKE_WAITERS_PG).
+UNCLAIM_PG = (f"UPDATE work SET lease_owner = '{PARKED}', lease_until = NULL WHERE kind = 'queued'"
+              f" AND node_id = ANY($1::varchar[]) AND lease_owner = '{HANDING}' AND lease_until = $2::timestamptz")
+
+
 class PostgresStatements(Statements):
     """Statements for PostgreSQL (asyncpg)."""
 
@@ -219,6 +250,8 @@ class PostgresStatements(Statements):
         self.count_children = Sql(COUNT_CHILDREN_PG, ("parent_ids", "positions", "now", "owner", "until"), {},
                                   alone=True)
         self.load_chains = self.read(chains_stmt())
+        self.load_chains_claiming = replace(self.read(chains_claiming_stmt()), writes=False)
+        self.unclaim = Sql(UNCLAIM_PG, ("node_ids", "until"), {}, writes=False)
         self.write_all = Sql(_write_all_pg(), WRITE_ALL_NAMES, {}, alone=True)
         # Slots as rows (step_slots). Each of these commits on its own when the event has no transaction open
         # yet (writes=False: it never opens one), so the rows it locks are free again at once.

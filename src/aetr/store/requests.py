@@ -25,9 +25,13 @@ class LoadTree:
 
 @dataclass(frozen=True)
 class LoadChain:
-    """Request: a node and all its ancestors, and its next sibling (answer: Chain)."""
+    """Request: a node and all its ancestors, and its next sibling (answer: Chain). `ends_attempt`: the event
+    reports the end of the node's attempt (at `now`), which frees its slot if it holds one: PostgreSQL then
+    claims the step's longest-waiting attempt along with the chain, for NextWaiting to find."""
 
     node_id: str
+    ends_attempt: bool = False
+    now: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,8 @@ class Statements(RowCodec):
     # Only some backends have these (None otherwise): see each backend's subclass.
     write_all: Sql | None = None  # an event's every write in one statement
     load_chains: Sql | None = None  # load_chain for several nodes at once
+    load_chains_claiming: Sql | None = None  # the same, claiming waiting attempts for the slots events free
+    unclaim: Sql | None = None  # the attempts load_chains_claiming claimed and no event was handed: waiting again
     count_children: Sql | None = None  # CountChild in one statement
     run_json: Sql | None = None  # GET /runs's nodes as JSON text written by the database
     # write_all's array parameters by group of rows: (parameter, column of the group's rows); and the
