@@ -166,17 +166,21 @@ WAKE_WAITERS_PG = (
 )
 
 
+def _waiting_for_a_slot(w: Any, n: Any, step_id: Any, now: Any) -> Any:
+    """Work rows `w` (joined to their nodes `n`) of attempts of `step_id` waiting for a slot and claimable at
+    `now`: queued for their current attempt, due, and set aside, never leased, or their lease over."""
+    return and_(w.c.kind == literal_column("'queued'"), n.c.step_id == step_id, w.c.attempt == n.c.attempt,
+                w.c.due_at <= now, or_(w.c.lease_owner.is_(None), w.c.lease_owner == literal_column(f"'{PARKED}'"),
+                                       w.c.lease_until < now))
+
+
 def claim_waiting_stmt() -> Any:
     """The attempts of a step that have waited longest for a slot, claimed for the event handing them freed
     slots (their rows leased to HANDING for a moment): two events freeing slots at once hand them to different
     attempts, without a lock between them."""
-    now = p("now")
     pick = (select(work.c.id).select_from(work.join(run_nodes, run_nodes.c.id == work.c.node_id))
-            .where(and_(work.c.kind == literal_column("'queued'"), run_nodes.c.step_id == p("step_id"),
-                        work.c.attempt == run_nodes.c.attempt, work.c.due_at <= now,
-                        or_(work.c.lease_owner.is_(None), work.c.lease_owner == literal_column(f"'{PARKED}'"),
-                            work.c.lease_until < now),
-                        ~(work.c.node_id == func.any(p("besides")))))
+            .where(_waiting_for_a_slot(work, run_nodes, p("step_id"), p("now")),
+                   ~(work.c.node_id == func.any(p("besides"))))
             .order_by(work.c.due_at).limit(p("count")).with_for_update(of=work, skip_locked=True).cte("pick"))
     claimed = (update(work).where(work.c.id == pick.c.id)
                .values(lease_owner=literal_column(f"'{HANDING}'"), lease_until=p("until"))
@@ -211,16 +215,12 @@ def chains_claiming_stmt() -> Any:
     step's longest-waiting attempts claimed as those nodes hold slots (claim_waiting's claim, leased to HANDING
     until `until`): the events that free slots find the attempts to hand them to with the chain they read, not
     in a round trip of their own. The claimed nodes are rows with `extra` 2 and no `starts`."""
-    now = p("now")
     holder, w, n = run_nodes.alias("holder"), work.alias("w"), run_nodes.alias("n")
     held = (select(holder.c.step_id, func.count().label("n"))
             .where(holder.c.id == func.any(p("ends")), holder.c.holds_slot, holder.c.state == "executing")
             .group_by(holder.c.step_id).cte("held"))
     pick = (select(w.c.id).select_from(w.join(n, n.c.id == w.c.node_id))
-            .where(and_(w.c.kind == literal_column("'queued'"), n.c.step_id == held.c.step_id,
-                        w.c.attempt == n.c.attempt, w.c.due_at <= now,
-                        or_(w.c.lease_owner.is_(None), w.c.lease_owner == literal_column(f"'{PARKED}'"),
-                            w.c.lease_until < now)))
+            .where(_waiting_for_a_slot(w, n, held.c.step_id, p("now")))
             .order_by(w.c.due_at).limit(held.c.n).with_for_update(of=w, skip_locked=True).lateral("pick"))
     picked = select(pick.c.id).select_from(held).join(pick, literal_column("true")).cte("picked")
     claimed = (update(work).where(work.c.id.in_(select(picked.c.id)))
@@ -250,7 +250,7 @@ class PostgresStatements(Statements):
         self.count_children = Sql(COUNT_CHILDREN_PG, ("parent_ids", "positions", "now", "owner", "until"), {},
                                   alone=True)
         self.load_chains = self.read(chains_stmt())
-        self.load_chains_claiming = replace(self.read(chains_claiming_stmt()), writes=False)
+        self.load_chains_claiming = self.read(chains_claiming_stmt())
         self.unclaim = Sql(UNCLAIM_PG, ("node_ids", "until"), {}, writes=False)
         self.write_all = Sql(_write_all_pg(), WRITE_ALL_NAMES, {}, alone=True)
         # Slots as rows (step_slots). Each of these commits on its own when the event has no transaction open
