@@ -67,7 +67,7 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
         return tree_from_rows((yield Fetch(st.load_tree, {"key": req.key})), req.key)
     if isinstance(req, LoadChain):
         values: dict[str, Any] = {"node_id": req.node_id}
-        if req.ends_attempt and req.now is not None:
+        if req.ends_attempt and req.now is not None and st.load_chains_claiming is not None:
             values.update(ends=True, now=st.time_in(req.now))  # PostgreSQL's batches claim with it (postgres.py)
         rows = yield Fetch(st.load_chain, values)
         following = [st.node(r[1:]) for r in rows if r[0] == 1]
