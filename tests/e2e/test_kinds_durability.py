@@ -64,7 +64,7 @@ def count_calls(calls: list[Call]) -> Counter[str]:
 # ---- 1. a timer armed before SIGKILL fires after the restart, once ----------------------------------------
 
 KILL_RUNS = 20
-KILL_WAIT_S = 2
+KILL_WAIT_S = 6  # long enough that 20 starts and 20 reads end before a timer fires, also on a loaded machine
 
 
 async def test_timers_armed_before_a_sigkill_fire_once_after_the_restart(
@@ -79,10 +79,11 @@ async def test_timers_armed_before_a_sigkill_fire_once_after_the_restart(
         await api.put_step({"name": "pause-then-call", "kind": "sequential",
                             "children": [{"step": "pause"}, {"step": "after"}]})
         started_at = time.monotonic()
-        run_ids = [await api.start_run("pause-then-call", {"k": k}) for k in range(KILL_RUNS)]
+        run_ids = list(await asyncio.gather(*(api.start_run("pause-then-call", {"k": k})
+                                              for k in range(KILL_RUNS))))
         # Every wait has armed its timer (the node waits with a time to wake at) before the kill.
-        for run_id in run_ids:
-            pause = nodes_by_name(await api.run(run_id))["pause"]
+        for run in await asyncio.gather(*(api.run(run_id) for run_id in run_ids)):
+            pause = nodes_by_name(run)["pause"]
             assert pause["state"] == "executing", pause
         aetr.kill()
         killed_after = time.monotonic() - started_at
