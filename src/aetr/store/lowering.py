@@ -289,7 +289,7 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
         # changes run after it. A node changed meanwhile aborts the whole statement (SerializationError).
         moves, look = _slot_moves(plan) if plan.released or plan.parked else ([], [])
         if node_rows or drop or beats or work_rows or event_rows or finished or new_nodes or moved:
-            values = {"drop": drop, "beats": beats, "expected": len(node_rows)}
+            values = {"drop": drop or None, "beats": beats or None, "expected": len(node_rows)}
             for group, rows in (("i_", new_nodes), ("c_", new_counters), ("n_", node_rows), ("w_", work_rows),
                                 ("e_", event_rows), ("f_", finished), ("s_", moves), ("m_", moved)):
                 if rows:

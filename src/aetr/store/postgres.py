@@ -72,19 +72,26 @@ MAX_BATCH = 256  # events in one batch
 
 def _merged(writes: list[dict[str, Any]]) -> dict[str, Any]:
     """Several events' write_all values as one: their arrays end to end, node and work rows in id order (the
-    order every event locks rows in), and the number of node rows expected updated summed."""
-    merged: dict[str, Any] = {name: [v for w in writes for v in w[name]] for name in WRITE_ALL_NAMES
-                              if name != "expected"}
+    order every event locks rows in), and the number of node rows expected updated summed. An array no event
+    has rows in stays NULL (see NO_ROWS)."""
+    merged: dict[str, Any] = {}
+    for name in WRITE_ALL_NAMES:
+        if name != "expected":
+            parts = [w[name] for w in writes if w[name]]
+            merged[name] = [v for part in parts for v in part] if parts else None
     merged["expected"] = sum(w["expected"] for w in writes)
     groups = (((f"n_{k}" for k in NODE_FIELDS), "n_k_id"), ((f"f_{k}" for k in FINISHED_FIELDS), "f_node_id"),
               ((f"m_{k}" for k in MOVED_FIELDS), "m_node_id"))
     for group, key in groups:
+        if merged[key] is None:
+            continue
         names = list(group)
         order = sorted(range(len(merged[key])), key=merged[key].__getitem__)
         for name in names:
             merged[name] = [merged[name][i] for i in order]
-    merged["drop"].sort()
-    merged["beats"].sort()
+    for name in ("drop", "beats"):
+        if merged[name] is not None:
+            merged[name].sort()
     return merged
 
 

@@ -106,7 +106,7 @@ class Statements(RowCodec):
     # write_all's array parameters by group of rows: (parameter, column of the group's rows); and the
     # parameters of each group with no rows.
     array_keys: ClassVar[dict[str, tuple[tuple[str, str], ...]]] = {}
-    no_rows: ClassVar[dict[str, dict[str, tuple[()]]]] = {}
+    no_rows: ClassVar[dict[str, dict[str, None]]] = {}
 
     def compiled(self, stmt: Any) -> Sql:
         """A write statement compiled for this dialect."""
