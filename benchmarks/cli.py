@@ -30,6 +30,7 @@ from benchmarks.peers.venv import PeerSetupError, ensure_venv
 from benchmarks.processes import PROFILE_FLAGS, REPO, AetrServer, StepServiceProcess, log
 from benchmarks.procstat import machine_busy_seconds
 from benchmarks.scenarios import Case, Metrics, cases
+from benchmarks.stepsvc import CALLBACK_POOL_SIZE
 
 SCENARIOS: Final = ("chain", "throughput", "fanout", "load", "sandbox", "map", "map-large", "concurrency")
 STANDIN_SCENARIOS: Final = ("chain", "throughput")  # what benchmarks/standin.py answers
@@ -57,6 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="small sizes: a smoke test that finishes in under a minute (targets are not judged)")
     parser.add_argument("--workers", type=int, default=1,
                         help="AETR_WORKERS of the server: processes serving the port (default 1)")
+    parser.add_argument("--callers", type=int, default=CALLBACK_POOL_SIZE, metavar="N",
+                        help=f"callbacks the step service sends at once (default {CALLBACK_POOL_SIZE}); each "
+                             "finished step beyond that waits for one of them to be answered, as with a service "
+                             "of N workers")
     parser.add_argument("--set", action="append", default=[], metavar="AETR_NAME=VALUE", dest="settings",
                         help="a setting of the server under test (repeatable), e.g. AETR_SQLITE_SYNCHRONOUS=normal")
     parser.add_argument("--standin", action="store_true",
@@ -184,7 +189,7 @@ async def run_case(case: Case, db: str, args: argparse.Namespace, sizes: Sizes, 
         settings = {**SERVER_SETTINGS, "AETR_WORKERS": str(args.workers),
                     **dict(kv.split("=", 1) for kv in args.settings)}
         server = AetrServer(url, workdir / f"{tag}-aetr.log", settings, standin=standin)
-        svc = StepServiceProcess(workdir / f"{tag}-stepsvc.log")
+        svc = StepServiceProcess(workdir / f"{tag}-stepsvc.log", args.callers)
         ctx = Context(db=db, database_url=url, server=server, svc=svc, http=http, sizes=sizes, quick=args.quick,
                       timeout_factor=args.timeout_factor, label=case.label, profile_dir=args.profile,
                       profile_format=args.profile_format, profile_flags=tuple(args.profile_flags.split())
@@ -210,6 +215,7 @@ async def run_case(case: Case, db: str, args: argparse.Namespace, sizes: Sizes, 
         metrics["aetr_version"] = version
         metrics["calibration_ms"] = speed
         metrics["workers"] = args.workers
+        metrics["callers"] = args.callers
         if waited is not None:
             metrics["waited_for_quiet_s"] = waited
         if ctx.profiled:

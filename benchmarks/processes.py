@@ -259,11 +259,12 @@ class AetrServer(Process):
 class StepServiceProcess(Process):
     """benchmarks/stepsvc.py in its own process, with a client for its control routes."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, callers: int) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         script = Path(__file__).resolve().parent / "stepsvc.py"
-        super().__init__("stepsvc", [sys.executable, str(script), "--port", str(self.port)], clean_env({}), log_path)
+        super().__init__("stepsvc", [sys.executable, str(script), "--port", str(self.port), "--pool", str(callers)],
+                         clean_env({}), log_path)
 
     async def start_ready(self) -> None:
         """Start and wait until it accepts connections."""

@@ -193,6 +193,8 @@ class Settings(BaseSettings):
     body_timeout_s: Positive = 60.0
     max_connections: Whole = 1000
     max_pending_starts: Count = 1000  # run starts that may wait for a place at once; the next answers 503
+    # Milliseconds a callback should take to answer; new calls wait while callbacks take longer (0: never).
+    callback_target_ms: Count = 20
     max_tree_nodes: Whole = DEFAULT_MAX_TREE_NODES
     schedule_tick_s: Positive = 1.0  # seconds between a process's looks for due schedules
     test_schedule_clock: TestClock = None  # tests only: schedules' time runs faster (see engine.schedules)

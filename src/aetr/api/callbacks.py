@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Annotated
 
@@ -60,6 +61,7 @@ async def callback_success(request: Request, token: Token) -> Response:
 
 async def report_success(engine: Engine, token: str, body: bytes, content_type: str | None) -> Response:
     """A step's success callback, whichever way it came in (the route, or FastCallbacks)."""
+    began = time.monotonic()
     attempt = _verify(engine, token)
     try:
         output = parse_body(body, content_type)
@@ -68,6 +70,8 @@ async def report_success(engine: Engine, token: str, body: bytes, content_type: 
     except ValueError as exc:  # JSON that AETR cannot store exactly
         raise HTTPException(422, f"output: {exc}; nothing was changed") from None
     verdict = await engine.coordinator.step_succeeded(attempt.node_id, attempt.attempt, output, source="callback")
+    if engine.dispatcher is not None and engine.dispatcher.window is not None:
+        engine.dispatcher.window.answered((attempt.node_id, attempt.attempt), time.monotonic() - began)
     return _answer(verdict)
 
 
@@ -119,8 +123,11 @@ async def callback_fail(request: Request, token: Token) -> Response:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise HTTPException(422, f'expected {{"error": "...", "retryable": false}}: {problems}') from None
-    verdict = await engine_of(request).coordinator.attempt_failed(
+    engine = engine_of(request)
+    verdict = await engine.coordinator.attempt_failed(
         attempt.node_id, attempt.attempt, body.error, "callback", body.retryable, source="callback.fail")
+    if engine.dispatcher is not None and engine.dispatcher.window is not None:
+        engine.dispatcher.window.leave((attempt.node_id, attempt.attempt))
     return _answer(verdict)
 
 

@@ -28,6 +28,7 @@ from aetr.domain.steps import framing_headers
 from aetr.domain.urls import redact_userinfo
 from aetr.engine import metrics, tracing
 from aetr.engine.coordinator import Coordinator, utcnow
+from aetr.engine.pacing import CallbackWindow
 from aetr.engine.tokens import TokenSigner, redact
 from aetr.store import ClaimedWork
 from aetr.store.sql import FinishCall
@@ -172,8 +173,9 @@ class Dispatcher:
 
     def __init__(self, coordinator: Coordinator, signer: TokenSigner, callback_base: str,
                  max_connections: int, max_payload_bytes: int = 16 * MIB,
-                 allowed_hosts: AllowedHosts | None = None) -> None:
+                 allowed_hosts: AllowedHosts | None = None, window: CallbackWindow | None = None) -> None:
         self.coordinator = coordinator
+        self.window = window
         self.signer = signer
         self.callback_base = callback_base
         self.max_payload_bytes = max_payload_bytes
@@ -195,9 +197,13 @@ class Dispatcher:
         connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300,
                                          resolver=self._resolver)
         self._session = aiohttp.ClientSession(connector=connector, json_serialize=lambda v: orjson.dumps(v).decode())
+        if self.window is not None:
+            self.window.start()
 
     async def close(self) -> None:
         """Close the HTTP session."""
+        if self.window is not None:
+            await self.window.stop()
         if self._session is not None:
             await self._session.close()
         if self._resolver is not None:
@@ -208,6 +214,8 @@ class Dispatcher:
         return f"{self.callback_base}/api/v1/callbacks/{self.signer.sign(node.id, node.attempt)}"
 
     async def _fail(self, node: Node, message: str, retryable: bool, retry_after_s: float | None = None) -> None:
+        if self.window is not None:
+            self.window.leave((node.id, node.attempt))
         await self.coordinator.attempt_failed(node.id, node.attempt, _shown(message), "http", retryable,
                                               source="dispatch", retry_after_s=retry_after_s)
 
@@ -242,6 +250,8 @@ class Dispatcher:
         limit = self.max_payload_bytes
         assert self._session is not None
         failure: BaseException | None = None
+        if self.window is not None and step.mode == "callback":
+            await self.window.enter((node.id, node.attempt))  # callbacks first: see aetr.engine.pacing
         async with self._slots:  # calls wait for a slot before their time-out starts (see __init__)
             started, called_at = time.monotonic(), utcnow()
             metrics.call_made(node.id, node.attempt, started)

@@ -52,6 +52,12 @@ NOTIFICATIONS = Counter("aetr_notifications", "Tries to deliver a run's end noti
 OLDEST_DUE = Gauge("aetr_oldest_due_work_age_seconds", "Seconds the longest-waiting work item (a call, timer, "
                    "deadline, notification...) has been due without any process holding it; 0 when none waits. "
                    "Read from the database at each scrape.")
+WINDOW_SIZE = Gauge("aetr_callback_window_size", "Quick step calls this process may have made and not yet had "
+                    "the callbacks of (see AETR_CALLBACK_TARGET_MS); it shrinks while callbacks are slow to answer.")
+WINDOW_QUEUED = Gauge("aetr_calls_waiting_for_window", "Step calls of this process waiting for a place in the "
+                      "callback window now.")
+WINDOW_WAITS = Counter("aetr_calls_held_by_window", "Step calls that waited for a place in the callback window "
+                       "before they were made.")
 
 MAX_CALLS_TIMED = 100_000  # calls whose start is remembered at most: an outcome handled elsewhere leaves one behind
 

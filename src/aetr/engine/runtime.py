@@ -18,6 +18,7 @@ from aetr.engine.coordinator import Coordinator
 from aetr.engine.dispatcher import Dispatcher
 from aetr.engine.notifier import Notifier
 from aetr.engine.outage import QuietDriverDuringOutage
+from aetr.engine.pacing import CallbackWindow
 from aetr.engine.retention import RetentionLoop
 from aetr.engine.schedules import ScheduleTicker, warped_clock
 from aetr.engine.tokens import TokenSigner
@@ -82,9 +83,11 @@ class Engine:
         tracing.configure()  # once per process, as the OTEL_* variables say
         secret = self.settings.secret or await self.store.setting(SECRET_SETTING, secrets.token_urlsafe(32))
         self.signer = TokenSigner(secret)
+        target_ms = self.settings.callback_target_ms
+        window = CallbackWindow(target_ms / 1000, self.settings.max_in_flight) if target_ms else None
         self.dispatcher = Dispatcher(self.coordinator, self.signer, self.settings.callback_base,
                                      self.settings.max_in_flight, self.settings.max_payload_bytes,
-                                     self.settings.allowed_step_hosts)
+                                     self.settings.allowed_step_hosts, window=window)
         await self.dispatcher.start()
         backoff = Backoff(self.settings.notify_backoff_s, self.settings.notify_max_backoff_s,
                           self.settings.notify_window_s)

@@ -217,7 +217,11 @@ class Worker:
         """Dispatch, renewing the lease while a slow call is still running so no other process repeats it."""
         task = asyncio.ensure_future(self.dispatcher.dispatch(item))
         while True:
-            done, _ = await asyncio.wait({task}, timeout=self.lease_s / 2)
+            try:
+                done, _ = await asyncio.wait({task}, timeout=self.lease_s / 2)
+            except asyncio.CancelledError:
+                task.cancel()  # the process stops: the call too, whether it waits or is under way
+                raise
             if done:
                 task.result()
                 return
