@@ -95,15 +95,19 @@ async def test_slow_answers_shrink_the_window_down_to_its_floor_and_quick_ones_g
 
     for i in range(8):
         await window.enter((f"busy{i}", 1))
-    waiting = [await waiting_call(window, (f"w{i}", 1)) for i in range(3)]
-    answers(window, 0.005)
+    waiting = [await waiting_call(window, (f"w{i}", 1)) for i in range(5)]
+    answers(window, 0.012)  # under 0.7 of the target: an eighth more
     window.judge(now)
     assert window.size == 9
     await asyncio.wait_for(waiting[0], WAIT_S)  # the grown window let one more call go
+    answers(window, 0.005)  # under half the target: half as many again
+    window.judge(now)
+    assert window.size == 13
+    await asyncio.wait_for(asyncio.gather(*waiting[1:]), WAIT_S)
     for _ in range(40):
         answers(window, 0.005)
         window.judge(now)
-    assert window.size == 11, "grows only while calls wait: 3 waited, and the window now holds all 11"
+    assert window.size == 13, "grows only while calls wait: all 13 calls fit now"
 
 
 async def test_a_database_slower_than_the_target_does_not_shrink_the_window() -> None:

@@ -13,9 +13,10 @@ same burst). The window's size follows how long callbacks take to answer, measur
 handler's start to its answer, averaged over each `TICK_S`:
 
 - above the target, the window shrinks by a tenth (never below `MIN_SIZE`);
-- well under it while calls wait for a place, it grows by an eighth (never above AETR_MAX_IN_FLIGHT);
-- in a tick with calls waiting and no callback answered here, it grows too: nothing says the process is behind
-  (the steps are slow, or their callbacks land on another process of the same port);
+- under 0.7 of it while calls wait for a place, it grows by an eighth, and by half under half of it (a fan-out
+  of quick steps reaches the few hundred calls in flight it needs within a few ticks);
+- in a tick with calls waiting and no callback answered here, it grows by half: nothing says the process is
+  behind (the steps are slow, or their callbacks land on another process of the same port);
 - the target is `target_s` (AETR_CALLBACK_TARGET_MS), or twice the quickest average seen lately when the
   database alone is slower than that: a slow disk is not a queue, and a smaller window would not speed it up.
 
@@ -37,7 +38,9 @@ TICK_S: Final = 0.05  # seconds between two judgements of the window's size
 HOLD_S: Final = 0.2  # seconds a call counts in the window at most
 MIN_SIZE: Final = 8  # places the window keeps however slow callbacks are: calls never stop
 START_SIZE: Final = 32
-GROW: Final = 1 / 8  # of the size, added after a tick with quick callbacks and calls waiting
+GROW: Final = 1 / 8  # of the size, added after a tick with callbacks under 0.7 of the target and calls waiting
+GROW_FAST: Final = 1 / 2  # added instead when callbacks took under half the target, or none was answered
+MAX_SIZE: Final = 65536  # a bound for the arithmetic only: calls in flight are bounded by AETR_MAX_IN_FLIGHT
 SHRINK: Final = 0.9  # of the size, kept after a tick with slow callbacks
 BASELINE_WINDOWS: Final = 200  # judgements (10 s) over which the quickest average is remembered
 
@@ -47,8 +50,8 @@ Key = tuple[str, int]  # (node id, attempt)
 class CallbackWindow:
     """At most `size` recent callback-mode calls without their callback; the others wait (see the module)."""
 
-    def __init__(self, target_s: float, max_size: int, *, size: int = START_SIZE, hold_s: float = HOLD_S,
-                 min_size: int = MIN_SIZE) -> None:
+    def __init__(self, target_s: float, max_size: int = MAX_SIZE, *, size: int = START_SIZE,
+                 hold_s: float = HOLD_S, min_size: int = MIN_SIZE) -> None:
         self.target_s = target_s
         self.hold_s = hold_s
         self.min_size = min(min_size, size)
@@ -136,15 +139,18 @@ class CallbackWindow:
             if mean > target:
                 self.size = max(self.min_size, int(self.size * SHRINK))
             elif self._waiting and mean < target * 0.7:
-                self.size = min(self.max_size, self.size + max(1, int(self.size * GROW)))
+                self._grow(GROW_FAST if mean < target / 2 else GROW)
             self._answered, self._answer_s = 0, 0.0
         elif self._waiting:
             # No callback came back in a whole tick while calls wait: the window holds slow steps, or the
-            # callbacks go to another process. Nothing says the process is behind: grow.
-            self.size = min(self.max_size, self.size + max(1, int(self.size * GROW)))
+            # callbacks go to another process. Nothing says the process is behind.
+            self._grow(GROW_FAST)
         self._admit()
         metrics.WINDOW_SIZE.set(self.size)
         metrics.WINDOW_QUEUED.set(len(self._waiting))
+
+    def _grow(self, share: float) -> None:
+        self.size = min(self.max_size, self.size + max(1, int(self.size * share)))
 
     async def _judge_every_tick(self) -> None:
         while True:

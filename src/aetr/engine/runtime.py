@@ -84,7 +84,7 @@ class Engine:
         secret = self.settings.secret or await self.store.setting(SECRET_SETTING, secrets.token_urlsafe(32))
         self.signer = TokenSigner(secret)
         target_ms = self.settings.callback_target_ms
-        window = CallbackWindow(target_ms / 1000, self.settings.max_in_flight) if target_ms else None
+        window = CallbackWindow(target_ms / 1000) if target_ms else None
         self.dispatcher = Dispatcher(self.coordinator, self.signer, self.settings.callback_base,
                                      self.settings.max_in_flight, self.settings.max_payload_bytes,
                                      self.settings.allowed_step_hosts, window=window)
