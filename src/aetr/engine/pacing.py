@@ -33,6 +33,7 @@ import time
 from typing import Final
 
 from aetr.engine import metrics
+from aetr.engine.background import Background
 
 TICK_S: Final = 0.05  # seconds between two judgements of the window's size
 HOLD_S: Final = 0.2  # seconds a call counts in the window at most
@@ -62,7 +63,7 @@ class CallbackWindow:
         self._answered = 0  # callbacks answered since the last judgement
         self._answer_s = 0.0  # the time they took, in all
         self._quickest: collections.deque[float] = collections.deque(maxlen=BASELINE_WINDOWS)
-        self._task: asyncio.Task[None] | None = None
+        self._judging = Background("aetr-callback-window")
         self.waited = 0  # calls that waited for a place, since the start
 
     @property
@@ -77,16 +78,11 @@ class CallbackWindow:
 
     def start(self) -> None:
         """Start judging the window's size (and freeing places whose time is up)."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._judge_every_tick(), name="aetr-callback-window")
+        self._judging.start(self._judge_every_tick)
 
     async def stop(self) -> None:
         """Stop judging; calls still waiting are not made (their leases expire, and whoever runs next makes them)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._judging.stop()
         while self._waiting:
             fut, _ = self._waiting.popleft()
             fut.cancel()

@@ -13,13 +13,13 @@ leaves as it was (docs/performance.md, the purge scenario).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from aetr.engine import metrics
+from aetr.engine.background import Background
 from aetr.engine.outage import OUTAGE, is_outage
 from aetr.store import Store
 
@@ -64,20 +64,15 @@ class RetentionLoop:
         self.keep = timedelta(days=days)
         self.tick_s = tick_s
         self.clock = clock
-        self._task: asyncio.Task[None] | None = None
+        self._looking = Background("aetr-retention")
 
     def start(self) -> None:
         """Start looking."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="aetr-retention")
+        self._looking.start(self._loop)
 
     async def stop(self) -> None:
         """Stop looking (a batch under way is rolled back) and let another process take the lock."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._looking.stop()
         await self.store.retention.release_lock()
 
     async def _loop(self) -> None:

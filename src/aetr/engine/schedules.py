@@ -11,13 +11,13 @@ moment later) starts that run once, and never a second one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from aetr.domain.schedules import StoredSchedule, firing, run_key
 from aetr.engine import metrics
+from aetr.engine.background import Background
 from aetr.engine.coordinator import Coordinator, utcnow
 from aetr.engine.outage import OUTAGE, is_outage
 from aetr.store import Store
@@ -53,22 +53,18 @@ class ScheduleTicker:
         self.coordinator = coordinator
         self.tick_s = tick_s
         self.clock = clock  # tests replace it to move time on
-        self._task: asyncio.Task[None] | None = None
+        self._looking = Background("aetr-schedules")
         self._stopped = False
 
     def start(self) -> None:
         """Start looking (unless stopped already: a test that ticks by hand stops it before the engine starts it)."""
-        if not self._stopped and self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="aetr-schedules")
+        if not self._stopped:
+            self._looking.start(self._loop)
 
     async def stop(self) -> None:
         """Stop looking, for good (a claim whose run is not started yet is started by the next process to look)."""
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._looking.stop()
 
     async def _loop(self) -> None:
         while True:
