@@ -21,7 +21,7 @@ handler's start to its answer, averaged over each `TICK_S`:
   database alone is slower than that: a slow disk is not a queue, and a smaller window would not speed it up.
 
 Calls waiting for a place cost a parked coroutine each; their work rows stay leased (the worker renews the
-lease), and their deadlines count from when they are made.
+lease), and a call made more than a second after it was due has its deadlines count from the call.
 """
 
 from __future__ import annotations
