@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from aetr.config import ConfigError, Settings
 from aetr.engine.runtime import Engine
@@ -43,3 +46,35 @@ async def test_sqlite_commits_are_flushed_to_disk_unless_told_otherwise(tmp_path
 def test_an_unknown_durability_setting_is_refused_at_start() -> None:
     with pytest.raises(ConfigError, match="AETR_SQLITE_SYNCHRONOUS='off': use one of full, normal"):
         Settings.from_env({"AETR_SQLITE_SYNCHRONOUS": "off"})
+
+
+async def _commit_threads(path: Path, synchronous: str, runs: int) -> tuple[list[str], int]:
+    """The threads that ran each COMMIT of the events' writer while `runs` runs start together and their first
+    steps then report together; and how many of the runs went on to their second step."""
+    store = SqliteStore(create_async_engine(f"sqlite+aiosqlite:///{path}"), synchronous)
+    await upgrade_engine(store.engine)
+    try:
+        coordinator, kept = await coordinator_without_http(store, "two", 2)
+        await coordinator.start_run("two", 0, None)  # opens the writer
+        assert store._writer is not None
+        threads: list[str] = []
+        store._writer.conn.set_trace_callback(
+            lambda sql: threads.append(threading.current_thread().name) if sql == "COMMIT" else None)
+        await asyncio.gather(*(coordinator.start_run("two", i, None) for i in range(runs)))
+        await kept.succeed(coordinator, "first")  # one event each, queued together: a group of runs + 1
+        return threads, len(kept.calls)
+    finally:
+        await store.close()
+
+
+@pytest.mark.sqlite_only
+async def test_a_big_group_waits_for_the_disk_on_a_thread_and_a_lone_event_on_the_loop(tmp_path: Path) -> None:
+    threads, advanced = await _commit_threads(tmp_path / "full.db", "full", 40)
+    assert advanced == 41  # every event of the big group was committed and handed its next call
+    off_loop = [t for t in threads if t.startswith("aetr-sqlite-commit")]
+    assert off_loop, f"every COMMIT ran on the loop's thread: {threads}"
+    assert len(off_loop) < len(threads), "the starts' small groups commit on the loop's thread"
+    lone, _ = await _commit_threads(tmp_path / "lone.db", "full", 0)
+    assert lone == [threading.main_thread().name]
+    normal, advanced = await _commit_threads(tmp_path / "normal.db", "normal", 40)  # NORMAL does not fsync at COMMIT
+    assert advanced == 41 and set(normal) == {threading.main_thread().name}

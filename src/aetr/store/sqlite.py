@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -40,6 +41,12 @@ PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA foreign_keys=ON", f"PRAGMA busy_ti
 # the last commits when the machine itself goes down; it is faster only where fsync is slow.
 SYNCHRONOUS = ("full", "normal")
 DEFAULT_SYNCHRONOUS = "full"
+# Groups of at least this many events COMMIT on a thread of the writer's own (synchronous=FULL only). The COMMIT
+# waits for the disk (an fsync of the WAL, and now and then a checkpoint's): there, the loop goes on reading
+# callbacks and making calls rather than stopping for the disk. A group this big means events queue, so the
+# thread's hand-over (about 0.1 ms more per commit) is paid where the loop has other work; a lone event (a
+# chain's next step) commits on the loop's thread as before. Measured in docs/performance.md.
+COMMIT_OFF_LOOP_FROM = 16
 
 
 class _Guess:
@@ -83,9 +90,11 @@ class Writer:
     The statements run synchronously on the loop's thread: each takes tens of microseconds on SQLite, less
     than handing it to a thread and back, and a thread of its own waited for the GIL after every statement
     (sqlite3 releases it around each step) whenever the loop was busy — ten times the statement's cost under
-    load. The events that queue up while one group commits are committed together, each inside its own
-    SAVEPOINT so that one failing event (a lost race, a bug) is rolled back alone. The connection never waits
-    for the file lock inside the driver (that would stop the loop): a busy database is retried from here.
+    load. Only a big group's COMMIT, which waits for the disk, goes to a thread (COMMIT_OFF_LOOP_FROM).
+
+    The events that queue up while one group commits are committed together, each inside its own SAVEPOINT so
+    that one failing event (a lost race, a bug) is rolled back alone. The connection never waits for the file
+    lock inside the driver (that would stop the loop): a busy database is retried from here.
 
     No script runs here: a mapper that loops until its time limit would hold every other event's write for
     that long. An event whose program asks for a script not answered yet is rolled back and fails with
@@ -93,12 +102,15 @@ class Writer:
     the event again, and the program then finds their answers in its ScriptAnswers.
     """
 
-    def __init__(self, path: str, statements: Statements, pragmas: tuple[str, ...]) -> None:
+    def __init__(self, path: str, statements: Statements, pragmas: tuple[str, ...],
+                 commit_off_loop: bool = False) -> None:
         self.st = statements
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         for pragma in pragmas:
             self.conn.execute(pragma)
         self.conn.execute("PRAGMA busy_timeout=0")
+        # Only this task uses the connection, and it waits while the thread commits: never two threads at once.
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="aetr-sqlite-commit") if commit_off_loop else None
         self._jobs: list[_Job] = []  # every event but starts, first come first served
         self._starts: list[_Job] = []  # run starts: each group takes them after the others
         self._chores: list[_Chore] = []  # housekeeping, one transaction each, after a group
@@ -129,6 +141,8 @@ class Writer:
         self._closing = True
         self._ready.set()
         await self._task
+        if self._committer is not None:
+            self._committer.shutdown()
         self.conn.close()
 
     async def _main(self) -> None:
@@ -171,7 +185,10 @@ class Writer:
                     job.error = exc
                     cur.execute("ROLLBACK TO event")
                 cur.execute("RELEASE event")
-            cur.execute("COMMIT")
+            if self._committer is not None and len(group) >= COMMIT_OFF_LOOP_FROM:
+                await asyncio.get_running_loop().run_in_executor(self._committer, cur.execute, "COMMIT")
+            else:
+                cur.execute("COMMIT")
         except Exception as exc:  # BEGIN or COMMIT failed (the disk, another process's lock): nothing stuck
             if self.conn.in_transaction:
                 self.conn.rollback()
@@ -294,6 +311,7 @@ class SqliteStore(Store):
         if synchronous not in SYNCHRONOUS:
             raise ValueError(f"SQLite synchronous={synchronous!r}: use one of {', '.join(SYNCHRONOUS)}")
         self.pragmas = (*PRAGMAS, f"PRAGMA synchronous={synchronous.upper()}")
+        self._commit_off_loop = synchronous == "full"  # NORMAL does not wait for the disk at a commit
         pragmas = self.pragmas
         self._write_lock = asyncio.Lock()
         self._writer: Writer | None = None
@@ -340,7 +358,7 @@ class SqliteStore(Store):
 
     def _the_writer(self) -> Writer:
         if self._writer is None:
-            self._writer = Writer(self.path, self.statements, self.pragmas)
+            self._writer = Writer(self.path, self.statements, self.pragmas, self._commit_off_loop)
         return self._writer
 
     async def _fetch_view(self, text: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
