@@ -91,6 +91,27 @@ async def test_a_sync_answer_holding_an_integer_beyond_64_bits_fails_the_attempt
     assert len(steps_service.calls("/s")) == 1  # the same answer would come again: not retried
 
 
+# --- a call longer than the lease ------------------------------------------------------------------------------
+
+
+async def test_a_call_that_outlasts_its_lease_keeps_it_and_is_made_once(database_url: str,
+                                                                       steps_service: StepService) -> None:
+    """The process making a call renews the call's lease while the step works: neither it nor another process
+    takes the call for one whose maker died, and makes it again."""
+    lease_s = 0.4
+
+    async def slow(request: StepRequest) -> web.StreamResponse:
+        await asyncio.sleep(lease_s * 4)  # the step works for four leases' time before it answers
+        return web.json_response({"done": True})
+
+    steps_service.route("/slow", slow)
+    async with running_server(database_url, lease_s=lease_s, poll_s=0.05) as aetr:
+        await aetr.put_step(api(steps_service, "slow", mode="sync", timeout_s=30))
+        run = await aetr.wait_run(await aetr.start("slow"))
+    assert run["state"] == "complete" and run["output"] == {"done": True}, run
+    assert len(steps_service.calls("/slow")) == 1
+
+
 # --- answers over the payload limit ------------------------------------------------------------------------------
 
 
