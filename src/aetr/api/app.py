@@ -150,6 +150,36 @@ def _telemetry() -> dict[str, Any]:
     return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
 
 
+class AetrApp(FastAPI):
+    """FastAPI, with the requests every step makes (its success callback, a plain start) answered in front of
+    FastAPI's own middleware stack.
+
+    The fast paths (FastCallbacks, FastStarts) answer below the routing already; in front of the stack, they
+    also skip its four layers of middleware (server errors, exception telemetry, body limits, exceptions) and
+    their wrapped `send`. The body limit stays first for every request (PayloadLimit). An error the fast paths
+    do not answer themselves reaches uvicorn, which logs it and answers 500, as the stack would.
+    """
+
+    front: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.front is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.front(scope, receive, send)
+
+    def put_in_front(self, settings: Settings) -> None:
+        """Answer the fast paths before FastAPI's stack, every request after the body limit."""
+        def engine() -> Engine:
+            return engine_of_app(self)
+
+        async def stack(scope: Scope, receive: Receive, send: Send) -> None:
+            await FastAPI.__call__(self, scope, receive, send)
+
+        self.front = PayloadLimit(callbacks.FastCallbacks(runs.FastStarts(stack, engine=engine), engine=engine),
+                                  limit=settings.max_payload_bytes)
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None,
                on_started: Callable[[], None] | None = None) -> FastAPI:
     """The ASGI application for these settings (or for an engine a test built); `on_started` runs once the
@@ -168,7 +198,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         finally:
             await eng.stop()
 
-    app = FastAPI(title="AETR", version="0.1.0", lifespan=lifespan, default_response_class=JSON,
+    app = AetrApp(title="AETR", version="0.1.0", lifespan=lifespan, default_response_class=JSON,
                   description="Compose HTTP services into durable step trees. The reference, with examples, is "
                               "docs/api.md in the repository.",
                   generate_unique_id_function=operation_id, **_telemetry())
@@ -262,9 +292,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
 
     app.openapi = document  # type: ignore[method-assign]  # FastAPI's documented way to adjust its document
 
-    app.add_middleware(runs.FastStarts, engine=lambda: engine_of_app(app))
-    app.add_middleware(callbacks.FastCallbacks, engine=lambda: engine_of_app(app))
-    app.add_middleware(PayloadLimit, limit=settings.max_payload_bytes)  # outermost: it limits the fast path too
+    app.put_in_front(settings)
     return app
 
 
