@@ -91,6 +91,32 @@ async def test_a_sync_answer_holding_an_integer_beyond_64_bits_fails_the_attempt
     assert len(steps_service.calls("/s")) == 1  # the same answer would come again: not retried
 
 
+# --- cookies ----------------------------------------------------------------------------------------------------
+
+
+async def test_a_cookie_a_step_sets_is_never_sent_on_later_calls(aetr: Server, steps_service: StepService) -> None:
+    """Each call is a request of its own: a Set-Cookie in one step's answer is not kept and sent on the calls that
+    follow (another run's, another step's on the same host)."""
+
+    async def sets_a_cookie(request: StepRequest) -> web.StreamResponse:
+        response = web.json_response({"n": 1})
+        response.set_cookie("session", "of-one-run", path="/")
+        return response
+
+    steps_service.route("/first", sets_a_cookie)
+    steps_service.route("/second", answer(200, b'{"n": 2}'))
+    host = f"http://localhost:{steps_service.port}"  # a host name: cookies of an IP address are never kept
+    await aetr.put_step({"name": "pair", "kind": "sequential", "children": [
+        {"step": {"name": "first", "kind": "api", "url": f"{host}/first", "mode": "sync"}},
+        {"step": {"name": "second", "kind": "api", "url": f"{host}/second", "mode": "sync"}}]})
+    for _ in range(2):
+        run = await aetr.wait_run(await aetr.start("pair"))
+        assert run["state"] == "complete", run
+    calls = steps_service.calls("/first") + steps_service.calls("/second")
+    assert len(calls) == 4
+    assert [c.headers.get("Cookie") for c in calls] == [None] * 4
+
+
 # --- a call longer than the lease ------------------------------------------------------------------------------
 
 

@@ -196,7 +196,9 @@ class Dispatcher:
             self._resolver = AllowListResolver(self.allowed_hosts)
         connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300,
                                          resolver=self._resolver)
-        self._session = aiohttp.ClientSession(connector=connector, json_serialize=lambda v: orjson.dumps(v).decode())
+        # No cookie jar: a Set-Cookie in one step's answer must not ride along on later calls (another run's).
+        self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                              json_serialize=lambda v: orjson.dumps(v).decode())
         if self.window is not None:
             self.window.start()
 

@@ -68,7 +68,8 @@ class Notifier:
         if self.allowed_hosts is not None:
             self._resolver = AllowListResolver(self.allowed_hosts)
         connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ttl_dns_cache=300, resolver=self._resolver)
-        self._session = aiohttp.ClientSession(connector=connector)
+        # No cookie jar: one receiver's Set-Cookie is not sent with the notifications of other runs.
+        self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
         """Close the HTTP session."""
