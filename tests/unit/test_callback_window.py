@@ -61,6 +61,31 @@ async def test_a_call_stops_counting_once_its_hold_is_over_so_slow_steps_never_b
     assert window.outstanding == 1  # the second call counts now, the first does not
 
 
+async def test_each_call_stops_counting_when_its_own_hold_is_over_not_before(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("aetr.engine.pacing.time.monotonic", lambda: clock[0])
+    window = CallbackWindow(0.02, 3, size=3, hold_s=0.2)
+    await window.enter(("first", 1))  # held until 1000.2
+    clock[0] = 1000.1
+    window.judge(clock[0])  # a tick: nothing is over yet
+    await window.enter(("second", 1))  # held until 1000.3
+    await window.enter(("third", 1))
+    window.leave(("second", 1))  # its callback came
+    await window.enter(("fourth", 1))
+    fifth = await waiting_call(window, ("fifth", 1))
+    clock[0] = 1000.25
+    window.judge(clock[0])  # the first call's hold is over, not the others'
+    await asyncio.wait_for(fifth, WAIT_S)
+    assert window.outstanding == 3  # third, fourth and fifth
+    clock[0] = 1000.31
+    window.judge(clock[0])
+    assert window.outstanding == 1  # fifth, taken at 1000.25: held until 1000.45
+    clock[0] = 1000.45
+    window.judge(clock[0])
+    assert window.outstanding == 0
+
+
 async def test_a_cancelled_waiting_call_gives_its_turn_to_the_next() -> None:
     window = CallbackWindow(0.02, 256, size=1, hold_s=60)
     await window.enter(("a", 1))

@@ -126,7 +126,14 @@ class CallbackWindow:
     def judge(self, now: float) -> None:
         """Free the places whose time is up, and size the window by the callbacks answered since last time."""
         if self._out:
-            for key in [k for k, until in self._out.items() if until <= now]:
+            # Places are taken in time order, each for the same hold: the first one whose time is not up ends
+            # the scan (a fan-out holds thousands, and this runs every tick).
+            expired = []
+            for key, until in self._out.items():
+                if until > now:
+                    break
+                expired.append(key)
+            for key in expired:
                 del self._out[key]
         if self._answered:
             mean = self._answer_s / self._answered
