@@ -240,30 +240,35 @@ class Worker:
 class _LeaseKeeper:
     """Renews a call's lease every half lease until stopped (the call ended)."""
 
-    __slots__ = ("_handle", "_item", "_stopped", "_worker")
+    __slots__ = ("_handle", "_item", "_renewing", "_stopped", "_worker")
 
     def __init__(self, worker: Worker, item: ClaimedWork) -> None:
         self._worker = worker
         self._item = item
         self._stopped = False
+        self._renewing: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference to a task
         self._handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(worker.lease_s / 2,
                                                                                           self._due)
 
     def _due(self) -> None:
         self._handle = None
         if not self._stopped:
-            task = asyncio.create_task(self._worker._renew(self._item))
-            task.add_done_callback(self._renewed)
+            self._renewing = asyncio.create_task(self._worker._renew(self._item))
+            self._renewing.add_done_callback(self._renewed)
 
     def _renewed(self, _task: asyncio.Task[None]) -> None:
+        self._renewing = None
         if not self._stopped:
             self._handle = asyncio.get_running_loop().call_later(self._worker.lease_s / 2, self._due)
 
     def stop(self) -> None:
+        """The call ended: no more renewals, and none still under way (the process may be stopping)."""
         self._stopped = True
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        if self._renewing is not None:
+            self._renewing.cancel()
 
 
 def _alive(pid: int) -> bool:
