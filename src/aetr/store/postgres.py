@@ -63,6 +63,11 @@ def _translated() -> Iterator[None]:
         raise
     except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:  # unreachable, dropped, or timed out
         raise Unavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
+    except asyncpg.InternalClientError as exc:
+        # A connection whose server process was ended in the middle of a statement (a restart, an operator's
+        # pg_terminate_backend) can be left by asyncpg waiting for the rest of that statement's answer; the next
+        # use fails with "another operation is in progress" (asyncpg issue 1069). An outage, not a bug of ours.
+        raise Unavailable(f"PostgreSQL connection lost mid-statement: {exc}") from exc
 
 
 MAX_BATCHES = 4  # batches of events in flight at once, each on a connection of its own
