@@ -66,7 +66,7 @@ def _translated() -> Iterator[None]:
     except asyncpg.InternalClientError as exc:
         # A connection whose server process was ended in the middle of a statement (a restart, an operator's
         # pg_terminate_backend) can be left by asyncpg waiting for the rest of that statement's answer; the next
-        # use fails with "another operation is in progress" (asyncpg issue 1069). An outage, not a bug of ours.
+        # use fails with "another operation is in progress" (known of asyncpg; SQLAlchemy maps it too). An outage.
         raise Unavailable(f"PostgreSQL connection lost mid-statement: {exc}") from exc
 
 
