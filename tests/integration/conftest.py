@@ -16,6 +16,7 @@ import asyncpg
 import orjson
 import pytest
 import uvicorn
+from sqlalchemy import text
 
 from aetr.api.app import create_app
 from aetr.api.connections import DEFAULT_PROTOCOL
@@ -175,3 +176,14 @@ async def steps_service() -> AsyncIterator[StepService]:
     """A controllable step service on a loopback port."""
     async with StepService() as svc:
         yield svc
+
+
+async def wait_no_work(aetr: Server, timeout: float = 10.0) -> int:  # noqa: ASYNC109
+    """The number of work rows once none remain, or after `timeout` seconds (a call's 202 is recorded late)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with aetr.engine.store.engine.connect() as conn:
+            left = int((await conn.execute(text("SELECT count(*) FROM work"))).scalar_one())
+        if left == 0 or asyncio.get_running_loop().time() > deadline:
+            return left
+        await asyncio.sleep(0.05)

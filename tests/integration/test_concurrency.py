@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sqlalchemy import text
 
 from aetr.testing import StepService, never
-from tests.integration.conftest import Server
+from tests.integration.conftest import Server, wait_no_work
 
 CHILDREN = 1000
 CLIENTS = 100
@@ -69,14 +68,3 @@ async def test_children_counted_either_way_complete_their_parent_once_and_leave_
     assert len(completions) == 1
     leftover = await wait_no_work(aetr)
     assert leftover == 0, f"{leftover} work rows left behind"
-
-
-async def wait_no_work(aetr: Server, timeout: float = 10.0) -> int:  # noqa: ASYNC109
-    """The number of work rows once none remain, or after `timeout` seconds (a call's 202 is recorded late)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        async with aetr.engine.store.engine.connect() as conn:
-            left = int((await conn.execute(text("SELECT count(*) FROM work"))).scalar_one())
-        if left == 0 or asyncio.get_running_loop().time() > deadline:
-            return left
-        await asyncio.sleep(0.05)

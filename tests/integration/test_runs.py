@@ -13,7 +13,7 @@ from aiohttp import web
 from aetr.api.render import nest
 from aetr.store.store import count_round_trips
 from aetr.testing import StepRequest, StepService, callback, callback_before_answer, fail, never, sequence, status, sync
-from tests.integration.conftest import Server, running_server
+from tests.integration.conftest import Server, running_server, wait_no_work
 
 
 def api(svc: StepService, name: str, **kw: Any) -> dict[str, Any]:
@@ -294,6 +294,20 @@ async def test_a_throwing_mapper_fails_only_its_node_and_the_server_keeps_servin
     assert throws["error"]["kind"] == "mapper" and "bad sku 1" in throws["error"]["message"]
     assert throws["error"]["node_id"] == throws["children"][0]["id"]
     assert fine["output"] == 2
+
+
+async def test_a_run_that_fails_as_it_starts_calls_no_step_and_leaves_no_work(
+        aetr: Server, steps_service: StepService) -> None:
+    # The call and the timer of the children started before the sibling whose mapper throws end with the run.
+    steps_service.route("/a", never())
+    await aetr.put_step({"name": "a", "kind": "api", "url": steps_service.url("/a")})
+    await aetr.put_step({"name": "later", "kind": "wait", "seconds": 3600})
+    await aetr.put_step({"name": "p", "kind": "parallel", "children": [
+        {"step": "a"}, {"step": "later"}, {"step": "a", "mapper": "(x) => { throw new Error('bad sku ' + x) }"}]})
+    run = await aetr.wait_run(await aetr.start("p", 1))
+    assert [c["state"] for c in run["children"]] == ["cancelled", "cancelled", "error"], run
+    assert await wait_no_work(aetr, timeout=5) == 0
+    assert steps_service.calls("/a") == []
 
 
 async def test_empty_parents_complete_with_their_input_or_reducer(aetr: Server) -> None:

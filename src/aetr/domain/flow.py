@@ -176,7 +176,7 @@ def fail(plan: Plan, node: Node, message: str, kind: str) -> Step:
     the root)."""
     error = {"message": message, "kind": kind, "node_id": node.id, "step": node.step.name}
     top = plan.put(node, state="error", error=error, completed_at=plan.now)
-    plan.drop_work_for.add(node.id)
+    ended = {node.id}
     tolerating: Node | None = None
     while top.parent_id is not None:
         parent = plan.nodes[top.parent_id]
@@ -185,7 +185,7 @@ def fail(plan: Plan, node: Node, message: str, kind: str) -> Step:
             tolerating = parent
             break
         top = plan.put(parent, state="error", error=error, completed_at=plan.now)
-        plan.drop_work_for.add(top.id)
+        ended.add(top.id)
     if top.parent_id is None:
         yield from load_run(plan, top.root_id)
         scope = [n for n in plan.nodes.values() if n.root_id == top.root_id]
@@ -194,7 +194,8 @@ def fail(plan: Plan, node: Node, message: str, kind: str) -> Step:
     for other in scope:
         if not plan.nodes[other.id].terminal:
             plan.put(plan.nodes[other.id], state="cancelled", completed_at=plan.now)
-            plan.drop_work_for.add(other.id)
+            ended.add(other.id)
+    plan.drop_work(ended)
     if tolerating is not None:
         plan.event(top, "item.failed", {"map": tolerating.step.name, "position": top.position})
         yield from map.child_ended(plan, plan.nodes[tolerating.id], plan.nodes[top.id])

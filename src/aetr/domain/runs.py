@@ -150,6 +150,14 @@ class Plan:
     advancing: dict[str, Node | None] = field(default_factory=dict)  # sequences moving on in a loop: child ended
     forget: list[tuple[str, str, int]] = field(default_factory=list)
 
+    def drop_work(self, node_ids: set[str]) -> None:
+        """Forget every pending work row of these nodes: those stored (deleted at the commit) and those this
+        event queued for them before now (a child started, then cancelled when a later sibling's mapper threw:
+        its call and its timer must not outlive the run). Rows queued after this stay, as a re-armed node's do."""
+        self.drop_work_for |= node_ids
+        if self.work:
+            self.work[:] = [w for w in self.work if w.node_id not in node_ids]
+
     def absorb(self, rows: Iterable[Node], *, children_of: Iterable[str] = ()) -> None:
         """Add freshly read nodes; nodes this plan already changed keep the plan's version of them.
 
