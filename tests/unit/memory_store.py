@@ -22,8 +22,9 @@ class MemoryStore:
                  defer_counts: bool = False, batch: int = 1000) -> None:
         self.batch = batch  # item subtrees a map makes per event
         self.items: dict[str, list[Any]] = {}
-        self.count_later = count_later  # as on PostgreSQL: children counted after each commit
-        self.defer_counts = defer_counts  # counts wait for count_pending(), as when the process is slow or dies
+        self.count_later = count_later  # as on PostgreSQL: children counted by the commit, parents completed after
+        # parents whose children are all counted wait for complete_pending(), as when the process is slow or dies
+        self.defer_counts = defer_counts
         self.nodes: dict[str, Node] = {}
         self.done: dict[str, int] = {}
         self.failed: dict[str, int] = {}
@@ -142,8 +143,14 @@ class MemoryStore:
         self.next_item.update(pending_next)
         self.work = [w for w in self.work if w.node_id not in plan.drop_work_for
                      and not (w.kind == "heartbeat" and w.node_id in plan.drop_heartbeats_for)] + plan.work
+        completes = []
+        for parent_id, root_id in plan.counted:  # counted by the commit; the last count stores a `complete` row
+            self.done[parent_id] = self.done.get(parent_id, 0) + 1
+            if self.done[parent_id] == self.nodes[parent_id].n_children:
+                completes.append(Work("complete", parent_id, root_id, 0, self.now))
+        self.work += completes
         if not self.defer_counts:
-            self.count_pending([w for w in plan.work if w.kind == "count"])  # right after the commit
+            self.complete_pending(completes)  # right after the commit
         return result
 
     def grows(self) -> list[Work]:
@@ -167,16 +174,13 @@ class MemoryStore:
             timer.node_id, lambda plan: decide.timer_fired(plan, timer.node_id, timer.attempt))
         return verdict
 
-    def count_pending(self, rows: list[Work] | None = None) -> int:
-        """Perform `count` work rows (all pending ones by default), as the engine does after a commit: each
-        finished child is counted once, and the last one completes its parent in an event of its own."""
-        rows = [w for w in self.work if w.kind == "count"] if rows is None else rows
-        for count in rows:
-            if count not in self.work:
+    def complete_pending(self, rows: list[Work] | None = None) -> int:
+        """Perform `complete` work rows (all pending ones by default), as the engine does after the commit that
+        counted a parent's last child: the parent completes in an event of its own."""
+        rows = [w for w in self.work if w.kind == "complete"] if rows is None else rows
+        for row in rows:
+            if row not in self.work:
                 continue  # dropped meanwhile (a redrive reset the counter)
-            self.work.remove(count)
-            self.done[count.node_id] = self.done.get(count.node_id, 0) + 1
-            if self.done[count.node_id] == self.nodes[count.node_id].n_children:
-                parent_id = count.node_id
-                self.event(parent_id, lambda p, parent_id=parent_id: decide.children_done(p, parent_id))
+            self.work.remove(row)
+            self.event(row.node_id, lambda p, parent_id=row.node_id: decide.children_done(p, parent_id))
         return len(rows)

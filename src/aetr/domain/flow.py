@@ -27,7 +27,7 @@ from aetr.domain.requests import (
     SetDone,
     Step,
 )
-from aetr.domain.runs import Counters, Node, Plan, Work
+from aetr.domain.runs import Counters, Node, Plan
 
 if TYPE_CHECKING:
     from aetr.domain.steps import StepTree
@@ -260,13 +260,14 @@ def resume(plan: Plan, node: Node) -> Step:
 def count_finished(plan: Plan, parent: Node, child: Node) -> Generator[Request, Any, bool]:
     """Count a finished child of a counting parent; True when it was the last one and the event goes on to
     complete the parent. A parent this event created counts in the plan; on PostgreSQL a stored parent's
-    children are counted after the commit (Plan.count_later), so this says False and the count completes it."""
+    children are counted by the event's write (Plan.count_later), so this says False, and the write that
+    counts the last one has the parent completed."""
     counters = plan.counters.get(parent.id)
     if counters is not None:
         counters.done += 1
         return counters.done >= parent.n_children
     if plan.count_later:
-        plan.work.append(Work("count", parent.id, parent.root_id, child.position, plan.now))
+        plan.counted.append((parent.id, parent.root_id))
         return False
     done: int = yield BumpDone(parent.id)
     return done >= parent.n_children

@@ -124,10 +124,13 @@ class Plan:
     jitter: float = 1.0
     events: list[EventRecord] = field(default_factory=list)
     whole_run: bool = False  # every node of the run is in `nodes`, every child list in `children`
-    # Count finished children after the commit (a `count` work row each) instead of bumping the parent's
-    # counter inside the event: on PostgreSQL the bump holds the counter's row lock until the commit, and a
-    # wide parallel parent's siblings then finish one at a time.
+    # Count finished children in the event's write (`counted`, as (parent id, root id)) instead of bumping
+    # the parent's counter when the child ends: on PostgreSQL that bump would hold the counter's row lock until
+    # the commit, through the rest of the event, and a wide parallel parent's siblings would finish one at a
+    # time. The write that counts the last child stores the parent's `complete` row; the parent completes in
+    # an event of its own, right after.
     count_later: bool = False
+    counted: list[tuple[str, str]] = field(default_factory=list)
     # Nodes this event creates (a new run's, a map's items), written in their final state at its commit; the
     # plan, not a read, is the truth about them. `counters` are the counting parents' among them, `new_children`
     # the children this event gave to parents (a read of their children would not find those).

@@ -157,7 +157,7 @@ class Coordinator:
         self.conflicts = 0  # optimistic-lock retries so far: the contention test reads it
         self.on_commit: list[Callable[[set[str]], None]] = []  # told the runs each commit changed
         self.sink: CallSink | None = None
-        # PostgreSQL counts a parallel parent's finished children after each child's commit (see Plan.count_later)
+        # PostgreSQL counts a parallel parent's finished children in the write of the event (see Plan.count_later)
         self.count_later = store.dialect == "postgresql"
         self._answered: dict[str, FinishCall] = {}  # dispatch answers not yet written, by node id
         self._flush: asyncio.TimerHandle | None = None
@@ -421,22 +421,26 @@ class Coordinator:
         yield from _hand_slots_on(plan)
         forgotten = [FinishCall(node, attempt, kind) for kind, node, attempt in plan.forget]
         lease, calls = self._lease(plan)
-        yield Apply(plan, lease=lease, finished=[*answered, *forgotten])
+        completed: list[str] = yield Apply(plan, lease=lease, finished=[*answered, *forgotten])
+        if completed and lease is not None:  # their children all counted: this process completes them now
+            roots = dict(plan.counted)
+            calls += [ClaimedWork(Work("complete", parent, roots[parent], 0, plan.now)) for parent in completed]
         return Outcome(verdict, plan, calls)
 
     def _lease(self, plan: Plan) -> tuple[Lease | None, list[ClaimedWork]]:
-        """The work due now that this process performs right after the commit (calls, counts), leased to it there."""
+        """The work due now that this process performs right after the commit (calls, counts), leased to it there;
+        and the lease of the `complete` rows of parents whose last children this event counts."""
         sink = self.sink
-        if sink is None or not plan.work:
+        if sink is None or not (plan.work or plan.counted):
             return None, []
         # A call handed a freed slot is made here only while this process has room for it; beyond that, it is
         # claimed by whichever worker has: the process that frees slots fastest would otherwise take on every
         # call of the step, and those waiting past their lease would be made twice.
-        ready = [w for w in plan.work if w.kind in ("dispatch", "count") and w.due_at <= plan.now]
+        ready = [w for w in plan.work if w.kind == "dispatch" and w.due_at <= plan.now]
         own = [w for w in ready if w.node_id not in plan.handed][:sink.direct_limit]
         handed = [w for w in ready if w.node_id in plan.handed][:max(0, sink.room() - len(own))]
         now = [ClaimedWork(w, plan.nodes.get(w.node_id) if w.kind == "dispatch" else None) for w in own + handed]
-        if not now:
+        if not now and not plan.counted:
             return None, []
         until = plan.now + timedelta(seconds=sink.lease_s)
         return Lease(sink.owner, until, frozenset(_key(c.work) for c in now)), now

@@ -120,8 +120,7 @@ def _ops(req: Any, st: Statements) -> Generator[Op, Any, Any]:
         ((taken,),) = yield Fetch(st.next_item, {"parent_id": req.parent_id})
         return taken - 1
     if isinstance(req, Apply):
-        yield from _apply(req, st)
-        return None
+        return (yield from _apply(req, st))
     if isinstance(req, FindRunByKey):
         rows = yield Fetch(st.find_key, {"key": req.key})
         return rows[0][0] if rows else None
@@ -244,7 +243,8 @@ def _new_rows(plan: Plan, run: InsertRun | None, st: Statements,
     return rows, counters
 
 
-def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
+def _apply(req: Apply, st: Statements) -> Generator[Op, Any, list[str]]:
+    """Write the plan; answers the parents whose last children it counted (their `complete` rows stored)."""
     plan = req.plan
     new_nodes, new_counters = _new_rows(plan, req.new_run, st) if plan.inserted else ([], [])
     if new_nodes and st.write_all is None:
@@ -283,25 +283,38 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
                      if (w.kind, w.node_id, w.attempt) in plan.parked else row
                      for row, w in zip(work_rows, plan.work, strict=True)]
     event_rows = [st.event_values(e) for e in plan.events]
+    due = st.time_in(plan.now)
+    owner, until = (lease.owner, st.time_in(lease.until)) if lease is not None else (None, None)
+    counted = [{"node_id": parent_id, "root_id": root_id} for parent_id, root_id in plan.counted]
+    completed: list[str] = []
     if st.write_all is not None:
         # PostgreSQL: every change of the event in one statement, one round trip. The node UPDATE is what the
         # statement's main query reads (it runs first, its rows locked in id order); the work and history
         # changes run after it. A node changed meanwhile aborts the whole statement (SerializationError).
         moves, look = _slot_moves(plan) if plan.released or plan.parked else ([], [])
-        if node_rows or drop or beats or work_rows or event_rows or finished or new_nodes or moved:
-            values = {"drop": drop or None, "beats": beats or None, "expected": len(node_rows)}
+        if node_rows or drop or beats or work_rows or event_rows or finished or new_nodes or moved or counted:
+            values = {"drop": drop or None, "beats": beats or None, "expected": len(node_rows),
+                      "b_due": due, "b_owner": owner, "b_until": until}
             for group, rows in (("i_", new_nodes), ("c_", new_counters), ("n_", node_rows), ("w_", work_rows),
-                                ("e_", event_rows), ("f_", finished), ("s_", moves), ("m_", moved)):
+                                ("e_", event_rows), ("f_", finished), ("s_", moves), ("m_", moved),
+                                ("b_", counted)):
                 if rows:
                     for key, name in st.array_keys[group]:
                         values[key] = [r[name] for r in rows]
                 else:  # most groups, most events: a new run's 23 columns are empty in every callback's write
                     values.update(st.no_rows[group])
-            yield Fetch(st.write_all, values)
+            ((_, done),) = yield Fetch(st.write_all, values)
+            completed = list(done or ())
         if st.wake_waiters is not None:
             for step_id, limit, count in look:  # after the commit (the write above committed by itself, as a rule)
                 yield Exec(st.wake_waiters, {"step_id": step_id, "limit": limit, "count": count})
-        return
+        return completed
+    for parent_id, root_id in sorted(plan.counted):  # counted one by one, each parent's counter once a child
+        ((done, n_children, _),) = yield Fetch(st.bump_count, {"parent_id": parent_id})
+        if done == n_children:
+            completed.append(parent_id)
+            work_rows.append({"kind": "complete", "node_id": parent_id, "root_id": root_id, "attempt": 0,
+                              "due_at": due, "lease_owner": owner, "lease_until": until})
     if drop:
         yield ExecMany(st.drop_work, [{"node_id": i} for i in drop])
     if beats:
@@ -312,6 +325,7 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, None]:
         yield ExecMany(st.insert_event, event_rows)
     if finished:
         yield ExecMany(st.finish_call, finished)
+    return completed
 
 
 def _claim(req: Claim, st: Statements) -> Generator[Op, Any, ClaimResult]:

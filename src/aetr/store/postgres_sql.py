@@ -35,6 +35,7 @@ _STATE_TYPES_PG = {"k_id": "varchar", "k_version": "integer", "state": "varchar"
 SLOT_FIELDS = ("old", "new", "attempt")  # a slot freed by node `old`, now held by attempt `attempt` of `new` (or none)
 MOVED_FIELDS = ("node_id", "attempt", "kind", "at")  # a late call's deadline or heartbeat row, moved to `at`
 COUNTER_NAMES = ("node_id", "done", "failed", "next_item", "items")
+COUNTED_FIELDS = ("node_id", "root_id")  # a finished child counted by its parent (one row per child)
 _COUNTER_TYPES_PG = ("varchar", "integer", "integer", "integer", "text")
 
 
@@ -55,6 +56,8 @@ def _write_all_pg() -> str:
     new_counters = arrays(list(_COUNTER_TYPES_PG))
     slots_ = arrays(["varchar", "varchar", "integer"])
     moved_ = arrays(["varchar", "integer", "varchar", "timestamptz"])
+    counted_ = arrays(["varchar", "varchar"])
+    due, owner, until = next(n), next(n), next(n)
     sets = ", ".join(f"{c} = v.{c}" for c in STATE_COLUMNS)
     return (
         f"WITH dropped AS (DELETE FROM work WHERE node_id = ANY(${drop}::varchar[])),"
@@ -76,10 +79,22 @@ def _write_all_pg() -> str:
         f" FROM unnest({slots_}) AS v(old, new, attempt) WHERE s.holder_id = v.old),"
         # Calls made late: their deadlines count from the call (moved later, never earlier).
         f" moved AS (UPDATE work AS w SET due_at = v.at FROM unnest({moved_}) AS v(node_id, attempt, kind, at)"
-        " WHERE w.node_id = v.node_id AND w.attempt = v.attempt AND w.kind = v.kind AND w.due_at < v.at)"
+        " WHERE w.node_id = v.node_id AND w.attempt = v.attempt AND w.kind = v.kind AND w.due_at < v.at),"
+        # Children that finished, counted by their parents: each parent's counter bumped once by its children
+        # here, in parent order. A count that completes the set inserts the parent's `complete` row (leased to
+        # this process, which completes the parent right after), and the parent is answered.
+        " per AS (SELECT node_id, min(root_id) AS root_id, count(*) AS n"
+        f" FROM unnest({counted_}) AS c(node_id, root_id) GROUP BY node_id ORDER BY node_id),"
+        " bumped AS (UPDATE run_counters AS rc SET done = rc.done + per.n FROM per WHERE rc.node_id = per.node_id"
+        " RETURNING rc.node_id, rc.done, per.root_id),"
+        " last AS (INSERT INTO work (kind, node_id, root_id, attempt, due_at, lease_owner, lease_until)"
+        f" SELECT 'complete', b.node_id, b.root_id, 0, ${due}::timestamptz, ${owner}::varchar, ${until}::timestamptz"
+        " FROM bumped AS b JOIN run_nodes AS n ON n.id = b.node_id WHERE b.done = n.n_children RETURNING node_id)"
         # A node changed meanwhile: aetr_expect_rows (migration 0004) aborts the whole statement, which is atomic
-        # by itself and so runs without BEGIN and COMMIT.
-        f" SELECT aetr_expect_rows(count(*), ${expected}::integer) FROM updated"
+        # by itself and so runs without BEGIN and COMMIT. The parents completed come after (an initplan, run
+        # once the nodes are updated and counted).
+        f" SELECT aetr_expect_rows(count(*), ${expected}::integer), (SELECT array_agg(node_id) FROM last)"
+        " FROM updated"
     )
 
 
@@ -102,7 +117,7 @@ FINISHED_FIELDS = ("node_id", "attempt", "kind")
 RUN_NODE_NAMES = tuple(c.name for c in run_nodes.c)
 ARRAY_KEYS = {prefix: tuple((prefix + name, name) for name in names) for prefix, names in (
     ("i_", RUN_NODE_NAMES), ("c_", COUNTER_NAMES), ("n_", NODE_FIELDS), ("w_", WORK_FIELDS), ("e_", EVENT_FIELDS),
-    ("f_", FINISHED_FIELDS), ("s_", SLOT_FIELDS), ("m_", MOVED_FIELDS))}
+    ("f_", FINISHED_FIELDS), ("s_", SLOT_FIELDS), ("m_", MOVED_FIELDS), ("b_", COUNTED_FIELDS))}
 # A group with no rows passes NULL arrays, which unnest to no rows and match no `= ANY`, as empty ones do: asyncpg
 # sends a NULL without calling the array encoder, which checks each of the ~40 empty arrays of a callback against
 # abstract base classes: 14.9 % of the engine's instructions for runs that go one at a time (a batch of many
@@ -112,7 +127,9 @@ NO_ROWS: dict[str, dict[str, None]] = {prefix: dict.fromkeys((key for key, _ in 
 WRITE_ALL_NAMES = ("drop", "beats", *(f"w_{k}" for k in WORK_FIELDS), *(f"e_{k}" for k in EVENT_FIELDS),
                    *(f"n_{k}" for k in NODE_FIELDS), *(f"f_{k}" for k in FINISHED_FIELDS), "expected",
                    *(f"i_{name}" for name in RUN_NODE_NAMES), *(f"c_{name}" for name in COUNTER_NAMES),
-                   *(f"s_{name}" for name in SLOT_FIELDS), *(f"m_{name}" for name in MOVED_FIELDS))
+                   *(f"s_{name}" for name in SLOT_FIELDS), *(f"m_{name}" for name in MOVED_FIELDS),
+                   *(f"b_{name}" for name in COUNTED_FIELDS), "b_due", "b_owner", "b_until")
+COUNTED_SCALARS = ("b_due", "b_owner", "b_until")  # the `complete` rows' due time and lease, when any
 
 # A slot row held by a node whose attempt does not hold it (its event failed or its process died between taking
 # the slot and writing the node) is free again after this long: far longer than any event takes.
