@@ -116,7 +116,9 @@ def _completions(members: list[_Member], rows: list[Any]) -> list[list[tuple[Any
     """write_all's answer to a merged batch, split: each parent it completed goes to the first member that
     counted one of its children (that member completes it), the others are told of none."""
     ((expected, completed),) = rows
-    left = set(completed or ())
+    if not completed:  # most batches: no parent completed, every member's answer is the same
+        return [rows] * len(members)
+    left = set(completed)
     out = []
     for m in members:
         mine = [p for p in dict.fromkeys(m.op.values["b_node_id"] or ()) if p in left]
