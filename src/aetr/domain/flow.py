@@ -257,7 +257,7 @@ def resume(plan: Plan, node: Node) -> Step:
 # ---- counting a parent's children ---------------------------------------------------------------------------
 
 
-def count_finished(plan: Plan, parent: Node, child: Node) -> Generator[Request, Any, bool]:
+def count_finished(plan: Plan, parent: Node) -> Generator[Request, Any, bool]:
     """Count a finished child of a counting parent; True when it was the last one and the event goes on to
     complete the parent. A parent this event created counts in the plan; on PostgreSQL a stored parent's
     children are counted by the event's write (Plan.count_later), so this says False, and the write that

@@ -428,8 +428,8 @@ class Coordinator:
         return Outcome(verdict, plan, calls)
 
     def _lease(self, plan: Plan) -> tuple[Lease | None, list[ClaimedWork]]:
-        """The work due now that this process performs right after the commit (calls, counts), leased to it there;
-        and the lease of the `complete` rows of parents whose last children this event counts."""
+        """The calls due now that this process makes right after the commit, leased to it there; and the lease of
+        the `complete` rows of parents whose last children this event counts."""
         sink = self.sink
         if sink is None or not (plan.work or plan.counted):
             return None, []

@@ -163,7 +163,7 @@ def child_ended(plan: Plan, parent: Node, child: Node) -> Step:
             yield from start_next(plan, parent)
     if plan.nodes[parent.id].state != "executing":
         return
-    if (yield from flow.count_finished(plan, parent, child)):
+    if (yield from flow.count_finished(plan, parent)):
         yield from all_finished(plan, parent)
 
 

@@ -46,7 +46,7 @@ def start(plan: Plan, node: Node) -> Step:
 
 def child_ended(plan: Plan, parent: Node, child: Node) -> Step:
     """Count the child; the last one to finish reduces every output."""
-    if (yield from flow.count_finished(plan, parent, child)):
+    if (yield from flow.count_finished(plan, parent)):
         yield from all_finished(plan, parent)
 
 
