@@ -131,6 +131,36 @@ async def test_counting_children_of_a_wide_parent_reads_only_the_children_counte
         await conn.close()
 
 
+async def test_a_write_that_counts_children_reads_only_the_parents_it_counts(
+        coordinator: tuple[Coordinator, KeptCalls], pg_url: str) -> None:
+    parents, counted = 5_000, [f"p{i}" for i in (7, 42, 42, 4_999)]  # three parents, four children
+    conn = await asyncpg.connect(pg_url, server_settings=EVENTS_SESSION)
+    try:
+        # Many counting parents, each with two children to count; the write counts the last two of p42.
+        await conn.execute(
+            "INSERT INTO run_nodes (id, root_id, position, step_id, step_name, step_kind, step_version, config,"
+            " n_children, state, attempt, version, created_at) SELECT 'p' || g, 'p' || g, 0, 's', 'wide',"
+            " 'parallel', 1, '{}', 2, 'executing', 0, 1, now() FROM generate_series(0, $1 - 1) AS g", parents)
+        await conn.execute("INSERT INTO run_counters (node_id, done) SELECT 'p' || g, 0"
+                           " FROM generate_series(0, $1 - 1) AS g", parents)
+        await conn.execute("ANALYZE run_nodes")
+        await conn.execute("ANALYZE run_counters")
+        st = PostgresStatements()
+        values: dict[str, Any] = {"drop": None, "beats": None, "expected": 0, "b_due": datetime.now(UTC),
+                                  "b_owner": "me", "b_until": datetime.now(UTC) + timedelta(seconds=60)}
+        for group in st.no_rows.values():
+            values.update(group)
+        values.update(b_node_id=counted, b_root_id=counted)
+        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {st.write_all.text}", *st.write_all.args(values))
+        done = dict(await conn.fetch("SELECT node_id, done FROM run_counters WHERE done > 0"))
+        assert done == {"p7": 1, "p42": 2, "p4999": 1}
+        # Only the parent whose count reached its two children is completed (its row leased to the writer).
+        assert await conn.fetch("SELECT node_id, lease_owner FROM work") == [("p42", "me")]
+        assert rows_visited(plan) <= ROWS_PER_NODE * len(counted), rows_visited(plan)
+    finally:
+        await conn.close()
+
+
 def blocks_read(plan_json: str) -> int:
     """The buffer pages an EXPLAIN (ANALYZE, BUFFERS) plan touched, cached or not."""
     top = orjson.loads(plan_json)[0]["Plan"]
