@@ -283,8 +283,12 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, list[str]]:
                      if (w.kind, w.node_id, w.attempt) in plan.parked else row
                      for row, w in zip(work_rows, plan.work, strict=True)]
     event_rows = [st.event_values(e) for e in plan.events]
-    due = st.time_in(plan.now)
-    owner, until = (lease.owner, st.time_in(lease.until)) if lease is not None else (None, None)
+    # The `complete` rows of parents whose last children this event counts: due now, leased with its calls.
+    due = owner = until = None
+    if plan.counted:
+        due = st.time_in(plan.now)
+        if lease is not None:
+            owner, until = lease.owner, st.time_in(lease.until)
     counted = [{"node_id": parent_id, "root_id": root_id} for parent_id, root_id in plan.counted]
     completed: list[str] = []
     if st.write_all is not None:
