@@ -103,6 +103,17 @@ async def test_runs_attempts_and_callbacks_are_counted_by_step_and_outcome(
     assert grew(before, after, "aetr_step_reports_total", source="callback", outcome="duplicate") == 1
     assert grew(before, after, "aetr_step_reports_total", source="callback.fail", outcome="accepted") == 1
 
+    # Every call by its answer: m-flaky's first got a 503; the others, m-flaky's second included, a 2xx (m-hang's
+    # answer is counted once the server has read it: scraped until it shows, or the deadline).
+    deadline = asyncio.get_running_loop().time() + 10
+    while grew(before, after, "aetr_step_calls_total", result="2xx") < 5:
+        assert asyncio.get_running_loop().time() < deadline, grew(before, after, "aetr_step_calls_total", result="2xx")
+        await asyncio.sleep(0.02)
+        after = await scrape(aetr)
+    assert grew(before, after, "aetr_step_calls_total", result="2xx") == 5
+    assert grew(before, after, "aetr_step_calls_total", result="5xx") == 1
+    assert grew(before, after, "aetr_step_calls_total", result="unreachable") == 0
+
 
 async def test_pool_gauges_show_the_connections_each_pool_may_open_and_uses(aetr: Server) -> None:
     samples = await scrape(aetr)

@@ -42,9 +42,13 @@ def _verify(engine: Engine, token: str) -> Attempt:
     return attempt
 
 
+# The answer to nearly every callback, rendered once: sending a Response changes nothing in it.
+ACCEPTED = JSON({"accepted": True})
+
+
 def _answer(verdict: Verdict) -> Response:
     if verdict.outcome == "accepted":
-        return JSON({"accepted": True})
+        return ACCEPTED
     if verdict.outcome == "duplicate":
         return JSON({"accepted": False, "duplicate": True})
     if verdict.outcome == "unknown":

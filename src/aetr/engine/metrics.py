@@ -66,6 +66,7 @@ _started: dict[str, Any] = {}
 _ended: dict[tuple[str, str], Any] = {}
 _attempts: dict[tuple[str, str], tuple[Any, Any]] = {}
 _reports: dict[tuple[str, str], Any] = {}
+_calls_by_result: dict[str, Any] = {}
 _calls: dict[str, tuple[int, float]] = {}  # node id -> (attempt, time.monotonic() of its call)
 
 
@@ -74,6 +75,14 @@ def report(source: str, outcome: str) -> None:
     child = _reports.get((source, outcome))
     if child is None:
         child = _reports[source, outcome] = REPORTS.labels(source, outcome)
+    child.inc()
+
+
+def call_ended(result: str) -> None:
+    """Count a call to a step by its result: "2xx" to "5xx" for an answer, "refused" or "unreachable"."""
+    child = _calls_by_result.get(result)
+    if child is None:
+        child = _calls_by_result[result] = CALLS.labels(result)
     child.inc()
 
 
