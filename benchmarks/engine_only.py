@@ -18,15 +18,21 @@ numbers compare with each other, not with perf's:
         -m benchmarks.engine_only --db sqlite --runs 200 --rounds 1   # then --rounds 3
 
 (the difference divided by 2 × 200 runs).
+
+`--statements` (SQLite only) also times each statement where the writer hands it to sqlite3, and prints with each
+round the microseconds a run's statements took, by statement: the database's own share of the engine's work.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,7 @@ import uvloop
 
 from aetr.api.server import settle_heap
 from aetr.store import open_store
+from aetr.store import sqlite as sqlite_store
 from aetr.store.migrate import upgrade_engine
 from aetr.testing.engine import coordinator_without_http
 from benchmarks.databases import DEFAULT_POSTGRES_URL, fresh_database
@@ -42,7 +49,37 @@ from benchmarks.databases import DEFAULT_POSTGRES_URL, fresh_database
 STEPS = 3
 
 
-async def measure(url: str, runs: int, rounds: int) -> None:
+class StatementClock:
+    """Times every statement the SQLite writer runs (its `_execute`), by the statement's first words."""
+
+    def __init__(self) -> None:
+        self.ns: collections.Counter[str] = collections.Counter()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        execute = sqlite_store._execute
+
+        def timed(cur: Any, op: Any) -> Any:
+            began = time.perf_counter_ns()
+            try:
+                return execute(cur, op)
+            finally:
+                self.ns[" ".join(op.sql.text.split())[:60]] += time.perf_counter_ns() - began
+
+        sqlite_store._execute = timed
+        try:
+            yield
+        finally:
+            sqlite_store._execute = execute
+
+    def per_run(self, runs: int) -> dict[str, float]:
+        """Microseconds per run by statement, largest first, then clear."""
+        out = {text: round(ns / runs / 1000, 1) for text, ns in self.ns.most_common()}
+        self.ns.clear()
+        return out
+
+
+async def measure(url: str, runs: int, rounds: int, clock: StatementClock | None = None) -> None:
     store = open_store(url)
     await upgrade_engine(store.engine)
     coordinator, kept = await coordinator_without_http(store, "seq", STEPS)
@@ -59,6 +96,10 @@ async def measure(url: str, runs: int, rounds: int) -> None:
             line: dict[str, Any] = {"round": n, "db": store.dialect, "runs": runs,
                                     "start_cpu_ms": round((t1 - t0) / runs * 1000, 3),
                                     "event_cpu_ms": round((t2 - t1) / max(events, 1) * 1000, 3)}
+            if clock is not None:
+                statements = clock.per_run(runs)
+                line["statements_us_per_run"] = round(sum(statements.values()), 1)
+                line["by_statement_us_per_run"] = statements
             print(orjson.dumps(line).decode(), flush=True)
     finally:
         await store.close()
@@ -67,7 +108,12 @@ async def measure(url: str, runs: int, rounds: int) -> None:
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="aetr-engine-only-") as workdir:
         async with fresh_database(args.db, Path(workdir), "engine-only", args.postgres_url) as url:
-            await measure(url, args.runs, args.rounds)
+            if args.statements:
+                clock = StatementClock()
+                with clock.installed():
+                    await measure(url, args.runs, args.rounds, clock)
+            else:
+                await measure(url, args.runs, args.rounds)
 
 
 def parse() -> argparse.Namespace:
@@ -75,8 +121,13 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--runs", type=int, default=500, help="runs started together in each round")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--statements", action="store_true",
+                        help="SQLite: also time each statement; each round prints microseconds per run by statement")
     parser.add_argument("--postgres-url", default=os.environ.get("AETR_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL))
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.statements and args.db != "sqlite":
+        parser.error("--statements times SQLite's statements: use it with --db sqlite")
+    return args
 
 
 if __name__ == "__main__":
