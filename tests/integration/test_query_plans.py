@@ -148,9 +148,8 @@ async def test_a_write_that_counts_children_reads_only_the_parents_it_counts(
         st = PostgresStatements()
         values: dict[str, Any] = {"drop": None, "beats": None, "expected": 0, "b_due": datetime.now(UTC),
                                   "b_owner": "me", "b_until": datetime.now(UTC) + timedelta(seconds=60)}
-        for group in st.no_rows.values():
-            values.update(group)
-        values.update(b_node_id=counted, b_root_id=counted)
+        values.update(dict.fromkeys(st.row_groups))
+        values["b_"] = [{"node_id": p, "root_id": p} for p in counted]
         plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {st.write_all.text}", *st.write_all.args(values))
         done = dict(await conn.fetch("SELECT node_id, done FROM run_counters WHERE done > 0"))
         assert done == {"p7": 1, "p42": 2, "p4999": 1}

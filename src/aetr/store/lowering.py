@@ -299,14 +299,11 @@ def _apply(req: Apply, st: Statements) -> Generator[Op, Any, list[str]]:
         if node_rows or drop or beats or work_rows or event_rows or finished or new_nodes or moved or counted:
             values = {"drop": drop or None, "beats": beats or None, "expected": len(node_rows),
                       "b_due": due, "b_owner": owner, "b_until": until}
+            # Each group's rows as they are (sent as one JSON parameter each); NULL for a group with none.
             for group, rows in (("i_", new_nodes), ("c_", new_counters), ("n_", node_rows), ("w_", work_rows),
                                 ("e_", event_rows), ("f_", finished), ("s_", moves), ("m_", moved),
                                 ("b_", counted)):
-                if rows:
-                    for key, name in st.array_keys[group]:
-                        values[key] = [r[name] for r in rows]
-                else:  # most groups, most events: a new run's 23 columns are empty in every callback's write
-                    values.update(st.no_rows[group])
+                values[group] = rows or None
             ((_, done),) = yield Fetch(st.write_all, values)
             completed = list(done or ())
         if st.wake_waiters is not None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.dialects.sqlite.aiosqlite import dialect as aiosqlite_dialect
 from sqlalchemy.sql import ClauseElement
@@ -32,10 +33,15 @@ class Sql:
     writes: bool = True  # False for a read, which never opens a transaction
     # Atomic by itself: PostgreSQL runs it without BEGIN and COMMIT when it is the only write of its program.
     alone: bool = False
+    as_json: tuple[str, ...] = ()  # parameters sent as JSON text (lists of rows); None stays NULL
 
     def args(self, values: dict[str, Any]) -> tuple[Any, ...]:
         """Positional arguments for the driver from named values."""
-        return self._pick(values if not self.defaults else {**self.defaults, **values})
+        if self.defaults:
+            values = {**self.defaults, **values}
+        if self.as_json:
+            values = {**values, **{k: _json_text(values[k]) for k in self.as_json}}
+        return self._pick(values)
 
     @functools.cached_property
     def _pick(self) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
@@ -46,6 +52,11 @@ class Sql:
             (name,) = self.names
             return lambda values: (values[name],)
         return lambda values: ()
+
+
+def _json_text(rows: Any) -> str | None:
+    """Rows as JSON text for a `json` parameter (a time without a zone taken as UTC); None stays NULL."""
+    return None if rows is None else orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC).decode()
 
 
 def compile_sql(stmt: ClauseElement, dialect: DialectName) -> Sql:

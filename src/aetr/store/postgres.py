@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,14 +25,7 @@ from aetr.store.codec import NODE_COLUMNS
 from aetr.store.errors import Conflict, Duplicate, Unavailable, is_outage_sqlstate
 from aetr.store.lowering import lower
 from aetr.store.operations import Exec, ExecMany, Fetch, Op, OpStream, Sql
-from aetr.store.postgres_sql import (
-    COUNTED_SCALARS,
-    FINISHED_FIELDS,
-    MOVED_FIELDS,
-    NODE_FIELDS,
-    WRITE_ALL_NAMES,
-    PostgresStatements,
-)
+from aetr.store.postgres_sql import ROW_GROUPS, PostgresStatements
 from aetr.store.requests import Program
 from aetr.store.statements import HANDING_S
 from aetr.store.store import AfterCommit, ScriptAnswers, Store, _round_trips
@@ -83,29 +77,22 @@ MAX_BATCH = 256  # events in one batch
 
 
 def _merged(writes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several events' write_all values as one: their arrays end to end, node and work rows in id order (the
-    order every event locks rows in), and the number of node rows expected updated summed. An array no event
-    has rows in stays NULL (see NO_ROWS). The `complete` rows of parents whose children are all counted here take
-    the earliest due time and lease end of the events that count (their lease owner is this process)."""
+    """Several events' write_all values as one: their rows end to end, node, call and deadline rows in node id
+    order (the order every event locks rows in), and the number of node rows expected updated summed. A group no
+    event has rows in stays NULL. The `complete` rows of parents whose children are all counted here take the
+    earliest due time and lease end of the events that count (their lease owner is this process)."""
     merged: dict[str, Any] = {}
-    for name in WRITE_ALL_NAMES:
-        if name != "expected" and name not in COUNTED_SCALARS:
-            parts = [w[name] for w in writes if w[name]]
-            merged[name] = [v for part in parts for v in part] if parts else None
+    for name in ("drop", "beats", *ROW_GROUPS):
+        parts = [w[name] for w in writes if w[name]]
+        merged[name] = [v for part in parts for v in part] if parts else None
     merged["expected"] = sum(w["expected"] for w in writes)
-    counting = [w for w in writes if w["b_node_id"]]
+    counting = [w for w in writes if w["b_"]]
     merged["b_owner"] = next((w["b_owner"] for w in counting if w["b_owner"] is not None), None)
     for name in ("b_due", "b_until"):
         merged[name] = min((w[name] for w in counting if w[name] is not None), default=None)
-    groups = (((f"n_{k}" for k in NODE_FIELDS), "n_k_id"), ((f"f_{k}" for k in FINISHED_FIELDS), "f_node_id"),
-              ((f"m_{k}" for k in MOVED_FIELDS), "m_node_id"))
-    for group, key in groups:
-        if merged[key] is None:
-            continue
-        names = list(group)
-        order = sorted(range(len(merged[key])), key=merged[key].__getitem__)
-        for name in names:
-            merged[name] = [merged[name][i] for i in order]
+    for group, key in (("n_", "k_id"), ("f_", "node_id"), ("m_", "node_id")):
+        if merged[group] is not None:
+            merged[group].sort(key=operator.itemgetter(key))
     for name in ("drop", "beats"):
         if merged[name] is not None:
             merged[name].sort()
@@ -121,7 +108,7 @@ def _completions(members: list[_Member], rows: list[Any]) -> list[list[tuple[Any
     left = set(completed)
     out = []
     for m in members:
-        mine = [p for p in dict.fromkeys(m.op.values["b_node_id"] or ()) if p in left]
+        mine = [p for p in dict.fromkeys(c["node_id"] for c in m.op.values["b_"] or ()) if p in left]
         left.difference_update(mine)
         out.append([(expected, mine or None)])
     return out
