@@ -358,6 +358,8 @@ def test_the_check_finds_statements_not_keyed_by_a_run(sql: str) -> None:
     "SELECT s.* FROM run_nodes AS s JOIN run_nodes AS me ON s.parent_id = me.parent_id WHERE me.id = $1",
     "UPDATE run_nodes AS n SET state = v.state FROM unnest($1::varchar[], $2::varchar[]) AS v(id, state)"
     " WHERE n.id = v.id",
+    "UPDATE run_nodes AS n SET state = v.state FROM json_to_recordset($1::json) AS v(id varchar, state varchar)"
+    " WHERE n.id = v.id",
     "WITH RECURSIVE up(id, parent_id) AS (SELECT id, parent_id FROM run_nodes WHERE id = $1 UNION ALL"
     " SELECT p.id, p.parent_id FROM run_nodes AS p JOIN up ON p.id = up.parent_id) SELECT * FROM up",
     "SELECT * FROM work WHERE node_id IN (SELECT id FROM run_nodes WHERE root_id = $1)",
