@@ -48,6 +48,14 @@ async def test_two_worker_processes_share_the_port_and_the_database(
         assert [(r["state"], r["output"]) for r in runs] == [("complete", i + 3) for i in range(RUNS)]
         assert len(svc.calls("/inc")) == 3 * RUNS  # each step called once: no call made by both processes
 
+        # A step changed through either process: every start after it, on either process, runs the new one.
+        svc.route("/double", callback(lambda n: n * 2))
+        await api.put_step({"name": "inc", "kind": "api", "url": svc.url("/double")})
+        again = await asyncio.gather(*(api.start_run("three", i) for i in range(1, RUNS // 4 + 1)))
+        runs = await asyncio.gather(*(api.wait_run(r, timeout=60) for r in again))
+        assert [(r["state"], r["output"]) for r in runs] == [("complete", i * 8) for i in range(1, RUNS // 4 + 1)]
+        assert len(svc.calls("/inc")) == 3 * RUNS
+
     os.kill(server.pid, signal.SIGTERM)
     assert await server.wait_exit(30) == 0, server.log()
     deadline = asyncio.get_running_loop().time() + 10

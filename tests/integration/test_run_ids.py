@@ -28,7 +28,10 @@ async def test_a_prefix_finds_the_runs_whose_id_starts_with_it_and_no_other(aetr
     shared = common_start(ids)
     assert len(shared.replace("-", "")) >= 4  # made within minutes of each other
 
-    assert await runs_with_prefix(aetr, shared) == list(reversed(ids))  # newest first, children never
+    # Ordered by id, newest first: by the millisecond each run was made, then (two runs made in the same
+    # millisecond, as quick starts are) by the id's random digits. Children never.
+    assert await runs_with_prefix(aetr, shared) == sorted(ids, reverse=True)
+    assert [i[:13] for i in sorted(ids, reverse=True)] == [i[:13] for i in reversed(ids)]
     for run_id in ids:
         own = run_id[:23]  # past the millisecond, into the random digits
         assert await runs_with_prefix(aetr, own) == [run_id]

@@ -47,6 +47,7 @@ DEFAULT_SYNCHRONOUS = "full"
 # thread's hand-over (about 0.1 ms more per commit) is paid where the loop has other work; a lone event (a
 # chain's next step) commits on the loop's thread as before. Measured in docs/performance.md.
 COMMIT_OFF_LOOP_FROM = 16
+TREES_KEPT = 1024  # step trees' rows the writer keeps at most (a start of a step reads its tree's rows)
 
 
 class _Guess:
@@ -116,6 +117,11 @@ class Writer:
         self._chores: list[_Chore] = []  # housekeeping, one transaction each, after a group
         self._ready = asyncio.Event()
         self._closing = False
+        # The rows of the step trees starts read, by the key asked for, while no other connection has committed:
+        # steps change only through other connections (the API's), and SQLite's data_version moves with each of
+        # their commits, so a tree read once is read again only after something else was written.
+        self._trees: dict[str, Any] = {}
+        self._trees_as_of: int | None = None
         self._task = asyncio.create_task(self._main(), name="aetr-sqlite-writer")
 
     def submit(self, program: Program, scripts: ScriptAnswers | None,
@@ -177,6 +183,7 @@ class Writer:
         cur = self.conn.cursor()
         try:
             await self._begin()
+            self._forget_trees_if_changed(cur)
             for job in group:
                 cur.execute("SAVEPOINT event")
                 try:
@@ -195,6 +202,27 @@ class Writer:
             failure = Unavailable(f"SQLite: {exc}") if isinstance(exc, sqlite3.OperationalError) else exc
             for job in group:
                 job.error = job.error or failure
+
+    def _forget_trees_if_changed(self, cur: sqlite3.Cursor) -> None:
+        """In the group's transaction (no other connection can commit until it ends): forget the trees read
+        when another connection has committed since they were."""
+        ((version,),) = cur.execute("PRAGMA data_version").fetchall()
+        if version != self._trees_as_of:
+            self._trees.clear()
+            self._trees_as_of = version
+
+    def _fetch_tree(self, cur: sqlite3.Cursor, op: Fetch, seen: list[str] | None) -> Any:
+        """A step tree's rows, read only when not kept since the last commit of another connection."""
+        key = op.values["key"]
+        rows = self._trees.get(key)
+        if rows is None:
+            if seen is not None:
+                seen.append(op.sql.text)
+            rows = _execute(cur, op)
+            if len(self._trees) >= TREES_KEPT:
+                self._trees.clear()
+            self._trees[key] = rows
+        return rows
 
     async def _run_chore(self, chore: _Chore) -> None:
         cur = self.conn.cursor()
@@ -242,9 +270,12 @@ class Writer:
                             missing.append(op)
                             answer = GUESSED
                 else:
-                    if job.seen is not None:
-                        job.seen.append(op.sql.text)
-                    answer = _execute(cur, op)
+                    if isinstance(op, Fetch) and op.sql is self.st.load_tree:
+                        answer = self._fetch_tree(cur, op, job.seen)
+                    else:
+                        if job.seen is not None:
+                            job.seen.append(op.sql.text)
+                        answer = _execute(cur, op)
         except NeedsScripts:
             raise
         except Exception as exc:
