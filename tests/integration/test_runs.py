@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -552,3 +552,31 @@ async def test_a_run_started_after_a_step_changed_runs_the_new_definition(aetr: 
     assert [c.json for c in steps_service.calls("/old")] == [{"n": 1}]
     assert [c.json for c in steps_service.calls("/new")] == [{"n": 2}]
     assert first["children"][0]["step"]["version"] == 1 and second["children"][0]["step"]["version"] == 2
+
+
+# Characters each layer of a write escapes its own way (JSON inside JSON on PostgreSQL, where an event's rows go
+# out as one JSON parameter): quotes, backslashes, control characters, a line separator, one outside the BMP,
+# text that reads as JSON or as an escape sequence.
+AWKWARD = ['"q"', "back\\slash", "\\u0041 is not A", "tab\tnew\nline", "\u2028", "😀 é ß", '{"a": 1}', "null", ""]
+
+
+async def test_every_character_a_run_carries_is_kept_exactly(aetr: Server, steps_service: StepService) -> None:
+    steps_service.route("/echo", callback(lambda value: {"got": value, "awkward": AWKWARD}))
+    steps_service.route("/refuse", fail(" | ".join(AWKWARD)))
+    await aetr.put_step(api(steps_service, "echo"))
+    await aetr.put_step(api(steps_service, "refuse", retry={"max_attempts": 1}))
+    before = datetime.now(UTC)
+    run_input = {s: s for s in AWKWARD}
+    done = await aetr.wait_run(await aetr.start("echo", run_input))
+    assert done["state"] == "complete"
+    assert done["input"] == run_input and done["output"] == {"got": run_input, "awkward": AWKWARD}
+    # Times go through the same write: in UTC, as they happened, to the microsecond.
+    started, completed = (datetime.fromisoformat(done[k]) for k in ("started_at", "completed_at"))
+    assert before - timedelta(seconds=1) <= started <= completed <= datetime.now(UTC)
+
+    failed = await aetr.wait_run(await aetr.start("refuse", AWKWARD))
+    assert failed["state"] == "error" and failed["input"] == AWKWARD
+    assert " | ".join(AWKWARD) in failed["error"]["message"]
+    _, events = await aetr.call("GET", f"/api/v1/runs/{failed['id']}/events")
+    said = [e for e in events if e["kind"] == "callback.fail"]
+    assert said and said[0]["data"]["error"] == " | ".join(AWKWARD), said
