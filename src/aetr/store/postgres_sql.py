@@ -35,6 +35,8 @@ _STATE_TYPES_PG = {"k_id": "varchar", "k_version": "integer", "state": "varchar"
 _WORK_TYPES_PG = {"kind": "varchar", "node_id": "varchar", "root_id": "varchar", "attempt": "integer",
                   "due_at": "timestamptz", "lease_owner": "varchar", "lease_until": "timestamptz"}
 _EVENT_TYPES_PG = {"root_id": "varchar", "node_id": "varchar", "at": "timestamptz", "kind": "varchar", "data": "text"}
+_OTHER_TYPES_PG = {"node_id": "varchar", "root_id": "varchar", "attempt": "integer", "kind": "varchar",
+                   "at": "timestamptz", "old": "varchar", "new": "varchar"}  # the finished, slot, moved, counted rows
 SLOT_FIELDS = ("old", "new", "attempt")  # a slot freed by node `old`, now held by attempt `attempt` of `new` (or none)
 MOVED_FIELDS = ("node_id", "attempt", "kind", "at")  # a late call's deadline or heartbeat row, moved to `at`
 COUNTER_NAMES = ("node_id", "done", "failed", "next_item", "items")
@@ -42,9 +44,9 @@ COUNTED_FIELDS = ("node_id", "root_id")  # a finished child counted by its paren
 _COUNTER_TYPES_PG = ("varchar", "integer", "integer", "integer", "text")
 
 
-def _rows(n: int, fields: tuple[str, ...], types: dict[str, str]) -> str:
+def _rows(n: int, fields: tuple[str, ...], types: dict[str, str], alias: str = "v") -> str:
     """Parameter `$n`'s rows, a JSON array of objects, as a table with typed columns named as the keys."""
-    return f"json_to_recordset(${n}::json) AS v({', '.join(f'{f} {types[f]}' for f in fields)})"
+    return f"json_to_recordset(${n}::json) AS {alias}({', '.join(f'{f} {types[f]}' for f in fields)})"
 
 
 def _write_all_pg() -> str:
@@ -55,21 +57,26 @@ def _write_all_pg() -> str:
     measured), where orjson writes the whole group at a few hundredths of that, and PostgreSQL's
     json_to_recordset reads it back at 0.18 µs more an element on the server's side (docs/performance.md).
     """
-    work_ = _rows(3, WORK_FIELDS, _WORK_TYPES_PG)
-    events_ = _rows(4, EVENT_FIELDS, _EVENT_TYPES_PG)
-    nodes_ = _rows(5, NODE_FIELDS, _STATE_TYPES_PG)
-    new_nodes = _rows(8, RUN_NODE_NAMES, dict(zip(RUN_NODE_NAMES, _NODE_TYPES_PG, strict=True)))
-    new_counters = _rows(9, COUNTER_NAMES, dict(zip(COUNTER_NAMES, _COUNTER_TYPES_PG, strict=True)))
+    p = {name: i for i, name in enumerate(WRITE_ALL_NAMES, start=1)}  # each parameter's $number
+    work_ = _rows(p["w_"], WORK_FIELDS, _WORK_TYPES_PG)
+    events_ = _rows(p["e_"], EVENT_FIELDS, _EVENT_TYPES_PG)
+    nodes_ = _rows(p["n_"], NODE_FIELDS, _STATE_TYPES_PG)
+    new_nodes = _rows(p["i_"], RUN_NODE_NAMES, dict(zip(RUN_NODE_NAMES, _NODE_TYPES_PG, strict=True)))
+    new_counters = _rows(p["c_"], COUNTER_NAMES, dict(zip(COUNTER_NAMES, _COUNTER_TYPES_PG, strict=True)))
+    finished_ = _rows(p["f_"], FINISHED_FIELDS, _OTHER_TYPES_PG, "f")
+    slots_ = _rows(p["s_"], SLOT_FIELDS, _OTHER_TYPES_PG)
+    moved_ = _rows(p["m_"], MOVED_FIELDS, _OTHER_TYPES_PG)
+    counted_ = _rows(p["b_"], COUNTED_FIELDS, _OTHER_TYPES_PG, "c")
     sets = ", ".join(f"{c} = v.{c}" for c in STATE_COLUMNS)
     return (
-        "WITH dropped AS (DELETE FROM work WHERE node_id = ANY($1::varchar[])),"
-        " beats AS (DELETE FROM work WHERE kind = 'heartbeat' AND node_id = ANY($2::varchar[])),"
+        f"WITH dropped AS (DELETE FROM work WHERE node_id = ANY(${p['drop']}::varchar[])),"
+        f" beats AS (DELETE FROM work WHERE kind = 'heartbeat' AND node_id = ANY(${p['beats']}::varchar[])),"
         f" added AS (INSERT INTO work ({', '.join(WORK_FIELDS)}) SELECT {', '.join(WORK_FIELDS)} FROM {work_}),"
         f" logged AS (INSERT INTO events ({', '.join(EVENT_FIELDS)}) SELECT {', '.join(EVENT_FIELDS)} FROM {events_}),"
         f" updated AS (UPDATE run_nodes AS n SET {sets} FROM {nodes_}"
         " WHERE n.id = v.k_id AND n.version = v.k_version RETURNING 1),"
-        " finished AS (DELETE FROM work AS w USING json_to_recordset($6::json) AS f(node_id varchar, attempt integer,"
-        " kind varchar) WHERE w.node_id = f.node_id AND w.attempt = f.attempt AND w.kind = f.kind),"
+        f" finished AS (DELETE FROM work AS w USING {finished_}"
+        " WHERE w.node_id = f.node_id AND w.attempt = f.attempt AND w.kind = f.kind),"
         f" new_nodes AS (INSERT INTO run_nodes ({', '.join(RUN_NODE_NAMES)})"
         f" SELECT {', '.join(RUN_NODE_NAMES)} FROM {new_nodes}),"
         f" new_counters AS (INSERT INTO run_counters ({', '.join(COUNTER_NAMES)})"
@@ -77,25 +84,26 @@ def _write_all_pg() -> str:
         # Slots freed by attempts that ended: free again, or held by the attempt they were handed to.
         " slots AS (UPDATE step_slots AS s SET holder_id = v.new, holder_attempt = v.attempt,"
         " taken_at = CASE WHEN v.new IS NULL THEN NULL ELSE now() END"
-        " FROM json_to_recordset($10::json) AS v(old varchar, new varchar, attempt integer) WHERE s.holder_id = v.old),"
+        f" FROM {slots_} WHERE s.holder_id = v.old),"
         # Calls made late: their deadlines count from the call (moved later, never earlier).
         " moved AS (UPDATE work AS w SET due_at = v.at"
-        " FROM json_to_recordset($11::json) AS v(node_id varchar, attempt integer, kind varchar, at timestamptz)"
+        f" FROM {moved_}"
         " WHERE w.node_id = v.node_id AND w.attempt = v.attempt AND w.kind = v.kind AND w.due_at < v.at),"
         # Children that finished, counted by their parents: each parent's counter bumped once by its children
         # here, in parent order. A count that completes the set inserts the parent's `complete` row (leased to
         # this process, which completes the parent right after), and the parent is answered.
         " per AS (SELECT node_id, min(root_id) AS root_id, count(*) AS n"
-        " FROM json_to_recordset($12::json) AS c(node_id varchar, root_id varchar) GROUP BY node_id ORDER BY node_id),"
+        f" FROM {counted_} GROUP BY node_id ORDER BY node_id),"
         " bumped AS (UPDATE run_counters AS rc SET done = rc.done + per.n FROM per WHERE rc.node_id = per.node_id"
         " RETURNING rc.node_id, rc.done, per.root_id),"
         " last AS (INSERT INTO work (kind, node_id, root_id, attempt, due_at, lease_owner, lease_until)"
-        " SELECT 'complete', b.node_id, b.root_id, 0, $13::timestamptz, $14::varchar, $15::timestamptz"
+        f" SELECT 'complete', b.node_id, b.root_id, 0, ${p['b_due']}::timestamptz, ${p['b_owner']}::varchar,"
+        f" ${p['b_until']}::timestamptz"
         " FROM bumped AS b JOIN run_nodes AS n ON n.id = b.node_id WHERE b.done = n.n_children RETURNING node_id)"
         # A node changed meanwhile: aetr_expect_rows (migration 0004) aborts the whole statement, which is atomic
         # by itself and so runs without BEGIN and COMMIT. The parents completed come after (an initplan, run
         # once the nodes are updated and counted).
-        " SELECT aetr_expect_rows(count(*), $7::integer), (SELECT array_agg(node_id) FROM last)"
+        f" SELECT aetr_expect_rows(count(*), ${p['expected']}::integer), (SELECT array_agg(node_id) FROM last)"
         " FROM updated"
     )
 
