@@ -215,10 +215,6 @@ class Dispatcher:
         if self._resolver is not None:
             await self._resolver.close()
 
-    def callback_url(self, node: Node) -> str:
-        """Where this attempt of the node reports back."""
-        return f"{self._callbacks_at}{self.signer.sign(node.id, node.attempt)}"
-
     async def _fail(self, node: Node, message: str, retryable: bool, retry_after_s: float | None = None) -> None:
         if self.window is not None:
             self.window.leave((node.id, node.attempt))
