@@ -23,7 +23,7 @@ from aetr.engine.coordinator import Coordinator
 from aetr.store import open_store
 from aetr.store.migrate import upgrade_engine
 from aetr.store.postgres import EVENTS_SESSION
-from aetr.store.postgres_sql import COUNT_CHILDREN_PG, PostgresStatements
+from aetr.store.postgres_sql import COUNT_CHILDREN_PG, ROW_GROUPS, PostgresStatements
 from aetr.store.retention import due_query
 from aetr.store.statements import next_due_query
 from aetr.store.store import claimable_since_query, runs_query
@@ -148,7 +148,7 @@ async def test_a_write_that_counts_children_reads_only_the_parents_it_counts(
         st = PostgresStatements()
         values: dict[str, Any] = {"drop": None, "beats": None, "expected": 0, "b_due": datetime.now(UTC),
                                   "b_owner": "me", "b_until": datetime.now(UTC) + timedelta(seconds=60)}
-        values.update(dict.fromkeys(st.row_groups))
+        values.update(dict.fromkeys(ROW_GROUPS))
         values["b_"] = [{"node_id": p, "root_id": p} for p in counted]
         plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {st.write_all.text}", *st.write_all.args(values))
         done = dict(await conn.fetch("SELECT node_id, done FROM run_counters WHERE done > 0"))

@@ -263,7 +263,6 @@ class PostgresStatements(Statements):
     """Statements for PostgreSQL (asyncpg)."""
 
     dialect: ClassVar[DialectName] = "postgresql"
-    row_groups = ROW_GROUPS
 
     def __init__(self) -> None:
         super().__init__()

@@ -103,8 +103,6 @@ class Statements(RowCodec):
     unclaim: Sql | None = None  # the attempts load_chains_claiming claimed and no event was handed: waiting again
     count_children: Sql | None = None  # CountChild in one statement
     run_json: Sql | None = None  # GET /runs's nodes as JSON text written by the database
-    # write_all's groups of rows, each a parameter of its own (aetr.store.postgres_sql.ROW_GROUPS).
-    row_groups: ClassVar[tuple[str, ...]] = ()
 
     def compiled(self, stmt: Any) -> Sql:
         """A write statement compiled for this dialect."""
