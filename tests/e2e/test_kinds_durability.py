@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -299,7 +300,7 @@ async def slots_held(database_url: str) -> int:
     """How many nodes hold a slot of their step, and (PostgreSQL) slot rows are held, as the database says."""
     query = "SELECT count(*) FROM run_nodes WHERE holds_slot"
     if database_url.startswith("sqlite:///"):
-        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as db:
+        with closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db:
             return int(db.execute(query).fetchone()[0])
     conn = await asyncpg.connect(database_url, timeout=5)
     try:

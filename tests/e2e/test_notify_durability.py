@@ -8,7 +8,7 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +77,7 @@ async def notify_rows(database_url: str) -> int:
     """Notifications still to be delivered, as the database says."""
     query = "SELECT count(*) FROM work WHERE kind = 'notify'"
     if database_url.startswith("sqlite:///"):
-        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as db:
+        with closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db:
             return int(db.execute(query).fetchone()[0])
     conn = await asyncpg.connect(database_url, timeout=5)
     try:

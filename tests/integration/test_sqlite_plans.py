@@ -8,6 +8,7 @@ growing with them. The plans, unlike time, do not depend on the machine.
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ async def test_a_page_of_runs_is_read_from_an_index_without_sorting_the_runs(tmp
     path = tmp_path / "aetr.db"
     store = open_store(f"sqlite:///{path}")
     await upgrade_engine(store.engine)
-    with sqlite3.connect(path) as conn:  # 2,000 runs of one step each
+    with closing(sqlite3.connect(path)) as conn, conn:  # 2,000 runs of one step each
         conn.execute(
             "WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 2000)"
             " INSERT INTO run_nodes (id, root_id, parent_id, position, step_id, step_name, step_kind, step_version,"
@@ -50,6 +51,6 @@ async def test_a_page_of_runs_is_read_from_an_index_without_sorting_the_runs(tmp
         await store.close()
     assert len(page.runs) == (0 if filters.get("state") else 50)
     ((statement, parameters),) = sent
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn:
         plan = " / ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
     assert "TEMP B-TREE" not in plan and "ix_run_nodes_parent" not in plan, plan

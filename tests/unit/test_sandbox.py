@@ -443,6 +443,19 @@ def test_a_result_nested_beyond_the_json_depth_limit_is_refused(sandbox: Sandbox
     assert error.kind == "not_json"
 
 
+@pytest.mark.parametrize("levels", [1024, 1025])
+def test_the_depth_limit_of_a_result_is_the_same_on_every_python(sandbox: Sandbox, levels: int) -> None:
+    # Python's own parser reads a deeper value on 3.13 than on 3.11: the limit must not move with it.
+    source = f"() => {{ let x = 1; for (let i = 0; i < {levels}; i++) x = [x]; return x; }}"
+    if levels > 1024:
+        assert "1024 levels" in script_error(sandbox, source).message
+        return
+    value = sandbox.call(source, [])
+    for _ in range(levels):
+        (value,) = value
+    assert value == 1
+
+
 # --- concurrency ----------------------------------------------------------------------------------
 
 

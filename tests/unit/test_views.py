@@ -33,7 +33,9 @@ def test_every_builder_writes_a_node_as_node_json_does(tmp_path: object) -> None
     assert list(orjson.loads(expected)) == [name for name, _ in NODE_VIEW]
 
     path = f"{tmp_path}/views.db"
-    metadata.create_all(create_engine(f"sqlite:///{path}"))
+    schema = create_engine(f"sqlite:///{path}")
+    metadata.create_all(schema)
+    schema.dispose()
     st = SqliteStatements()
     row = {
         "id": node.id, "root_id": node.root_id, "parent_id": node.parent_id, "position": node.position,

@@ -57,14 +57,35 @@ def _decode_result(payload: bytes) -> Any:
         return orjson.loads(payload)
     except orjson.JSONDecodeError:
         pass
-    # orjson refuses nesting beyond 1024 levels and the escaped lone surrogates JSON.stringify writes.
+    # orjson refuses nesting beyond 1024 levels and the escaped lone surrogates JSON.stringify writes. Python's
+    # parser nests as deep as the interpreter lets it recurse (about 1,000 levels on 3.11, many more on 3.13),
+    # so the depth is checked on what it read: the same answer whichever Python runs AETR.
     try:
-        return json.loads(payload)
+        value = json.loads(payload)
     except RecursionError:
-        raise ScriptError(
-            f"the script's result is nested more than {MAX_RESULT_DEPTH} levels deep; return a flatter value",
-            kind="not_json",
-        ) from None
+        value = None
+    else:
+        if not _nests_deeper(value, MAX_RESULT_DEPTH):
+            return value
+    raise ScriptError(
+        f"the script's result is nested more than {MAX_RESULT_DEPTH} levels deep; return a flatter value",
+        kind="not_json",
+    )
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` levels inside `value` (walked without recursing)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((sub, depth + 1) for sub in item if isinstance(sub, dict | list))
+    return False
 
 
 def _script_error(payload: bytes) -> ScriptError:
