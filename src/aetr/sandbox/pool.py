@@ -62,11 +62,11 @@ def _decode_result(payload: bytes) -> Any:
     # so the depth is checked on what it read: the same answer whichever Python runs AETR.
     try:
         value = json.loads(payload)
+        too_deep = _nests_deeper(value, MAX_RESULT_DEPTH)
     except RecursionError:
-        value = None
-    else:
-        if not _nests_deeper(value, MAX_RESULT_DEPTH):
-            return value
+        too_deep = True
+    if not too_deep:
+        return value
     raise ScriptError(
         f"the script's result is nested more than {MAX_RESULT_DEPTH} levels deep; return a flatter value",
         kind="not_json",
