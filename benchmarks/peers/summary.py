@@ -8,8 +8,9 @@ time) the peer's over AETR's.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 Line = dict[str, Any]
@@ -44,6 +45,7 @@ class Row:
     figure: Figure
     values: dict[str, float | None]  # "celery", "standin", "aetr sqlite", "aetr postgres"
     ratios: dict[str, float | None]  # "sqlite/celery", "postgres/standin", …
+    by_repeat: dict[str, list[float]] = field(default_factory=dict)  # each repeat's ratio, where there are several
 
 
 def column(line: Line) -> str:
@@ -69,6 +71,30 @@ def speed_ratio(aetr: float | None, peer: float | None, lower_is_better: bool) -
     return round(peer / aetr if lower_is_better else aetr / peer, 3)
 
 
+def repeat_ratios(aetr: Line | None, peer: Line | None, figure: Figure) -> list[float]:
+    """AETR's ratio to the peer in each repeat, where both ran every repeat of the case (`--repeat N`, N ≥ 2).
+
+    The systems take their turns within a repeat, minutes apart, and the machine's speed drifts more between
+    repeats than within one: a repeat's ratio leaves most of that drift out, where a ratio of the medians of N
+    runs each would not. Empty when the repeats cannot be paired (one failed, a figure is missing)."""
+    if aetr is None or peer is None or "failed_repeats" in aetr or "failed_repeats" in peer:
+        return []
+    mine, theirs = (line.get("samples", {}).get(figure.key) for line in (aetr, peer))
+    if not isinstance(mine, list) or not isinstance(theirs, list) or len(mine) != len(theirs) or len(mine) < 2:
+        return []
+    ratios = []
+    for a, p in zip(mine, theirs, strict=True):
+        ratio = speed_ratio(a, p, figure.lower_is_better) if _finite(a) and _finite(p) else None
+        if ratio is None:
+            return []
+        ratios.append(ratio)
+    return ratios
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def summarise(lines: Sequence[Line]) -> list[Row]:
     """The rows of the summary, in the order the cases' lines came."""
     by_case: dict[str, dict[str, Line]] = {}
@@ -82,9 +108,20 @@ def summarise(lines: Sequence[Line]) -> list[Row]:
         dbs = [c.removeprefix("aetr ") for c in columns if c.startswith("aetr ")]
         for figure in FIGURES.get(scenario_of[case], ()):
             values = {name: number(line, figure.key) for name, line in columns.items()}
-            ratios = {f"{db}/{peer}": speed_ratio(values[f"aetr {db}"], values[peer], figure.lower_is_better)
-                      for peer in PEERS if peer in values for db in dbs}
-            rows.append(Row(case, figure, values, ratios))
+            ratios: dict[str, float | None] = {}
+            by_repeat: dict[str, list[float]] = {}
+            for peer in PEERS:
+                if peer not in values:
+                    continue
+                for db in dbs:
+                    key = f"{db}/{peer}"
+                    each = repeat_ratios(columns[f"aetr {db}"], columns[peer], figure)
+                    if each:  # the median of the repeats' ratios
+                        by_repeat[key] = each
+                        ratios[key] = round(statistics.median(each), 3)
+                    else:
+                        ratios[key] = speed_ratio(values[f"aetr {db}"], values[peer], figure.lower_is_better)
+            rows.append(Row(case, figure, values, ratios, by_repeat))
     return rows
 
 
@@ -116,17 +153,22 @@ def render(rows: Sequence[Row], lines: Sequence[Line]) -> str:
     heads = ["case", "figure", *(PEER_NAMES.get(c, c.replace("aetr", "AETR")) for c in value_cols),
              *(f"AETR {k.split('/')[0]} vs {PEER_NAMES[k.split('/')[1]]}" for k in ratio_cols)]
     body = [[r.case, r.figure.label, *(_fmt(r.values.get(c)) for c in value_cols),
-             *(_fmt(r.ratios.get(k), ratio=True) for k in ratio_cols)] for r in rows]
+             *(_fmt(r.ratios.get(k), ratio=True) + _spread(r.by_repeat.get(k)) for k in ratio_cols)] for r in rows]
     widths = [max(len(row[i]) for row in [heads, *body]) for i in range(len(heads))]
     text = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
                       for i, (cell, w) in enumerate(zip(row, widths, strict=True))) for row in [heads, *body]]
     cond = conditions(lines)
     speed = cond["calibration_ms"]
-    text.insert(0, "AETR against its peers; ratios: how many times as fast AETR is (above 1: AETR is faster)")
+    text.insert(0, "AETR against its peers; ratios: how many times as fast AETR is (above 1: AETR is faster); with"
+                   " repeats, the median of the repeats' ratios (their range in brackets)")
     text.append(f"calibration_ms {speed[0]:g}–{speed[1]:g}" if speed else "calibration_ms unknown")
     if cond["other_load_pct_max"] is not None:
         text[-1] += f"; other work took at most {cond['other_load_pct_max']:g}% of the machine while measured"
     return "\n".join(text)
+
+
+def _spread(each: list[float] | None) -> str:
+    return f" ({min(each):.2f}–{max(each):.2f})" if each else ""
 
 
 def summary_line(rows: Sequence[Row], lines: Sequence[Line]) -> Line:
@@ -134,4 +176,5 @@ def summary_line(rows: Sequence[Row], lines: Sequence[Line]) -> Line:
     return {"summary": "peers", "ratio": "how many times as fast AETR is as the peer (above 1: AETR is faster)",
             **conditions(lines),
             "rows": [{"case": r.case, "figure": r.figure.key, "lower_is_better": r.figure.lower_is_better,
-                      "values": r.values, "aetr_speed_ratio": r.ratios} for r in rows]}
+                      "values": r.values, "aetr_speed_ratio": r.ratios, "aetr_speed_ratio_by_repeat": r.by_repeat}
+                     for r in rows]}

@@ -83,3 +83,35 @@ def test_the_table_and_the_summary_line_carry_the_machines_speed_over_every_repe
     assert "5.00×" in p50 and "0.12×" in p50
     assert summary["calibration_ms"] == [31.0, 58.5] and summary["other_load_pct_max"] == 22.5
     assert summary["rows"][0]["aetr_speed_ratio"]["sqlite/celery"] == 5.0
+
+
+def throughput_repeats(standin: list[float], sqlite: list[float], **aetr_extra: Any) -> list[dict[str, Any]]:
+    return [line("standin", "none (standin)", "throughput", transitions_per_s=sorted(standin)[1],
+                 samples={"transitions_per_s": standin}),
+            line("aetr", "sqlite", "throughput", transitions_per_s=sorted(sqlite)[1],
+                 samples={"transitions_per_s": sqlite}, **aetr_extra)]
+
+
+def test_with_repeats_the_ratio_is_the_median_of_each_repeats_ratio_and_their_range_is_shown() -> None:
+    # The machine slowed down in the third repeat: both systems made less there. The ratio of the medians
+    # (1,000 / 3,000) would pair the stand-in's fast first repeat with AETR's second.
+    lines = throughput_repeats(standin=[4000.0, 3000.0, 2000.0], sqlite=[2000.0, 1000.0, 900.0])
+
+    (row, _) = summarise(lines)
+    table = render([row], lines)
+
+    assert row.by_repeat == {"sqlite/standin": [0.5, 0.333, 0.45]}
+    assert row.ratios == {"sqlite/standin": 0.45}
+    assert "0.45× (0.33–0.50)" in table
+    assert summary_line([row], lines)["rows"][0]["aetr_speed_ratio_by_repeat"] == row.by_repeat
+
+
+def test_repeats_that_cannot_be_paired_fall_back_to_the_ratio_of_the_medians() -> None:
+    unequal = throughput_repeats(standin=[4000.0, 3000.0, 2000.0], sqlite=[2000.0, 1000.0])
+    failed = throughput_repeats(standin=[4000.0, 3000.0, 2000.0], sqlite=[2000.0, 1000.0, 900.0],
+                                failed_repeats=["TimeoutError"])
+
+    for lines in (unequal, failed):
+        (row, _) = summarise(lines)
+        assert row.by_repeat == {} and row.ratios == {"sqlite/standin": round(row.values["aetr sqlite"] / 3000.0, 3)}
+        assert "(" not in render([row], lines).splitlines()[2]
