@@ -58,7 +58,11 @@ def number(line: Line | None, key: str) -> float | None:
     """A finite figure of a line that did not fail; None otherwise."""
     if line is None or "error" in line:
         return None
-    value = line.get(key)
+    return _figure(line.get(key))
+
+
+def _figure(value: Any) -> float | None:
+    """`value` as a figure: a number that is not NaN; None otherwise."""
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         return None
     return float(value)
@@ -82,17 +86,8 @@ def repeat_ratios(aetr: Line | None, peer: Line | None, figure: Figure) -> list[
     mine, theirs = (line.get("samples", {}).get(figure.key) for line in (aetr, peer))
     if not isinstance(mine, list) or not isinstance(theirs, list) or len(mine) != len(theirs) or len(mine) < 2:
         return []
-    ratios = []
-    for a, p in zip(mine, theirs, strict=True):
-        ratio = speed_ratio(a, p, figure.lower_is_better) if _finite(a) and _finite(p) else None
-        if ratio is None:
-            return []
-        ratios.append(ratio)
-    return ratios
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ratios = [speed_ratio(_figure(a), _figure(p), figure.lower_is_better) for a, p in zip(mine, theirs, strict=True)]
+    return [] if None in ratios else [r for r in ratios if r is not None]
 
 
 def summarise(lines: Sequence[Line]) -> list[Row]:
