@@ -21,6 +21,7 @@ from typing import Final
 import aiohttp
 import orjson
 
+from benchmarks import slower
 from benchmarks.common import Context, Sizes, calibration_ms
 from benchmarks.databases import DEFAULT_POSTGRES_URL, check_postgres, fresh_database
 from benchmarks.peers.celery_case import DEFAULT_REDIS_URL, check_redis, run_celery_case
@@ -92,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="for a shared machine: before each case, wait (up to 15 min) until the machine is less "
                              "than PCT%% busy, and run a case again (twice at most) when other work took more than "
                              "PCT%% of the machine while it was measured")
+    parser.add_argument("--slower", type=float, metavar="FACTOR",
+                        help="run as a machine FACTOR times slower would: every measured process capped at "
+                             "1/FACTOR of a core by a CPU cgroup (needs root; see benchmarks/slower.py)")
     parser.add_argument("--timeout-factor", type=float, default=1.0, help="scale every deadline by this factor")
     parser.add_argument("--workdir", type=Path, help="where logs and SQLite files go (default: a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (server logs) afterwards")
@@ -215,6 +219,8 @@ async def run_case(case: Case, db: str, args: argparse.Namespace, sizes: Sizes, 
         metrics["aetr_version"] = version
         metrics["calibration_ms"] = speed
         metrics["workers"] = args.workers
+        if args.slower is not None:
+            metrics["slower"] = args.slower  # its calibration_ms is the slowed one
         metrics["callers"] = args.callers
         if waited is not None:
             metrics["waited_for_quiet_s"] = waited
@@ -342,6 +348,26 @@ async def main_async(args: argparse.Namespace) -> int:
     except PeerSetupError as exc:
         log(str(exc))
         return 2
+    if args.slower is not None:
+        try:
+            slowdown = slower.start(args.slower)
+        except (slower.SlowdownError, OSError) as exc:
+            log(str(exc))
+            return 2
+        placed = {command: slower.place_service(command)
+                  for command in ("postgres", *(("redis-server",) if args.peers else ()))}
+        log(f"as a machine {args.slower:g} times slower: each process at most 1/{args.slower:g} of a core "
+            f"(cgroup v{slowdown.version}); services capped together: "
+            + ", ".join(f"{command} ({n} processes)" for command, n in placed.items()))
+    try:
+        return await _run_all(args, selected, dbs, sizes, peers_python)
+    finally:
+        slower.stop()
+
+
+async def _run_all(args: argparse.Namespace, selected: list[Case], dbs: list[str], sizes: Sizes,
+                   peers_python: Path | None) -> int:
+    """The selected cases on each database (and the peers), in a work directory; the exit code."""
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="aetr-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     log(f"work directory {workdir}; {'quick' if args.quick else 'full'} sizes; "

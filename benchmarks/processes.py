@@ -18,6 +18,7 @@ from typing import Any, Final
 import aiohttp
 import orjson
 
+from benchmarks import slower
 from benchmarks.procstat import children_of, cpu_seconds
 
 READY_TIMEOUT_S: Final = 60.0  # seconds for `aetr serve` to answer /healthz (it imports the app and migrates)
@@ -151,6 +152,7 @@ class Process:
             out.flush()
             self.popen = subprocess.Popen(self.args, env=self.env, cwd=REPO, stdin=subprocess.DEVNULL,
                                           stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        slower.place(self.popen.pid, self.name.replace(" ", "-"))
 
     def tail(self, lines: int = 30) -> str:
         """The last lines of the process's log."""
