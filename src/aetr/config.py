@@ -192,6 +192,8 @@ class Settings(BaseSettings):
     header_timeout_s: Positive = 10.0
     body_timeout_s: Positive = 60.0
     max_connections: Whole = 1000
+    # Run starts one process handles at once; the others wait for a place (aetr.engine.admission).
+    starts_at_once: Whole = 8
     max_pending_starts: Count = 1000  # run starts that may wait for a place at once; the next answers 503
     # Milliseconds a callback should take to answer; new calls wait while callbacks take longer (0: never).
     callback_target_ms: Count = 20

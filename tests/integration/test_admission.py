@@ -150,3 +150,17 @@ async def test_a_callback_is_committed_before_the_starts_queued_with_it(
         assert (await aetr.wait_run(run_id))["output"] == {"done": True}
         status, page = await aetr.call("GET", "/api/v1/runs?limit=100")
         assert status == 200 and len(page["runs"]) == n + 1
+
+
+async def test_aetr_starts_at_once_is_how_many_starts_are_handled_while_the_others_wait(
+        database_url: str, steps_service: StepService) -> None:
+    async with running_server(database_url, starts_at_once=2) as aetr:
+        await held_step(aetr, steps_service)
+        gate = aetr.engine.starts
+        async with starts_held(aetr):  # the two handled cannot finish: the three others wait for their places
+            starts = start_requests(aetr, 5)
+            await until(lambda: gate.waiting == 3, "3 starts waiting behind the 2 handled")
+            assert not any(task.done() for task in starts)
+        answers = await asyncio.gather(*starts)
+    assert [status for status, _ in answers] == [201] * 5
+    assert len(await steps_service.wait_for_calls("/held", 5)) == 5

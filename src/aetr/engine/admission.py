@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Final
-
-STARTS_AT_ONCE: Final = 16  # starts one process handles at once; the others wait for a place, first come first served
 
 
 class StartsFull(Exception):
@@ -22,7 +19,7 @@ class StartsFull(Exception):
 class StartGate:
     """Lets `at_once` starts through at a time, keeps at most `max_waiting` waiting, refuses the others."""
 
-    def __init__(self, max_waiting: int, at_once: int = STARTS_AT_ONCE) -> None:
+    def __init__(self, max_waiting: int, at_once: int) -> None:
         self.max_waiting = max_waiting
         self.at_once = at_once
         self.waiting = 0  # starts waiting for a place now

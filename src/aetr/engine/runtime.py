@@ -62,7 +62,8 @@ class Engine:
         self.sandbox = Sandbox(SandboxLimits(time_limit_s=settings.sandbox_time_limit_s,
                                              memory_limit_bytes=int(settings.sandbox_memory_mb * MIB)))
         self.coordinator = Coordinator(self.store, self.sandbox, ScriptError, settings.max_tree_nodes)
-        self.starts = StartGate(settings.max_pending_starts)  # POST /runs waits here; callbacks never do
+        # POST /runs waits here; callbacks never do.
+        self.starts = StartGate(settings.max_pending_starts, settings.starts_at_once)
         self.signer: TokenSigner | None = None
         self.dispatcher: Dispatcher | None = None
         self.worker: Worker | None = None
