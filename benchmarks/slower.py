@@ -4,7 +4,8 @@ Every process the benchmark measures runs in a CPU cgroup of its own, capped at 
 kernel's CFS bandwidth control: the driver (so `calibration_ms` reads FACTOR times higher, as it would on that
 machine), `aetr serve`, the step service, the stand-in, Celery's worker. PostgreSQL's processes share one group
 capped at (cores)/FACTOR, and so do Redis's when the peers run. A process that a capped one starts (a sandbox
-worker, a second uvicorn worker) shares its parent's cap.
+worker, a second uvicorn worker) shares its parent's cap. All these groups are inside one capped at the
+machine's cores made FACTOR times slower, so that together they never get more than that machine would have.
 
 What it does not slow: the disk (an fsync takes what it takes here), memory bandwidth, and the kernel's own
 work on behalf of a process beyond its time slice. The quota is given out in periods of 5 ms (the kernel's
@@ -56,28 +57,30 @@ def find_controller(v1: Path = V1_ROOT, v2: Path = V2_ROOT) -> tuple[Path, int]:
 
 @dataclass
 class Slowdown:
-    """The groups made for one benchmark run, each capped at a share of a core; removed by close()."""
+    """The groups made for one benchmark run: one for the whole machine, capped at its cores made FACTOR times
+    slower, and in it one for each process (or service) placed, capped at a share of a core; removed by close().
+    """
 
     factor: float
     root: Path
     version: int
+    cores: int = field(default_factory=lambda: os.cpu_count() or 1)
     groups: list[Path] = field(default_factory=list)
+    machine: Path = field(init=False)
 
     def __post_init__(self) -> None:
         if not 1.0 <= self.factor <= PERIOD_US / MIN_QUOTA_US:
             raise SlowdownError(f"--slower takes a factor from 1 to {PERIOD_US // MIN_QUOTA_US}, not {self.factor:g}")
-        if self.version == 2:  # children of the root get the cpu controller only when the root hands it down
-            control = self.root / "cgroup.subtree_control"
-            if "cpu" not in control.read_text().split():
+        # Each process at 1/FACTOR of a core, and all of them together at most the slower machine's cores: where
+        # the benchmark's processes would keep more cores busy than it has, they share them, as they would there.
+        self.machine = self._group(self.root, f"{GROUP_PREFIX}-{os.getpid()}", self.cores)
+
+    def _group(self, parent: Path, name: str, cores: float) -> Path:
+        if self.version == 2:  # a group's children get the cpu controller only when it hands it down
+            control = parent / "cgroup.subtree_control"
+            if not control.exists() or "cpu" not in control.read_text().split():
                 control.write_text("+cpu")
-
-    def quota_us(self, cores: float) -> int:
-        """The quota of a group allowed `cores` of these cores' time, FACTOR times slower."""
-        return max(MIN_QUOTA_US, round(PERIOD_US * cores / self.factor))
-
-    def cap(self, pids: list[int], name: str, cores: float = 1.0) -> Path:
-        """Put `pids` in a new group capped at `cores` FACTOR-times-slower cores; the group's path."""
-        group = self.root / f"{GROUP_PREFIX}-{os.getpid()}-{len(self.groups)}-{name}"
+        group = parent / name
         group.mkdir()
         self.groups.append(group)
         quota = self.quota_us(cores)
@@ -86,6 +89,15 @@ class Slowdown:
             (group / "cpu.cfs_quota_us").write_text(str(quota))
         else:
             (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+        return group
+
+    def quota_us(self, cores: float) -> int:
+        """The quota of a group allowed `cores` of these cores' time, FACTOR times slower."""
+        return max(MIN_QUOTA_US, round(PERIOD_US * cores / self.factor))
+
+    def cap(self, pids: list[int], name: str, cores: float = 1.0) -> Path:
+        """Put `pids` in a new group capped at `cores` FACTOR-times-slower cores; the group's path."""
+        group = self._group(self.machine, f"{len(self.groups)}-{name}", cores)
         for pid in pids:
             try:
                 (group / "cgroup.procs").write_text(str(pid))
@@ -94,7 +106,7 @@ class Slowdown:
         return group
 
     def close(self) -> None:
-        """Move every process still in a group back to the root, and remove the groups."""
+        """Move every process still in a group back to the root, and remove the groups (children first)."""
         for group in reversed(self.groups):
             try:
                 pids = (group / "cgroup.procs").read_text().split()
@@ -171,5 +183,5 @@ def place_service(command: str) -> int:
         return 0
     pids = service_processes(command)
     if pids:
-        _active.cap(pids, command, cores=float(os.cpu_count() or 1))
+        _active.cap(pids, command, cores=_active.cores)
     return len(pids)

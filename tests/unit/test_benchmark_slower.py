@@ -23,13 +23,17 @@ def v1_root(tmp_path: Path) -> Path:
 def test_a_process_is_capped_at_a_factor_of_a_core_on_cgroup_v1(tmp_path: Path) -> None:
     root = v1_root(tmp_path)
     assert find_controller(v1=root, v2=tmp_path / "none") == (root, 1)
-    slowdown = Slowdown(2.0, root, 1)
+    slowdown = Slowdown(2.0, root, 1, cores=2)
+    machine = slowdown.machine
+    assert machine.parent == root
+    assert (machine / "cpu.cfs_quota_us").read_text() == str(PERIOD_US)  # two half-speed cores: one core's time
     group = slowdown.cap([4242], "aetr-serve")
+    assert group.parent == machine  # inside the machine's group: all together get no more than it
     assert (group / "cpu.cfs_period_us").read_text() == str(PERIOD_US)
     assert (group / "cpu.cfs_quota_us").read_text() == str(PERIOD_US // 2)  # half of each 5 ms period
     assert (group / "cgroup.procs").read_text() == "4242"
     shared = slowdown.cap([1, 2], "postgres", cores=2.0)
-    assert (shared / "cpu.cfs_quota_us").read_text() == str(PERIOD_US)  # two half-speed cores: one core's time
+    assert (shared / "cpu.cfs_quota_us").read_text() == str(PERIOD_US)
     slowdown.close()
     assert (root / "cgroup.procs").read_text() == "4242"  # moved back to the root, the newest group's first
     assert slowdown.groups == []
@@ -39,9 +43,11 @@ def test_cgroup_v2_gets_cpu_max_and_the_controller_handed_down(tmp_path: Path) -
     (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory\n")
     (tmp_path / "cgroup.subtree_control").write_text("memory\n")
     assert find_controller(v1=tmp_path / "no-v1", v2=tmp_path) == (tmp_path, 2)
-    slowdown = Slowdown(1.6, tmp_path, 2)
+    slowdown = Slowdown(1.6, tmp_path, 2, cores=2)
     assert (tmp_path / "cgroup.subtree_control").read_text() == "+cpu"
+    assert (slowdown.machine / "cpu.max").read_text() == f"{round(PERIOD_US * 2 / 1.6)} {PERIOD_US}"
     group = slowdown.cap([7], "driver")
+    assert (slowdown.machine / "cgroup.subtree_control").read_text() == "+cpu"
     assert (group / "cpu.max").read_text() == f"{round(PERIOD_US / 1.6)} {PERIOD_US}"
 
 
