@@ -28,14 +28,19 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
-def children_of(pid: int) -> list[int]:
-    """The pids whose parent is `pid` (an aetr process's sandbox workers, a prefork worker's pool)."""
-    found = []
+def processes() -> dict[int, tuple[str, int]]:
+    """Every process now: its pid, its command name and its parent's pid."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # gone meanwhile
             stat = (entry / "stat").read_text()
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-                found.append(int(entry.name))
+            found[int(entry.name)] = (stat[stat.index("(") + 1:stat.rindex(")")],
+                                      int(stat[stat.rindex(")") + 2:].split()[1]))
     return found
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (an aetr process's sandbox workers, a prefork worker's pool)."""
+    return [child for child, (_, parent) in processes().items() if parent == pid]

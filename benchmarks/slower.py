@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from benchmarks.procstat import processes
+
 PERIOD_US: Final = 5_000  # the CFS bandwidth period of every group (the kernel's default slice is 5 ms)
 MIN_QUOTA_US: Final = 1_000  # the kernel refuses a smaller quota
 GROUP_PREFIX: Final = "aetr-bench-slower"
@@ -144,25 +146,10 @@ def place(pid: int, name: str, cores: float = 1.0) -> None:
         _active.cap([pid], name, cores)
 
 
-def _processes() -> dict[int, tuple[str, int]]:
-    """Every process: its pid, its command name and its parent's pid."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        found[int(entry.name)] = (name, int(stat[stat.rindex(")") + 2:].split()[1]))
-    return found
-
-
 def service_processes(command: str) -> list[int]:
     """The processes of a running service by its command name (`postgres`, `redis-server`), with every process
     they started: PostgreSQL's postmaster, its backends and helpers."""
-    table = _processes()
+    table = processes()
     mains = [pid for pid, (name, parent) in table.items()
              if name == command and table.get(parent, ("", 0))[0] != command]
     children: dict[int, list[int]] = {}
