@@ -356,8 +356,9 @@ async def main_async(args: argparse.Namespace) -> int:
             return 2
         placed = {command: slower.place_service(command)
                   for command in ("postgres", *(("redis-server",) if args.peers else ()))}
-        log(f"as a machine {args.slower:g} times slower: each process at most 1/{args.slower:g} of a core "
-            f"(cgroup v{slowdown.version}); services capped together: "
+        log(f"as a machine {args.slower:g} times slower: each process at most 1/{args.slower:g} of a core, all "
+            f"together at most {slowdown.cores}/{args.slower:g} cores (cgroup v{slowdown.version}); services capped "
+            "together: "
             + ", ".join(f"{command} ({n} processes)" for command, n in placed.items()))
     try:
         return await _run_all(args, selected, dbs, sizes, peers_python)
