@@ -182,6 +182,10 @@ class Context:
         """CPU seconds used so far by each process serving AETR (one, or its worker processes too)."""
         return {pid: used for pid in self.server.aetr_pids() if (used := cpu_seconds(pid)) is not None}
 
+    def _call_process_cpu(self) -> dict[int, float]:
+        """CPU seconds used so far by each of the server's call processes."""
+        return {pid: used for pid in self.server.call_pids() if (used := cpu_seconds(pid)) is not None}
+
     def _own_helper_cpu(self) -> dict[int, float]:
         """CPU seconds used so far by this process's children other than the server and the step service."""
         mine = {self.server.pid, self.svc.pid}
@@ -241,6 +245,7 @@ class Context:
         own = os.times()
         pg_before = postgres_cpu_seconds()
         workers_before = self._sandbox_worker_cpu()
+        calls_before = self._call_process_cpu()
         helpers_before = self._own_helper_cpu()
         busy_before = machine_busy_seconds()
         phase = Phase()
@@ -269,6 +274,8 @@ class Context:
             workers_after = self._sandbox_worker_cpu()
             phase.cpu_s["aetr_sandbox"] = round(
                 sum(v - workers_before.get(pid, 0.0) for pid, v in workers_after.items()), 2)
+            phase.cpu_s["aetr_calls"] = round(
+                sum(v - calls_before.get(pid, 0.0) for pid, v in self._call_process_cpu().items()), 2)
             busy = machine_busy_seconds() - busy_before
             # Everything else on the machine (other users' work competes for the same two cores).
             other = max(0.0, busy - sum(phase.cpu_s.values()))

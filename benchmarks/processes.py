@@ -30,6 +30,7 @@ PR_SET_PDEATHSIG: Final = 1
 PROFILE_FLAGS: Final = "--rate 200 --threads"  # py-spy record options besides pid, format, output
 REPO: Final = Path(__file__).resolve().parent.parent
 SANDBOX_WORKER: Final = b"aetr.sandbox.worker"  # in the command line of a sandbox worker process
+CALL_PROCESS: Final = b"aetr.engine.calls"  # in the command line of a call process
 
 
 def free_port() -> int:
@@ -110,6 +111,14 @@ def is_sandbox_worker(pid: int) -> bool:
     """Whether `pid` runs a sandbox worker."""
     try:
         return SANDBOX_WORKER in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def is_call_process(pid: int) -> bool:
+    """Whether `pid` is a serving process's call process (AETR_STEP_CALLS=process)."""
+    try:
+        return CALL_PROCESS in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 
@@ -218,6 +227,9 @@ class AetrServer(Process):
             try:
                 async with http.get(f"{self.url}/healthz", timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
+                        # A call process has a core's share of its own, as on a machine FACTOR times slower.
+                        for pid in self.call_pids():
+                            slower.place(pid, "aetr-calls")
                         return
                     last = f"HTTP {resp.status}"
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -235,6 +247,10 @@ class AetrServer(Process):
         if self.running:
             self._sandbox_pids.update(pid for parent in self.aetr_pids() for pid in children_of(parent)
                                       if is_sandbox_worker(pid))
+
+    def call_pids(self) -> list[int]:
+        """The call processes of the processes serving AETR (none with AETR_STEP_CALLS=inline)."""
+        return [pid for parent in self.aetr_pids() for pid in children_of(parent) if is_call_process(pid)]
 
     def sandbox_pids(self) -> set[int]:
         """The sandbox workers seen so far."""

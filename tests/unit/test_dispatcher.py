@@ -54,6 +54,7 @@ class FailuresKept:
 
     def __init__(self) -> None:
         self.failed: list[tuple[Any, ...]] = []
+        self.answers_coming: dict[str, Any] = {}
 
     async def attempt_failed(self, *args: Any, **kwargs: Any) -> None:
         self.failed.append(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -80,6 +81,10 @@ class CallSink(Protocol):
 
 IDS_PER_DRAW = 64  # ids made from one read of the system's randomness
 ANSWER_FLUSH_S = 0.01  # seconds a dispatch answer may wait to be written with others (or with its callback)
+# Seconds a step's report waits at most for the answer to its call while that call is still under way: the step
+# may report before its 202 has reached this process (it sent the report first, or the 202 came the longer way
+# round through the call process, engine.calls), and the history keeps the order of cause and effect.
+ANSWER_WAIT_S = 0.05
 
 
 def time_ordered_ids() -> Iterator[str]:
@@ -160,6 +165,8 @@ class Coordinator:
         # PostgreSQL counts a parallel parent's finished children in the write of the event (see Plan.count_later)
         self.count_later = store.dialect == "postgresql"
         self._answered: dict[str, FinishCall] = {}  # dispatch answers not yet written, by node id
+        # Callback-mode calls under way, by node id: resolved once their answer has been handled.
+        self.answers_coming: dict[str, asyncio.Future[None]] = {}
         self._flush: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task[None]] = set()
 
@@ -348,6 +355,11 @@ class Coordinator:
 
     async def _event(self, node_id: str, handler: Handler, source: str | None, attempt: int,
                      done: FinishCall | None = None, said: dict[str, Any] | None = None) -> decide.Verdict:
+        if source is not None and source.startswith("callback") and (coming := self.answers_coming.get(node_id)):
+            # The step reported before the answer to its call reached this process: wait a little for it, so
+            # that the history says the call was answered before what the step said.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(coming), ANSWER_WAIT_S)
         answered = [c for c in (self._answered.pop(node_id, None), done) if c is not None]
         answers = ScriptAnswers(self._script)  # kept across lost races: a script's answer depends on its args only
         # Ids for the nodes the event may create (a map's items), drawn the same on every pass of the event.

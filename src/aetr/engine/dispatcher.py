@@ -4,29 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import io
 import logging
 import random
-import socket
 import time
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import orjson
-from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from aetr.config import MIB
-from aetr.domain.hosts import AllowedHosts, address_of
+from aetr.domain.hosts import AllowedHosts
 from aetr.domain.jsonvalue import check_parsed
-from aetr.domain.kinds import api
-from aetr.domain.runs import EventRecord, Node
+from aetr.domain.kinds import ApiSpec, api
+from aetr.domain.runs import EventRecord, Node, Work
 from aetr.domain.steps import framing_headers
 from aetr.domain.urls import redact_userinfo
 from aetr.engine import metrics, tracing
+from aetr.engine.calls import Answer, CallFailed, InlineCaller, ProcessCaller
 from aetr.engine.coordinator import Coordinator, utcnow
 from aetr.engine.pacing import CallbackWindow
 from aetr.engine.tokens import TokenSigner, redact
@@ -39,8 +36,8 @@ log = logging.getLogger("aetr.dispatch")
 # moves its attempt's deadlines to count from the call.
 LATE_CALL_S = 1.0
 ANSWER_TIMEOUT_S = 30.0  # seconds a callback-mode step has to answer the call itself (not to finish)
-STREAM_OVER_BYTES = 1024 * 1024  # inputs larger than this are streamed to the step
 BODY_EXCERPT = 300  # characters of an error answer kept in the node's error message
+INLINE_UP_TO = 4  # calls under way that this process makes itself before it hands calls to its call process
 
 
 def parse_body(body: bytes, content_type: str | None) -> Any:
@@ -85,82 +82,11 @@ def _span_id() -> str:
     return f"{_RANDOM.getrandbits(64) or 1:016x}"
 
 
-def _forget_frames(exc: BaseException) -> None:
-    """Drop the tracebacks of a failed call's exception chain.
-
-    aiohttp leaves a failed call's exception in a reference cycle through the frames it unwound, and those
-    frames hold the request's body: a step that is down would keep every input sent to it until the next
-    collection, and `aetr serve` collects rarely (see settle_heap). Only the message is kept of the failure.
-    (The frames themselves are not cleared: in Python before 3.13 that would close a suspended coroutine whose
-    frame a traceback happened to hold.)
-    """
-    seen: set[int] = set()
-    chained: BaseException | None = exc
-    while chained is not None and id(chained) not in seen:
-        seen.add(id(chained))
-        chained.__traceback__ = None
-        chained = chained.__cause__ or chained.__context__
-
-
 @functools.lru_cache(maxsize=1024)
-def _encoded(url: str) -> str:
-    return str(URL(url))
-
-
-@functools.lru_cache(maxsize=256)
-def _timeout(seconds: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=seconds)
-
-
-async def read_bounded(resp: aiohttp.ClientResponse, limit: int, keep: int) -> tuple[bytes, bool]:
-    """The first `keep` bytes of an answer's body, and whether the body is over `limit` bytes.
-
-    The body is never read past `limit` (nor at all when its Content-Length is over it), and only what is kept
-    is held: a step answering gigabytes costs no more memory than the limit.
-    """
-    if resp.content_length is not None and resp.content_length > limit:
-        return b"", True
-    chunks: list[bytes] = []
-    kept = seen = 0
-    async for chunk in resp.content.iter_any():
-        seen += len(chunk)
-        if seen > limit:
-            return b"".join(chunks), True
-        if kept < keep:
-            chunks.append(chunk if kept + len(chunk) <= keep else chunk[:keep - kept])
-            kept += len(chunks[-1])
-    return b"".join(chunks), False
-
-
-class HostRefused(Exception):
-    """A step's host is outside AETR_ALLOWED_STEP_HOSTS (an OSError would be taken for a retryable DNS failure)."""
-
-
-class AllowListResolver(AbstractResolver):
-    """Resolves names as aiohttp does, keeping only the addresses the allow-list covers (all, for a listed name).
-
-    aiohttp connects to nothing but what its resolver returns, so a name that resolves (or is made to resolve)
-    to a forbidden address is refused after resolution, not merely by its spelling.
-    """
-
-    def __init__(self, allowed: AllowedHosts) -> None:
-        self._allowed = allowed
-        self._inner = aiohttp.DefaultResolver()
-
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        """The addresses of `host` that steps may be called on; HostRefused when there are none."""
-        results = await self._inner.resolve(host, port, family)
-        if self._allowed.lists_name(host):
-            return results
-        kept = [r for r in results if (a := address_of(r["host"])) is not None and self._allowed.covers(a)]
-        if not kept:
-            raise HostRefused(self._allowed.refusal(host, dict.fromkeys(r["host"] for r in results)))
-        return kept
-
-    async def close(self) -> None:
-        """Release the resolver underneath."""
-        await self._inner.close()
+def _encoded(url: str) -> tuple[str, str]:
+    """A step's URL as yarl encodes it, and its host."""
+    parsed = URL(url)
+    return str(parsed), parsed.raw_host or ""
 
 
 def _shown(text: str) -> str:
@@ -169,11 +95,12 @@ def _shown(text: str) -> str:
 
 
 class Dispatcher:
-    """Makes step calls with one shared aiohttp session (it holds up under concurrency where httpx does not)."""
+    """Makes step calls through a caller: in a process of its own (`calls_apart`), or in this one."""
 
     def __init__(self, coordinator: Coordinator, signer: TokenSigner, callback_base: str,
                  max_connections: int, max_payload_bytes: int = 16 * MIB,
-                 allowed_hosts: AllowedHosts | None = None, window: CallbackWindow | None = None) -> None:
+                 allowed_hosts: AllowedHosts | None = None, window: CallbackWindow | None = None,
+                 calls_apart: bool = False) -> None:
         self.coordinator = coordinator
         self.window = window
         self.signer = signer
@@ -184,36 +111,35 @@ class Dispatcher:
         self._callbacks_at_quoted = quote(self._callbacks_at, safe="")
         self.max_payload_bytes = max_payload_bytes
         self.allowed_hosts = allowed_hosts
-        self._max_connections = max_connections
         # Calls wait for a slot here, before their time-out starts: aiohttp counts the wait for a pooled
         # connection against the request's time-out, which failed calls that had never been sent.
         self._slots = asyncio.Semaphore(max_connections)
-        self._session: aiohttp.ClientSession | None = None
-        self._resolver: AllowListResolver | None = None
+        self.inline = InlineCaller(max_connections, allowed_hosts)
+        # With `calls_apart`, the calls made while INLINE_UP_TO are already under way go to a process of their
+        # own: there the serving process spends ~20 µs of its CPU on a call instead of ~120 (a busy process is
+        # what every step waits for), and the first few, at the lowest latency, in this one (a chain's next step
+        # waits for its call alone).
+        self.apart = ProcessCaller(max_connections, allowed_hosts) if calls_apart else None
+        self._calling = 0  # calls under way
         # Why a URL's host may not be called, judged once per host: None when allowed or to be judged once resolved.
         self._host_problem = functools.lru_cache(maxsize=1024)(
             allowed_hosts.url_host_problem if allowed_hosts is not None else lambda host: None)
 
     async def start(self) -> None:
-        """Open the HTTP session."""
-        if self.allowed_hosts is not None:
-            self._resolver = AllowListResolver(self.allowed_hosts)
-        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300,
-                                         resolver=self._resolver)
-        # No cookie jar: a Set-Cookie in one step's answer must not ride along on later calls (another run's).
-        self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                              json_serialize=lambda v: orjson.dumps(v).decode())
+        """Get ready to call: open the HTTP session, and start the call process."""
+        await self.inline.start()
+        if self.apart is not None:
+            await self.apart.start()
         if self.window is not None:
             self.window.start()
 
     async def close(self) -> None:
-        """Close the HTTP session."""
+        """Close the HTTP session, and stop the call process."""
         if self.window is not None:
             await self.window.stop()
-        if self._session is not None:
-            await self._session.close()
-        if self._resolver is not None:
-            await self._resolver.close()
+        await self.inline.close()
+        if self.apart is not None:
+            await self.apart.close()
 
     async def _fail(self, node: Node, message: str, retryable: bool, retry_after_s: float | None = None) -> None:
         if self.window is not None:
@@ -236,9 +162,9 @@ class Dispatcher:
         token = self.signer.sign(node.id, node.attempt)
         callback = f"{self._callbacks_at}{token}"
         # The step's URL as yarl encodes it, once; the query added to it is encoded here.
-        url = URL(f"{_encoded(step.url)}{'&' if '?' in step.url else '?'}aetr={self._callbacks_at_quoted}{token}",
-                  encoded=True)
-        if (problem := self._host_problem(url.raw_host or "")) is not None:
+        encoded, host = _encoded(step.url)
+        url = f"{encoded}{'&' if '?' in step.url else '?'}aetr={self._callbacks_at_quoted}{token}"
+        if (problem := self._host_problem(host)) is not None:
             await self._fail(node, f"{target} not called: {problem}", retryable=False)
             return
         # Traced, the attempt's own span; else (or for a run started untraced) a span of the run's id as trace.
@@ -248,11 +174,11 @@ class Dispatcher:
                    "traceparent": traced or f"00-{node.root_id.replace('-', '')}-{_span_id()}-01"}
         timeout_s = step.timeout_s if step.mode == "sync" else min(step.timeout_s, ANSWER_TIMEOUT_S)
         raw = orjson.dumps(node.input)
-        # aiohttp streams file-like bodies instead of writing a large one in one go
-        payload: bytes | io.BytesIO = io.BytesIO(raw) if len(raw) > STREAM_OVER_BYTES else raw
         limit = self.max_payload_bytes
-        assert self._session is not None
-        failure: BaseException | None = None
+        # Only a sync step's output is needed whole; of any other answer, the start of an error's text.
+        keep_ok = limit if step.mode == "sync" else BODY_EXCERPT
+        answer: Answer | None = None
+        failure: tuple[str, str] | None = None  # its kind and message: the exception itself holds the frames
         if self.window is not None and step.mode == "callback":
             await self.window.enter((node.id, node.attempt))  # callbacks first: see aetr.engine.pacing
         async with self._slots:  # calls wait for a slot before their time-out starts (see __init__)
@@ -260,31 +186,48 @@ class Dispatcher:
             metrics.call_made(node.id, node.attempt, started)
             if traced is not None:
                 tracing.called(node)
+            caller: InlineCaller | ProcessCaller = self.inline
+            coming: asyncio.Future[None] | None = None
+            if self.apart is not None and self._calling >= INLINE_UP_TO:
+                caller = self.apart
+                metrics.CALLS_APART.inc()
+            if step.mode == "callback":
+                # The step's report may come before its answer: sent first, or the answer came the longer way
+                # round through the call process. The report then waits a little for it (Coordinator._event).
+                coming = self.coordinator.answers_coming[node.id] = asyncio.get_running_loop().create_future()
+            self._calling += 1
             try:
-                # Redirects are not followed: they would carry the input and the callback token to wherever
-                # Location points (and a 301/302 turns the POST into a GET without its body).
-                async with self._session.request(step.method, url, data=payload, headers=headers,
-                                                 allow_redirects=False, timeout=_timeout(timeout_s)) as resp:
-                    status, content_type = resp.status, resp.headers.get("Content-Type")
-                    retry_after, location = resp.headers.get("Retry-After"), resp.headers.get("Location")
-                    # Only a sync step's output is needed whole; of any other answer, the start of an error's text.
-                    keep = limit if step.mode == "sync" and 200 <= status < 300 else BODY_EXCERPT
-                    body, over = await read_bounded(resp, limit, keep)
-                    if over:
-                        resp.close()  # the rest is never read: drop the connection rather than drain it
-            except (aiohttp.ClientError, TimeoutError, OSError, HostRefused) as exc:
-                failure = exc
-        if failure is not None:
-            _forget_frames(failure)
-            if isinstance(failure, HostRefused):
+                answer = await caller.call(step.method, url, headers, raw, timeout_s, limit, keep_ok, BODY_EXCERPT)
+            except CallFailed as exc:
+                failure = (exc.kind, str(exc))
+            finally:
+                self._calling -= 1
+        if coming is None:
+            await self._answered(node, w, step, target, answer, failure, started, called_at)
+            return
+        try:
+            await self._answered(node, w, step, target, answer, failure, started, called_at)
+        finally:
+            if self.coordinator.answers_coming.get(node.id) is coming:
+                del self.coordinator.answers_coming[node.id]
+            coming.set_result(None)
+
+    async def _answered(self, node: Node, w: Work, step: ApiSpec, target: str, answer: Answer | None,
+                        failure: tuple[str, str] | None, started: float, called_at: datetime) -> None:
+        """Record what the call came to: its answer, the step's output (sync), or the attempt's failure."""
+        limit = self.max_payload_bytes
+        if failure is not None or answer is None:
+            assert failure is not None
+            kind, why = failure
+            if kind == "refused":
                 metrics.call_ended("refused")
-                await self._fail(node, f"{target} not called: {failure}", retryable=False)
+                await self._fail(node, f"{target} not called: {why}", retryable=False)
                 return
             metrics.call_ended("unreachable")
             # The driver's text may quote the URL called, whose `aetr=` parameter holds the callback token.
-            reason = f"no answer within {timeout_s:g} s" if isinstance(failure, TimeoutError) else str(failure)
-            await self._fail(node, f"{target} failed: {reason or type(failure).__name__}", retryable=True)
+            await self._fail(node, f"{target} failed: {why}", retryable=True)
             return
+        status, body, over = answer.status, answer.body, answer.over
         ms = round((time.monotonic() - started) * 1000, 1)
         metrics.call_ended(f"{status // 100}xx")
         too_big = (f"a body over the payload limit of {limit} bytes (AETR_MAX_PAYLOAD_BYTES), not read past "
@@ -296,8 +239,8 @@ class Dispatcher:
                                        "(answer with where the data is) or raise the limit", retryable=False)
                 return
             if step.mode == "callback":
-                answer = {"attempt": node.attempt, "status": status, "ms": ms, "step": node.step.name}
-                record = EventRecord(node.root_id, node.id, "dispatch", answer, utcnow())
+                said = {"attempt": node.attempt, "status": status, "ms": ms, "step": node.step.name}
+                record = EventRecord(node.root_id, node.id, "dispatch", said, utcnow())
                 late = called_at - w.due_at > timedelta(seconds=LATE_CALL_S)
                 self.coordinator.call_answered(FinishCall(
                     node.id, node.attempt, record=record,
@@ -306,7 +249,7 @@ class Dispatcher:
                     if late and step.heartbeat_s is not None else None))
                 return
             try:
-                output = parse_body(body, content_type)
+                output = parse_body(body, answer.content_type)
             except orjson.JSONDecodeError:
                 await self._fail(node, f"{target} answered {status} with a body that is not valid JSON",
                                  retryable=False)
@@ -322,10 +265,10 @@ class Dispatcher:
         if over:
             message += f" with {too_big}"
         message = f"{message}: {excerpt}".rstrip(": ")
-        if retry_after:
-            message += f" (Retry-After: {retry_after})"
+        if answer.retry_after:
+            message += f" (Retry-After: {answer.retry_after})"
         if 300 <= status < 400:
-            message += (f" (a redirect to {location or 'nowhere'!r}: AETR does not follow "
+            message += (f" (a redirect to {answer.location or 'nowhere'!r}: AETR does not follow "
                         "redirects; set the step's url to the final address)")
         await self._fail(node, message, retryable=status >= 500 or status == 429,
-                         retry_after_s=parse_retry_after(retry_after))
+                         retry_after_s=parse_retry_after(answer.retry_after))

@@ -58,6 +58,8 @@ WINDOW_QUEUED = Gauge("aetr_calls_waiting_for_window", "Step calls of this proce
                       "callback window now.")
 WINDOW_WAITS = Counter("aetr_calls_held_by_window", "Step calls that waited for a place in the callback window "
                        "before they were made.")
+CALLS_APART = Counter("aetr_step_calls_apart", "Step calls this process handed to its call process (AETR_STEP_CALLS) "
+                      "rather than making them itself.")
 
 MAX_CALLS_TIMED = 100_000  # calls whose start is remembered at most: an outcome handled elsewhere leaves one behind
 

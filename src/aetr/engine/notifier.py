@@ -22,8 +22,8 @@ from aetr.domain.notify import EVENT_TYPES, Backoff, event_data, notification_id
 from aetr.domain.runs import EventRecord, Node, Work
 from aetr.domain.urls import redact_userinfo
 from aetr.engine import metrics
+from aetr.engine.calls import AllowListResolver, HostRefused
 from aetr.engine.coordinator import utcnow
-from aetr.engine.dispatcher import AllowListResolver, HostRefused
 from aetr.store import ClaimedWork, Store
 from aetr.store.sql import FinishCall, FinishCalls, LoadRoot, NotifyTried, single
 
