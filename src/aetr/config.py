@@ -139,7 +139,7 @@ Text = Annotated[str, BeforeValidator(_text)]
 OptionalText = Annotated[str | None, BeforeValidator(_text)]
 SecretText = Annotated[str | None, BeforeValidator(_text), Field(repr=False)]  # never shown in logs or tracebacks
 Synchronous = Annotated[str, BeforeValidator(_one_of("full", "normal"))]
-StepCalls = Annotated[str, BeforeValidator(_one_of("auto", "process", "inline"))]
+StepCalls = Annotated[str, BeforeValidator(_one_of("inline", "process"))]
 # NoDecode: the variable is a comma-separated list, not the JSON that pydantic-settings expects by default.
 Hosts = Annotated[AllowedHosts | None, NoDecode, BeforeValidator(_allowed_hosts)]
 TestClock = Annotated[str | None, BeforeValidator(_test_clock)]
@@ -193,9 +193,9 @@ class Settings(BaseSettings):
     header_timeout_s: Positive = 10.0
     body_timeout_s: Positive = 60.0
     max_connections: Whole = 1000
-    # Where step calls are made under load: a process of their own beside each serving process, or the serving
-    # process; auto: the former on SQLite (see engine.calls).
-    step_calls: StepCalls = "auto"
+    # Who makes step calls once a few are under way: the serving process, or a process of their own beside it
+    # (see engine.calls).
+    step_calls: StepCalls = "inline"
     # Run starts one process handles at once; the others wait for a place (aetr.engine.admission).
     starts_at_once: Whole = 8
     max_pending_starts: Count = 1000  # run starts that may wait for a place at once; the next answers 503

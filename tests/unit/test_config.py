@@ -133,3 +133,10 @@ def test_serve_stops_before_starting_anything_and_names_the_variable_it_cannot_u
     with pytest.raises(SystemExit) as stopped:
         serve()
     assert stopped.value.code == "aetr: AETR_WORKERS='0' must be a whole number from 1 to 64"
+
+
+def test_step_calls_are_made_in_the_serving_process_unless_told_otherwise() -> None:
+    assert Settings.from_env({}).step_calls == "inline"
+    assert Settings.from_env({"AETR_STEP_CALLS": "PROCESS"}).step_calls == "process"
+    with pytest.raises(ConfigError, match=r"AETR_STEP_CALLS='thread': use one of inline, process"):
+        Settings.from_env({"AETR_STEP_CALLS": "thread"})

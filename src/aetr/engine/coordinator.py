@@ -81,9 +81,9 @@ class CallSink(Protocol):
 
 IDS_PER_DRAW = 64  # ids made from one read of the system's randomness
 ANSWER_FLUSH_S = 0.01  # seconds a dispatch answer may wait to be written with others (or with its callback)
-# Seconds a step's report waits at most for the answer to its call while that call is still under way: the step
-# may report before its 202 has reached this process (it sent the report first, or the 202 came the longer way
-# round through the call process, engine.calls), and the history keeps the order of cause and effect.
+# Seconds a step's report waits at most for the answer to its call while that call is still under way, when
+# calls are made in a call process (engine.calls): the 202 comes the longer way round, and the report often
+# reaches this process first. The history keeps the order of cause and effect.
 ANSWER_WAIT_S = 0.05
 
 
@@ -165,7 +165,8 @@ class Coordinator:
         # PostgreSQL counts a parallel parent's finished children in the write of the event (see Plan.count_later)
         self.count_later = store.dialect == "postgresql"
         self._answered: dict[str, FinishCall] = {}  # dispatch answers not yet written, by node id
-        # Callback-mode calls under way, by node id: resolved once their answer has been handled.
+        # Callback-mode calls under way, by node id, when a call process makes calls: resolved once their answer
+        # has been handled.
         self.answers_coming: dict[str, asyncio.Future[None]] = {}
         self._flush: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task[None]] = set()

@@ -191,9 +191,9 @@ class Dispatcher:
             if self.apart is not None and self._calling >= INLINE_UP_TO:
                 caller = self.apart
                 metrics.CALLS_APART.inc()
-            if step.mode == "callback":
-                # The step's report may come before its answer: sent first, or the answer came the longer way
-                # round through the call process. The report then waits a little for it (Coordinator._event).
+            if self.apart is not None and step.mode == "callback":
+                # With a call process, a step's report often comes before its answer, which comes the longer way
+                # round: the report then waits a little for it (Coordinator._event), for the history's order.
                 coming = self.coordinator.answers_coming[node.id] = asyncio.get_running_loop().create_future()
             self._calling += 1
             try:

@@ -53,16 +53,6 @@ class RunWatch:
         self.event.clear()
 
 
-def calls_apart(step_calls: str, dialect: str) -> bool:
-    """Whether a process hands its step calls to a process of their own under load (AETR_STEP_CALLS).
-
-    `auto` does on SQLite, where the serving process runs the database's statements too and is what every step
-    waits for, and not on PostgreSQL, whose server already works on another core: there the call process took
-    CPU that PostgreSQL wanted (0.90× the throughput on two cores, docs/performance.md).
-    """
-    return step_calls == "process" or (step_calls == "auto" and dialect == "sqlite")
-
-
 class Engine:
     """Everything a running `aetr serve` process owns."""
 
@@ -99,7 +89,7 @@ class Engine:
         self.dispatcher = Dispatcher(self.coordinator, self.signer, self.settings.callback_base,
                                      self.settings.max_in_flight, self.settings.max_payload_bytes,
                                      self.settings.allowed_step_hosts, window=window,
-                                     calls_apart=calls_apart(self.settings.step_calls, self.store.dialect))
+                                     calls_apart=self.settings.step_calls == "process")
         await self.dispatcher.start()
         backoff = Backoff(self.settings.notify_backoff_s, self.settings.notify_max_backoff_s,
                           self.settings.notify_window_s)
