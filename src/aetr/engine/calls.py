@@ -273,7 +273,51 @@ class ProcessCaller:
         return Answer(*reply)
 
 
-class _Child(asyncio.Protocol):
+class _Frames(asyncio.Protocol):
+    """One end of the socket between a serving process and its call process: tuples out and in as frames.
+
+    Frames written in one turn of the loop go in one write; each whole frame read is handed to `received`.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._out: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not derive from asyncio's
+
+    def write(self, values: tuple[Any, ...]) -> None:
+        """Send a tuple of plain values (marshal's), with the others of this turn of the loop."""
+        frame = marshal.dumps(values)
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out += (_LENGTH.pack(len(frame)), frame)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        at, end = 0, len(buffer)
+        while end - at >= 4:
+            (size,) = _LENGTH.unpack_from(buffer, at)
+            if end - at - 4 < size:
+                break
+            values = marshal.loads(buffer[at + 4:at + 4 + size])
+            at += 4 + size
+            self.received(values)
+        del buffer[:at]
+
+    def received(self, values: tuple[Any, ...]) -> None:
+        """A whole frame came."""
+        raise NotImplementedError
+
+
+class _Child(_Frames):
     """The serving process's end of its socket to the call process: requests out, answers in, by id.
 
     A Unix socket pair rather than the child's stdin and stdout: uvloop's subprocess pipes have been known to
@@ -282,19 +326,14 @@ class _Child(asyncio.Protocol):
     """
 
     def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        super().__init__()
         self.gone = False
         self.pid = process.pid
         self._process = process
-        self._transport: asyncio.Transport | None = None
         # Each call's answer to come, by id, and the loop time by which the child must have answered it.
         self._waiting: dict[int, tuple[asyncio.Future[tuple[Any, ...]], float]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self._next = 0
-        self._buffer = bytearray()
-        self._out: list[bytes] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not derive from asyncio's
 
     def send(self, request: tuple[Any, ...], timeout_s: float) -> asyncio.Future[tuple[Any, ...]]:
         if self.gone:
@@ -304,10 +343,7 @@ class _Child(asyncio.Protocol):
         future: asyncio.Future[tuple[Any, ...]] = loop.create_future()
         # Forgotten when its answer comes (a caller that went away leaves it until then), or by the sweep.
         self._waiting[self._next] = (future, loop.time() + timeout_s + CHILD_GRACE_S)
-        frame = marshal.dumps((self._next, *request))
-        if not self._out:
-            loop.call_soon(self._flush)
-        self._out += (_LENGTH.pack(len(frame)), frame)
+        self.write((self._next, *request))
         if self._sweep is None:
             self._sweep = loop.call_later(SWEEP_S, self._fail_overdue)
         return future
@@ -327,25 +363,10 @@ class _Child(asyncio.Protocol):
                         len(overdue))
         self._sweep = loop.call_later(SWEEP_S, self._fail_overdue) if self._waiting and not self.gone else None
 
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"".join(out))
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        at, end = 0, len(buffer)
-        while end - at >= 4:
-            (size,) = _LENGTH.unpack_from(buffer, at)
-            if end - at - 4 < size:
-                break
-            reply = marshal.loads(buffer[at + 4:at + 4 + size])
-            at += 4 + size
-            waiting = self._waiting.pop(reply[0], None)
-            if waiting is not None and not waiting[0].done():
-                waiting[0].set_result(reply[1:])
-        del buffer[:at]
+    def received(self, values: tuple[Any, ...]) -> None:
+        waiting = self._waiting.pop(values[0], None)
+        if waiting is not None and not waiting[0].done():
+            waiting[0].set_result(values[1:])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
@@ -372,8 +393,8 @@ class _Child(asyncio.Protocol):
 
     async def stop(self) -> None:
         """Close the socket (the child stops at its end) and wait for the child to exit; kill it past the grace."""
-        if self._transport is not None:
-            self._transport.close()
+        if self.transport is not None:
+            self.transport.close()
         await asyncio.to_thread(self._reap)
 
 
@@ -385,29 +406,12 @@ async def _serve(max_connections: int, allowed: AllowedHosts | None, fd: int) ->
     tasks: set[asyncio.Task[None]] = set()
     ended = loop.create_future()
 
-    class Requests(asyncio.Protocol):
-        def __init__(self) -> None:
-            self.buffer = bytearray()
-            self.out: list[bytes] = []
-            self.transport: asyncio.Transport | None = None
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = cast(asyncio.Transport, transport)
-
-        def data_received(self, data: bytes) -> None:
-            buffer = self.buffer
-            buffer += data
-            at, end = 0, len(buffer)
-            while end - at >= 4:
-                (size,) = _LENGTH.unpack_from(buffer, at)
-                if end - at - 4 < size:
-                    break
-                key, *request = marshal.loads(buffer[at + 4:at + 4 + size])
-                at += 4 + size
-                task = loop.create_task(self.one(key, tuple(request)))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            del buffer[:at]
+    class Requests(_Frames):
+        def received(self, values: tuple[Any, ...]) -> None:
+            key, *request = values
+            task = loop.create_task(self.one(key, tuple(request)))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
         def connection_lost(self, exc: Exception | None) -> None:
             if not ended.done():
@@ -417,24 +421,13 @@ async def _serve(max_connections: int, allowed: AllowedHosts | None, fd: int) ->
             try:
                 answer = await caller.call(*request)
             except CallFailed as exc:
-                self.reply((key, _FAILED, exc.kind, str(exc)))
+                self.write((key, _FAILED, exc.kind, str(exc)))
             except Exception as exc:  # a bug here must not leave the serving process waiting
                 log.exception("call %d failed", key)
-                self.reply((key, _FAILED, "unreachable", f"AETR's call process: {type(exc).__name__}: {exc}"))
+                self.write((key, _FAILED, "unreachable", f"AETR's call process: {type(exc).__name__}: {exc}"))
             else:
-                self.reply((key, answer.status, answer.content_type, answer.retry_after, answer.location,
+                self.write((key, answer.status, answer.content_type, answer.retry_after, answer.location,
                             answer.body, answer.over))
-
-        def reply(self, values: tuple[Any, ...]) -> None:
-            frame = marshal.dumps(values)
-            if not self.out:
-                loop.call_soon(self.flush)
-            self.out.extend((_LENGTH.pack(len(frame)), frame))
-
-        def flush(self) -> None:
-            frames, self.out = b"".join(self.out), []
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(frames)
 
     await loop.create_unix_connection(Requests, sock=socket.socket(fileno=fd))
     await ended  # the serving process closed its end, or stopped
