@@ -1,10 +1,11 @@
 """Step calls over HTTP: made in the serving process, or in a process of their own beside it.
 
 The dispatcher decides what to call and what an answer means; a caller only sends one request and reads its
-answer, bounded. `InlineCaller` does it with an aiohttp session in the serving process. `ProcessCaller` hands
-the requests to a child process (`python -m aetr.engine.calls`) that runs an InlineCaller: aiohttp's client was
-a fifth of the serving process's CPU in the burst of 500 runs, and on SQLite that process is what every step
-waits for, while another core had time to spare ([performance](../../../docs/performance.md)).
+answer, bounded. `InlineCaller` does it with an aiohttp session in the serving process (the default).
+`ProcessCaller` (AETR_STEP_CALLS=process) hands the requests to a child process (`python -m aetr.engine.calls`)
+that runs an InlineCaller: aiohttp's client was a fifth of the serving process's CPU in the burst of 500 runs,
+and a call handed over costs that process a sixth of it. It pays where a core is free for the child; on a busy
+2-core machine it did not (docs/performance.md, "Step calls in a process of their own").
 
 Between the two processes, over a Unix socket pair: frames of a 4-byte length and a `marshal`led tuple (both
 ends are the same interpreter; nothing else holds the socket). A request is `(id, method, url,

@@ -356,7 +356,8 @@ class Coordinator:
 
     async def _event(self, node_id: str, handler: Handler, source: str | None, attempt: int,
                      done: FinishCall | None = None, said: dict[str, Any] | None = None) -> decide.Verdict:
-        if source is not None and source.startswith("callback") and (coming := self.answers_coming.get(node_id)):
+        if self.answers_coming and source is not None and source.startswith("callback") and (
+                coming := self.answers_coming.get(node_id)):
             # The step reported before the answer to its call reached this process: wait a little for it, so
             # that the history says the call was answered before what the step said.
             with contextlib.suppress(TimeoutError):
