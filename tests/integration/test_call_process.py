@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from aetr.domain.hosts import AllowedHosts
 from aetr.engine import calls
 from aetr.engine.calls import Answer, CallFailed, InlineCaller, ProcessCaller
 from aetr.engine.dispatcher import INLINE_UP_TO
-from aetr.testing import StepService
+from aetr.testing import Behaviour, StepService
 from aetr.testing.step_service import StepRequest
 from tests.integration.conftest import Server, free_port, running_server
 
@@ -36,9 +36,8 @@ def is_call_process(pid: int) -> bool:
         return False
 
 
-async def until(condition: object, what: str, timeout: float = DEADLINE_S) -> None:  # noqa: ASYNC109
+async def until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:  # noqa: ASYNC109
     """Wait for `condition()` to hold, failing the test after `timeout` seconds."""
-    assert callable(condition)
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {timeout} s"
@@ -61,7 +60,7 @@ async def svc() -> AsyncIterator[StepService]:
         yield service
 
 
-def replying(status: int, body: bytes, **headers: str) -> object:
+def replying(status: int, body: bytes, **headers: str) -> Behaviour:
     async def behaviour(request: StepRequest) -> web.StreamResponse:
         return web.Response(status=status, body=body, headers=headers)
 

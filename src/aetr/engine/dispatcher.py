@@ -202,15 +202,13 @@ class Dispatcher:
                 failure = (exc.kind, str(exc))
             finally:
                 self._calling -= 1
-        if coming is None:
-            await self._answered(node, w, step, target, answer, failure, started, called_at)
-            return
         try:
             await self._answered(node, w, step, target, answer, failure, started, called_at)
         finally:
-            if self.coordinator.answers_coming.get(node.id) is coming:
-                del self.coordinator.answers_coming[node.id]
-            coming.set_result(None)
+            if coming is not None:
+                if self.coordinator.answers_coming.get(node.id) is coming:
+                    del self.coordinator.answers_coming[node.id]
+                coming.set_result(None)
 
     async def _answered(self, node: Node, w: Work, step: ApiSpec, target: str, answer: Answer | None,
                         failure: tuple[str, str] | None, started: float, called_at: datetime) -> None:
