@@ -336,8 +336,18 @@ async def seeded(aetr: Server) -> AsyncIterator[Server]:
         service.route(HOLD, never())
         await aetr.put_step({"name": "leaf", "kind": "api", "url": service.url(HOLD)})
         await aetr.put_step({"name": "pipe", "kind": "sequential", "children": [{"step": "leaf"}]})
-        await aetr.start("pipe", {"n": 1})
+        run_id = await aetr.start("pipe", {"n": 1})
         await service.wait_for_calls(HOLD, 1)
+        # The step service has seen the call, but the engine records its 202 a moment later: wait for that, or a
+        # test's "before" could be read without it and its "after" with it.
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while True:
+            status, events = await aetr.call("GET", f"/api/v1/runs/{run_id}/events")
+            assert status == 200, events
+            if any(e["kind"] == "dispatch" for e in events):
+                break
+            assert asyncio.get_running_loop().time() < deadline, f"the call's 202 was never recorded: {events}"
+            await asyncio.sleep(0.02)
         yield aetr
 
 
