@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from aetr.config import ConfigError, Settings
 from aetr.engine.runtime import Engine
 from aetr.store.migrate import upgrade_engine
-from aetr.store.sqlite import SqliteStore
+from aetr.store.sqlite import CHECKPOINT_FRAMES, WAL_RESTART_FRAMES, SqliteStore
 from aetr.testing.engine import coordinator_without_http
 
 FULL, NORMAL = 2, 1  # what PRAGMA synchronous answers
@@ -78,3 +79,66 @@ async def test_a_big_group_waits_for_the_disk_on_a_thread_and_a_lone_event_on_th
     assert lone == [threading.main_thread().name]
     normal, advanced = await _commit_threads(tmp_path / "normal.db", "normal", 40)  # NORMAL does not fsync at COMMIT
     assert advanced == 41 and set(normal) == {threading.main_thread().name}
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("at_once", [2, 16])
+async def test_the_wal_is_copied_back_on_a_thread_and_starts_over(tmp_path: Path, at_once: int) -> None:
+    """The events' writer leaves checkpoints to a thread of its own, not to a COMMIT on the loop's thread, and
+    the WAL still starts over now and then, whether events come few at a time (checkpoints beside the commits)
+    or many (the writer's own): its file stays bounded however much is written."""
+    path = tmp_path / "aetr.db"
+    store = SqliteStore(create_async_engine(f"sqlite+aiosqlite:///{path}"), "full")
+    await upgrade_engine(store.engine)
+    try:
+        coordinator, _ = await coordinator_without_http(store, "two", 2)
+        await coordinator.start_run("two", 0, None)  # opens the writer
+        writer = store._writer
+        assert writer is not None and writer._checkpoints is not None
+        checkpoints: list[str] = []
+        for conn in (writer.conn, writer._checkpoints._conn):
+            conn.set_trace_callback(
+                lambda sql: checkpoints.append(threading.current_thread().name) if "checkpoint(" in sql else None)
+        restarts, last = 0, 0
+        for _ in range(5000):  # a start writes a few pages
+            await asyncio.gather(*(coordinator.start_run("two", i, None) for i in range(at_once)))
+            _, frames = writer._checkpoints.frames()
+            restarts, last = restarts + (frames < last), frames
+            if restarts >= 2:
+                break
+        assert restarts >= 2, f"the WAL never started over ({len(checkpoints)} checkpoints)"
+        assert checkpoints and all(t.startswith("aetr-sqlite-checkpoint") for t in checkpoints), checkpoints
+        frame = 4096 + 24  # a page and its header
+        assert (tmp_path / "aetr.db-wal").stat().st_size <= (WAL_RESTART_FRAMES + CHECKPOINT_FRAMES) * frame
+    finally:
+        await store.close()
+
+
+@pytest.mark.sqlite_only
+async def test_a_reader_holding_a_snapshot_keeps_the_wal_only_until_it_ends(tmp_path: Path) -> None:
+    """A backup holds a snapshot: the WAL cannot start over meanwhile, and events still commit; once it ends,
+    the WAL is copied back and starts over again."""
+    path = tmp_path / "aetr.db"
+    store = SqliteStore(create_async_engine(f"sqlite+aiosqlite:///{path}"), "full")
+    await upgrade_engine(store.engine)
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        coordinator, _ = await coordinator_without_http(store, "two", 2)
+        await coordinator.start_run("two", 0, None)
+        assert store._writer is not None and store._writer._checkpoints is not None
+        checkpoints = store._writer._checkpoints
+        reader.execute("BEGIN")
+        (before,) = reader.execute("SELECT count(*) FROM run_nodes").fetchone()
+        while checkpoints.frames()[1] < 2 * WAL_RESTART_FRAMES:
+            await coordinator.start_run("two", 1, None)
+        assert reader.execute("SELECT count(*) FROM run_nodes").fetchone() == (before,)  # its snapshot held
+        reader.execute("COMMIT")
+        longest = checkpoints.frames()[1]
+        for _ in range(2000):
+            await coordinator.start_run("two", 1, None)
+            if checkpoints.frames()[1] < longest:
+                break
+        assert checkpoints.frames()[1] < longest, "the WAL did not start over once the reader had ended"
+    finally:
+        reader.close()
+        await store.close()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
+import struct
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +50,11 @@ DEFAULT_SYNCHRONOUS = "full"
 # thread's hand-over (about 0.1 ms more per commit) is paid where the loop has other work; a lone event (a
 # chain's next step) commits on the loop's thread as before. Measured in docs/performance.md.
 COMMIT_OFF_LOOP_FROM = 16
+# The WAL is copied back into the database file (a checkpoint) once this many pages are in it and not yet copied:
+# SQLite's own wal_autocheckpoint. The writer's checkpoints run beside its commits, not inside one: _Checkpoints.
+CHECKPOINT_FRAMES = 1000
+# A WAL this long (pages since it last started over) is copied back with the writes held, and starts over.
+WAL_RESTART_FRAMES = 2 * CHECKPOINT_FRAMES
 TREES_KEPT = 1024  # step trees' rows the writer keeps at most (a start of a step reads its tree's rows)
 
 
@@ -110,6 +118,7 @@ class Writer:
         for pragma in pragmas:
             self.conn.execute(pragma)
         self.conn.execute("PRAGMA busy_timeout=0")
+        self._checkpoints = _Checkpoints.open(path, pragmas, self.conn)
         # Only this task uses the connection, and it waits while the thread commits: never two threads at once.
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="aetr-sqlite-commit") if commit_off_loop else None
         self._jobs: list[_Job] = []  # every event but starts, first come first served
@@ -149,6 +158,8 @@ class Writer:
         await self._task
         if self._committer is not None:
             self._committer.shutdown()
+        if self._checkpoints is not None:
+            self._checkpoints.close()
         self.conn.close()
 
     async def _main(self) -> None:
@@ -162,6 +173,8 @@ class Writer:
                 if group:
                     await self._commit(group)
                     _deliver(group)
+                    if self._checkpoints is not None:
+                        await self._checkpoints.after_group(queued=len(group) >= COMMIT_OFF_LOOP_FROM)
                 if self._chores:  # one after each group: the events queued meanwhile go next
                     await self._run_chore(self._chores.pop(0))
             if self._closing:
@@ -284,6 +297,86 @@ class Writer:
             raise
         finally:
             ops.close()
+
+
+class _Checkpoints:
+    """The writer's checkpoints, beside its commits rather than inside one.
+
+    SQLite's autocheckpoint runs in the COMMIT that takes the WAL past CHECKPOINT_FRAMES pages: that commit, and
+    the events behind it, wait while the pages are copied into the database file and the file is synced (1-3 ms
+    here, longer as the file grows). Here the writer's connection does not checkpoint. After a group's callers
+    have been answered, a connection of this class's own copies the pages back (PASSIVE, as the autocheckpoint)
+    on a thread while the writer goes on committing. SQLite starts the WAL over only at a write that finds every
+    page of it copied back, which the writes beside such a checkpoint prevent; so once the WAL has
+    WAL_RESTART_FRAMES pages, the checkpoint is a RESTART, which holds other writers off until the next write
+    starts the WAL over, and the writer waits for it. So does the writer after a group big enough to mean that
+    events are queueing, where a copy beside its commits would compete with them for the disk.
+
+    How far the WAL has got is read from the wal-index (the `-shm` file every connection to a WAL database maps):
+    the header's mxFrame (offset 16) and the checkpoint's nBackfill (offset 96), 32-bit in the machine's byte
+    order, as sqlite.org/walformat.html lays them out. Where there is no such file to read, `open` answers
+    None and SQLite's autocheckpoint stays.
+    """
+
+    RETRY_FRAMES = CHECKPOINT_FRAMES // 4  # pages written before a checkpoint that did not finish is tried again
+
+    def __init__(self, shm: int, path: str, pragmas: tuple[str, ...]) -> None:
+        self._shm = shm
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        for pragma in pragmas:
+            self._conn.execute(pragma)
+        # Never wait: with a reader in the way (a backup, say) a RESTART copies what it can, as PASSIVE does, and
+        # is tried again RETRY_FRAMES later. Waiting for the reader would hold the writer up at every try.
+        self._conn.execute("PRAGMA busy_timeout=0")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="aetr-sqlite-checkpoint")
+        self._beside: asyncio.Future[None] | None = None
+        self._tried_at = 0  # mxFrame when a checkpoint was last started
+
+    @classmethod
+    def open(cls, path: str, pragmas: tuple[str, ...], writer: sqlite3.Connection) -> _Checkpoints | None:
+        """Take the checkpoints over from `writer`'s autocheckpoint, or None where the WAL's index is not a file."""
+        writer.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # a transaction makes the -shm file
+        try:
+            shm = os.open(path + "-shm", os.O_RDONLY)
+        except OSError:
+            return None
+        writer.execute("PRAGMA wal_autocheckpoint=0")
+        return cls(shm, path, pragmas)
+
+    def frames(self) -> tuple[int, int]:
+        """(pages in the WAL not copied back yet, pages in the WAL since it last started over)."""
+        header = os.pread(self._shm, 100, 0)
+        if len(header) < 100:
+            return 0, 0
+        (mx_frame,) = _U32.unpack_from(header, 16)
+        (backfilled,) = _U32.unpack_from(header, 96)
+        return mx_frame - backfilled, mx_frame
+
+    async def after_group(self, queued: bool) -> None:
+        """Checkpoint if it is time; `queued`: the group was a big one, and the writer waits for a RESTART."""
+        behind, frames = self.frames()
+        if frames < self._tried_at:  # the WAL started over
+            self._tried_at = 0
+        if behind < CHECKPOINT_FRAMES or frames < self._tried_at + self.RETRY_FRAMES:
+            return
+        self._tried_at = frames
+        loop = asyncio.get_running_loop()
+        if queued or frames >= WAL_RESTART_FRAMES:
+            await loop.run_in_executor(self._thread, self._checkpoint, "RESTART")  # after the one beside, if any
+        elif self._beside is None or self._beside.done():
+            self._beside = loop.run_in_executor(self._thread, self._checkpoint, "PASSIVE")
+
+    def _checkpoint(self, mode: str) -> None:
+        with contextlib.suppress(sqlite3.Error):  # the disk, say: tried again after a later group
+            self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+
+    def close(self) -> None:
+        self._thread.shutdown()
+        self._conn.close()
+        os.close(self._shm)
+
+
+_U32 = struct.Struct("=I")
 
 
 def _execute(cur: sqlite3.Cursor, op: Op) -> Any:
