@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from aetr.config import ConfigError, Settings
 from aetr.engine.runtime import Engine
+from aetr.store import sqlite as sqlite_store
 from aetr.store.migrate import upgrade_engine
 from aetr.store.sqlite import CHECKPOINT_FRAMES, WAL_RESTART_FRAMES, SqliteStore
 from aetr.testing.engine import coordinator_without_http
@@ -144,4 +145,22 @@ async def test_a_reader_holding_a_snapshot_keeps_the_wal_only_until_it_ends(tmp_
         assert checkpoints.frames()[1] < longest, "the WAL did not start over once the reader had ended"
     finally:
         reader.close()
+        await store.close()
+
+
+@pytest.mark.sqlite_only
+async def test_a_wal_index_of_another_layout_leaves_checkpoints_to_sqlite(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should SQLite ever lay its WAL's index out differently, the writer does not read it: SQLite's own
+    autocheckpoint copies the WAL back, inside the commits, as before."""
+    monkeypatch.setattr(sqlite_store, "WAL_INDEX_VERSION", 1)
+    path = tmp_path / "aetr.db"
+    store = SqliteStore(create_async_engine(f"sqlite+aiosqlite:///{path}"), "full")
+    await upgrade_engine(store.engine)
+    try:
+        coordinator, _ = await coordinator_without_http(store, "two", 2)
+        await coordinator.start_run("two", 0, None)
+        assert store._writer is not None and store._writer._checkpoints is None
+        assert store._writer.conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (CHECKPOINT_FRAMES,)
+    finally:
         await store.close()

@@ -314,8 +314,8 @@ class _Checkpoints:
 
     How far the WAL has got is read from the wal-index (the `-shm` file every connection to a WAL database maps):
     the header's mxFrame (offset 16) and the checkpoint's nBackfill (offset 96), 32-bit in the machine's byte
-    order, as sqlite.org/walformat.html lays them out. Where there is no such file to read, `open` answers
-    None and SQLite's autocheckpoint stays.
+    order, as sqlite.org/walformat.html lays them out. Where there is no such file to read, or its header
+    is of another version than that layout's, `open` answers None and SQLite's autocheckpoint stays.
     """
 
     RETRY_FRAMES = CHECKPOINT_FRAMES // 4  # pages written before a checkpoint that did not finish is tried again
@@ -339,6 +339,10 @@ class _Checkpoints:
         try:
             shm = os.open(path + "-shm", os.O_RDONLY)
         except OSError:
+            return None
+        header = os.pread(shm, 4, 0)
+        if len(header) < 4 or _U32.unpack(header)[0] != WAL_INDEX_VERSION:  # a layout this code does not know
+            os.close(shm)
             return None
         writer.execute("PRAGMA wal_autocheckpoint=0")
         return cls(shm, path, pragmas)
@@ -377,6 +381,7 @@ class _Checkpoints:
 
 
 _U32 = struct.Struct("=I")
+WAL_INDEX_VERSION = 3007000  # the wal-index header's first field, the layout's version (since SQLite 3.7.0)
 
 
 def _execute(cur: sqlite3.Cursor, op: Op) -> Any:
