@@ -308,9 +308,10 @@ class _Checkpoints:
     have been answered, a connection of this class's own copies the pages back (PASSIVE, as the autocheckpoint)
     on a thread while the writer goes on committing. SQLite starts the WAL over only at a write that finds every
     page of it copied back, which the writes beside such a checkpoint prevent; so once the WAL has
-    WAL_RESTART_FRAMES pages, the checkpoint is a RESTART, which holds other writers off until the next write
-    starts the WAL over, and the writer waits for it. So does the writer after a group big enough to mean that
-    events are queueing, where a copy beside its commits would compete with them for the disk.
+    WAL_RESTART_FRAMES pages, the checkpoint is a RESTART, which holds other writers off while it copies so
+    that the next write starts the WAL over, and the writer waits for it. So does the writer after a group big
+    enough to mean that events are queueing, where a copy beside its commits would compete with them for the
+    disk.
 
     How far the WAL has got is read from the wal-index (the `-shm` file every connection to a WAL database maps):
     the header's mxFrame (offset 16) and the checkpoint's nBackfill (offset 96), 32-bit in the machine's byte
